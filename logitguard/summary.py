@@ -1,0 +1,129 @@
+"""What a logit table holds: row counts, accuracy and attack success per split x attack.
+
+Everything is recomputed from the logits: a producer's own `pred`/`success` columns are not trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .tables import CLEAN, LogitTable
+
+# Metadata keys echoed by `summarize`; the rest (e.g. long per-class lists) stays in the table.
+_METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "noise", "producer")
+
+
+def summarize(table: LogitTable) -> dict[str, Any]:
+    """A JSON-ready summary of `table`.
+
+    Returns
+    -------
+    dict with ``num_rows``, ``num_classes``, ``class_names``, ``noise_queries`` ([K, C] or None) and
+    ``metadata``, and ``conditions``: one entry per (split, attack) with ``rows``, ``accuracy`` (argmax
+    vs label over labelled rows), ``attack_success_rate`` (among samples whose clean row is classified
+    correctly, the fraction whose attacked row is not; None for clean rows), and mean/median of the
+    image-space perturbation norms ``linf``/``l2`` when the table has them. Undefined values are None.
+    """
+    frame = pd.DataFrame({
+        "split": table.split,
+        "attack": table.attack,
+        "sample_id": table.sample_id,
+        "labelled": table.labels >= 0,
+        "correct": table.logits.argmax(axis=1) == table.labels,
+    })
+    norms = [n for n in ("linf", "l2") if n in table.columns]
+    for name in norms:
+        frame[name] = table.column(name)
+    clean = frame.loc[frame["attack"] == CLEAN, ["split", "sample_id", "correct", "labelled"]]
+    frame = frame.merge(clean, on=["split", "sample_id"], how="left", suffixes=("", "_clean"))
+    eligible = (frame["correct_clean"] == True) & frame["labelled"] & (frame["attack"] != CLEAN)  # noqa: E712
+    frame["fooled"] = (~frame["correct"]).where(eligible)
+
+    conditions = []
+    for (split, attack), group in frame.groupby(["split", "attack"], sort=False):
+        labelled = group[group["labelled"]]
+        entry: dict[str, Any] = {
+            "split": split,
+            "attack": attack,
+            "rows": len(group),
+            "accuracy": _mean(labelled["correct"]),
+            "attack_success_rate": None if attack == CLEAN else _mean(group["fooled"].dropna()),
+        }
+        for name in norms:
+            values = group[name].dropna()
+            entry[f"{name}_mean"] = _mean(values)
+            entry[f"{name}_median"] = None if values.empty else float(values.median())
+        conditions.append(entry)
+    conditions.sort(key=lambda e: (e["split"], e["attack"] != CLEAN, e["attack"]))
+
+    noisy = table.noisy_logits
+    return {
+        "num_rows": len(table),
+        "num_classes": table.num_classes,
+        "class_names": table.class_names,
+        "noise_queries": None if noisy is None else list(noisy.shape[1:]),
+        "conditions": conditions,
+        "metadata": {k: table.metadata[k] for k in _METADATA_KEYS if k in table.metadata},
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable text for a `summarize` result."""
+    names = summary["class_names"]
+    shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
+    lines = [
+        f"rows: {summary['num_rows']}    classes: {summary['num_classes']} ({shown})",
+        "noise queries: "
+        + ("none" if summary["noise_queries"] is None else "K={} x C={}".format(*summary["noise_queries"])),
+        "",
+    ]
+    norm_keys = [k for k in ("linf_mean", "linf_median", "l2_mean", "l2_median") if k in summary["conditions"][0]]
+    headers = ["split", "attack", "rows", "accuracy", "success", *norm_keys]
+    rows = [
+        [c["split"], c["attack"], str(c["rows"]), _pct(c["accuracy"]), _pct(c["attack_success_rate"]),
+         *(_num(c[k]) for k in norm_keys)]
+        for c in summary["conditions"]
+    ]
+    lines += render_table(headers, rows, left=2)
+    lines.append("(success: attack success rate among samples whose clean row is classified correctly)")
+    meta = summary["metadata"]
+    if meta:
+        lines.append("")
+        for key, value in meta.items():
+            if key == "attacks" and isinstance(value, dict):
+                for attack, params in value.items():
+                    lines.append(f"attack {attack}: {_inline(params)}")
+            else:
+                lines.append(f"{key}: {_inline(value)}")
+    return "\n".join(lines)
+
+
+def render_table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Plain-text table lines: the first `left` columns left-aligned (names), the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _mean(values: pd.Series) -> float | None:
+    return None if values.empty else float(np.mean(values.astype(float)))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_inline(v)}" for k, v in value.items())
+    return str(value)

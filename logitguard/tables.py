@@ -1,0 +1,739 @@
+"""The logit table: the one interface between producers and the core.
+
+A logit table is a Parquet file, or a directory of Parquet files (hive partitions such as
+``split=test/attack=pgd/`` allowed), with one row per (sample, attack). The contract is documented in
+``docs/tables.md``; this module is its only implementation: reading, validating, writing, pairing and
+converting to pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from .errors import TableError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"logitguard"
+CLEAN = "clean"
+REQUIRED_COLUMNS = ("sample_id", "split", "attack", "label", "logits")
+OPTIONAL_COLUMNS = ("noisy_logits", "pred", "success", "linf", "l2", "features")
+PARTITION_COLUMNS = ("split", "attack")
+# Columns that may hold nulls; all others must be complete.
+NULLABLE_COLUMNS = frozenset({"label", "pred", "success", "linf", "l2"})
+# Float columns stored with BYTE_STREAM_SPLIT (+zstd): it compresses float32 noticeably better.
+_FLOAT_LEAVES = {
+    "logits": "logits.list.element",
+    "noisy_logits": "noisy_logits.list.element.list.element",
+    "features": "features.list.element",
+    "linf": "linf",
+    "l2": "l2",
+}
+_TARGET_ROW_GROUP_BYTES = 64 << 20
+_TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-row shapes, for messages
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory table
+
+
+@dataclass(frozen=True, eq=False)
+class LogitTable:
+    """A validated logit table held as one Arrow table, with NumPy views of its columns.
+
+    Build one with `read_table` or `LogitTable.from_arrays`; the constructor assumes `arrow` already
+    conforms to the contract. Array properties are zero-copy views of the Arrow buffers wherever the
+    column is a single chunk without nulls (always true after `read_table` of a single file).
+
+    Attributes
+    ----------
+    arrow : pyarrow.Table
+        The conformed table (canonical column types, one chunk per column).
+    metadata : dict
+        Schema metadata (``num_classes``, ``class_names``, ``attacks``, ``noise``, ...).
+    """
+
+    arrow: pa.Table
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        *,
+        logits: np.ndarray,
+        sample_id: np.ndarray,
+        split: str | Sequence[str] | np.ndarray,
+        attack: str | Sequence[str] | np.ndarray,
+        label: np.ndarray | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **optional: np.ndarray | None,
+    ) -> LogitTable:
+        """Build and validate a table from arrays.
+
+        Parameters
+        ----------
+        logits : array of shape (N, C)
+        sample_id : int array of shape (N,)
+        split, attack : a string for every row, or an array of shape (N,)
+        label : int array of shape (N,), optional; negative values mean "unknown" (stored as null).
+        metadata : dict, optional; ``num_classes`` and ``class_names`` are filled in when absent.
+        **optional : optional columns: ``noisy_logits`` (N, K, C), ``pred`` (N,), ``success`` (N,),
+            ``linf`` (N,), ``l2`` (N,), ``features`` (N, F).
+        """
+        logits = np.asarray(logits)
+        if logits.ndim != 2:
+            raise TableError(f"logits must have shape (N, C), got shape {logits.shape}")
+        n = len(logits)
+        unknown = sorted(set(optional) - set(OPTIONAL_COLUMNS))
+        if unknown:
+            raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
+        columns: dict[str, pa.Array] = {
+            "sample_id": pa.array(np.asarray(sample_id)),
+            "split": _string_column(split, n, "split"),
+            "attack": _string_column(attack, n, "attack"),
+            "label": _label_array(label, n),
+            "logits": _tensor_array(logits),
+        }
+        for name in OPTIONAL_COLUMNS:
+            value = optional.get(name)
+            if value is None:
+                continue
+            value = np.asarray(value)
+            columns[name] = _tensor_array(value) if value.ndim > 1 else pa.array(value)
+        lengths = {name: len(col) for name, col in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise TableError(f"columns have different lengths: {lengths}")
+        return conform(pa.table(columns), metadata=dict(metadata or {}))
+
+    # -- shape and metadata ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.arrow.num_rows
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata["class_names"])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.arrow.column_names)
+
+    @cached_property
+    def attacks(self) -> list[str]:
+        """Distinct attack names, ``clean`` first, then in sorted order."""
+        return _distinct(self.attack, first=CLEAN)
+
+    @cached_property
+    def splits(self) -> list[str]:
+        return _distinct(self.split)
+
+    # -- column views --------------------------------------------------------------------------
+
+    @cached_property
+    def logits(self) -> np.ndarray:
+        """float32 array of shape (N, C)."""
+        return _tensor_view(self.arrow.column("logits"), (self.num_classes,))
+
+    @cached_property
+    def noisy_logits(self) -> np.ndarray | None:
+        """float32 array of shape (N, K, C): logits of K noise-perturbed copies of each input."""
+        if "noisy_logits" not in self.arrow.column_names:
+            return None
+        col = self.arrow.column("noisy_logits")
+        return _tensor_view(col, (col.type.list_size, self.num_classes))
+
+    @cached_property
+    def features(self) -> np.ndarray | None:
+        """float32 array of shape (N, F), or None."""
+        if "features" not in self.arrow.column_names:
+            return None
+        col = self.arrow.column("features")
+        return _tensor_view(col, (col.type.list_size,))
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """int64 array of shape (N,); -1 where the ground truth is unknown (deployment data)."""
+        return _int_view(self.arrow.column("label"))
+
+    @cached_property
+    def sample_id(self) -> np.ndarray:
+        return _int_view(self.arrow.column("sample_id"))
+
+    @cached_property
+    def split(self) -> np.ndarray:
+        """Object array of shape (N,) with each row's split name."""
+        return self.arrow.column("split").to_numpy()
+
+    @cached_property
+    def attack(self) -> np.ndarray:
+        """Object array of shape (N,) with each row's attack name (``clean`` for unattacked rows)."""
+        return self.arrow.column("attack").to_numpy()
+
+    def column(self, name: str) -> np.ndarray | None:
+        """A scalar optional column (``pred``, ``success``, ``linf``, ``l2``) as NumPy, or None.
+
+        Integer nulls become -1 and float nulls NaN; boolean nulls become False.
+        """
+        if name not in self.arrow.column_names:
+            return None
+        col = self.arrow.column(name)
+        if pa.types.is_integer(col.type):
+            return _int_view(col)
+        if pa.types.is_boolean(col.type):
+            return col.fill_null(False).to_numpy()
+        return col.to_numpy()  # floats: nulls become NaN
+
+    @property
+    def has_labels(self) -> bool:
+        """True when every row has a ground-truth label."""
+        return self.arrow.column("label").null_count == 0
+
+    # -- row selection -------------------------------------------------------------------------
+
+    def take(self, indices: np.ndarray) -> LogitTable:
+        """Rows at `indices` (int array or boolean mask of shape (N,)), metadata unchanged."""
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        return LogitTable(self.arrow.take(pa.array(indices, pa.int64())).combine_chunks(), self.metadata)
+
+    def select(self, *, split: str | None = None, attacks: str | Sequence[str] | None = None) -> LogitTable:
+        """Rows of one split and/or some attacks; raises `TableError` when nothing matches."""
+        mask = np.ones(len(self), dtype=bool)
+        if split is not None:
+            mask &= self.split == split
+        if attacks is not None:
+            attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+            mask &= np.isin(self.attack, attacks)
+        if not mask.any():
+            raise TableError(
+                f"no rows match split={split!r}, attacks={attacks!r}; "
+                f"the table has splits {self.splits} and attacks {self.attacks}"
+            )
+        return self.take(mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    attacks: str | Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> LogitTable:
+    """Read and validate a logit table from a Parquet file or a directory of Parquet files.
+
+    Parameters
+    ----------
+    path : a ``.parquet`` file or a directory (hive partitions ``split=…/attack=…`` allowed).
+    split : keep only this split.
+    attacks : keep only these attacks (a name or a list of names).
+    columns : optional columns to read besides the required ones (default: all that are present).
+        Pass ``[]`` to skip the large ``noisy_logits`` and ``features`` columns.
+
+    Raises
+    ------
+    TableError : the path is missing or unreadable, a requested split/attack/column is absent, nothing
+        matches the filters, or the table breaks the contract.
+    """
+    path = Path(path)
+    dataset = _open_dataset(path)
+    metadata = _dataset_metadata(dataset, path)
+    present = set(dataset.schema.names)
+    if columns is None:
+        wanted = [c for c in OPTIONAL_COLUMNS if c in present]
+    else:
+        unknown = [c for c in columns if c not in OPTIONAL_COLUMNS]
+        if unknown:
+            raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise TableError(f"{path}: requested column(s) {missing} not in the table")
+        wanted = list(columns)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    expr = None
+    if split is not None:
+        expr = ds.field("split") == split
+    if attacks is not None:
+        in_attacks = ds.field("attack").isin(attacks)
+        expr = in_attacks if expr is None else expr & in_attacks
+    _check_columns(present)
+    try:
+        arrow = dataset.to_table(columns=[*REQUIRED_COLUMNS, *wanted], filter=expr)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+    if arrow.num_rows == 0:
+        if expr is None:
+            raise TableError(f"{path}: the table has no rows")
+        keys = dataset.to_table(columns=["split", "attack"])
+        raise TableError(
+            f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
+            f"{_distinct(keys.column('split').to_numpy())} and attacks "
+            f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
+        )
+    return conform(arrow, metadata=metadata)
+
+
+def _open_dataset(path: Path) -> ds.Dataset:
+    if not path.exists():
+        raise TableError(f"no such file or directory: {path}")
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+            if not files:
+                raise TableError(f"{path}: directory holds no .parquet files")
+            partitioning = ds.HivePartitioning.discover(infer_dictionary=False)
+            return ds.dataset([str(f) for f in files], format="parquet", partitioning=partitioning,
+                              partition_base_dir=str(path))
+        return ds.dataset(str(path), format="parquet")
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+
+
+def _dataset_metadata(dataset: ds.FileSystemDataset, path: Path) -> dict[str, Any]:
+    """Merge every file's metadata: ``attacks`` entries are united; every other key must agree."""
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for fragment in dataset.get_fragments():
+        try:
+            raw = (fragment.physical_schema.metadata or {}).get(METADATA_KEY)
+        except (pa.ArrowException, OSError) as exc:
+            raise TableError(f"{fragment.path}: not a readable Parquet file ({exc})") from None
+        meta = _parse_metadata(raw, fragment.path)
+        for key, value in meta.items():
+            if key == "attacks":
+                merged.setdefault("attacks", {}).update(value)
+            elif key not in merged:
+                merged[key], source[key] = value, fragment.path
+            elif merged[key] != value:
+                raise TableError(
+                    f"{path}: files disagree on metadata {key!r}: {source[key]} has {merged[key]!r}, "
+                    f"{fragment.path} has {value!r}"
+                )
+    return merged
+
+
+def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TableError(f"{where}: schema metadata 'logitguard' is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TableError(f"{where}: schema metadata 'logitguard' must be a JSON object")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_columns(names: set[str] | list[str]) -> None:
+    names = set(names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise TableError(f"missing required column(s) {missing}")
+    extra = sorted(names - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS))
+    if extra:
+        raise TableError(
+            f"unexpected column(s) {extra}; allowed: {[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS]}"
+        )
+
+
+def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> LogitTable:
+    """Validate `table` against the contract and cast it to the canonical column types.
+
+    Accepts any integer width for integer columns, string/large_string/dictionary for names, and
+    list/large_list/fixed_size_list of any float for tensor columns. Metadata defaults to the table's
+    own schema metadata. Raises `TableError` naming the column, the row and what was expected.
+    """
+    if metadata is None:
+        metadata = _parse_metadata((table.schema.metadata or {}).get(METADATA_KEY), "table")
+    metadata = dict(metadata)
+    _check_columns(table.column_names)
+    if table.num_rows == 0:
+        raise TableError("the table has no rows")
+    version = metadata.setdefault("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise TableError(
+            f"table schema version {version!r} is not supported (this logitguard reads version "
+            f"{SCHEMA_VERSION} and older); upgrade logitguard"
+        )
+    out: dict[str, pa.Array] = {}
+    for name in ("sample_id", "split", "attack"):
+        out[name] = _scalar(table, name, out)
+    num_classes = metadata.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise TableError(f"metadata 'num_classes' must be an integer >= 2, got {num_classes!r}")
+    out["logits"], (num_classes,) = _tensor(_array(table, "logits"), "logits", (num_classes,), out)
+    if num_classes < 2:
+        raise TableError(f"column 'logits' has {num_classes} values per row; a classifier needs at least 2")
+    out["label"] = _scalar(table, "label", out)
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            continue
+        if name == "noisy_logits":
+            out[name], _ = _tensor(_array(table, name), name, (None, num_classes), out)
+        elif name == "features":
+            out[name], _ = _tensor(_array(table, name), name, (None,), out)
+        else:
+            out[name] = _scalar(table, name, out)
+    for name in ("label", "pred"):
+        if name in out:
+            _check_class_range(out, name, num_classes)
+    _check_unique_keys(out)
+    metadata["num_classes"] = num_classes
+    metadata["class_names"] = _class_names(metadata.get("class_names"), num_classes)
+    order = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in out]
+    return LogitTable(pa.table({c: out[c] for c in order}), metadata)
+
+
+_SCALAR_KINDS = {
+    "sample_id": ("int64", pa.types.is_integer, pa.int64()),
+    "label": ("int64", pa.types.is_integer, pa.int64()),
+    "pred": ("int64", pa.types.is_integer, pa.int64()),
+    "split": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), pa.string()),
+    "attack": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), pa.string()),
+    "success": ("bool", pa.types.is_boolean, pa.bool_()),
+    "linf": ("float32", pa.types.is_floating, pa.float32()),
+    "l2": ("float32", pa.types.is_floating, pa.float32()),
+}
+
+
+def _array(table: pa.Table, name: str) -> pa.Array:
+    return _single(table.column(name))
+
+
+def _single(col: pa.ChunkedArray) -> pa.Array:
+    """The column as one Array: free for a single chunk, one concatenation otherwise."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def _scalar(table: pa.Table, name: str, keys: dict[str, pa.Array]) -> pa.Array:
+    col = _array(table, name)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    expected, accepts, arrow_type = _SCALAR_KINDS[name]
+    if not accepts(col.type) and not (pa.types.is_null(col.type) and name in NULLABLE_COLUMNS):
+        raise TableError(f"column {name!r} has type {col.type}, expected {expected}")
+    if col.null_count and name not in NULLABLE_COLUMNS:
+        row = _first(col.is_null())
+        raise TableError(f"column {name!r}: row {row}{_where(keys, row)} is null")
+    col = col.cast(arrow_type)
+    if pa.types.is_floating(arrow_type):
+        _check_finite(col, name, 1, keys)
+    return col
+
+
+def _tensor(
+    arr: pa.Array, name: str, shape: tuple[int | None, ...], keys: dict[str, pa.Array], row_stride: int = 1
+) -> tuple[pa.Array, tuple[int, ...]]:
+    """Cast a (nested) list column to fixed_size_list<float32> with the given per-row shape.
+
+    `shape` holds the expected size of each nesting level (None: infer from the data); `row_stride` is
+    how many entries of this level make one table row, to report errors by table row.
+    """
+    listlike = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    if not any(is_type(arr.type) for is_type in listlike):
+        raise TableError(
+            f"column {name!r} has type {arr.type}, expected a list of float32 with shape ({_TENSOR_DIMS[name]})"
+        )
+    if arr.null_count:
+        row = _first(arr.is_null()) // row_stride
+        raise TableError(f"column {name!r}: row {row}{_where(keys, row)} is null")
+    expected = shape[0]
+    suffix = " (num_classes)" if len(shape) == 1 and name != "features" else ""
+    if pa.types.is_fixed_size_list(arr.type):
+        size = arr.type.list_size
+        if expected is not None and size != expected:
+            raise TableError(f"column {name!r} has {size} values per entry, expected {expected}{suffix}")
+    else:
+        lengths = pc.list_value_length(arr).to_numpy()
+        size = expected if expected is not None else int(lengths[0])
+        bad = np.flatnonzero(lengths != size)
+        if len(bad):
+            row = int(bad[0]) // row_stride
+            raise TableError(
+                f"column {name!r}: row {row}{_where(keys, row)} has {lengths[bad[0]]} values, "
+                f"expected {size}{suffix}"
+            )
+    child = arr.flatten()
+    if len(shape) > 1:
+        inner, inner_shape = _tensor(child, name, shape[1:], keys, row_stride * size)
+    else:
+        if not pa.types.is_floating(child.type):
+            raise TableError(f"column {name!r} holds {child.type} values, expected float32")
+        if child.null_count:
+            row = _first(child.is_null()) // (row_stride * size)
+            raise TableError(f"column {name!r}: row {row}{_where(keys, row)} contains null")
+        inner, inner_shape = child.cast(pa.float32()), ()
+        _check_finite(inner, name, row_stride * size, keys)
+    return pa.FixedSizeListArray.from_arrays(inner, size), (size, *inner_shape)
+
+
+def _check_finite(values: pa.Array, name: str, per_row: int, keys: dict[str, pa.Array]) -> None:
+    flat = values.to_numpy(zero_copy_only=False)  # nulls read as NaN: mask them out below
+    bad = ~np.isfinite(flat)
+    if values.null_count:
+        bad &= values.is_valid().to_numpy(zero_copy_only=False)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        row = first // per_row
+        raise TableError(
+            f"column {name!r}: row {row}{_where(keys, row)} contains {flat[first]} (values must be finite)"
+        )
+
+
+def _check_class_range(out: dict[str, pa.Array], name: str, num_classes: int) -> None:
+    values = out[name].fill_null(0).to_numpy()
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if len(bad):
+        row = int(bad[0])
+        raise TableError(
+            f"column {name!r}: row {row}{_where(out, row)} is {values[row]}, "
+            f"expected 0 <= {name} < {num_classes} (num_classes)"
+        )
+
+
+def _first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def _check_unique_keys(out: dict[str, pa.Array]) -> None:
+    keys = pd.DataFrame({c: out[c].to_numpy(zero_copy_only=False) for c in ("split", "attack", "sample_id")})
+    dup = keys.duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = int(np.flatnonzero(dup)[0])
+        same = keys.iloc[first]
+        rows = np.flatnonzero(dup & (keys == same).all(axis=1).to_numpy())
+        raise TableError(
+            f"duplicate row for (split={same['split']!r}, attack={same['attack']!r}, "
+            f"sample_id={int(same['sample_id'])}) at rows {int(rows[0])} and {int(rows[1])}"
+        )
+
+
+def _class_names(names: Any, num_classes: int) -> list[str]:
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TableError("metadata 'class_names' must be a list of strings")
+    if len(names) != num_classes:
+        raise TableError(f"metadata 'class_names' has {len(names)} names, expected {num_classes} (num_classes)")
+    if len(set(names)) != len(names):
+        raise TableError("metadata 'class_names' has duplicate names")
+    return names
+
+
+def _where(keys: dict[str, pa.Array], row: int) -> str:
+    """`` (split='test', attack='pgd', sample_id=7)`` for error messages, from whichever keys are known."""
+    parts = [f"{c}={keys[c][row].as_py()!r}" for c in ("split", "attack", "sample_id") if c in keys]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_table(
+    table: LogitTable,
+    path: str | os.PathLike,
+    *,
+    partition_by: Sequence[str] | None = None,
+    basename: str = "part-0",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write `table` as Parquet (zstd, byte-stream-split floats), atomically (temp file + rename).
+
+    Parameters
+    ----------
+    path : the output file, or with `partition_by` the dataset directory.
+    partition_by : e.g. ``("split", "attack")`` writes ``path/split=…/attack=…/{basename}.parquet``,
+        one file per partition, without the partition columns (they live in the directory names).
+    basename : file name stem inside each partition (e.g. ``shard-0-of-4``).
+    overwrite : replace existing files; otherwise an existing output raises `TableError`.
+
+    Returns
+    -------
+    The list of files written.
+    """
+    path = Path(path)
+    if partition_by is None:
+        targets = [(path, table.arrow)]
+    else:
+        bad = [c for c in partition_by if c not in PARTITION_COLUMNS]
+        if bad:
+            raise TableError(f"can only partition by {list(PARTITION_COLUMNS)}, not {bad}")
+        targets = [
+            (path.joinpath(*(f"{c}={v}" for c, v in zip(partition_by, values)), f"{basename}.parquet"),
+             part.drop_columns(list(partition_by)))
+            for values, part in _partitions(table, list(partition_by))
+        ]
+    if not overwrite:
+        existing = [str(p) for p, _ in targets if p.exists()]
+        if existing:
+            raise TableError(f"refusing to overwrite existing file(s) {existing}; pass overwrite=True (--force)")
+    meta = json.dumps(table.metadata, sort_keys=True).encode()
+    for target, part in targets:
+        _write_parquet_atomic(part.replace_schema_metadata({METADATA_KEY: meta}), target)
+    return [p for p, _ in targets]
+
+
+def _partitions(table: LogitTable, by: list[str]):
+    for c in by:
+        for value in _distinct(getattr(table, c)):
+            if not value or any(ch in value for ch in "/\\=") or value.startswith("."):
+                raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=' and a leading '.'")
+    keys = pd.DataFrame({c: getattr(table, c) for c in by})
+    for values, index in keys.groupby(by, sort=True).indices.items():
+        values = values if isinstance(values, tuple) else (values,)
+        yield values, table.arrow.take(pa.array(index, pa.int64()))
+
+
+def _write_parquet_atomic(arrow: pa.Table, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bytes_per_row = max(1, arrow.nbytes // max(1, arrow.num_rows))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(
+            arrow, tmp,
+            compression="zstd",
+            use_dictionary=[c for c in PARTITION_COLUMNS if c in arrow.column_names],
+            use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in arrow.column_names],
+            row_group_size=max(1024, _TARGET_ROW_GROUP_BYTES // bytes_per_row),
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing and pandas
+
+
+class Pair(NamedTuple):
+    """Clean and attacked rows of the same samples, aligned row by row on (split, sample_id)."""
+
+    clean: LogitTable
+    attacked: LogitTable
+
+
+def pair(table: LogitTable, attack: str) -> Pair:
+    """Align `attack` rows with the clean rows of the same (split, sample_id).
+
+    Samples present in only one of the two are dropped. Raises `TableError` if there is no clean or no
+    `attack` row, nothing aligns, or a sample's label differs between its clean and attacked rows.
+    """
+    for name in (CLEAN, attack):
+        if name not in table.attacks:
+            raise TableError(f"no {name!r} rows in the table; it has attacks {table.attacks}")
+    frames = []
+    for name in (CLEAN, attack):
+        rows = np.flatnonzero(table.attack == name)
+        frames.append(pd.DataFrame({"split": table.split[rows], "sample_id": table.sample_id[rows], "row": rows}))
+    merged = frames[1].merge(frames[0], on=["split", "sample_id"], suffixes=("_attacked", "_clean"), sort=False)
+    if merged.empty:
+        raise TableError(f"no {attack!r} row shares a (split, sample_id) with a clean row")
+    clean_rows, attacked_rows = merged["row_clean"].to_numpy(), merged["row_attacked"].to_numpy()
+    mismatch = np.flatnonzero(table.labels[clean_rows] != table.labels[attacked_rows])
+    if len(mismatch):
+        i = mismatch[0]
+        raise TableError(
+            f"sample_id {table.sample_id[clean_rows[i]]} (split {table.split[clean_rows[i]]!r}) has label "
+            f"{table.labels[clean_rows[i]]} in clean rows but {table.labels[attacked_rows[i]]} in {attack!r} rows"
+        )
+    return Pair(table.take(clean_rows), table.take(attacked_rows))
+
+
+def to_pandas(table: LogitTable, wide: bool = False) -> pd.DataFrame:
+    """The table as a DataFrame for auditing.
+
+    Long form (default): one row per table row; `logits` (and `noisy_logits`, `features`) hold an
+    array per cell. Wide form: `logits` is expanded into one float32 column per class, named by class
+    name; other list columns stay as array cells.
+    """
+    frame = table.arrow.to_pandas()
+    frame["label"] = frame["label"].astype("Int64")  # keep nulls visible as <NA>
+    if not wide:
+        return frame
+    clash = sorted(set(table.class_names) & set(frame.columns))
+    if clash:
+        raise TableError(f"class name(s) {clash} collide with table columns; use wide=False")
+    per_class = pd.DataFrame(table.logits, columns=table.class_names, index=frame.index)
+    return pd.concat([frame.drop(columns="logits"), per_class], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Array helpers
+
+
+def _tensor_view(col: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    arr = _single(col)
+    for _ in shape:
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=True).reshape(-1, *shape)
+
+
+def _int_view(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = _single(col)
+    if col.null_count:
+        return col.fill_null(-1).to_numpy()
+    return col.to_numpy(zero_copy_only=True)
+
+
+def _distinct(values: np.ndarray, first: str | None = None) -> list[str]:
+    names = sorted(set(values.tolist()))
+    if first in names:
+        names.remove(first)
+        names.insert(0, first)
+    return names
+
+
+def _string_column(value, n: int, name: str) -> pa.Array:
+    if isinstance(value, str):
+        return pa.array([value] * n, pa.string())
+    arr = np.asarray(value)
+    if arr.shape != (n,):
+        raise TableError(f"{name} must be a string or an array of shape ({n},), got shape {arr.shape}")
+    return pa.array(arr.astype(str), pa.string())
+
+
+def _label_array(label, n: int) -> pa.Array:
+    if label is None:
+        return pa.nulls(n, pa.int64())
+    label = np.asarray(label).astype(np.int64, copy=False)
+    return pa.array(label, mask=label < 0)
+
+
+def _tensor_array(values: np.ndarray) -> pa.Array:
+    values = np.ascontiguousarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        raise TableError(f"tensor columns must be floating point, got dtype {values.dtype}")
+    arr: pa.Array = pa.array(values.astype(np.float32, copy=False).ravel())
+    for size in reversed(values.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
