@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import TableError
+from ._io import atomic_output, refuse_overwrite
+from .errors import LogitguardError, TableError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"logitguard"
@@ -590,10 +590,10 @@ def write_table(
              part.drop_columns(list(partition_by)))
             for values, part in _partitions(table, list(partition_by))
         ]
-    if not overwrite:
-        existing = [str(p) for p, _ in targets if p.exists()]
-        if existing:
-            raise TableError(f"refusing to overwrite existing file(s) {existing}; pass overwrite=True (--force)")
+    try:
+        refuse_overwrite([p for p, _ in targets], overwrite)
+    except LogitguardError as exc:
+        raise TableError(str(exc)) from None
     meta = json.dumps(table.metadata, sort_keys=True).encode()
     for target, part in targets:
         _write_parquet_atomic(part.replace_schema_metadata({METADATA_KEY: meta}), target)
@@ -612,11 +612,8 @@ def _partitions(table: LogitTable, by: list[str]):
 
 
 def _write_parquet_atomic(arrow: pa.Table, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     bytes_per_row = max(1, arrow.nbytes // max(1, arrow.num_rows))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(target) as tmp:
         pq.write_table(
             arrow, tmp,
             compression="zstd",
@@ -624,10 +621,6 @@ def _write_parquet_atomic(arrow: pa.Table, target: Path) -> None:
             use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in arrow.column_names],
             row_group_size=max(1024, _TARGET_ROW_GROUP_BYTES // bytes_per_row),
         )
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,3 +77,23 @@ def digits_table(digits_arrays) -> LogitTable:
             "attacks": {"fgsm": {"eps": DIGITS_EPS}},
         },
     )
+
+
+@pytest.fixture(scope="session")
+def digits_sets():
+    """The digits train and test splits as producer ImageSets (8x8 grey images in [0, 1])."""
+    from producers.datasets import load_dataset
+
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits_sets):
+    """A SmallCNN trained on digits for a few seconds (about 90% test accuracy), in eval mode."""
+    import torch
+
+    from producers.models import small_cnn_for, train_classifier
+
+    torch.manual_seed(0)
+    train, _ = digits_sets
+    return train_classifier(small_cnn_for(train), train, epochs=12, seed=0, progress=False)
