@@ -1,7 +1,11 @@
-"""Attacks by name. Each attack lives in its own module behind `producers.attacks.base.Attack`."""
+"""Attacks by name. Each attack lives in its own module behind `producers.attacks.base.Attack`.
+
+Modules are imported on first use, so naming the registry costs nothing.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from torch import nn
@@ -9,8 +13,25 @@ from torch import nn
 from ..errors import ProducerError
 from .base import Attack
 
-# Filled in as attack modules land: name -> class.
-ATTACKS: dict[str, type[Attack]] = {}
+# name -> (module in this package, class name)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "fgsm": ("fgsm", "FGSM"),
+    "bim": ("bim", "BIM"),
+    "pgd": ("pgd", "PGD"),
+    "mim": ("mim", "MIM"),
+    "deepfool": ("deepfool", "DeepFool"),
+    "cw": ("cw", "CarliniWagnerL2"),
+}
+ATTACK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered as `name`."""
+    try:
+        module, cls = _REGISTRY[name]
+    except KeyError:
+        raise ProducerError(f"unknown attack {name!r}; known: {list(ATTACK_NAMES)} or art:<ClassName>") from None
+    return getattr(import_module(f".{module}", __name__), cls)
 
 
 def make_attack(name: str, model: nn.Module, **params: Any) -> Attack:
@@ -19,11 +40,7 @@ def make_attack(name: str, model: nn.Module, **params: Any) -> Attack:
         from .art import ARTAttack
 
         return ARTAttack(model, attack_name=name[4:], **params)
-    try:
-        cls = ATTACKS[name]
-    except KeyError:
-        raise ProducerError(f"unknown attack {name!r}; known: {sorted(ATTACKS)} or art:<ClassName>") from None
-    return cls(model, **params)
+    return attack_class(name)(model, **params)
 
 
-__all__ = ["ATTACKS", "Attack", "make_attack"]
+__all__ = ["ATTACK_NAMES", "Attack", "attack_class", "make_attack"]
