@@ -13,7 +13,7 @@ import pandas as pd
 from .tables import CLEAN, LogitTable
 
 # Metadata keys echoed by `summarize`; the rest (e.g. long per-class lists) stays in the table.
-_METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "noise", "producer")
+_METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "noise", "producer", "seed")
 
 
 def summarize(table: LogitTable) -> dict[str, Any]:
@@ -96,6 +96,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             if key == "attacks" and isinstance(value, dict):
                 for attack, params in value.items():
                     lines.append(f"attack {attack}: {_inline(params)}")
+            elif key == "noise" and isinstance(value, dict) and "recipe" in value:
+                recipe = ", ".join(f"{q['kind']}:{q['scale']}" for q in value["recipe"])
+                lines.append(f"noise: {recipe}" + (f" (seed {value['seed']})" if "seed" in value else ""))
             else:
                 lines.append(f"{key}: {_inline(value)}")
     return "\n".join(lines)

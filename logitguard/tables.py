@@ -295,18 +295,30 @@ def read_table(
     return conform(arrow, metadata=metadata)
 
 
-def _open_dataset(path: Path) -> ds.Dataset:
+def _open_dataset(path: Path) -> ds.FileSystemDataset:
+    """The Parquet dataset at `path`, with one schema unified over all its files.
+
+    pyarrow would otherwise take the schema of the first file only and silently drop a column that
+    the first file lacks.
+    """
     if not path.exists():
         raise TableError(f"no such file or directory: {path}")
     try:
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
-            if not files:
-                raise TableError(f"{path}: directory holds no .parquet files")
-            partitioning = ds.HivePartitioning.discover(infer_dictionary=False)
-            return ds.dataset([str(f) for f in files], format="parquet", partitioning=partitioning,
-                              partition_base_dir=str(path))
-        return ds.dataset(str(path), format="parquet")
+        if not path.is_dir():
+            return ds.dataset(str(path), format="parquet")
+        files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        if not files:
+            raise TableError(f"{path}: directory holds no .parquet files")
+        options = dict(format="parquet", partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
+                       partition_base_dir=str(path))
+        first = ds.dataset(files, **options)
+        schemas = [f.physical_schema for f in first.get_fragments()]
+        partition_fields = [f for f in first.schema if all(f.name not in s.names for s in schemas)]
+        try:
+            schema = pa.unify_schemas([*schemas, pa.schema(partition_fields)])
+        except pa.ArrowException as exc:
+            raise TableError(f"{path}: files have incompatible schemas ({exc})") from None
+        return ds.dataset(files, schema=schema, **options)
     except (pa.ArrowException, OSError) as exc:
         raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
 
