@@ -3,23 +3,25 @@
 #   make test   the whole test suite
 # Install torch first so the project's "torch>=2.1" is already met: on this machine kind,
 # torch==2.13.0 is a local CPU build (a bare `torch` would pull a multi-GB CUDA build).
-# Elsewhere: make test TORCH=torch
+# torchvision is pinned to the release made for that torch, in the same pip call: an unpinned
+# torchvision would pull a newer (CUDA) torch. Elsewhere: make test TORCH=torch TORCHVISION=torchvision
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
 DATA ?= data/fashion-mnist
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install data clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,plot]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" "$(TORCHVISION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,plot,vision]"
 	touch $@
 
 demo: $(STAMP)
@@ -27,6 +29,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Rebuild the embedded default (data/README.md records its provenance). Slow: about an hour on 2 cores.
+MODEL := data/fashion-mnist-cnn
+EXPORT_ARGS ?= --train-samples 10000 --test-samples 2000 --max-samples deepfool=2000,cw=2000 --noise-queries 8
+data: $(STAMP)
+	test -f $(MODEL).pt || $(BIN)/logitguard-produce train --dataset fashion-mnist --epochs 6 --out $(MODEL)
+	$(BIN)/logitguard-produce export --dataset fashion-mnist --model $(MODEL) $(EXPORT_ARGS) --out $(DATA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

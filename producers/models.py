@@ -3,11 +3,19 @@
 Every model takes pixels in [0, 1]; `ImageClassifier` puts the dataset's normalisation inside the
 model so attacks work in pixel space. A saved model is two files: ``NAME.pt`` (a state dict, read
 with ``torch.load(weights_only=True)``) and ``NAME.json`` (the config needed to rebuild it).
+
+The torchvision zoo architectures (`ZOO_ARCHS`) need the ``vision`` extra; torchvision is imported
+only when one is built, and their weights come from a local file, never a download.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,10 @@ from logitguard._io import atomic_output, refuse_overwrite
 
 from .datasets import ImageSet
 from .errors import ProducerError
+
+ZOO_ARCHS = ("resnet50", "vgg16", "densenet121")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class Normalize(nn.Module):
@@ -36,15 +48,16 @@ class Normalize(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """conv32-conv64-pool-conv64-pool-fc128-fc(C): ~90%+ on Fashion-MNIST after a few CPU epochs."""
+    """conv(w)-pool-conv(2w)-pool-fc128-fc(C). With w=32, about 91% on Fashion-MNIST after a few CPU
+    epochs, at ~8.5 MFLOPs per 28x28 image: cheap enough to attack tens of thousands of images on 2 cores.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32):
         super().__init__()
         h, w = image_size
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(2 * width * (h // 4) * (w // 4), 128), nn.ReLU(),
         )
@@ -70,20 +83,157 @@ class ImageClassifier(nn.Module):
         return self.net(self.normalize(x))
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Penultimate-layer features (N, F) when the network exposes them, else None."""
-        features = getattr(self.net, "features", None)
-        return None if features is None else features(self.normalize(x))
+        """Penultimate-layer features (N, F): the input of the final linear layer; None without one."""
+        head = _final_linear(self.net)
+        if head is None:
+            return None
+        captured: list[torch.Tensor] = []
+        # A hook, because the zoo networks' `features` are conv maps, not the classifier's input.
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.net(self.normalize(x))
+        finally:
+            handle.remove()
+        return captured[0].flatten(1)
+
+
+def _final_linear(net: nn.Module) -> nn.Linear | None:
+    """The layer producing the logits: SmallCNN ``head``, ResNet ``fc``, DenseNet/VGG ``classifier``."""
+    for name in ("head", "fc", "classifier"):
+        module = getattr(net, name, None)
+        if isinstance(module, nn.Sequential):
+            module = module[-1]
+        if isinstance(module, nn.Linear):
+            return module
+    return None
+
+
+# Kept alive for the whole process: dropping a torch.library.Library removes what it defined.
+_torchvision_op_stubs: torch.library.Library | None = None
+
+
+def import_torchvision():
+    """The torchvision module, imported on first use; ProducerError when it is missing or unusable."""
+    global _torchvision_op_stubs
+    try:
+        import torchvision
+        return torchvision
+    except ImportError as exc:
+        if exc.name != "torchvision":
+            raise ProducerError(f"torchvision fails to import: {exc}") from None
+        raise ProducerError("torchvision is not installed; install the `vision` extra: "
+                            "pip install 'logitguard[vision]'") from None
+    except RuntimeError as exc:
+        if not re.search(r"operator torchvision::\w+ does not exist", str(exc)):
+            raise ProducerError(f"torchvision fails to import: {exc}") from None
+        first_error = exc
+    # A torchvision wheel built for another torch (PyPI's CUDA build beside a CPU-only torch) cannot load
+    # its compiled ops, and then fails at import while registering fake kernels for nms and qnms. The
+    # classification models are pure Python, so declare those two schemas and import again; the
+    # detection ops stay unusable, which the zoo models never call.
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    _torchvision_op_stubs = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        try:
+            _torchvision_op_stubs.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:  # already defined: the ops that did load are left alone
+            pass
+    try:
+        import torchvision
+    except RuntimeError:
+        raise ProducerError(f"torchvision does not match torch {torch.__version__} ({first_error}); install "
+                            "the torchvision build made for this torch") from None
+    return torchvision
+
+
+def _build_net(config: dict[str, Any]) -> nn.Module:
+    arch = config.get("arch")
+    if arch == "small-cnn":
+        return SmallCNN(config["in_channels"], config["num_classes"], tuple(config["image_size"]),
+                        config.get("width", 32))
+    if arch in ZOO_ARCHS:
+        return getattr(import_torchvision().models, arch)(weights=None, num_classes=config["num_classes"])
+    raise ProducerError(f"unknown model architecture {arch!r}; known: {['small-cnn', *ZOO_ARCHS]}")
 
 
 def build_model(config: dict[str, Any]) -> ImageClassifier:
-    """An untrained model from a config (``arch`` plus its arguments, ``mean``, ``std``)."""
-    arch = config.get("arch")
-    if arch == "small-cnn":
-        net = SmallCNN(config["in_channels"], config["num_classes"], tuple(config["image_size"]),
-                       config.get("width", 32))
-    else:
-        raise ProducerError(f"unknown model architecture {arch!r}; known: ['small-cnn']")
-    return ImageClassifier(net, config["mean"], config["std"], config)
+    """An untrained model from a config (``arch`` plus its arguments, ``mean``, ``std``).
+
+    ``arch`` is ``small-cnn`` (``in_channels``, ``num_classes``, ``image_size``, optional ``width``) or a
+    torchvision architecture in `ZOO_ARCHS` (``num_classes``; ImageNet's ``mean`` and ``std``).
+    """
+    return ImageClassifier(_build_net(config), config["mean"], config["std"], config)
+
+
+def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ProducerError(f"{what} file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ProducerError(f"cannot read {what} {path}: {exc}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ProducerError(f"{what} file {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def _build_with_state(build: Any, state: dict[str, torch.Tensor], error: str) -> nn.Module:
+    """`build()` on the meta device, then adopt `state`'s tensors: no time spent on a random init
+    (VGG-16's is seconds) that the weights replace anyway. Floating weights become float32."""
+    with torch.device("meta"):
+        module = build()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, assign=True)
+    except RuntimeError as exc:
+        raise ProducerError(f"{error}: {exc}") from None
+    left_empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left_empty:
+        raise ProducerError(f"{error}: nothing given for {left_empty}")
+    return module
+
+
+# DenseNet checkpoints published by torchvision name layers "norm.1" where the module is "norm1" (and
+# predate BatchNorm's num_batches_tracked, which load_state_dict then fills in).
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def resolve_model(spec: str, *, weights: str | Path | None = None, num_classes: int = 1000,
+                  device: str | torch.device = "cpu") -> ImageClassifier:
+    """The model named by `spec`, in eval mode on `device`.
+
+    Parameters
+    ----------
+    spec : a zoo architecture (`ZOO_ARCHS`), or the path stem of a model written by `save_model`.
+    weights : for a zoo architecture, a local torchvision state dict (read with ``weights_only=True``,
+        never downloaded). None gives a random initialisation, fit only for tests, with a warning.
+    num_classes : outputs of a zoo architecture; a saved model's config fixes its own.
+    """
+    if spec not in ZOO_ARCHS:
+        if weights is not None:
+            raise ProducerError(f"weights {weights} apply only to zoo architectures {list(ZOO_ARCHS)}; "
+                                f"{spec!r} is a saved model with its own weights")
+        stem = Path(spec)
+        if not stem.with_suffix(".pt").exists() and not stem.with_suffix(".json").exists():
+            raise ProducerError(f"model {spec!r} is neither a zoo architecture {list(ZOO_ARCHS)} nor a "
+                                f"saved model ({stem.with_suffix('.pt')} and {stem.with_suffix('.json')} "
+                                "do not exist)")
+        return load_model(spec, device=device)
+    config = {"arch": spec, "num_classes": num_classes, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+              "weights": None if weights is None else str(weights)}
+    if weights is None:
+        warnings.warn(f"{spec} has random weights (no weights file given): its logits mean nothing; "
+                      "use this only in tests", stacklevel=2)
+        return build_model(config).to(device).eval()
+    import_torchvision()  # a missing torchvision is reported before the weights are read
+    state = _read_state_dict(Path(weights), "weights")
+    if spec.startswith("densenet"):
+        state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    net = _build_with_state(lambda: _build_net(config), state,
+                            f"weights in {weights} do not fit {spec} with {num_classes} classes")
+    return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, config).to(device).eval()
 
 
 def small_cnn_for(data: ImageSet, **extra: Any) -> ImageClassifier:
@@ -164,11 +314,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Image
     try:
         config = json.loads(config_path.read_text())
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (json.JSONDecodeError, RuntimeError, OSError, EOFError) as exc:
+    except (json.JSONDecodeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise ProducerError(f"cannot read model {path}: {exc}") from None
-    model = build_model(config)
+    if not isinstance(config, dict) or not isinstance(state, Mapping):
+        raise ProducerError(f"cannot read model {path}: {config_path} must hold a JSON object and "
+                            f"{weights} a state dict")
+    if config.get("arch") in ZOO_ARCHS:
+        import_torchvision()  # never first imported under the meta device, where its tensors would be empty
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ProducerError(f"weights in {weights} do not fit the config in {config_path}: {exc}") from None
+        model = _build_with_state(lambda: build_model(config), dict(state),
+                                  f"weights in {weights} do not fit the config in {config_path}")
+    except KeyError as exc:
+        raise ProducerError(f"config {config_path} lacks the key {exc}") from None
     return model.to(device).eval()
