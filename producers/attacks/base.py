@@ -38,7 +38,7 @@ class Attack(ABC):
 
     def params(self) -> dict[str, Any]:
         """The attack's parameters, JSON-ready, for the table metadata."""
-        return {"name": self.name, **{p: getattr(self, p) for p in self.param_names}}
+        return {p: getattr(self, p) for p in self.param_names}
 
     @abstractmethod
     def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
