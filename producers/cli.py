@@ -1,13 +1,167 @@
-"""The `logitguard-produce` command: train models and export logit tables."""
+"""The `logitguard-produce` command: train a classifier, export clean/adversarial logit tables."""
 
 from __future__ import annotations
 
+import json
+import time
+from fractions import Fraction
+from typing import Any
+
 import click
 
-from logitguard.cli import _Group
+from logitguard.cli import _Group, echo_json, json_option
+from logitguard.summary import render_table
+
+from .errors import ProducerError
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="logitguard")
 def main() -> None:
     """Train classifiers, run attacks and export clean/adversarial logit tables."""
+
+
+def dataset_options(func):
+    func = click.option("--root", type=click.Path(file_okay=False), default=None,
+                        help="Directory with the dataset's files (fashion-mnist: the IDX files; "
+                             "mnist, imagefolder: required).")(func)
+    return click.option("--dataset", required=True, help="digits, fashion-mnist, mnist or imagefolder.")(func)
+
+
+def device_options(func):
+    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")(func)
+    func = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")(func)
+    return click.option("--batch-size", type=int, default=256, show_default=True)(func)
+
+
+@main.command()
+@dataset_options
+@device_options
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Path stem: writes OUT.pt (weights) and OUT.json (config).")
+@click.option("--force", is_flag=True, help="Overwrite existing model files.")
+@json_option
+def train(dataset: str, root: str | None, batch_size: int, seed: int, device: str, epochs: int, lr: float,
+          out: str, force: bool, as_json: bool) -> None:
+    """Train the small CNN on a dataset's train split and save it (weights + JSON config, no pickle)."""
+    from .datasets import load_dataset
+    from .models import accuracy, save_model, small_cnn_for, train_classifier
+
+    train_set, test_set = (load_dataset(dataset, s, root=root) for s in ("train", "test"))
+    started = time.perf_counter()
+    model = small_cnn_for(train_set, train={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed})
+    train_classifier(model, train_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    model.config["test_accuracy"] = accuracy(model, test_set, device=device)
+    model.config["train_seconds"] = round(time.perf_counter() - started, 1)
+    weights, config = save_model(model.cpu(), out, overwrite=force)
+    result = {"weights": str(weights), "config": str(config), "test_accuracy": model.config["test_accuracy"],
+              "train_seconds": model.config["train_seconds"]}
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs "
+                   f"({result['train_seconds']} s); wrote {weights} and {config}")
+
+
+@main.command()
+@dataset_options
+@device_options
+@click.option("--model", "model_spec", required=True,
+              help="Path stem of a model saved by `train`, or resnet50 / vgg16 / densenet121.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Local torchvision state dict for a zoo model (never downloaded).")
+@click.option("--attacks", default="clean,fgsm,bim,pgd,mim,deepfool,cw", show_default=True,
+              help="Comma-separated: clean, fgsm, bim, pgd, mim, deepfool, cw, art:<ClassName>.")
+@click.option("--param", "params", multiple=True, metavar="ATTACK.NAME=VALUE",
+              help="Override an attack parameter, e.g. pgd.eps=8/255 or cw.steps=50 (repeatable).")
+@click.option("--train-samples", type=int, default=None, help="Train samples to select (default: all).")
+@click.option("--test-samples", type=int, default=None, help="Test samples to select (default: all).")
+@click.option("--max-samples", "caps", default="", metavar="ATTACK=N,…",
+              help="Fewer samples per split for costly attacks, e.g. deepfool=2000,cw=2000.")
+@click.option("--noise-queries", type=int, default=8, show_default=True,
+              help="K noisy copies of each input for the odds test (0: none).")
+@click.option("--noise", default=None, help="Noise recipe KIND:SCALE,… cycled over the K queries "
+              "(kinds: gaussian, uniform, sign; pixels in [0, 1]).  [default: "
+              "gaussian:0.05,gaussian:0.1,uniform:0.1,sign:0.05]")
+@click.option("--features/--no-features", default=False, show_default=True,
+              help="Also store penultimate-layer features.")
+@click.option("--shard", default="0/1", show_default=True, help="Export only slice I of N (I/N).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output table directory.")
+@json_option
+def export(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
+           weights: str | None, attacks: str, params: tuple[str, ...], train_samples: int | None,
+           test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
+           shard: str, out: str, as_json: bool) -> None:
+    """Run attacks on a dataset and write clean/adversarial logits as a partitioned table.
+
+    Finished partitions (split x attack x shard) are skipped, so a rerun resumes an interrupted export.
+    """
+    from .datasets import load_dataset
+    from .export import Shard, export as run_export
+    from .models import resolve_model
+    from .noise import DEFAULT_NOISE, NoiseRecipe
+
+    attack_names = [a.strip() for a in attacks.split(",") if a.strip()]
+    recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
+    model = resolve_model(model_spec, weights=weights, device=device)
+    data = {s: load_dataset(dataset, s, root=root) for s in ("train", "test")}
+    report = run_export(
+        model, data, attacks=attack_names, out=out,
+        samples={"train": train_samples, "test": test_samples},
+        attack_samples={k: int(v) for k, v in _pairs(caps, "--max-samples").items()},
+        attack_params=parse_params(params), noise=recipe, features=features, seed=seed,
+        shard=Shard.parse(shard), batch_size=batch_size, device=device,
+        metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
+    )
+    if as_json:
+        echo_json({"written": [str(p) for p in report.written], "skipped": [str(p) for p in report.skipped],
+                   "timings": report.timings})
+        return
+    rows = [[t["split"], t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.0f}"]
+            for t in report.timings]
+    if rows:
+        click.echo("\n".join(render_table(["split", "attack", "rows", "seconds", "rows/s"], rows, left=2)))
+    click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
+
+
+def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+    """``["pgd.eps=8/255", "cw.steps=50"]`` → ``{"pgd": {"eps": 0.031…}, "cw": {"steps": 50}}``.
+
+    Values are JSON (numbers, true/false, strings in quotes) or a fraction such as ``8/255``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        attack, dot, name = key.partition(".")
+        if not sep or not dot or not attack or not name:
+            raise ProducerError(f"--param {item!r} must look like ATTACK.NAME=VALUE, e.g. pgd.eps=8/255")
+        out.setdefault(attack, {})[name] = _value(raw, item)
+    return out
+
+
+def _value(raw: str, item: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return float(Fraction(raw))
+    except (ValueError, ZeroDivisionError):
+        raise ProducerError(f"--param {item!r}: cannot read {raw!r} as a number, true/false or JSON") from None
+
+
+def _pairs(spec: str, option: str) -> dict[str, str]:
+    pairs = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            raise ProducerError(f"{option} item {item!r} must look like NAME=N")
+        pairs[key] = value
+    return pairs
+
+
+def _model_metadata(model, spec: str) -> dict[str, Any]:
+    keep = ("arch", "dataset", "num_classes", "test_accuracy", "train")
+    return {"spec": spec, **{k: model.config[k] for k in keep if k in model.config}}
