@@ -14,7 +14,9 @@ import click
 from .errors import LogitguardError
 
 
-class _Group(click.Group):
+class ErrorReportingGroup(click.Group):
+    """A click group that prints LogitguardError as `Error: …` (exit 1) instead of a traceback."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -34,7 +36,7 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, allow_nan=False))
 
 
-@click.group(cls=_Group)
+@click.group(cls=ErrorReportingGroup)
 @click.version_option(package_name="logitguard")
 def main() -> None:
     """Detect, correct and explain adversarial attacks from a classifier's logits alone."""

@@ -9,13 +9,13 @@ from typing import Any
 
 import click
 
-from logitguard.cli import _Group, echo_json, json_option
+from logitguard.cli import ErrorReportingGroup, echo_json, json_option
 from logitguard.summary import render_table
 
 from .errors import ProducerError
 
 
-@click.group(cls=_Group)
+@click.group(cls=ErrorReportingGroup)
 @click.version_option(package_name="logitguard")
 def main() -> None:
     """Train classifiers, run attacks and export clean/adversarial logit tables."""
