@@ -11,11 +11,12 @@ from pathlib import Path
 from .errors import LogitguardError
 
 
-def refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
-    """Raise unless `overwrite` when any of `paths` exists: a user's file is never replaced silently."""
+def refuse_overwrite(paths: list[Path], overwrite: bool, *,
+                     error: type[LogitguardError] = LogitguardError) -> None:
+    """Raise `error` unless `overwrite` when any of `paths` exists: a user's file is never replaced silently."""
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise LogitguardError(f"refusing to overwrite existing file(s) {existing}; pass overwrite=True (--force)")
+        raise error(f"refusing to overwrite existing file(s) {existing}; pass overwrite=True (--force)")
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ._io import atomic_output, refuse_overwrite
-from .errors import LogitguardError, TableError
+from .errors import TableError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"logitguard"
@@ -257,8 +257,8 @@ def read_table(
         matches the filters, or the table breaks the contract.
     """
     path = Path(path)
-    dataset = _open_dataset(path)
-    metadata = _dataset_metadata(dataset, path)
+    dataset, file_schemas = _open_dataset(path)
+    metadata = _dataset_metadata(file_schemas, path)
     present = set(dataset.schema.names)
     if columns is None:
         wanted = [c for c in OPTIONAL_COLUMNS if c in present]
@@ -295,53 +295,50 @@ def read_table(
     return conform(arrow, metadata=metadata)
 
 
-def _open_dataset(path: Path) -> ds.FileSystemDataset:
-    """The Parquet dataset at `path`, with one schema unified over all its files.
+def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema]]:
+    """The Parquet dataset at `path` and each file's own schema (read once, from the footers).
 
-    pyarrow would otherwise take the schema of the first file only and silently drop a column that
-    the first file lacks.
+    A directory's dataset gets one schema unified over all its files: pyarrow would otherwise take the
+    first file's schema and silently drop a column that the first file lacks.
     """
     if not path.exists():
         raise TableError(f"no such file or directory: {path}")
     try:
         if not path.is_dir():
-            return ds.dataset(str(path), format="parquet")
+            dataset = ds.dataset(str(path), format="parquet")
+            return dataset, {str(path): dataset.schema}
         files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
         if not files:
             raise TableError(f"{path}: directory holds no .parquet files")
         options = dict(format="parquet", partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
                        partition_base_dir=str(path))
         first = ds.dataset(files, **options)
-        schemas = [f.physical_schema for f in first.get_fragments()]
-        partition_fields = [f for f in first.schema if all(f.name not in s.names for s in schemas)]
+        schemas = {f.path: f.physical_schema for f in first.get_fragments()}
+        partition_fields = [f for f in first.schema if all(f.name not in s.names for s in schemas.values())]
         try:
-            schema = pa.unify_schemas([*schemas, pa.schema(partition_fields)])
+            schema = pa.unify_schemas([*schemas.values(), pa.schema(partition_fields)])
         except pa.ArrowException as exc:
             raise TableError(f"{path}: files have incompatible schemas ({exc})") from None
-        return ds.dataset(files, schema=schema, **options)
+        return ds.dataset(files, schema=schema, **options), schemas
     except (pa.ArrowException, OSError) as exc:
         raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
 
 
-def _dataset_metadata(dataset: ds.FileSystemDataset, path: Path) -> dict[str, Any]:
+def _dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[str, Any]:
     """Merge every file's metadata: ``attacks`` entries are united; every other key must agree."""
     merged: dict[str, Any] = {}
     source: dict[str, str] = {}
-    for fragment in dataset.get_fragments():
-        try:
-            raw = (fragment.physical_schema.metadata or {}).get(METADATA_KEY)
-        except (pa.ArrowException, OSError) as exc:
-            raise TableError(f"{fragment.path}: not a readable Parquet file ({exc})") from None
-        meta = _parse_metadata(raw, fragment.path)
+    for file, schema in file_schemas.items():
+        meta = _parse_metadata((schema.metadata or {}).get(METADATA_KEY), file)
         for key, value in meta.items():
             if key == "attacks":
                 merged.setdefault("attacks", {}).update(value)
             elif key not in merged:
-                merged[key], source[key] = value, fragment.path
+                merged[key], source[key] = value, file
             elif merged[key] != value:
                 raise TableError(
                     f"{path}: files disagree on metadata {key!r}: {source[key]} has {merged[key]!r}, "
-                    f"{fragment.path} has {value!r}"
+                    f"{file} has {value!r}"
                 )
     return merged
 
@@ -602,10 +599,7 @@ def write_table(
              part.drop_columns(list(partition_by)))
             for values, part in _partitions(table, list(partition_by))
         ]
-    try:
-        refuse_overwrite([p for p, _ in targets], overwrite)
-    except LogitguardError as exc:
-        raise TableError(str(exc)) from None
+    refuse_overwrite([p for p, _ in targets], overwrite, error=TableError)
     meta = json.dumps(table.metadata, sort_keys=True).encode()
     for target, part in targets:
         _write_parquet_atomic(part.replace_schema_metadata({METADATA_KEY: meta}), target)

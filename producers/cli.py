@@ -110,7 +110,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     report = run_export(
         model, data, attacks=attack_names, out=out,
         samples={"train": train_samples, "test": test_samples},
-        attack_samples={k: int(v) for k, v in _pairs(caps, "--max-samples").items()},
+        attack_samples=_sample_caps(caps),
         attack_params=parse_params(params), noise=recipe, features=features, seed=seed,
         shard=Shard.parse(shard), batch_size=batch_size, device=device,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
@@ -152,14 +152,15 @@ def _value(raw: str, item: str) -> Any:
         raise ProducerError(f"--param {item!r}: cannot read {raw!r} as a number, true/false or JSON") from None
 
 
-def _pairs(spec: str, option: str) -> dict[str, str]:
-    pairs = {}
+def _sample_caps(spec: str) -> dict[str, int]:
+    """``"deepfool=2000,cw=2000"`` → ``{"deepfool": 2000, "cw": 2000}``."""
+    caps = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not value.isdigit():
-            raise ProducerError(f"{option} item {item!r} must look like NAME=N")
-        pairs[key] = value
-    return pairs
+            raise ProducerError(f"--max-samples item {item!r} must look like NAME=N")
+        caps[key] = int(value)
+    return caps
 
 
 def _model_metadata(model, spec: str) -> dict[str, Any]:
