@@ -16,7 +16,8 @@ def refuse_overwrite(paths: list[Path], overwrite: bool, *,
     """Raise `error` unless `overwrite` when any of `paths` exists: a user's file is never replaced silently."""
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise error(f"refusing to overwrite existing file(s) {existing}; pass overwrite=True (--force)")
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise error(f"refusing to overwrite existing file(s): {shown}; pass overwrite=True (--force)")
 
 
 @contextmanager

@@ -7,6 +7,8 @@ traceback.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -55,3 +57,178 @@ def inspect(table: str, as_json: bool) -> None:
         echo_json(summary)
     else:
         click.echo(format_summary(summary))
+
+
+# -- corrector ---------------------------------------------------------------------------------
+
+
+def comma_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def corrector_options(func):
+    """Hyperparameters of `LogitCorrector` (defaults are the paper's), collected into one dict."""
+    from .corrector import LogitCorrector
+
+    defaults = LogitCorrector.__init__.__kwdefaults__
+    options = [
+        ("--hidden", int, "Hidden width D."),
+        ("--p-clean", float, "Probability that a training sample shows its clean logits."),
+        ("--epochs", int, "Passes over the training pairs."),
+        ("--lr", float, "Adam step size."),
+        ("--weight-decay", float, "Adam L2 penalty."),
+        ("--batch-size", int, "Mini-batch size."),
+        ("--dropout", float, "Dropout after the hidden layer."),
+        ("--validation-fraction", float, "Share of samples held out to pick the best epoch (0: none)."),
+        ("--patience", int, "With validation: epochs without improvement before stopping."),
+        ("--seed", int, "Seed for initialisation, dropout and sampling."),
+    ]
+    for flag, kind, text in reversed(options):
+        name = flag[2:].replace("-", "_")
+        func = click.option(flag, name, type=kind, default=defaults[name], show_default=True, help=text)(func)
+    func = click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, …")(func)
+    return func
+
+
+def _corrector_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    from .corrector import _PARAMS
+
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in _PARAMS}
+
+
+def _progress() -> bool:
+    """Progress bars only for a person watching (stderr is a terminal), never in logs or CI."""
+    return sys.stderr.isatty()
+
+
+@main.command("train-corrector")
+@table_argument
+@click.option("--attack", "attacks", required=True, type=comma_list, help="Attack(s) to train on: pgd or pgd,mim.")
+@click.option("--split", default="train", show_default=True, help="Split to train on.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Corrector file to write (.pt).")
+@click.option("--stream", is_flag=True, help="Stream mini-batches from disk (tables larger than memory).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@corrector_options
+@json_option
+def train_corrector(table: str, attacks: list[str], split: str, out: str, stream: bool, force: bool,
+                    as_json: bool, **kwargs: Any) -> None:
+    """Train a logit corrector on clean and attacked logits (Algorithm 1) and save it."""
+    from ._io import refuse_overwrite
+    from .corrector import LogitCorrector
+
+    refuse_overwrite([Path(out)], force)  # fail before training, not after
+    corrector = LogitCorrector(progress=_progress(), **_corrector_params(kwargs))
+    corrector.fit_table(table, attacks, split=split, stream=stream).save(out, overwrite=force)
+    last = corrector.history_[-1]
+    report = {"out": out, "attacks": attacks, "epochs_run": last["epoch"], "best_epoch": corrector.best_epoch_,
+              "final_loss": last["loss"], "history": corrector.history_}
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"trained on {','.join(attacks)} for {last['epoch']} epochs (kept epoch "
+                   f"{corrector.best_epoch_}, final loss {last['loss']:.4f}); wrote {out}")
+
+
+@main.command()
+@table_argument
+@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
+              help="A file written by train-corrector.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a .parquet file, or a directory (partitioned by split and attack).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@json_option
+def correct(table: str, corrector_path: str, out: str, force: bool, as_json: bool) -> None:
+    """Write TABLE with corrected logits and predictions, and summarise it."""
+    from .corrector import LogitCorrector
+    from .summary import format_summary, summarize
+    from .tables import read_table, table_columns, write_table
+
+    corrector = LogitCorrector.load(corrector_path)
+    source = read_table(table, columns=[c for c in ("linf", "l2") if c in table_columns(table)])
+    corrected = corrector.correct_table(source)
+    partition = None if out.endswith(".parquet") else ("split", "attack")
+    written = write_table(corrected, out, partition_by=partition, basename="corrected", overwrite=force)
+    summary = summarize(corrected)
+    if as_json:
+        echo_json({"written": [str(p) for p in written], "summary": summary})
+    else:
+        click.echo(format_summary(summary))
+        click.echo(f"\nwrote {len(written)} file(s) under {out}")
+
+
+@main.command()
+@table_argument
+@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
+              help="A file written by train-corrector.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@click.option("--attacks", type=comma_list, default=None, help="Attacks to evaluate (default: all).")
+@json_option
+def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | None, as_json: bool) -> None:
+    """Clean and attacked accuracy without and with correction (full split and selected set)."""
+    from .corrector import LogitCorrector
+    from .evaluate import evaluate as run, format_evaluation
+    from .tables import read_table
+
+    corrector = LogitCorrector.load(corrector_path)
+    results = run(read_table(table, split=split, columns=[]), {"corrector": corrector}, split=split,
+                  attacks=attacks)
+    if as_json:
+        echo_json(results.to_dict(orient="records"))
+    else:
+        click.echo(format_evaluation(results))
+
+
+@main.command()
+@table_argument
+@click.option("--attacks", type=comma_list, default=None, help="Attacks to train on and evaluate (default: all).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@corrector_options
+@json_option
+def transfer(table: str, attacks: list[str] | None, train_split: str, split: str, as_json: bool,
+             **kwargs: Any) -> None:
+    """Transfer matrix: one corrector per attack, each evaluated on every attack (seed Table 3)."""
+    from .evaluate import train_per_attack, transfer_matrix
+    from .summary import percent
+    from .tables import CLEAN, read_table
+
+    data = read_table(table, columns=[])
+    attacks = attacks or [a for a in data.attacks if a != CLEAN]
+    correctors = train_per_attack(data, attacks, split=train_split, progress=_progress(),
+                                  **_corrector_params(kwargs))
+    matrix = transfer_matrix(data, correctors, split=split, attacks=attacks)
+    if as_json:
+        echo_json(matrix.to_dict(orient="index"))
+    else:
+        click.echo("accuracy after correction; rows: evaluated on, columns: trained on")
+        click.echo(matrix.map(percent).to_string())
+
+
+@main.command("sweep-p-clean")
+@table_argument
+@click.option("--attack", "attacks", required=True, type=comma_list, help="Attack(s) to train on.")
+@click.option("--values", type=comma_list, default="0,0.1,0.3,0.5,0.7,0.9", show_default=True,
+              help="p_clean values to try.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@corrector_options
+@json_option
+def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split: str, split: str,
+                  as_json: bool, **kwargs: Any) -> None:
+    """Clean-vs-robust trade-off: one corrector per p_clean value."""
+    from .evaluate import sweep_p_clean as sweep
+    from .summary import percent
+    from .tables import read_table
+
+    params = _corrector_params(kwargs)
+    params.pop("p_clean")
+    try:
+        grid = [float(v) for v in values]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers, got {','.join(values)}", param_hint="--values") from None
+    results = sweep(read_table(table, columns=[]), attacks, grid, train_split=train_split, eval_split=split,
+                    progress=_progress(), **params)
+    if as_json:
+        echo_json(results.reset_index().to_dict(orient="records"))
+    else:
+        click.echo(results.map(percent).to_string())

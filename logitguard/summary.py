@@ -83,7 +83,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     norm_keys = [k for k in ("linf_mean", "linf_median", "l2_mean", "l2_median") if k in summary["conditions"][0]]
     headers = ["split", "attack", "rows", "accuracy", "success", *norm_keys]
     rows = [
-        [c["split"], c["attack"], str(c["rows"]), _pct(c["accuracy"]), _pct(c["attack_success_rate"]),
+        [c["split"], c["attack"], str(c["rows"]), percent(c["accuracy"]), percent(c["attack_success_rate"]),
          *(_num(c[k]) for k in norm_keys)]
         for c in summary["conditions"]
     ]
@@ -118,8 +118,9 @@ def _mean(values: pd.Series) -> float | None:
     return None if values.empty else float(np.mean(values.astype(float)))
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+def percent(value: float | None) -> str:
+    """A share as ``"12.3%"``; ``"-"`` when undefined (None or NaN)."""
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
 
 
 def _num(value: float | None) -> str:

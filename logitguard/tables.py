@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -272,12 +272,7 @@ def read_table(
         wanted = list(columns)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    expr = None
-    if split is not None:
-        expr = ds.field("split") == split
-    if attacks is not None:
-        in_attacks = ds.field("attack").isin(attacks)
-        expr = in_attacks if expr is None else expr & in_attacks
+    expr = _filter(split, attacks)
     _check_columns(present)
     try:
         arrow = dataset.to_table(columns=[*REQUIRED_COLUMNS, *wanted], filter=expr)
@@ -293,6 +288,65 @@ def read_table(
             f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
         )
     return conform(arrow, metadata=metadata)
+
+
+def iter_batches(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    attacks: str | Sequence[str] | None = None,
+    columns: Sequence[str] = (),
+    batch_rows: int = 16384,
+) -> Iterator[LogitTable]:
+    """Stream a table as validated `LogitTable` batches of at most `batch_rows` rows, in file order.
+
+    For tables larger than memory: only one batch is held at a time. `columns` lists the optional
+    columns to read (default none: keys, labels and logits only). Filters as in `read_table`; a filter
+    that matches nothing yields nothing.
+    """
+    path = Path(path)
+    dataset, file_schemas = _open_dataset(path)
+    metadata = _dataset_metadata(file_schemas, path)
+    _check_columns(dataset.schema.names)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise TableError(f"{path}: requested column(s) {missing} not in the table")
+    expr = _filter(split, attacks)
+    try:
+        for batch in dataset.to_batches(columns=[*REQUIRED_COLUMNS, *columns], filter=expr,
+                                        batch_size=batch_rows):
+            if batch.num_rows:
+                yield conform(pa.Table.from_batches([batch]), metadata=metadata)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+
+
+def table_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of the table at `path`, read from the file footers only."""
+    dataset, _ = _open_dataset(Path(path))
+    return list(dataset.schema.names)
+
+
+def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str, int]:
+    """Rows per attack (reading only the key columns), e.g. ``{"clean": 10000, "pgd": 10000}``."""
+    path = Path(path)
+    dataset, _ = _open_dataset(path)
+    try:
+        keys = dataset.to_table(columns=["attack"], filter=_filter(split, None)).column("attack")
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+    counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
+    return {name: int(counts[name]) for name in _distinct(counts.index.to_numpy(), first=CLEAN)}
+
+
+def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expression | None:
+    expr = None
+    if split is not None:
+        expr = ds.field("split") == split
+    if attacks is not None:
+        in_attacks = ds.field("attack").isin([attacks] if isinstance(attacks, str) else list(attacks))
+        expr = in_attacks if expr is None else expr & in_attacks
+    return expr
 
 
 def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema]]:

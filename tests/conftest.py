@@ -97,3 +97,38 @@ def digits_cnn(digits_sets):
     torch.manual_seed(0)
     train, _ = digits_sets
     return train_classifier(small_cnn_for(train), train, epochs=12, seed=0, progress=False)
+
+
+def linear_bim(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 10) -> np.ndarray:
+    """BIM (iterated FGSM, step eps/4, projected to the eps ball and [0, 1]) on the logistic regression."""
+    x_adv = x.copy()
+    for _ in range(steps):
+        x_adv = np.clip(linear_fgsm(model, x_adv, y, eps / 4), x - eps, x + eps)
+    return x_adv
+
+
+@pytest.fixture(scope="session")
+def digits_split_table(digits_model) -> LogitTable:
+    """Clean, FGSM and BIM logits of the logistic regression on held-out digits, with train and test splits.
+
+    The 797 held-out images are split 400 (train, for fitting defenses) / 397 (test); every row has
+    three Gaussian noise queries (sigma 0.05) and its perturbation sizes.
+    """
+    model, x, y = digits_model
+    rng = np.random.default_rng(1)
+    parts = {"clean": x, "fgsm": linear_fgsm(model, x, y, DIGITS_EPS), "bim": linear_bim(model, x, y, DIGITS_EPS)}
+    n, k = len(y), 3
+    split = np.where(np.arange(n) < 400, "train", "test")
+    columns: dict[str, list] = {c: [] for c in ("logits", "noisy_logits", "linf", "l2", "attack")}
+    for name, images in parts.items():
+        noisy = np.clip(images[:, None, :] + rng.normal(0, 0.05, (n, k, images.shape[1])), 0, 1)
+        columns["logits"].append(model.decision_function(images))
+        columns["noisy_logits"].append(model.decision_function(noisy.reshape(n * k, -1)).reshape(n, k, -1))
+        columns["linf"].append(np.abs(images - x).max(axis=1))
+        columns["l2"].append(np.linalg.norm(images - x, axis=1))
+        columns["attack"] += [name] * n
+    return LogitTable.from_arrays(
+        sample_id=np.tile(np.arange(n), 3), split=np.tile(split, 3), label=np.tile(y, 3),
+        **{c: np.concatenate(v) if c != "attack" else np.array(v) for c, v in columns.items()},
+        metadata={"class_names": [f"digit-{i}" for i in range(10)], "dataset": {"name": "digits"}},
+    )

@@ -90,3 +90,89 @@ def test_inspect_works_on_unlabelled_deployment_data(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "d.parquet"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["conditions"][0]["accuracy"] is None
+
+
+# -- corrector commands ------------------------------------------------------------------------
+
+FAST_ARGS = ["--hidden", "128", "--epochs", "30", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def split_table_path(digits_split_table, tmp_path_factory):
+    path = tmp_path_factory.mktemp("split") / "table"
+    write_table(digits_split_table, path, partition_by=("split", "attack"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corrector_path(split_table_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("corrector") / "fgsm.pt"
+    result = CliRunner().invoke(main, ["train-corrector", str(split_table_path), "--attack", "fgsm",
+                                       "--out", str(out), *FAST_ARGS, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["attacks"] == ["fgsm"] and report["epochs_run"] == 30 and len(report["history"]) == 30
+    return out
+
+
+def test_evaluate_reports_the_correction(split_table_path, corrector_path):
+    result = CliRunner().invoke(main, ["evaluate", str(split_table_path), "--corrector", str(corrector_path),
+                                       "--attacks", "fgsm", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["subset"], r["defense"]): r for r in json.loads(result.output)}
+    assert rows[("full", "corrector")]["robust_accuracy"] > rows[("full", "none")]["robust_accuracy"] + 0.1
+    text = CliRunner().invoke(main, ["evaluate", str(split_table_path), "--corrector", str(corrector_path)])
+    assert text.exit_code == 0 and text.output.startswith("Full split\nattack")
+
+
+def test_correct_writes_a_table_inspect_can_read(split_table_path, corrector_path, tmp_path):
+    out = tmp_path / "corrected.parquet"
+    args = ["correct", str(split_table_path), "--corrector", str(corrector_path), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["written"] == [str(out)]
+    from logitguard import read_table
+    from logitguard.corrector import LogitCorrector
+
+    corrected = read_table(out)
+    test = corrected.select(split="test", attacks="fgsm")
+    expected = LogitCorrector.load(corrector_path).predict(
+        read_table(split_table_path, split="test", attacks="fgsm").logits)
+    np.testing.assert_array_equal(test.column("pred"), expected)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1
+    assert again.output == (f"Error: refusing to overwrite existing file(s): {out}; "
+                            "pass overwrite=True (--force)\n")
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+
+
+def test_transfer_and_sweep_print_their_tables(split_table_path):
+    result = CliRunner().invoke(main, ["transfer", str(split_table_path), "--attacks", "fgsm,bim", *FAST_ARGS,
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    matrix = json.loads(result.output)
+    assert set(matrix) == {"clean", "fgsm", "bim"} and set(matrix["bim"]) == {"fgsm", "bim"}
+    result = CliRunner().invoke(main, ["sweep-p-clean", str(split_table_path), "--attack", "fgsm",
+                                       "--values", "0,1", *FAST_ARGS])
+    assert result.exit_code == 0, result.output
+    assert result.output.split()[:3] == ["clean_accuracy", "robust_accuracy", "p_clean"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-corrector", "{table}", "--attack", "pgd", "--out", "{tmp}/c.pt"],
+     "Error: no ['pgd'] rows in split 'train'"),
+    (["train-corrector", "{table}", "--attack", "fgsm", "--out", "{tmp}/c.pt", "--p-clean", "2"],
+     "Error: p_clean must be in [0, 1], got 2.0\n"),
+    (["evaluate", "{table}", "--corrector", "{tmp}/none.pt"], "Error: no such corrector file: {tmp}/none.pt\n"),
+    (["evaluate", "{table}", "--corrector", "{table}/split=test/attack=clean/part-0.parquet"],
+     "Error: {table}/split=test/attack=clean/part-0.parquet: not a logitguard corrector file"),
+    (["sweep-p-clean", "{table}", "--attack", "fgsm", "--values", "0,x"],
+     "Error: Invalid value for --values: expected numbers, got 0,x\n"),
+])
+def test_corrector_command_errors_are_exact(split_table_path, tmp_path, args, message):
+    fill = {"table": split_table_path, "tmp": tmp_path}
+    result = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert result.exit_code != 0
+    assert result.output.splitlines()[-1].startswith(message.format(**fill).rstrip("\n"))
+    if message.endswith("\n"):
+        assert result.output.endswith(message.format(**fill))

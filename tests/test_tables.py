@@ -103,7 +103,7 @@ def test_unknown_labels_are_null_and_read_as_minus_one(tmp_path):
 def test_write_refuses_to_overwrite_and_leaves_no_temp_files(digits_table, tmp_path):
     target = tmp_path / "t.parquet"
     target.write_text("the user's file")
-    with pytest.raises(TableError, match=re.escape(f"refusing to overwrite existing file(s) ['{target}']")):
+    with pytest.raises(TableError, match=re.escape(f"refusing to overwrite existing file(s): {target};")):
         write_table(digits_table, target)
     assert target.read_text() == "the user's file"
     write_table(digits_table, target, overwrite=True)

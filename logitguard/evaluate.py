@@ -1,0 +1,173 @@
+"""Evaluation protocols for defenses: accuracy tables (seed Tables 1–2), the transfer matrix (Table 3)
+and the clean-vs-robust trade-off over ``p_clean``.
+
+A *defense* here is anything with ``predict_table(table) -> labels (N,)``: a fitted `LogitCorrector`,
+or (later) a detector-gated pipeline. "none" (the model's own argmax) is always evaluated beside them.
+Results are long-form DataFrames, so they filter, pivot and serialise without special cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from .corrector import LogitCorrector
+from .errors import LogitguardError
+from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
+from .summary import percent, render_table
+from .tables import CLEAN, LogitTable, pair
+
+NO_DEFENSE = "none"
+METRICS = ("clean_accuracy", "robust_accuracy", "attack_success_rate")
+
+
+class Defense(Protocol):
+    def predict_table(self, table: LogitTable) -> np.ndarray: ...
+
+
+class _Argmax:
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        return table.logits.argmax(axis=1)
+
+
+def evaluate(
+    table: LogitTable,
+    defenses: Mapping[str, Defense] | None = None,
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Clean and attacked accuracy without and with each defense, on the full split and the selected set.
+
+    The *selected* set holds the samples the undefended model classifies correctly when clean (seed
+    Table 2). Rows are aligned clean/attacked pairs of each attack (see `pair`).
+
+    Returns
+    -------
+    DataFrame with one row per (attack, subset, defense): columns ``attack``, ``subset`` ("full" or
+    "selected"), ``defense`` ("none" first), ``samples``, ``clean_accuracy``, ``robust_accuracy`` and
+    ``attack_success_rate``.
+    """
+    table, attacks = _scope(table, split, attacks)
+    defenses = {NO_DEFENSE: _Argmax(), **(defenses or {})}
+    records = []
+    for attack in attacks:
+        clean, attacked = pair(table, attack)
+        labels = clean.labels
+        selected = clean.logits.argmax(axis=1) == labels
+        for name, defense in defenses.items():
+            pred_clean, pred_attacked = defense.predict_table(clean), defense.predict_table(attacked)
+            for subset, rows in (("full", slice(None)), ("selected", selected)):
+                records.append({
+                    "attack": attack, "subset": subset, "defense": name, "samples": int(labels[rows].size),
+                    "clean_accuracy": clean_accuracy(pred_clean[rows], labels[rows]),
+                    "robust_accuracy": robust_accuracy(pred_attacked[rows], labels[rows]),
+                    "attack_success_rate": attack_success_rate(pred_clean[rows], pred_attacked[rows], labels[rows]),
+                })
+    return pd.DataFrame.from_records(records)
+
+
+def format_evaluation(results: pd.DataFrame) -> str:
+    """Plain-text Tables 1–2: per subset, one row per attack, clean/attacked accuracy per defense."""
+    blocks = []
+    defenses = list(dict.fromkeys(results["defense"]))
+    for subset, title in (("full", "Full split"), ("selected", "Selected set (clean-correct samples)")):
+        part = results[results["subset"] == subset]
+        headers = ["attack", "samples"] + [f"{m} ({d})" for m in ("clean", "attacked") for d in defenses]
+        rows = []
+        for attack, group in part.groupby("attack", sort=False):
+            by = group.set_index("defense")
+            rows.append([attack, str(group["samples"].iloc[0])]
+                        + [percent(by.at[d, f"{m}_accuracy"]) for m in ("clean", "robust") for d in defenses])
+        blocks.append("\n".join([title, *render_table(headers, rows, left=2)]))
+    return "\n\n".join(blocks)
+
+
+def train_per_attack(
+    table: LogitTable,
+    attacks: Iterable[str],
+    *,
+    split: str | None = "train",
+    progress: bool = True,
+    **params: Any,
+) -> dict[str, LogitCorrector]:
+    """One `LogitCorrector(**params)` per attack, each trained on that attack alone."""
+    from tqdm.auto import tqdm
+
+    attacks = list(attacks)
+    correctors = {}
+    for attack in tqdm(attacks, desc="correctors", unit="attack", disable=not progress):
+        correctors[attack] = LogitCorrector(progress=progress, **params).fit_table(table, attack, split=split)
+    return correctors
+
+
+def transfer_matrix(
+    table: LogitTable,
+    defenses: Mapping[str, Defense],
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Accuracy of each defense (columns, e.g. "trained on pgd") on each attack's rows (rows; seed Table 3).
+
+    The first row, "clean", is each defense's accuracy on the clean rows: what the transfer costs.
+    Accuracy is over every row of the split for that attack (the full set, not the selected one).
+    """
+    table, attacks = _scope(table, split, attacks)
+    matrix = pd.DataFrame(index=pd.Index([CLEAN, *attacks], name="evaluated on"),
+                          columns=pd.Index(list(defenses), name="trained on"), dtype=float)
+    for attack in matrix.index:
+        rows = table.select(attacks=attack)
+        for name, defense in defenses.items():
+            matrix.at[attack, name] = robust_accuracy(defense.predict_table(rows), rows.labels)
+    return matrix
+
+
+def sweep_p_clean(
+    table: LogitTable,
+    attacks: str | Sequence[str],
+    values: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
+    *,
+    train_split: str | None = "train",
+    eval_split: str | None = "test",
+    progress: bool = True,
+    **params: Any,
+) -> pd.DataFrame:
+    """Train one corrector per ``p_clean`` value and report the clean-vs-robust trade-off.
+
+    Returns a DataFrame indexed by ``p_clean`` with ``clean_accuracy`` and ``robust_accuracy`` (full
+    evaluation split, attacked rows of `attacks` pooled).
+    """
+    from tqdm.auto import tqdm
+
+    attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    evaluation, _ = _scope(table, eval_split, attacks)
+    clean_rows = evaluation.select(attacks=CLEAN)
+    attacked_rows = evaluation.select(attacks=attacks)
+    records = []
+    for p in tqdm(list(values), desc="p_clean sweep", disable=not progress):
+        corrector = LogitCorrector(p_clean=p, progress=progress, **params)
+        corrector.fit_table(table, attacks, split=train_split)
+        records.append({
+            "p_clean": p,
+            "clean_accuracy": clean_accuracy(corrector.predict_table(clean_rows), clean_rows.labels),
+            "robust_accuracy": robust_accuracy(corrector.predict_table(attacked_rows), attacked_rows.labels),
+        })
+    return pd.DataFrame.from_records(records).set_index("p_clean")
+
+
+def _scope(table: LogitTable, split: str | None, attacks: Sequence[str] | None) -> tuple[LogitTable, list[str]]:
+    """Rows of `split` and the attacks to evaluate (default: every attack but clean), checked."""
+    if split is not None:
+        table = table.select(split=split)
+    if not table.has_labels:
+        raise LogitguardError("evaluation needs ground-truth labels, and some rows have none")
+    available = [a for a in table.attacks if a != CLEAN]
+    attacks = available if attacks is None else list(attacks)
+    unknown = [a for a in attacks if a not in available]
+    if unknown or not attacks:
+        raise LogitguardError(f"no rows for attack(s) {unknown or attacks} in split {split!r}; it has {available}")
+    return table, attacks

@@ -1,0 +1,81 @@
+"""Evaluation tables, transfer matrix and p_clean sweep, checked against metrics computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from logitguard import LogitguardError, pair
+from logitguard.corrector import LogitCorrector
+from logitguard.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
+from logitguard.metrics import attack_success_rate
+
+FAST = dict(hidden=256, epochs=40, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def correctors(digits_split_table):
+    return train_per_attack(digits_split_table, ["fgsm", "bim"], progress=False, **FAST)
+
+
+def test_metrics_follow_their_definitions():
+    labels = np.array([0, 1, 2, 3])
+    clean = np.array([0, 1, 2, 0])  # 3 correct
+    attacked = np.array([0, 2, 1, 3])  # 2 of the 3 clean-correct flipped
+    assert attack_success_rate(clean, attacked, labels) == pytest.approx(2 / 3)
+    assert np.isnan(attack_success_rate(clean[3:], attacked[3:], labels[3:]))
+
+
+def test_evaluate_matches_hand_computed_accuracy(digits_split_table, correctors):
+    corrector = correctors["fgsm"]
+    results = evaluate(digits_split_table, {"corrector": corrector})
+    assert list(results.columns) == ["attack", "subset", "defense", "samples", "clean_accuracy",
+                                     "robust_accuracy", "attack_success_rate"]
+    assert len(results) == 2 * 2 * 2  # attacks x subsets x defenses
+    clean, attacked = pair(digits_split_table.select(split="test"), "fgsm")
+    y = clean.labels
+    selected = clean.logits.argmax(1) == y
+    row = results.set_index(["attack", "subset", "defense"])
+    none_full = row.loc[("fgsm", "full", "none")]
+    assert none_full["samples"] == len(y)
+    assert none_full["clean_accuracy"] == pytest.approx((clean.logits.argmax(1) == y).mean())
+    assert none_full["robust_accuracy"] == pytest.approx((attacked.logits.argmax(1) == y).mean())
+    none_selected = row.loc[("fgsm", "selected", "none")]
+    assert none_selected["samples"] == selected.sum() and none_selected["clean_accuracy"] == 1.0
+    assert none_selected["attack_success_rate"] == pytest.approx(1 - none_selected["robust_accuracy"])
+    corrected = row.loc[("fgsm", "selected", "corrector")]
+    assert corrected["robust_accuracy"] == pytest.approx(
+        (corrector.predict(attacked.logits)[selected] == y[selected]).mean())
+    assert corrected["robust_accuracy"] > none_selected["robust_accuracy"] + 0.1
+    text = format_evaluation(results)
+    assert "Selected set" in text and "attacked (corrector)" in text
+
+
+def test_transfer_matrix_diagonal_is_each_correctors_own_accuracy(digits_split_table, correctors):
+    matrix = transfer_matrix(digits_split_table, correctors)
+    assert list(matrix.index) == ["clean", "bim", "fgsm"] and list(matrix.columns) == ["fgsm", "bim"]
+    test = digits_split_table.select(split="test")
+    for attack, corrector in correctors.items():
+        rows = test.select(attacks=attack)
+        assert matrix.at[attack, attack] == pytest.approx(corrector.score(rows.logits, rows.labels))
+    clean = test.select(attacks="clean")
+    assert matrix.at["clean", "bim"] == pytest.approx(correctors["bim"].score(clean.logits, clean.labels))
+
+
+def test_p_clean_trades_clean_for_robust_accuracy(digits_split_table):
+    sweep = sweep_p_clean(digits_split_table, "fgsm", [0.0, 1.0], progress=False, **FAST)
+    assert list(sweep.index) == [0.0, 1.0]
+    # Trained on clean logits only, the corrector keeps clean accuracy; trained on attacked only, it
+    # recovers more attacked rows.
+    assert sweep.at[1.0, "clean_accuracy"] > sweep.at[0.0, "clean_accuracy"]
+    assert sweep.at[0.0, "robust_accuracy"] > sweep.at[1.0, "robust_accuracy"]
+
+
+def test_evaluate_refuses_unknown_attacks_and_unlabelled_rows(digits_split_table):
+    with pytest.raises(LogitguardError, match=r"no rows for attack\(s\) \['pgd'\] in split 'test'; it has \['bim', 'fgsm'\]"):
+        evaluate(digits_split_table, attacks=["pgd"])
+    unlabelled = type(digits_split_table).from_arrays(
+        logits=digits_split_table.logits, sample_id=digits_split_table.sample_id,
+        split=digits_split_table.split, attack=digits_split_table.attack)
+    with pytest.raises(LogitguardError, match="evaluation needs ground-truth labels"):
+        evaluate(unlabelled)
