@@ -232,3 +232,138 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
         echo_json(results.reset_index().to_dict(orient="records"))
     else:
         click.echo(results.map(percent).to_string())
+
+
+# -- detectors ---------------------------------------------------------------------------------
+
+
+def _detector_kinds() -> list[str]:
+    # Mirrors logitguard.detectors.KINDS without importing it (keeps `--help` fast); a test checks they agree.
+    return ["msp", "maxlogit", "energy", "nonme", "learned", "learned-noisy", "odds", "odds-single"]
+
+
+@main.command("fit-detector")
+@table_argument
+@click.option("--kind", required=True, type=click.Choice(_detector_kinds()), help="Which detector.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (.npz).")
+@click.option("--fpr", type=float, default=0.05, show_default=True, help="Target false-positive rate on clean rows.")
+@click.option("--attacks", type=comma_list, default=None,
+              help="Attacks a supervised detector (learned, odds with logistic correction) learns from (default: all).")
+@click.option("--split", default="train", show_default=True, help="Split to fit on.")
+@click.option("--correction", type=click.Choice(["argmax", "logistic"]), default=None,
+              help="Odds tests: how flagged rows are corrected (default argmax).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@json_option
+def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str] | None, split: str,
+                 correction: str | None, force: bool, as_json: bool) -> None:
+    """Fit a detector and calibrate its threshold on clean rows to the target FPR."""
+    from ._io import refuse_overwrite
+    from .detectors import make_detector
+    from .tables import read_table
+
+    refuse_overwrite([Path(out)], force)
+    params = {"fpr": fpr} if correction is None else {"fpr": fpr, "correction": correction}
+    detector = make_detector(kind, **params)
+    detector.fit(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
+    report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
+              "achieved_fpr": detector.achieved_fpr_}
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"fitted {kind}: threshold {detector.threshold_:.4g} flags {100 * detector.achieved_fpr_:.1f}% "
+                   f"of calibration clean rows (target {100 * fpr:.1f}%); wrote {out}")
+
+
+@main.command()
+@table_argument
+@click.option("--detector", "detector_path", required=True, type=click.Path(dir_okay=False),
+              help="A file written by fit-detector.")
+@click.option("--split", default="test", show_default=True, help="Split to score.")
+@json_option
+def detect(table: str, detector_path: str, split: str, as_json: bool) -> None:
+    """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
+    from .detectors import load_detector
+    from .evaluate import detection_table, format_detection
+    from .tables import CLEAN, read_table
+
+    detector = load_detector(detector_path)
+    data = read_table(table, split=split)
+    flagged = detector.predict(data)
+    rates = {a: float(flagged[data.attack == a].mean()) for a in data.attacks}
+    metrics = None
+    if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:
+        metrics = detection_table(data, {detector.kind: detector}, split=None)
+    if as_json:
+        echo_json({"flagged_rate": rates,
+                   "metrics": None if metrics is None else metrics.to_dict(orient="records")})
+        return
+    click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rates.items()))
+    if metrics is not None:
+        click.echo(format_detection(metrics))
+
+
+@main.command("train-svm")
+@table_argument
+@click.option("--attack", "attacks", type=comma_list, default="fgsm", show_default=True,
+              help="Attack(s) whose logits train the SVM.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="SVM file to write (.npz).")
+@click.option("--c", "c_value", type=float, default=1.0, show_default=True, help="SVM regularisation C.")
+@click.option("--max-rows", type=int, default=20000, show_default=True, help="Cap on training rows.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@json_option
+def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, max_rows: int, force: bool,
+              as_json: bool) -> None:
+    """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
+    from ._io import refuse_overwrite
+    from .svm import SVMCorrector
+    from .tables import read_table
+
+    refuse_overwrite([Path(out)], force)
+    svm = SVMCorrector(C=c_value, max_rows=max_rows).fit_table(read_table(table, split=split, columns=[]),
+                                                              attacks, split=None)
+    svm.save(out, overwrite=force)
+    report = {"out": out, "attacks": attacks, "support_vectors": int(len(svm.support_vectors_))}
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"trained on {','.join(attacks)}: {report['support_vectors']} support vectors; wrote {out}")
+
+
+@main.command()
+@table_argument
+@click.option("--detector", "detector_path", required=True, type=click.Path(dir_okay=False),
+              help="A file written by fit-detector.")
+@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
+              help="A corrector (train-corrector), an SVM (train-svm) or an odds detector (its own correction).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a .parquet file, or a directory (partitioned by split and attack).")
+@click.option("--split", default=None, help="Only this split (default: all).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@json_option
+def defend(table: str, detector_path: str, corrector_path: str, out: str, split: str | None, force: bool,
+           as_json: bool) -> None:
+    """Detect, then correct flagged rows; write pred and flagged, and report accuracy when labelled."""
+    from .defense import GatedDefense, load_corrector
+    from .detectors import load_detector
+    from .evaluate import evaluate as run, format_evaluation
+    from .tables import CLEAN, read_table, write_table
+
+    defense = GatedDefense(load_detector(detector_path), load_corrector(corrector_path))
+    data = read_table(table, split=split)
+    defended = defense.defend_table(data)
+    partition = None if out.endswith(".parquet") else ("split", "attack")
+    written = write_table(defended, out, partition_by=partition, basename="defended", overwrite=force)
+    results = None
+    if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:
+        test = split or ("test" if "test" in data.splits else None)
+        results = run(data, {"gated": defense}, split=test)
+    flagged = {a: float(defended.column("flagged")[data.attack == a].mean()) for a in data.attacks}
+    if as_json:
+        echo_json({"written": [str(p) for p in written], "flagged_rate": flagged,
+                   "evaluation": None if results is None else results.to_dict(orient="records")})
+        return
+    click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in flagged.items()))
+    if results is not None:
+        click.echo(format_evaluation(results))
+    click.echo(f"wrote {len(written)} file(s) under {out}")

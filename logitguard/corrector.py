@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ._io import atomic_output, refuse_overwrite
 from .errors import LogitguardError
-from .tables import CLEAN, LogitTable, iter_batches, pair, read_table, row_counts
+from .tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
 FORMAT = "logitguard.LogitCorrector"
 FORMAT_VERSION = 1
@@ -140,7 +140,7 @@ class LogitCorrector:
         if labels.min() < 0 or labels.max() >= num_classes:
             raise LogitguardError(f"labels must lie in [0, {num_classes}); every training row needs its true label")
         sample_id = np.arange(len(labels)) if sample_id is None else np.asarray(sample_id)
-        held_out = _held_out(sample_id, self.validation_fraction, self.seed)
+        held_out = holdout_mask(sample_id, self.validation_fraction, self.seed)
         if held_out.all():
             raise LogitguardError("validation_fraction leaves no training rows; lower it or add data")
         validation = None
@@ -217,7 +217,7 @@ class LogitCorrector:
                     continue
                 remaining[name] -= len(chunk)
                 rows = (rng.random(len(chunk)) < keep[name])
-                rows &= ~_held_out(chunk.sample_id, self.validation_fraction, self.seed)
+                rows &= ~holdout_mask(chunk.sample_id, self.validation_fraction, self.seed)
                 buffered.append((chunk.logits[rows], chunk.labels[rows]))
                 size += int(rows.sum())
                 if size >= buffer_rows:
@@ -233,7 +233,7 @@ class LogitCorrector:
         table = None
         for table in iter_batches(path, split=split, attacks=list(rows)):
             if self.validation_fraction:
-                held = _held_out(table.sample_id, self.validation_fraction, self.seed)
+                held = holdout_mask(table.sample_id, self.validation_fraction, self.seed)
                 for name in rows:
                     mask = held & (table.attack == name)
                     if mask.any():
@@ -477,15 +477,6 @@ def _as_logits(values: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise LogitguardError(f"{name} contain NaN or infinite values")
     return values
-
-
-def _held_out(sample_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Deterministic per-sample validation mask (a hash of sample id and seed), usable on any batch."""
-    if fraction <= 0:
-        return np.zeros(len(sample_id), dtype=bool)
-    h = (np.asarray(sample_id, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
-    h ^= h >> np.uint64(31)
-    return (h % np.uint64(1 << 20)).astype(np.float64) < fraction * (1 << 20)
 
 
 def _check_present(available: Sequence[str], attacks: Sequence[str], split: str | None) -> None:

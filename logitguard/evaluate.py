@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from .corrector import LogitCorrector
+from .detectors import Detector
 from .errors import LogitguardError
-from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
+from .metrics import attack_success_rate, auroc, clean_accuracy, robust_accuracy, tpr_at_fpr
 from .summary import percent, render_table
 from .tables import CLEAN, LogitTable, pair
 
@@ -84,6 +85,53 @@ def format_evaluation(results: pd.DataFrame) -> str:
                         + [percent(by.at[d, f"{m}_accuracy"]) for m in ("clean", "robust") for d in defenses])
         blocks.append("\n".join([title, *render_table(headers, rows, left=2)]))
     return "\n\n".join(blocks)
+
+
+def detection_table(
+    table: LogitTable,
+    detectors: Mapping[str, Detector],
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """AUROC, TPR at 1% and 5% FPR (with the FPR achieved) and the calibrated detector's rates.
+
+    Negatives are all clean rows of the split. Positives are each attack's *successful* rows: the clean
+    row is classified correctly and the attacked one is not. A failed attack leaves logits that are
+    as good as clean, and counting it would penalise a detector for the attack's failure.
+    ``detection_accuracy`` is the balanced accuracy, the mean of TPR and 1 − FPR at the detector's own
+    calibrated threshold (``threshold_tpr``, ``threshold_fpr``).
+
+    Returns one row per (detector, attack).
+    """
+    table, attacks = _scope(table, split, attacks)
+    clean_rows = table.select(attacks=CLEAN)
+    records = []
+    for name, detector in detectors.items():
+        clean_scores = detector.score(clean_rows)
+        clean_fpr = float((clean_scores > detector.threshold_).mean())
+        for attack in attacks:
+            clean, attacked = pair(table, attack)
+            hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
+            scores = detector.score(attacked)[hit]
+            tpr1, fpr1 = tpr_at_fpr(clean_scores, scores, 0.01)
+            tpr5, fpr5 = tpr_at_fpr(clean_scores, scores, 0.05)
+            threshold_tpr = float((scores > detector.threshold_).mean()) if scores.size else float("nan")
+            records.append({
+                "detector": name, "attack": attack, "positives": int(hit.sum()), "negatives": len(clean_scores),
+                "auroc": auroc(clean_scores, scores), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
+                "fpr_at_5": fpr5, "threshold_tpr": threshold_tpr, "threshold_fpr": clean_fpr,
+                "detection_accuracy": (threshold_tpr + 1.0 - clean_fpr) / 2.0,
+            })
+    return pd.DataFrame.from_records(records)
+
+
+def format_detection(results: pd.DataFrame) -> str:
+    """Plain-text detector × attack table: AUROC, TPR@1%, TPR@5%, detection accuracy."""
+    headers = ["detector", "attack", "AUROC", "TPR@1%", "TPR@5%", "det. acc", "FPR (calibrated)"]
+    rows = [[r.detector, r.attack, f"{r.auroc:.3f}", percent(r.tpr_at_1), percent(r.tpr_at_5),
+             percent(r.detection_accuracy), percent(r.threshold_fpr)] for r in results.itertuples()]
+    return "\n".join(render_table(headers, rows, left=2))
 
 
 def train_per_attack(

@@ -26,3 +26,37 @@ def attack_success_rate(pred_clean: np.ndarray, pred_attacked: np.ndarray, label
 
 def _mean(hits: np.ndarray) -> float:
     return float(hits.mean()) if hits.size else float("nan")
+
+
+# -- detection ---------------------------------------------------------------------------------
+# Scores: higher = more likely adversarial. Negatives are clean rows, positives attacked rows.
+
+
+def auroc(clean_scores: np.ndarray, attacked_scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that an attacked row outscores a clean one (ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
+    clean_scores, attacked_scores = np.asarray(clean_scores), np.asarray(attacked_scores)
+    if not clean_scores.size or not attacked_scores.size:
+        return float("nan")
+    truth = np.r_[np.zeros(clean_scores.size), np.ones(attacked_scores.size)]
+    return float(roc_auc_score(truth, np.r_[clean_scores, attacked_scores]))
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold t such that at most a share `fpr` of `clean_scores` exceed it (flag: score > t)."""
+    ordered = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    keep = max(1, int(np.ceil(len(ordered) * (1.0 - fpr) - 1e-9)))  # rows that must stay at or below t
+    return float(ordered[keep - 1])
+
+
+def tpr_at_fpr(clean_scores: np.ndarray, attacked_scores: np.ndarray, fpr: float) -> tuple[float, float]:
+    """(TPR, achieved FPR) at the threshold flagging at most `fpr` of the clean rows.
+
+    The achieved FPR can fall below the target when scores tie; it is returned so reports can show it.
+    """
+    clean_scores, attacked_scores = np.asarray(clean_scores), np.asarray(attacked_scores)
+    if not clean_scores.size or not attacked_scores.size:
+        return float("nan"), float("nan")
+    threshold = threshold_at_fpr(clean_scores, fpr)
+    return float((attacked_scores > threshold).mean()), float((clean_scores > threshold).mean())

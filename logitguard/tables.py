@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"logitguard"
 CLEAN = "clean"
 REQUIRED_COLUMNS = ("sample_id", "split", "attack", "label", "logits")
-OPTIONAL_COLUMNS = ("noisy_logits", "pred", "success", "linf", "l2", "features")
+OPTIONAL_COLUMNS = ("noisy_logits", "pred", "success", "linf", "l2", "features", "flagged")
 PARTITION_COLUMNS = ("split", "attack")
 # Columns that may hold nulls; all others must be complete.
 NULLABLE_COLUMNS = frozenset({"label", "pred", "success", "linf", "l2"})
@@ -480,6 +480,7 @@ _SCALAR_KINDS = {
     "split": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), pa.string()),
     "attack": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), pa.string()),
     "success": ("bool", pa.types.is_boolean, pa.bool_()),
+    "flagged": ("bool", pa.types.is_boolean, pa.bool_()),
     "linf": ("float32", pa.types.is_floating, pa.float32()),
     "l2": ("float32", pa.types.is_floating, pa.float32()),
 }
@@ -719,6 +720,18 @@ def pair(table: LogitTable, attack: str) -> Pair:
             f"{table.labels[clean_rows[i]]} in clean rows but {table.labels[attacked_rows[i]]} in {attack!r} rows"
         )
     return Pair(table.take(clean_rows), table.take(attacked_rows))
+
+
+def holdout_mask(sample_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A deterministic share `fraction` of samples (N,) bool, by a hash of sample id and seed.
+
+    Every row of a sample (clean or attacked, any batch or file) lands on the same side.
+    """
+    if fraction <= 0:
+        return np.zeros(len(sample_id), dtype=bool)
+    h = (np.asarray(sample_id, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(31)
+    return (h % np.uint64(1 << 20)).astype(np.float64) < fraction * (1 << 20)
 
 
 def to_pandas(table: LogitTable, wide: bool = False) -> pd.DataFrame:

@@ -132,3 +132,4 @@ def digits_split_table(digits_model) -> LogitTable:
         **{c: np.concatenate(v) if c != "attack" else np.array(v) for c, v in columns.items()},
         metadata={"class_names": [f"digit-{i}" for i in range(10)], "dataset": {"name": "digits"}},
     )
+

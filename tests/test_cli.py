@@ -176,3 +176,55 @@ def test_corrector_command_errors_are_exact(split_table_path, tmp_path, args, me
     assert result.output.splitlines()[-1].startswith(message.format(**fill).rstrip("\n"))
     if message.endswith("\n"):
         assert result.output.endswith(message.format(**fill))
+
+
+# -- detector commands -------------------------------------------------------------------------
+
+
+def test_the_cli_lists_every_detector_kind():
+    from logitguard.cli import _detector_kinds
+    from logitguard.detectors import KINDS
+
+    assert sorted(_detector_kinds()) == sorted(KINDS)
+
+
+def test_fit_detector_detect_train_svm_and_defend(split_table_path, tmp_path):
+    runner = CliRunner()
+    table = str(split_table_path)
+    detector, svm = tmp_path / "msp.npz", tmp_path / "svm.npz"
+    result = runner.invoke(main, ["fit-detector", table, "--kind", "msp", "--out", str(detector), "--json"])
+    assert result.exit_code == 0, result.output
+    fitted = json.loads(result.output)
+    assert fitted["kind"] == "msp" and 0 < fitted["achieved_fpr"] <= 0.05
+    result = runner.invoke(main, ["detect", table, "--detector", str(detector), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["flagged_rate"]["fgsm"] > report["flagged_rate"]["clean"]
+    assert {m["attack"] for m in report["metrics"]} == {"fgsm", "bim"}
+    assert runner.invoke(main, ["train-svm", table, "--out", str(svm)]).exit_code == 0
+    out = tmp_path / "defended"
+    args = ["defend", table, "--detector", str(detector), "--corrector", str(svm), "--out", str(out)]
+    result = runner.invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {(r["attack"], r["subset"], r["defense"]): r for r in report["evaluation"]}
+    assert rows[("fgsm", "full", "gated")]["robust_accuracy"] > rows[("fgsm", "full", "none")]["robust_accuracy"]
+    from logitguard import read_table
+
+    defended = read_table(out)
+    assert defended.column("flagged").mean() == pytest.approx(
+        np.mean([report["flagged_rate"][a] for a in defended.attacks]), abs=0.1)
+    again = runner.invoke(main, args)
+    assert again.exit_code == 1 and "refusing to overwrite existing file(s)" in again.output
+
+
+def test_detector_command_errors_are_exact(table_path, split_table_path, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["fit-detector", str(split_table_path), "--kind", "lof", "--out", "x.npz"])
+    assert result.exit_code == 2 and "Invalid value for '--kind': 'lof' is not one of 'msp'" in result.output
+    result = runner.invoke(main, ["detect", str(split_table_path), "--detector", str(tmp_path / "none.npz")])
+    assert result.output == f"Error: no such detector file: {tmp_path / 'none.npz'}\n"
+    # digits_table (table_path) has only a test split: fitting on 'train' must say so.
+    result = runner.invoke(main, ["fit-detector", str(table_path), "--kind", "msp", "--out", str(tmp_path / "d.npz")])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {table_path}: no rows match split='train'")

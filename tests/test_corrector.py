@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from logitguard import LogitguardError, pair, write_table
+from logitguard.tables import holdout_mask
 from logitguard.corrector import LogitCorrector
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3, progress=False)
@@ -109,9 +110,7 @@ def test_validation_keeps_the_best_epoch(digits_split_table):
     assert len(scores) == 30 or len(scores) == corrector.best_epoch_ + 3  # ran out, or stopped early
     # The kept weights are the best epoch's: re-validating them reproduces its score.
     train = pair(digits_split_table.select(split="train"), "fgsm")
-    from logitguard.corrector import _held_out
-
-    held = _held_out(train.clean.sample_id, 0.25, corrector.seed)
+    held = holdout_mask(train.clean.sample_id, 0.25, corrector.seed)
     assert 0.15 < held.mean() < 0.35
     again = corrector._validate(train.clean.logits[held], train.attacked.logits[held], train.clean.labels[held])
     assert again["val_score"] == pytest.approx(max(scores))

@@ -1,0 +1,251 @@
+"""The odds test (Roth et al. 2019, "The odds are odd"; seed 003 §9.3), from logits alone.
+
+For a row with predicted class y and every other class z, the pairwise log-odds is
+f_z − f_y. Adding noise to an adversarial input tends to move it back towards its true class, so the
+log-odds of that class rises more than it does for clean inputs. With noise queries x + η_k:
+
+    g_k[y, z] = (f_z − f_y)(x + η_k) − (f_z − f_y)(x)            shape (N, K, C) per row batch
+
+Each query k is z-scored against clean training rows predicted as y, per (y, k, z): queries may use
+different noise kinds and scales, so each keeps its own statistics. The K z-scores are averaged into
+one (N, C) feature, and the score is its maximum over z ≠ y. On the embedded data, per-query z-scoring
+beat z-scoring the K-average by 0.02 AUROC on PGD.
+
+``thresholds="global"`` (default) uses the raw maximum. ``"pair"`` first subtracts a per-(y, z)
+threshold, the clean (1 − fpr) quantile, as the reference implementation does; on the embedded data it
+scored 0.01 AUROC lower on PGD. Either way one global threshold is then calibrated to the target FPR.
+
+The single-shot variant (``noise=False``, kind ``odds-single``) needs no queries: it z-scores the log-odds
+f_z − f_y of the row itself against clean class-conditional statistics. It only sees how unusual the
+logits are for their predicted class, not how they react to noise, and is weaker. In Roth et al. the
+noise reaction is the signal.
+
+Correction of flagged rows: ``argmax`` picks the class z whose feature is largest, the class the noise
+pulls towards. ``logistic`` fits, per predicted class y, a multinomial logistic regression from the
+features to the true label on attacked training rows predicted y, falling back to ``argmax`` for classes
+with too few rows. ``logistic`` stores a C × C matrix per class and is refused above 100 classes.
+
+Statistics are sums scattered by class in one pass (`index_add_`): no loop over samples or class pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import LogitguardError
+from ..tables import CLEAN, LogitTable
+from .base import Detector
+
+_MIN_STD = 1e-6
+MAX_LOGISTIC_CLASSES = 100
+
+
+class OddsTest(Detector):
+    """The noisy odds test; see the module docstring.
+
+    Parameters
+    ----------
+    fpr : target false-positive rate on clean rows.
+    thresholds : "global" or "pair" (per (y, z) thresholds, as in the reference).
+    correction : "argmax" or "logistic", the rule `correct_labels` applies.
+    min_rows : classes with fewer clean rows borrow pooled statistics; with ``logistic``, classes with
+        fewer attacked rows use the argmax rule.
+    """
+
+    kind = "odds"
+    needs_noise = True
+    noise = True
+
+    def __init__(self, *, fpr: float = 0.05, thresholds: str = "global", correction: str = "argmax",
+                 min_rows: int = 10) -> None:
+        super().__init__(fpr=fpr)
+        if thresholds not in ("pair", "global"):
+            raise LogitguardError(f"thresholds must be 'pair' or 'global', got {thresholds!r}")
+        if correction not in ("argmax", "logistic"):
+            raise LogitguardError(f"correction must be 'argmax' or 'logistic', got {correction!r}")
+        self.thresholds = thresholds
+        self.correction = correction
+        self.min_rows = int(min_rows)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "thresholds": self.thresholds, "correction": self.correction,
+                "min_rows": self.min_rows}
+
+    # -- features ------------------------------------------------------------------------------
+
+    def log_odds_changes(self, logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted classes y (N,) and raw features g (N, K, C) for logits (N, C) and noise queries
+        (N, K, C): the noise-induced log-odds changes (single-shot: the log-odds, K=1). g[n, :, y_n] = 0."""
+        logits = logits.astype(np.float64)
+        y = logits.argmax(axis=1)
+        if self.noise:
+            if noisy is None:
+                raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
+            g = noisy.astype(np.float64) - logits[:, None, :]
+        else:
+            g = logits[:, None, :]
+        return y, g - np.take_along_axis(g, y[:, None, None], axis=2)
+
+    def features(self, table: LogitTable) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted classes y (N,) and z-scored features (N, C), averaged over queries; -inf at z = y."""
+        self._check_fitted()
+        scale = self._inverse_scale
+        logits, noisy = table.logits, table.noisy_logits if self.noise else None
+        y = np.empty(len(table), dtype=np.int64)
+        z = np.empty((len(table), table.num_classes))
+        for rows in _row_batches(len(table), scale[0].size):
+            yb, g = self.log_odds_changes(logits[rows], None if noisy is None else noisy[rows])
+            if g.shape[1:] != scale.shape[1:]:
+                raise LogitguardError(f"the table has {g.shape[1]} queries x {g.shape[2]} classes; this detector "
+                                      f"was fitted on {scale.shape[1]} x {scale.shape[2]}")
+            g -= self.mean_[yb]
+            g *= scale[yb]
+            zb = g.sum(axis=1)
+            zb[np.arange(len(yb)), yb] = -np.inf
+            y[rows], z[rows] = yb, zb
+        return y, z
+
+    @cached_property
+    def _inverse_scale(self) -> np.ndarray:
+        """1 / (K σ), (C, K, C): multiplying by it and summing over K averages the K z-scores."""
+        return 1.0 / (self.std_ * self.std_.shape[1])
+
+    def _class_moments(self, clean: LogitTable) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class mean and std (C, K, C) of the raw features of clean rows grouped by predicted class.
+
+        Sums are scattered by class (`index_add_`) batch by batch; classes with fewer than `min_rows`
+        rows get the pooled moments of all rows.
+        """
+        c = clean.num_classes
+        noisy = clean.noisy_logits if self.noise else None
+        k = 1 if noisy is None else noisy.shape[1]
+        sums, squares = torch.zeros(c, k * c, dtype=torch.float64), torch.zeros(c, k * c, dtype=torch.float64)
+        counts = np.zeros(c)
+        for rows in _row_batches(len(clean), k * c):
+            y, g = self.log_odds_changes(clean.logits[rows], None if noisy is None else noisy[rows])
+            flat, index = torch.from_numpy(g.reshape(len(y), k * c)), torch.from_numpy(y)
+            sums.index_add_(0, index, flat)
+            squares.index_add_(0, index, flat.square_())
+            counts += np.bincount(y, minlength=c)
+        sums, squares, counts = sums.numpy(), squares.numpy(), counts[:, None]
+        pooled_mean = sums.sum(axis=0) / len(clean)
+        pooled_var = squares.sum(axis=0) / len(clean) - pooled_mean**2
+        enough = counts >= self.min_rows
+        mean = np.where(enough, sums / np.maximum(counts, 1), pooled_mean)
+        var = np.where(enough, squares / np.maximum(counts, 1) - mean**2, pooled_var)
+        std = np.maximum(np.sqrt(np.maximum(var, 0.0)), _MIN_STD)
+        return mean.reshape(c, k, c), std.reshape(c, k, c)
+
+    # -- fit, score, correct -----------------------------------------------------------------
+
+    def _fit(self, table: LogitTable, attacks: list[str]) -> None:
+        clean = table.select(attacks=CLEAN)
+        self.mean_, self.std_ = self._class_moments(clean)
+        self.__dict__.pop("_inverse_scale", None)  # derived from mean_ and std_
+        self.pair_threshold_ = np.zeros((clean.num_classes, clean.num_classes))
+        if self.thresholds == "pair":
+            y, z = self.features(clean)
+            self.pair_threshold_ = _class_quantiles(y, z, 1.0 - self.fpr, self.min_rows)
+        if self.correction == "logistic":
+            self._fit_logistic(table, attacks)
+
+    def score(self, table: LogitTable) -> np.ndarray:
+        y, z = self.features(table)
+        return (z - self.pair_threshold_[y]).max(axis=1)
+
+    def correct_labels(self, table: LogitTable) -> np.ndarray:
+        """Corrected labels (N,) for every row (apply to flagged rows; see `GatedDefense`)."""
+        y, z = self.features(table)
+        labels = z.argmax(axis=1)
+        if self.correction == "logistic":
+            weights, bias, fitted = self.logistic_weights_, self.logistic_bias_, self.logistic_fitted_
+            use = fitted[y]
+            if use.any():
+                x = np.where(np.isfinite(z[use]), z[use], 0.0)
+                logits = np.einsum("nc,nlc->nl", x, weights[y[use]]) + bias[y[use]]
+                labels[use] = logits.argmax(axis=1)
+        return labels
+
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        """The corrector protocol: corrected labels for every row (used as a `GatedDefense` corrector)."""
+        return self.correct_labels(table)
+
+    def _fit_logistic(self, table: LogitTable, attacks: list[str]) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        c = table.num_classes
+        if c > MAX_LOGISTIC_CLASSES:
+            raise LogitguardError(f"correction='logistic' stores a {c} x {c} matrix per class; use 'argmax' "
+                                  f"above {MAX_LOGISTIC_CLASSES} classes")
+        attacked = table.select(attacks=attacks)
+        y, z = self.features(attacked)
+        z = np.where(np.isfinite(z), z, 0.0)
+        labels = attacked.labels
+        self.logistic_weights_ = np.zeros((c, c, c))
+        self.logistic_bias_ = np.full((c, c), -np.inf)
+        self.logistic_fitted_ = np.zeros(c, dtype=bool)
+        for cls in np.unique(y):  # one small model per predicted class (fit time only)
+            rows = y == cls
+            seen = np.unique(labels[rows])
+            if rows.sum() < self.min_rows or len(seen) < 2:
+                continue
+            model = LogisticRegression(max_iter=1000).fit(z[rows], labels[rows])
+            coef, bias = model.coef_, model.intercept_
+            if len(seen) == 2:  # sklearn's binary form: one row for the second class
+                coef, bias = np.vstack([-coef / 2, coef / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+            self.logistic_weights_[cls, seen] = coef
+            self.logistic_bias_[cls, seen] = bias
+            self.logistic_fitted_[cls] = True
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, np.ndarray]:
+        state = {"mean": self.mean_, "std": self.std_, "pair_threshold": self.pair_threshold_}
+        if self.correction == "logistic":
+            state |= {"logistic_weights": self.logistic_weights_, "logistic_bias": self.logistic_bias_,
+                      "logistic_fitted": self.logistic_fitted_}
+        return state
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in arrays.items():
+            setattr(self, f"{name}_", value)
+        self.__dict__.pop("_inverse_scale", None)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "mean_"):
+            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+
+
+class SingleShotOddsTest(OddsTest):
+    """The odds test without noise queries: z-scored log-odds of the row itself (weaker; see module)."""
+
+    kind = "odds-single"
+    needs_noise = False
+    noise = False
+
+
+def _row_batches(rows: int, per_row: int, budget: int = 1 << 20) -> Iterator[slice]:
+    """Row slices holding about `budget` elements each: (B, K, C) temporaries stay cache-sized."""
+    step = max(1, budget // max(per_row, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _class_quantiles(y: np.ndarray, z: np.ndarray, q: float, min_rows: int) -> np.ndarray:
+    """Per-class q-quantile of each column of z (N, C) over rows grouped by y: (C, C); pooled for small classes."""
+    c = z.shape[1]
+    finite = np.where(np.isfinite(z), z, np.nan)
+    pooled = np.nanquantile(finite, q, axis=0)
+    out = np.tile(np.nan_to_num(pooled, nan=0.0), (c, 1))
+    frame = pd.DataFrame(finite)
+    counts = np.bincount(y, minlength=c)
+    per_class = frame.groupby(y).quantile(q)
+    keep = [cls for cls in per_class.index if counts[cls] >= min_rows]
+    out[keep] = per_class.loc[keep].to_numpy()
+    return np.nan_to_num(out, nan=0.0)  # the (y, y) entries: never used (feature is -inf there)
