@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev,plot,vision]"
 	touch $@
 
+# The demo's own output directory: rerunning `make demo` replaces its previous report (--force).
 demo: $(STAMP)
-	$(BIN)/logitguard inspect $(DATA)
+	$(BIN)/logitguard demo --data $(DATA) --out demo-report --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -367,3 +367,62 @@ def defend(table: str, detector_path: str, corrector_path: str, out: str, split:
     if results is not None:
         click.echo(format_evaluation(results))
     click.echo(f"wrote {len(written)} file(s) under {out}")
+
+
+# -- explain and demo --------------------------------------------------------------------------
+
+
+@main.command()
+@table_argument
+@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
+              help="A file written by train-corrector.")
+@click.option("--attacks", type=comma_list, default=None, help="Attacks to explain (default: all).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--k", type=int, default=None, help="Supporting classes per row (default: a third of C, at most 10).")
+@click.option("--top", type=int, default=3, show_default=True, help="Classes to list per attack.")
+@json_option
+def explain(table: str, corrector_path: str, attacks: list[str] | None, split: str, k: int | None, top: int,
+            as_json: bool) -> None:
+    """Supporting classes of a corrector per attack, their Bhattacharyya similarity, and an ablation."""
+    from . import explain as ex
+    from .corrector import LogitCorrector
+    from .tables import read_table
+
+    corrector = LogitCorrector.load(corrector_path)
+    data = read_table(table, split=split, columns=[])
+    freqs = ex.supporting_frequencies(corrector, data, attacks, split=None, k=k)
+    bc = ex.bhattacharyya_matrix(freqs)
+    ablations = [ex.ablation(corrector, data, a, split=None, k=k) for a in freqs.columns]
+    if as_json:
+        echo_json({"frequencies": freqs.to_dict(orient="dict"), "top": ex.top_classes_per_attack(freqs, top),
+                   "bhattacharyya": bc.to_dict(orient="index"), "ablation": ablations})
+        return
+    click.echo(f"top-{top} supporting classes (k={ablations[0]['k']} per row, true class left out):")
+    for attack, names in ex.top_classes_per_attack(freqs, top).items():
+        click.echo(f"  {attack}: {', '.join(names)}")
+    click.echo("\nBhattacharyya coefficient between attacks:")
+    click.echo(bc.round(3).to_string())
+    click.echo("\nablation (corrected accuracy): as is / supporting classes lowered / random classes lowered")
+    for a in ablations:
+        click.echo(f"  {a['attack']}: {100 * a['accuracy']:.1f}% / {100 * a['accuracy_supporting_lowered']:.1f}% / "
+                   f"{100 * a['accuracy_random_lowered']:.1f}%  (delta {a['delta']:g})")
+
+
+@main.command()
+@click.option("--data", default="data/fashion-mnist", show_default=True, type=click.Path(),
+              help="The logit table to analyse (needs train and test splits, clean rows and attacks).")
+@click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for report.md, summary.json and the figures.")
+@click.option("--no-plots", is_flag=True, help="Skip the figures (no matplotlib needed).")
+@click.option("--force", is_flag=True, help="Replace an existing report in --out.")
+@json_option
+def demo(data: str, out: str, no_plots: bool, force: bool, as_json: bool) -> None:
+    """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
+    from .demo import run_demo
+
+    log = (lambda message: click.echo(message, err=True))
+    summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots)
+    if as_json:
+        echo_json(json.loads(json.dumps(summary, default=str)))
+    else:
+        click.echo(f"report: {Path(out) / 'report.md'} ({summary['seconds']:.0f} s)")

@@ -52,7 +52,7 @@ def evaluate(
     "selected"), ``defense`` ("none" first), ``samples``, ``clean_accuracy``, ``robust_accuracy`` and
     ``attack_success_rate``.
     """
-    table, attacks = _scope(table, split, attacks)
+    table, attacks = select_attacks(table, split, attacks)
     defenses = {NO_DEFENSE: _Argmax(), **(defenses or {})}
     records = []
     for attack in attacks:
@@ -104,7 +104,7 @@ def detection_table(
 
     Returns one row per (detector, attack).
     """
-    table, attacks = _scope(table, split, attacks)
+    table, attacks = select_attacks(table, split, attacks)
     clean_rows = table.select(attacks=CLEAN)
     records = []
     for name, detector in detectors.items():
@@ -164,7 +164,7 @@ def transfer_matrix(
     The first row, "clean", is each defense's accuracy on the clean rows: what the transfer costs.
     Accuracy is over every row of the split for that attack (the full set, not the selected one).
     """
-    table, attacks = _scope(table, split, attacks)
+    table, attacks = select_attacks(table, split, attacks)
     matrix = pd.DataFrame(index=pd.Index([CLEAN, *attacks], name="evaluated on"),
                           columns=pd.Index(list(defenses), name="trained on"), dtype=float)
     for attack in matrix.index:
@@ -192,7 +192,7 @@ def sweep_p_clean(
     from tqdm.auto import tqdm
 
     attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    evaluation, _ = _scope(table, eval_split, attacks)
+    evaluation, _ = select_attacks(table, eval_split, attacks)
     clean_rows = evaluation.select(attacks=CLEAN)
     attacked_rows = evaluation.select(attacks=attacks)
     records = []
@@ -207,8 +207,11 @@ def sweep_p_clean(
     return pd.DataFrame.from_records(records).set_index("p_clean")
 
 
-def _scope(table: LogitTable, split: str | None, attacks: Sequence[str] | None) -> tuple[LogitTable, list[str]]:
-    """Rows of `split` and the attacks to evaluate (default: every attack but clean), checked."""
+def select_attacks(table: LogitTable, split: str | None, attacks: Sequence[str] | None) -> tuple[LogitTable, list[str]]:
+    """Rows of `split` (all when None) and the attacks to evaluate (default: every attack but clean).
+
+    Raises `LogitguardError` when labels are missing or an attack has no rows.
+    """
     if split is not None:
         table = table.select(split=split)
     if not table.has_labels:

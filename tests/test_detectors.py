@@ -47,6 +47,10 @@ def test_every_detector_keeps_the_contract(kind, fitted, test_rows, digits_split
     assert type(loaded) is type(detector) and loaded.get_params() == detector.get_params()
     np.testing.assert_array_equal(loaded.score(test_rows), scores)
     assert loaded.threshold_ == detector.threshold_
+    # Recalibrating to a stricter FPR raises the threshold and leaves the original untouched.
+    strict = loaded.with_fpr(0.01)
+    assert strict.threshold_ >= detector.threshold_ and strict.achieved_fpr_ <= 0.01
+    assert loaded.threshold_ == detector.threshold_ and strict.fpr == 0.01 and loaded.fpr == 0.05
 
 
 @pytest.mark.parametrize("kind", ["msp", "maxlogit", "energy", "learned", "learned-noisy", "odds-single"])

@@ -10,6 +10,7 @@ Files are ``.npz`` archives of plain arrays plus one JSON header, read with ``al
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -81,11 +82,21 @@ class Detector:
     def calibrate(self, clean_scores: np.ndarray, fpr: float | None = None) -> Detector:
         """Set `threshold_` so that at most `fpr` (default `self.fpr`) of `clean_scores` exceed it."""
         fpr = self.fpr if fpr is None else fpr
-        clean_scores = np.asarray(clean_scores, dtype=np.float64)
+        if not 0.0 < fpr < 1.0:
+            raise LogitguardError(f"fpr must be in (0, 1), got {fpr!r}")
+        clean_scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
+        self.calibration_scores_ = clean_scores
         self.threshold_ = threshold_at_fpr(clean_scores, fpr)
         self.achieved_fpr_ = float((clean_scores > self.threshold_).mean())
         self.fpr = fpr
         return self
+
+    def with_fpr(self, fpr: float) -> Detector:
+        """A copy recalibrated to another target FPR on the same clean calibration scores (no refit)."""
+        if not hasattr(self, "calibration_scores_"):
+            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+        other = copy.copy(self)
+        return other.calibrate(self.calibration_scores_, fpr)
 
     def predict(self, table: LogitTable) -> np.ndarray:
         """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
@@ -109,7 +120,8 @@ class Detector:
         refuse_overwrite([path], overwrite)
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
                   "params": self.get_params(), "threshold": self.threshold_, "achieved_fpr": self.achieved_fpr_}
-        arrays = {f"a_{k}": np.asarray(v) for k, v in self._state().items()}
+        state = {**self._state(), "calibration_scores": self.calibration_scores_}
+        arrays = {f"a_{k}": np.asarray(v) for k, v in state.items()}
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, header=np.array(json.dumps(header)), **arrays)
         return path
@@ -134,6 +146,7 @@ def load_detector(path: str | os.PathLike) -> Detector:
     if cls is None:
         raise LogitguardError(f"{path}: unknown detector kind {header['kind']!r}")
     detector = cls(**header["params"])
+    detector.calibration_scores_ = arrays.pop("calibration_scores")
     detector._restore(arrays)
     detector.threshold_, detector.achieved_fpr_ = header["threshold"], header["achieved_fpr"]
     return detector

@@ -1,0 +1,366 @@
+"""The main job: every analysis on one logit table, written up as a Markdown report with PNG figures.
+
+`run_demo` inspects the table, trains correctors and detectors, evaluates them (seed Tables 1–3, the
+p_clean trade-off, detector × attack, gated pipelines), explains the correctors (supporting classes,
+ablation, Bhattacharyya similarity beside measured transfer) and writes ``report.md`` plus figures.
+The demo trains smaller correctors than the paper's (`DEMO_CORRECTOR`) so that it finishes in a few
+minutes on two CPU cores; the report says so and docs/corrector.md gives the paper-default figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._io import atomic_output, refuse_overwrite
+from .errors import LogitguardError
+from .summary import percent, summarize
+from .tables import CLEAN, LogitTable, pair, read_table
+
+# D=1,000, 30 epochs, lr 1e-3 matched the paper defaults (D=10,000, 50 epochs, lr 5e-5) on the embedded
+# PGD data within a point (clean 73.2% vs 72.9%, PGD 79.4% vs 78.8%) in 2.6 s instead of 48 s.
+DEMO_CORRECTOR = {"hidden": 1000, "epochs": 30, "lr": 1e-3}
+P_CLEAN_VALUES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+FIGURES = ("supporting_classes.png", "transfer.png", "bhattacharyya.png", "roc_pgd.png", "mean_logit.png")
+
+
+def run_demo(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Run every analysis on the table at `data` and write ``report.md``, ``summary.json`` and figures to `out`.
+
+    `log` receives one line per step (progress). Returns the summary written to ``summary.json``.
+    Refuses to replace an existing report unless `overwrite`.
+    """
+    from . import explain
+    from .corrector import LogitCorrector
+    from .defense import GatedDefense
+    from .detectors import KINDS, make_detector
+    from .evaluate import detection_table, evaluate, sweep_p_clean, train_per_attack, transfer_matrix
+    from .svm import SVMCorrector
+
+    out = Path(out)
+    targets = [out / "report.md", out / "summary.json", *(out / f for f in FIGURES if plots)]
+    refuse_overwrite(targets, overwrite)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        timings[name] = time.perf_counter() - start
+        log(f"[{timings[name]:6.1f}s] {name}")
+
+    step("reading the table")
+    table = read_table(data)
+    _check_demo_table(table, data)
+    attacks = [a for a in table.attacks if a != CLEAN]
+    summary: dict[str, Any] = {"data": str(data), "table": summarize(table.select(split="test"))}
+
+    step(f"training one corrector per attack ({', '.join(attacks)})")
+    correctors = train_per_attack(table, attacks, progress=False, **DEMO_CORRECTOR)
+    main_attack = "pgd" if "pgd" in attacks else attacks[0]
+    accuracy = evaluate(table, {f"corrector({main_attack})": correctors[main_attack]})
+    transfer = transfer_matrix(table, correctors)
+
+    step(f"p_clean sweep on {main_attack}")
+    sweep = sweep_p_clean(table, main_attack, P_CLEAN_VALUES, progress=False, **DEMO_CORRECTOR)
+
+    step("fitting detectors (" + ", ".join(KINDS) + ")")
+    has_noise = table.noisy_logits is not None
+    detectors = {kind: make_detector(kind).fit(table) for kind in KINDS
+                 if has_noise or not make_detector(kind).needs_noise}
+    detection = detection_table(table, detectors)
+
+    step("gated pipelines")
+    svm = SVMCorrector().fit_table(table, "fgsm" if "fgsm" in attacks else main_attack)
+    pipelines: dict[str, Any] = {f"corrector({main_attack}) alone": correctors[main_attack], "SVM alone": svm,
+                                 "msp@5% → SVM": GatedDefense(detectors["msp"], svm)}
+    if has_noise:
+        odds_logistic = make_detector("odds", correction="logistic").fit(table)
+        strict = detectors["learned-noisy"].with_fpr(0.01)
+        pipelines |= {
+            "odds@5% → SVM": GatedDefense(detectors["odds"], svm),
+            "odds@5% → odds-logistic": GatedDefense(odds_logistic, odds_logistic),
+            f"learned-noisy@1% → corrector({main_attack})": GatedDefense(strict, correctors[main_attack]),
+            "learned-noisy@1% → odds-logistic": GatedDefense(strict, odds_logistic),
+        }
+    gated = evaluate(table, pipelines)
+
+    step("supporting classes, ablation and Bhattacharyya similarity")
+    freqs = pd.concat([explain.supporting_frequencies(correctors[a], table, a) for a in attacks], axis=1)
+    bc = explain.bhattacharyya_matrix(freqs)
+    agreement = {name: _safe(lambda r=relative: explain.rank_agreement(bc, transfer, relative=r))
+                 for name, relative in (("absolute", False), ("relative", True))}
+    ablations = pd.DataFrame([explain.ablation(correctors[a], table, a) for a in attacks]).set_index("attack")
+    example = pair(table.select(split="test"), main_attack).attacked
+    row = int(np.flatnonzero(example.logits.argmax(1) != example.labels)[0])
+    instance = explain.instance_view(correctors[main_attack], example.logits[row], int(example.labels[row]))
+    histogram = explain.mean_logit_histogram(table)
+
+    figures: list[str] = []
+    if plots:
+        step("figures")
+        figures = _figures(out, freqs, transfer, bc, table, detectors, main_attack, histogram)
+
+    step("writing the report")
+    summary |= {
+        "demo_corrector": DEMO_CORRECTOR,
+        "accuracy": accuracy.to_dict(orient="records"),
+        "transfer": transfer.to_dict(orient="index"),
+        "p_clean_sweep": sweep.reset_index().to_dict(orient="records"),
+        "detection": detection.to_dict(orient="records"),
+        "gated": gated.to_dict(orient="records"),
+        "supporting_top3": explain.top_classes_per_attack(freqs, 3),
+        "bhattacharyya": bc.to_dict(orient="index"),
+        "rank_agreement": agreement,
+        "ablation": ablations.reset_index().to_dict(orient="records"),
+        "figures": figures,
+    }
+    report = _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement,
+                     ablations, instance, main_attack, figures)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    report += f"\n---\nMade by `logitguard demo` in {summary['seconds']:.0f} s.\n"
+    _write_text(out / "report.md", report)
+    _write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default, allow_nan=True))
+    log(f"[{summary['seconds']:6.1f}s] wrote {out / 'report.md'}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_demo_table(table: LogitTable, data: str | os.PathLike) -> None:
+    missing = [s for s in ("train", "test") if s not in table.splits]
+    if missing:
+        raise LogitguardError(f"{data}: the demo needs 'train' and 'test' splits; missing {missing}")
+    if not table.has_labels or CLEAN not in table.attacks or len(table.attacks) < 3:
+        raise LogitguardError(f"{data}: the demo needs labels, clean rows and at least two attacks; "
+                              f"the table has attacks {table.attacks}")
+
+
+def _safe(fn: Callable[[], dict]) -> dict:
+    try:
+        return fn()
+    except LogitguardError as exc:
+        return {"error": str(exc)}
+
+
+def _figures(out: Path, freqs, transfer, bc, table, detectors, attack, histogram) -> list[str]:
+    from sklearn.metrics import roc_curve
+
+    from . import plots
+
+    plots.supporting_class_bars(freqs, out / "supporting_classes.png")
+    plots.heatmap(transfer, out / "transfer.png", title="Accuracy after correction (rows: evaluated on)")
+    plots.heatmap(bc, out / "bhattacharyya.png", title="Bhattacharyya coefficient of supporting classes")
+    test = table.select(split="test")
+    clean, attacked = pair(test, attack)
+    hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
+    clean_rows, attacked_rows = test.select(attacks=CLEAN), attacked.take(hit)
+    curves = {}
+    for name, detector in detectors.items():
+        scores = np.r_[detector.score(clean_rows), detector.score(attacked_rows)]
+        truth = np.r_[np.zeros(len(clean_rows)), np.ones(len(attacked_rows))]
+        fpr, tpr, _ = roc_curve(truth, scores)
+        curves[name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
+    plots.roc_curves(curves, out / "roc_pgd.png", title=f"Detectors on {attack} (successful attacks vs clean)")
+    plots.mean_logit_histogram(histogram, out / "mean_logit.png")
+    return list(FIGURES)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
+    """A DataFrame as a GitHub Markdown table (cells already formatted as strings)."""
+    frame = frame.reset_index() if index else frame
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement, ablations,
+            instance, attack, figures) -> str:
+    from .published import PUBLISHED
+
+    pct = lambda frame: frame.map(percent)  # noqa: E731
+    lines = [
+        "# logitguard demo report",
+        "",
+        f"Data: `{data}` ({len(table)} rows, {table.num_classes} classes, attacks "
+        f"{', '.join(a for a in table.attacks if a != CLEAN)}). "
+        f"Model and attacks: {_provenance(table)}.",
+        "",
+        "Figures marked **theirs** are the seed papers' published numbers on *their* setups (ImageNet or "
+        "CIFAR-10, large models); **ours** are measured here, on the embedded data. They are not the same "
+        "experiment; compare directions and orders of magnitude, not digits.",
+        "",
+        f"Correctors use the demo settings {DEMO_CORRECTOR} (p_clean 0.3, dropout 0.5); on this data they "
+        "match the paper defaults within a point (docs/corrector.md).",
+        "",
+        "## 1. Correction (seed Tables 1–2)",
+        "",
+    ]
+    for subset, title in (("full", "Full test split"), ("selected", "Selected set (clean-correct samples)")):
+        part = accuracy[accuracy["subset"] == subset].pivot(index="attack", columns="defense",
+                                                           values=["clean_accuracy", "robust_accuracy"])
+        defenses = list(dict.fromkeys(accuracy["defense"]))  # "none" first
+        part = part[[(m, d) for m in ("clean_accuracy", "robust_accuracy") for d in defenses]]
+        part.columns = [f"{'clean' if m == 'clean_accuracy' else 'attacked'} · {d}" for m, d in part.columns]
+        lines += [f"**{title}, ours**", "", _markdown(pct(part)), ""]
+    lines += [_published_block(PUBLISHED.get("correction")), ""]
+    lines += ["## 2. Transfer between attacks (seed Table 3)", "",
+              "Accuracy after correction; rows: evaluated on, columns: corrector trained on (ours).", "",
+              _markdown(pct(transfer)), "", _published_block(PUBLISHED.get("transfer")), ""]
+    lines += [f"## 3. Clean vs robust accuracy over p_clean ({attack}, ours)", "", _markdown(pct(sweep)), ""]
+    lines += ["## 4. Detectors × attacks (ours)", "",
+              "Negatives: clean test rows; positives: successful attacks. Scores: higher = more adversarial.", "",
+              "**AUROC**", "", _markdown(_detection_view(detection, "auroc", lambda v: f"{v:.3f}")), "",
+              "**TPR at 1% FPR**", "", _markdown(_detection_view(detection, "tpr_at_1", percent)), "",
+              "**TPR at 5% FPR**", "", _markdown(_detection_view(detection, "tpr_at_5", percent)), "",
+              "False-positive rate of each detector's own calibrated threshold (target 5%) on clean test rows: "
+              + ", ".join(f"{d} {percent(f)}" for d, f in
+                          detection.groupby("detector", sort=False)["threshold_fpr"].first().items()) + ".", "",
+              _published_block(PUBLISHED.get("detection")), ""]
+    lines += ["## 5. Gated pipelines: detect, then correct flagged rows (ours)", "",
+              "`detector@FPR → corrector`: rows the detector flags get the corrector's label; others keep the "
+              "model's argmax. Selected set.", "", _markdown(_gated_view(gated, attack)), ""]
+    lines += ["## 6. Supporting classes (seed §5, Fig. 2–3, App. B)", "",
+              "Each attack's own corrector; k = " + str(int(ablations["k"].iloc[0])) + " classes per row, the true "
+              "class left out (it is the top supporting class of most rows).", "",
+              _markdown(pd.DataFrame({a: ", ".join(v) for a, v in summary["supporting_top3"].items()},
+                                     index=["top-3 supporting classes"]).T.rename_axis("attack")), "",
+              f"Instance view (seed App. B): one misclassified {attack} row, its top supporting scores:", "",
+              _markdown(instance.map(lambda v: f"{v:.4f}").to_frame()), "",
+              "**Ablation (seed §5.2)**: lower each row's supporting classes' logits by δ, or as many random "
+              "classes (control), and re-run the corrector.", "",
+              _markdown(_ablation_view(ablations)), "", _published_block(PUBLISHED.get("supporting")), ""]
+    lines += ["## 7. Does supporting-class similarity predict transfer?", "",
+              "Bhattacharyya coefficient BC(p, q) = Σ√(p_k q_k) between attacks' supporting-class distributions "
+              "(ours):", "", _markdown(bc.map(lambda v: f"{v:.3f}")), "",
+              "Spearman rank correlation between BC and measured transfer over ordered attack pairs "
+              "(relative: transfer divided by the target attack's own-corrector accuracy):", "",
+              _markdown(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", _published_block(PUBLISHED.get("bhattacharyya")), ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += ["## Seed claims on our data", ""] + [f"- {c}" for c in _claims(summary, accuracy, transfer, sweep,
+                                                                               detection, gated, ablations,
+                                                                               agreement, attack)]
+    return "\n".join(lines) + "\n"
+
+
+def _provenance(table: LogitTable) -> str:
+    model = table.metadata.get("model", {})
+    dataset = table.metadata.get("dataset", {})
+    name = model.get("name") or model.get("arch") or "a model"
+    accuracy = model.get("test_accuracy")
+    trained = f" ({100 * accuracy:.2f}% test accuracy)" if isinstance(accuracy, float) else ""
+    return f"{name}{trained} on {dataset.get('name', 'its dataset')}; provenance in the table's metadata"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) > 1:
+        return str(int(value))  # counts (pandas turns a column with NaN-able values into floats)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _detection_view(detection: pd.DataFrame, metric: str, fmt: Callable[[float], str]) -> pd.DataFrame:
+    """detector × attack table of one detection metric."""
+    view = detection.pivot(index="detector", columns="attack", values=metric)
+    return view.loc[list(dict.fromkeys(detection["detector"]))].map(fmt)
+
+
+def _gated_view(gated: pd.DataFrame, attack: str) -> pd.DataFrame:
+    part = gated[gated["subset"] == "selected"]
+    clean = part.groupby("defense", sort=False)["clean_accuracy"].first()
+    robust = part.pivot(index="defense", columns="attack", values="robust_accuracy")
+    view = pd.concat([clean.rename("clean"), robust], axis=1).loc[clean.index]
+    return view.map(percent).rename_axis("pipeline (selected set)")
+
+
+def _ablation_view(ablations: pd.DataFrame) -> pd.DataFrame:
+    view = ablations[["accuracy", "accuracy_supporting_lowered", "accuracy_random_lowered"]].map(percent)
+    view.columns = ["corrected", "supporting lowered", "random lowered (control)"]
+    return view
+
+
+def _published_block(entry: dict | None) -> str:
+    if not entry:
+        return "*Theirs: no published figure for this table was available offline.*"
+    lines = [f"**Theirs** ({entry['source']}; {entry['setup']}):", ""]
+    lines += [f"- {item}" for item in entry["figures"]]
+    return "\n".join(lines)
+
+
+def _claims(summary, accuracy, transfer, sweep, detection, gated, ablations, agreement, attack) -> list[str]:
+    """One line per seed claim: what our data says, with the numbers."""
+    full = accuracy[(accuracy["subset"] == "full") & (accuracy["attack"] == attack)].set_index("defense")
+    none, corrected = full.iloc[0], full.iloc[1]
+    claims = [
+        f"Correction recovers attacked predictions: {attack} accuracy {percent(none['robust_accuracy'])} → "
+        f"{percent(corrected['robust_accuracy'])}; clean accuracy {percent(none['clean_accuracy'])} → "
+        f"{percent(corrected['clean_accuracy'])} "
+        f"({100 * (none['clean_accuracy'] - corrected['clean_accuracy']):.1f} pp cost). "
+        + ("Held." if corrected["robust_accuracy"] > none["robust_accuracy"] + 0.2 else "Did not hold."),
+    ]
+    lo, hi = sweep["clean_accuracy"].idxmin(), sweep["clean_accuracy"].idxmax()
+    claims.append(f"p_clean trades clean for robust accuracy: clean {percent(sweep.at[lo, 'clean_accuracy'])} at "
+                  f"p={lo} vs {percent(sweep.at[hi, 'clean_accuracy'])} at p={hi}; robust "
+                  f"{percent(sweep.at[lo, 'robust_accuracy'])} vs {percent(sweep.at[hi, 'robust_accuracy'])}.")
+    attacks = list(transfer.columns)
+    diag = np.mean([transfer.at[a, a] for a in attacks])
+    off = np.mean([transfer.at[a, b] for a in attacks for b in attacks if a != b])
+    worst = min(((a, b) for a in attacks for b in attacks if a != b), key=lambda ab: transfer.at[ab])
+    claims.append(f"Correctors transfer between attacks: mean own-attack accuracy {percent(diag)}, mean "
+                  f"cross-attack {percent(off)}; the weakest transfer is a corrector trained on {worst[1]} "
+                  f"evaluated on {worst[0]} ({percent(transfer.at[worst])}). See §2.")
+    drop = (ablations["accuracy"] - ablations["accuracy_supporting_lowered"]).mean()
+    control = (ablations["accuracy"] - ablations["accuracy_random_lowered"]).mean()
+    claims.append(f"Supporting classes carry the correction: lowering them costs {100 * drop:.1f} pp on average, "
+                  f"lowering random classes {100 * control:.1f} pp. " + ("Held." if drop > control else "Did not hold."))
+    rho = agreement.get("absolute", {}).get("spearman")
+    if rho is not None:
+        claims.append(f"Bhattacharyya similarity predicts transfer: Spearman ρ = {rho:.2f} over "
+                      f"{agreement['absolute']['pairs']} attack pairs (relative: "
+                      f"{agreement.get('relative', {}).get('spearman', float('nan')):.2f}). "
+                      + ("Held." if rho > 0.3 else "Weak or absent on our data."))
+    pgd = detection[(detection["attack"] == attack)].set_index("detector")["auroc"]
+    if "odds" in pgd:
+        claims.append(f"The odds test detects {attack}: AUROC {pgd['odds']:.3f} with K=8 noise queries "
+                      f"(target 0.95); the learned detector with the same noise reactions reaches "
+                      f"{pgd.get('learned-noisy', float('nan')):.3f}; single-shot odds {pgd['odds-single']:.3f}; "
+                      f"MSP {pgd['msp']:.3f}, non-ME {pgd['nonme']:.3f}.")
+    part = gated[(gated["subset"] == "selected")]
+    best = None
+    for name, group in part.groupby("defense", sort=False):
+        g = group.set_index("attack")
+        if name != "none" and g["clean_accuracy"].iloc[0] >= 0.97 and attack in g.index:
+            if best is None or g.at[attack, "robust_accuracy"] > best[1]:
+                best = (name, g.at[attack, "robust_accuracy"], g["clean_accuracy"].iloc[0])
+    if best:
+        claims.append(f"Gating keeps clean accuracy while recovering attacks: `{best[0]}` keeps "
+                      f"{percent(best[2])} of the selected set clean and recovers {percent(best[1])} of {attack} "
+                      "rows (target ≥ 97% and ≥ 70%).")
+    return claims
