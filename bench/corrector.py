@@ -19,7 +19,6 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,31 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _common import best_time, untrained_corrector  # noqa: E402
+
 from logitguard import pair, read_table  # noqa: E402
-from logitguard.corrector import LogitCorrector, _mlp  # noqa: E402
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def untrained(classes: int, hidden: int) -> LogitCorrector:
-    """A corrector with random weights: inference cost does not depend on training."""
-    corrector = LogitCorrector(hidden=hidden, progress=False)
-    corrector._start(classes, None, ["synthetic"])
-    corrector.model_ = _mlp(classes, hidden, corrector.dropout).eval()
-    return corrector
+from logitguard.corrector import LogitCorrector  # noqa: E402
 
 
 def reduced(corrector: LogitCorrector, kind: str) -> LogitCorrector:
     """A copy of `corrector` whose network runs in bf16 or int8 (dynamic quantisation)."""
-    copy = untrained(corrector.n_classes_, corrector.hidden)
+    copy = untrained_corrector(corrector.n_classes_, corrector.hidden)
     copy.model_.load_state_dict(corrector.model_.state_dict())
     if kind == "bf16":
         net = copy.model_.to(torch.bfloat16)
@@ -79,14 +62,15 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"))
     parser.add_argument("--epochs", type=int, default=50, help="Epochs of the PGD corrector for the precision check.")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notices
+    warnings.filterwarnings("ignore", message=".*quantize.*")
     torch.manual_seed(0)
     c, d, b = args.classes, args.hidden, args.batch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; C={c}, D={d}, batch={b}")
 
     # 1. Inference beside bare matmul.
     x = np.random.default_rng(0).normal(size=(b, c)).astype(np.float32)
-    corrector = untrained(c, d)
+    corrector = untrained_corrector(c, d)
     w1, w2 = torch.randn(c, d), torch.randn(d, c)
     xt = torch.from_numpy(x)
     flops = 2.0 * b * c * d * 2  # two products, multiply + add

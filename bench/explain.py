@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from logitguard.corrector import LogitCorrector, _mlp  # noqa: E402
+from _common import best_time, untrained_corrector  # noqa: E402
+
 from logitguard.explain import supporting_scores  # noqa: E402
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def untrained(classes: int, hidden: int) -> LogitCorrector:
-    """A corrector with random weights: the cost of the scores does not depend on training."""
-    corrector = LogitCorrector(hidden=hidden, progress=False)
-    corrector._start(classes, None, ["synthetic"])
-    corrector.model_ = _mlp(classes, hidden, corrector.dropout).eval()
-    return corrector
 
 
 def main() -> None:
@@ -61,7 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=3.0, size=(n, c)).astype(np.float32)
     labels = rng.integers(0, c, n)
-    corrector = untrained(c, d)
+    corrector = untrained_corrector(c, d)
     results = {}
 
     def run(method: str) -> None:

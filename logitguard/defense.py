@@ -7,7 +7,6 @@ positives that the corrector then gets wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
+from ._io import read_header
 from .detectors import Detector
 from .errors import LogitguardError
 from .tables import LogitTable, conform
@@ -72,7 +72,7 @@ def load_corrector(path: str | os.PathLike) -> Corrector:
     path = Path(path)
     if not path.is_file():
         raise LogitguardError(f"no such corrector file: {path}")
-    header = _npz_header(path)
+    header = read_header(path)
     if header is None:
         return LogitCorrector.load(path)
     if header.get("format") == SVM_FORMAT:
@@ -83,11 +83,3 @@ def load_corrector(path: str | os.PathLike) -> Corrector:
                               "an SVM or an odds detector")
     return detector
 
-
-def _npz_header(path: Path) -> dict | None:
-    """The JSON header of a logitguard .npz file, or None for anything else (never unpickles)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return json.loads(str(archive["header"]))
-    except Exception:
-        return None

@@ -11,14 +11,13 @@ Cost grows with the number of support vectors and with C² class pairs: it is me
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._io import atomic_output, refuse_overwrite
+from ._io import load_arrays, save_arrays
 from .errors import LogitguardError
 from .tables import CLEAN, LogitTable
 
@@ -118,28 +117,18 @@ class SVMCorrector:
         return float((self.predict(logits) == np.asarray(labels)).mean())
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        path = Path(path)
-        refuse_overwrite([path], overwrite)
         self._check_fitted()
         header = {"format": FORMAT, "params": self.get_params(), "attacks": getattr(self, "attacks_", [])}
         arrays = {name: getattr(self, f"{name}_") for name in _ARRAYS}
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, header=np.array(json.dumps(header)), **arrays)
-        return path
+        return save_arrays(Path(path), header, arrays, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SVMCorrector:
         path = Path(path)
-        if not path.is_file():
-            raise LogitguardError(f"no such SVM corrector file: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(str(archive["header"]))
-                arrays = {name: archive[name] for name in _ARRAYS}
-        except Exception as exc:
-            raise LogitguardError(f"{path}: not a logitguard SVM corrector file ({type(exc).__name__})") from None
-        if header.get("format") != FORMAT:
-            raise LogitguardError(f"{path}: not a logitguard SVM corrector file")
+        header, arrays = load_arrays(path, FORMAT, "SVM corrector")
+        missing = [name for name in _ARRAYS if name not in arrays]
+        if missing:
+            raise LogitguardError(f"{path}: SVM corrector file lacks {missing}")
         svm = cls(**header["params"])
         svm.attacks_ = header["attacks"]
         for name, value in arrays.items():

@@ -11,14 +11,13 @@ Files are ``.npz`` archives of plain arrays plus one JSON header, read with ``al
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._io import atomic_output, refuse_overwrite
+from .._io import load_arrays, save_arrays
 from ..errors import LogitguardError
 from ..metrics import threshold_at_fpr
 from ..tables import CLEAN, LogitTable, holdout_mask
@@ -117,29 +116,16 @@ class Detector:
         if not hasattr(self, "threshold_"):
             raise LogitguardError(f"this {type(self).__name__} is not fitted yet; nothing to save")
         path = Path(path)
-        refuse_overwrite([path], overwrite)
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
                   "params": self.get_params(), "threshold": self.threshold_, "achieved_fpr": self.achieved_fpr_}
         state = {**self._state(), "calibration_scores": self.calibration_scores_}
-        arrays = {f"a_{k}": np.asarray(v) for k, v in state.items()}
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, header=np.array(json.dumps(header)), **arrays)
-        return path
+        return save_arrays(path, header, state, overwrite=overwrite)
 
 
 def load_detector(path: str | os.PathLike) -> Detector:
     """Read any detector written by `Detector.save` (plain arrays only; nothing is unpickled)."""
     path = Path(path)
-    if not path.is_file():
-        raise LogitguardError(f"no such detector file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-            arrays = {k[2:]: archive[k] for k in archive.files if k.startswith("a_")}
-    except Exception as exc:  # zip, key, JSON and pickle refusals all mean the same thing here
-        raise LogitguardError(f"{path}: not a logitguard detector file ({type(exc).__name__})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise LogitguardError(f"{path}: not a logitguard detector file")
+    header, arrays = load_arrays(path, FORMAT, "detector")
     if header.get("format_version", 0) > FORMAT_VERSION:
         raise LogitguardError(f"{path}: written by a newer logitguard; upgrade")
     cls = REGISTRY.get(header["kind"])
