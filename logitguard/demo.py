@@ -1,5 +1,8 @@
 """The main job: every analysis on one logit table, written up as a Markdown report with PNG figures.
 
+Reference figures from outside the run (`logitguard.published`) are printed beside ours, each with
+its source.
+
 `run_demo` inspects the table, trains correctors and detectors, evaluates them (seed Tables 1–3, the
 p_clean trade-off, detector × attack, gated pipelines), explains the correctors (supporting classes,
 ablation, Bhattacharyya similarity beside measured transfer) and writes ``report.md`` plus figures.
@@ -213,9 +216,10 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
         f"{', '.join(a for a in table.attacks if a != CLEAN)}). "
         f"Model and attacks: {_provenance(table)}.",
         "",
-        "Figures marked **theirs** are the seed papers' published numbers on *their* setups (ImageNet or "
-        "CIFAR-10, large models); **ours** are measured here, on the embedded data. They are not the same "
-        "experiment; compare directions and orders of magnitude, not digits.",
+        "**Ours** are measured in this run, on this data. Blocks marked **Reference** come from elsewhere, "
+        "each with its source: the seed papers' own tables (their models and datasets) were not readable "
+        "offline, so the references are figures quoted in this project's issues and the papers' abstracts. "
+        "They are not the same experiment; compare directions and orders of magnitude, not digits.",
         "",
         f"Correctors use the demo settings {DEMO_CORRECTOR} (p_clean 0.3, dropout 0.5); on this data they "
         "match the paper defaults within a point (docs/corrector.md).",
@@ -308,8 +312,8 @@ def _ablation_view(ablations: pd.DataFrame) -> pd.DataFrame:
 
 def _published_block(entry: dict | None) -> str:
     if not entry:
-        return "*Theirs: no published figure for this table was available offline.*"
-    lines = [f"**Theirs** ({entry['source']}; {entry['setup']}):", ""]
+        return "*Reference: the seed paper's figure for this was not available offline.*"
+    lines = [f"**Reference** ({entry['source']}; {entry['setup']}):", ""]
     lines += [f"- {item}" for item in entry["figures"]]
     return "\n".join(lines)
 
