@@ -38,6 +38,14 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, allow_nan=False))
 
 
+def emit(value: Any, as_json: bool, text: str) -> None:
+    """Print `value` as JSON under --json, else the human-readable `text`."""
+    if as_json:
+        echo_json(value)
+    else:
+        click.echo(text)
+
+
 @click.group(cls=ErrorReportingGroup)
 @click.version_option(package_name="logitguard")
 def main() -> None:
@@ -122,11 +130,8 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
     last = corrector.history_[-1]
     report = {"out": out, "attacks": attacks, "epochs_run": last["epoch"], "best_epoch": corrector.best_epoch_,
               "final_loss": last["loss"], "history": corrector.history_}
-    if as_json:
-        echo_json(report)
-    else:
-        click.echo(f"trained on {','.join(attacks)} for {last['epoch']} epochs (kept epoch "
-                   f"{corrector.best_epoch_}, final loss {last['loss']:.4f}); wrote {out}")
+    emit(report, as_json, f"trained on {','.join(attacks)} for {last['epoch']} epochs (kept epoch "
+                          f"{corrector.best_epoch_}, final loss {last['loss']:.4f}); wrote {out}")
 
 
 @main.command()
@@ -267,11 +272,8 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
     detector.fit(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
-    if as_json:
-        echo_json(report)
-    else:
-        click.echo(f"fitted {kind}: threshold {detector.threshold_:.4g} flags {100 * detector.achieved_fpr_:.1f}% "
-                   f"of calibration clean rows (target {100 * fpr:.1f}%); wrote {out}")
+    emit(report, as_json, f"fitted {kind}: threshold {detector.threshold_:.4g} flags "
+                          f"{100 * detector.achieved_fpr_:.1f}% of calibration clean rows (target {100 * fpr:.1f}%); wrote {out}")
 
 
 @main.command()
@@ -324,10 +326,7 @@ def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: flo
                                                               attacks, split=None)
     svm.save(out, overwrite=force)
     report = {"out": out, "attacks": attacks, "support_vectors": int(len(svm.support_vectors_))}
-    if as_json:
-        echo_json(report)
-    else:
-        click.echo(f"trained on {','.join(attacks)}: {report['support_vectors']} support vectors; wrote {out}")
+    emit(report, as_json, f"trained on {','.join(attacks)}: {report['support_vectors']} support vectors; wrote {out}")
 
 
 @main.command()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from logitguard.cli import ErrorReportingGroup, echo_json, json_option
+from logitguard.cli import ErrorReportingGroup, echo_json, emit, json_option
 from logitguard.summary import render_table
 
 from .errors import ProducerError
@@ -58,11 +58,8 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
     weights, config = save_model(model.cpu(), out, overwrite=force)
     result = {"weights": str(weights), "config": str(config), "test_accuracy": model.config["test_accuracy"],
               "train_seconds": model.config["train_seconds"]}
-    if as_json:
-        echo_json(result)
-    else:
-        click.echo(f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs "
-                   f"({result['train_seconds']} s); wrote {weights} and {config}")
+    emit(result, as_json, f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs "
+                          f"({result['train_seconds']} s); wrote {weights} and {config}")
 
 
 @main.command()
