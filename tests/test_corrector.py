@@ -91,6 +91,12 @@ def test_training_is_reproducible_under_a_seed(digits_split_table, fgsm_test):
     assert not np.allclose(a, c)
 
 
+def test_training_leaves_the_global_torch_random_state_alone(digits_split_table):
+    before = torch.get_rng_state()
+    LogitCorrector(**dict(FAST, epochs=1)).fit_table(digits_split_table, "fgsm")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_each_sample_shows_clean_logits_with_probability_p_clean():
     n = 20000
     clean, attacked = np.zeros((n, 2), np.float32), np.ones((n, 2), np.float32)
