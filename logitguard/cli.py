@@ -70,6 +70,10 @@ def inspect(table: str, as_json: bool) -> None:
 # -- corrector ---------------------------------------------------------------------------------
 
 
+corrector_file_option = click.option("--corrector", "corrector_path", required=True,
+                                     type=click.Path(dir_okay=False), help="A file written by train-corrector.")
+
+
 def comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -136,8 +140,7 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
 
 @main.command()
 @table_argument
-@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
-              help="A file written by train-corrector.")
+@corrector_file_option
 @click.option("--out", required=True, type=click.Path(),
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
@@ -163,8 +166,7 @@ def correct(table: str, corrector_path: str, out: str, force: bool, as_json: boo
 
 @main.command()
 @table_argument
-@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
-              help="A file written by train-corrector.")
+@corrector_file_option
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
 @click.option("--attacks", type=comma_list, default=None, help="Attacks to evaluate (default: all).")
 @json_option
@@ -273,7 +275,8 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
     emit(report, as_json, f"fitted {kind}: threshold {detector.threshold_:.4g} flags "
-                          f"{100 * detector.achieved_fpr_:.1f}% of calibration clean rows (target {100 * fpr:.1f}%); wrote {out}")
+                          f"{100 * detector.achieved_fpr_:.1f}% of calibration clean rows "
+                          f"(target {100 * fpr:.1f}%); wrote {out}")
 
 
 @main.command()
@@ -373,8 +376,7 @@ def defend(table: str, detector_path: str, corrector_path: str, out: str, split:
 
 @main.command()
 @table_argument
-@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
-              help="A file written by train-corrector.")
+@corrector_file_option
 @click.option("--attacks", type=comma_list, default=None, help="Attacks to explain (default: all).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--k", type=int, default=None, help="Supporting classes per row (default: a third of C, at most 10).")

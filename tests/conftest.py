@@ -133,3 +133,13 @@ def digits_split_table(digits_model) -> LogitTable:
         metadata={"class_names": [f"digit-{i}" for i in range(10)], "dataset": {"name": "digits"}},
     )
 
+
+
+@pytest.fixture(scope="session")
+def digits_split_dir(digits_split_table, tmp_path_factory):
+    """`digits_split_table` written as a hive-partitioned directory (split=…/attack=…), as producers write."""
+    from logitguard import write_table
+
+    path = tmp_path_factory.mktemp("digits-split") / "table"
+    write_table(digits_split_table, path, partition_by=("split", "attack"))
+    return path

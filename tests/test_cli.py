@@ -98,16 +98,9 @@ FAST_ARGS = ["--hidden", "128", "--epochs", "30", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def split_table_path(digits_split_table, tmp_path_factory):
-    path = tmp_path_factory.mktemp("split") / "table"
-    write_table(digits_split_table, path, partition_by=("split", "attack"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def corrector_path(split_table_path, tmp_path_factory):
+def corrector_path(digits_split_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("corrector") / "fgsm.pt"
-    result = CliRunner().invoke(main, ["train-corrector", str(split_table_path), "--attack", "fgsm",
+    result = CliRunner().invoke(main, ["train-corrector", str(digits_split_dir), "--attack", "fgsm",
                                        "--out", str(out), *FAST_ARGS, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -115,19 +108,19 @@ def corrector_path(split_table_path, tmp_path_factory):
     return out
 
 
-def test_evaluate_reports_the_correction(split_table_path, corrector_path):
-    result = CliRunner().invoke(main, ["evaluate", str(split_table_path), "--corrector", str(corrector_path),
+def test_evaluate_reports_the_correction(digits_split_dir, corrector_path):
+    result = CliRunner().invoke(main, ["evaluate", str(digits_split_dir), "--corrector", str(corrector_path),
                                        "--attacks", "fgsm", "--json"])
     assert result.exit_code == 0, result.output
     rows = {(r["subset"], r["defense"]): r for r in json.loads(result.output)}
     assert rows[("full", "corrector")]["robust_accuracy"] > rows[("full", "none")]["robust_accuracy"] + 0.1
-    text = CliRunner().invoke(main, ["evaluate", str(split_table_path), "--corrector", str(corrector_path)])
+    text = CliRunner().invoke(main, ["evaluate", str(digits_split_dir), "--corrector", str(corrector_path)])
     assert text.exit_code == 0 and text.output.startswith("Full split\nattack")
 
 
-def test_correct_writes_a_table_inspect_can_read(split_table_path, corrector_path, tmp_path):
+def test_correct_writes_a_table_inspect_can_read(digits_split_dir, corrector_path, tmp_path):
     out = tmp_path / "corrected.parquet"
-    args = ["correct", str(split_table_path), "--corrector", str(corrector_path), "--out", str(out)]
+    args = ["correct", str(digits_split_dir), "--corrector", str(corrector_path), "--out", str(out)]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["written"] == [str(out)]
@@ -137,7 +130,7 @@ def test_correct_writes_a_table_inspect_can_read(split_table_path, corrector_pat
     corrected = read_table(out)
     test = corrected.select(split="test", attacks="fgsm")
     expected = LogitCorrector.load(corrector_path).predict(
-        read_table(split_table_path, split="test", attacks="fgsm").logits)
+        read_table(digits_split_dir, split="test", attacks="fgsm").logits)
     np.testing.assert_array_equal(test.column("pred"), expected)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1
@@ -146,13 +139,13 @@ def test_correct_writes_a_table_inspect_can_read(split_table_path, corrector_pat
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
 
 
-def test_transfer_and_sweep_print_their_tables(split_table_path):
-    result = CliRunner().invoke(main, ["transfer", str(split_table_path), "--attacks", "fgsm,bim", *FAST_ARGS,
+def test_transfer_and_sweep_print_their_tables(digits_split_dir):
+    result = CliRunner().invoke(main, ["transfer", str(digits_split_dir), "--attacks", "fgsm,bim", *FAST_ARGS,
                                        "--json"])
     assert result.exit_code == 0, result.output
     matrix = json.loads(result.output)
     assert set(matrix) == {"clean", "fgsm", "bim"} and set(matrix["bim"]) == {"fgsm", "bim"}
-    result = CliRunner().invoke(main, ["sweep-p-clean", str(split_table_path), "--attack", "fgsm",
+    result = CliRunner().invoke(main, ["sweep-p-clean", str(digits_split_dir), "--attack", "fgsm",
                                        "--values", "0,1", *FAST_ARGS])
     assert result.exit_code == 0, result.output
     assert result.output.split()[:3] == ["clean_accuracy", "robust_accuracy", "p_clean"]
@@ -169,8 +162,8 @@ def test_transfer_and_sweep_print_their_tables(split_table_path):
     (["sweep-p-clean", "{table}", "--attack", "fgsm", "--values", "0,x"],
      "Error: Invalid value for --values: expected numbers, got 0,x\n"),
 ])
-def test_corrector_command_errors_are_exact(split_table_path, tmp_path, args, message):
-    fill = {"table": split_table_path, "tmp": tmp_path}
+def test_corrector_command_errors_are_exact(digits_split_dir, tmp_path, args, message):
+    fill = {"table": digits_split_dir, "tmp": tmp_path}
     result = CliRunner().invoke(main, [a.format(**fill) for a in args])
     assert result.exit_code != 0
     assert result.output.splitlines()[-1].startswith(message.format(**fill).rstrip("\n"))
@@ -188,9 +181,9 @@ def test_the_cli_lists_every_detector_kind():
     assert sorted(_detector_kinds()) == sorted(KINDS)
 
 
-def test_fit_detector_detect_train_svm_and_defend(split_table_path, tmp_path):
+def test_fit_detector_detect_train_svm_and_defend(digits_split_dir, tmp_path):
     runner = CliRunner()
-    table = str(split_table_path)
+    table = str(digits_split_dir)
     detector, svm = tmp_path / "msp.npz", tmp_path / "svm.npz"
     result = runner.invoke(main, ["fit-detector", table, "--kind", "msp", "--out", str(detector), "--json"])
     assert result.exit_code == 0, result.output
@@ -218,11 +211,11 @@ def test_fit_detector_detect_train_svm_and_defend(split_table_path, tmp_path):
     assert again.exit_code == 1 and "refusing to overwrite existing file(s)" in again.output
 
 
-def test_detector_command_errors_are_exact(table_path, split_table_path, tmp_path):
+def test_detector_command_errors_are_exact(table_path, digits_split_dir, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["fit-detector", str(split_table_path), "--kind", "lof", "--out", "x.npz"])
+    result = runner.invoke(main, ["fit-detector", str(digits_split_dir), "--kind", "lof", "--out", "x.npz"])
     assert result.exit_code == 2 and "Invalid value for '--kind': 'lof' is not one of 'msp'" in result.output
-    result = runner.invoke(main, ["detect", str(split_table_path), "--detector", str(tmp_path / "none.npz")])
+    result = runner.invoke(main, ["detect", str(digits_split_dir), "--detector", str(tmp_path / "none.npz")])
     assert result.output == f"Error: no such detector file: {tmp_path / 'none.npz'}\n"
     # digits_table (table_path) has only a test split: fitting on 'train' must say so.
     result = runner.invoke(main, ["fit-detector", str(table_path), "--kind", "msp", "--out", str(tmp_path / "d.npz")])

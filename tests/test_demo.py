@@ -13,17 +13,10 @@ from logitguard.demo import FIGURES, run_demo
 
 
 @pytest.fixture(scope="module")
-def digits_dir(digits_split_table, tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo-data") / "table"
-    write_table(digits_split_table, path, partition_by=("split", "attack"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def report(digits_dir, tmp_path_factory):
+def report(digits_split_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     steps: list[str] = []
-    summary = run_demo(digits_dir, out, log=steps.append)
+    summary = run_demo(digits_split_dir, out, log=steps.append)
     return out, summary, steps
 
 
@@ -64,19 +57,19 @@ def test_demo_refuses_to_replace_a_report_and_bad_tables(report, digits_split_ta
         run_demo(only_test, tmp_path / "r")
 
 
-def test_demo_and_explain_commands(digits_dir, tmp_path):
+def test_demo_and_explain_commands(digits_split_dir, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["demo", "--data", str(digits_dir), "--out", str(tmp_path / "r"), "--no-plots"])
+    result = runner.invoke(main, ["demo", "--data", str(digits_split_dir), "--out", str(tmp_path / "r"), "--no-plots"])
     assert result.exit_code == 0, result.output
     assert f"report: {tmp_path / 'r' / 'report.md'}" in result.output
     assert not (tmp_path / "r" / "transfer.png").exists()
     corrector = tmp_path / "c.pt"
-    assert runner.invoke(main, ["train-corrector", str(digits_dir), "--attack", "fgsm", "--out", str(corrector),
+    assert runner.invoke(main, ["train-corrector", str(digits_split_dir), "--attack", "fgsm", "--out", str(corrector),
                                 "--hidden", "128", "--epochs", "30", "--lr", "1e-3"]).exit_code == 0
-    result = runner.invoke(main, ["explain", str(digits_dir), "--corrector", str(corrector), "--json"])
+    result = runner.invoke(main, ["explain", str(digits_split_dir), "--corrector", str(corrector), "--json"])
     assert result.exit_code == 0, result.output
     explained = json.loads(result.output)
     assert set(explained["top"]) == {"bim", "fgsm"} and len(explained["top"]["fgsm"]) == 3
     assert explained["bhattacharyya"]["fgsm"]["fgsm"] == pytest.approx(1.0)
-    text = runner.invoke(main, ["explain", str(digits_dir), "--corrector", str(corrector)])
+    text = runner.invoke(main, ["explain", str(digits_split_dir), "--corrector", str(corrector)])
     assert text.exit_code == 0 and text.output.startswith("top-3 supporting classes")

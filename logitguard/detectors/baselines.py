@@ -43,7 +43,9 @@ def nonme_score(logits: np.ndarray) -> np.ndarray:
 
 
 class _LogitScoreDetector(Detector):
-    _function = staticmethod(msp_score)
+    """A fixed score of the logits; subclasses name it in `_function`."""
+
+    _function: staticmethod
 
     def score(self, table: LogitTable) -> np.ndarray:
         return type(self)._function(table.logits)
