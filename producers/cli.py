@@ -39,19 +39,33 @@ def device_options(func):
 @device_options
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--width", type=int, default=32, show_default=True,
+              help="SmallCNN width w (conv w, conv 2w); a transfer substitute can differ from the target.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Path stem: writes OUT.pt (weights) and OUT.json (config).")
 @click.option("--force", is_flag=True, help="Overwrite existing model files.")
 @json_option
 def train(dataset: str, root: str | None, batch_size: int, seed: int, device: str, epochs: int, lr: float,
-          out: str, force: bool, as_json: bool) -> None:
-    """Train the small CNN on a dataset's train split and save it (weights + JSON config, no pickle)."""
+          width: int, out: str, force: bool, as_json: bool) -> None:
+    """Train the small CNN on a dataset's train split and save it (weights + JSON config, no pickle).
+
+    For a transfer substitute, train another with a different --seed (and --width).
+    """
+    from pathlib import Path
+
+    from logitguard._io import refuse_overwrite
+
     from .datasets import load_dataset
     from .models import accuracy, save_model, small_cnn_for, train_classifier
 
+    _positive(epochs=epochs, width=width, batch_size=batch_size)
+    if not lr > 0:
+        raise ProducerError(f"--lr must be positive, got {lr}")
+    refuse_overwrite([Path(out).with_suffix(".pt"), Path(out).with_suffix(".json")], force, error=ProducerError)
     train_set, test_set = (load_dataset(dataset, s, root=root) for s in ("train", "test"))
     started = time.perf_counter()
-    model = small_cnn_for(train_set, train={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed})
+    model = small_cnn_for(train_set, width=width,
+                          train={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed})
     train_classifier(model, train_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     model.config["test_accuracy"] = accuracy(model, test_set, device=device)
     model.config["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -62,6 +76,13 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
                           f"({result['train_seconds']} s); wrote {weights} and {config}")
 
 
+def _positive(**values: int | None) -> None:
+    """ProducerError naming the option when a count is below 1 (None: not given)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ProducerError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 @main.command()
 @dataset_options
 @device_options
@@ -70,9 +91,11 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local torchvision state dict for a zoo model (never downloaded).")
 @click.option("--attacks", default="clean,fgsm,bim,pgd,mim,deepfool,cw", show_default=True,
-              help="Comma-separated: clean, fgsm, bim, pgd, mim, deepfool, cw, art:<ClassName>.")
+              help="Comma-separated: clean, fgsm, bim, pgd, mim, deepfool, cw, art:<ClassName>, or "
+                   "ALIAS=ATTACK (e.g. pgd-eps8=pgd) to run an attack again under another name.")
 @click.option("--param", "params", multiple=True, metavar="ATTACK.NAME=VALUE",
-              help="Override an attack parameter, e.g. pgd.eps=8/255 or cw.steps=50 (repeatable).")
+              help="Override an attack parameter, e.g. pgd.eps=8/255, cw.steps=50 or pgd-eps8.eps=8/255 "
+                   "(an alias; repeatable).")
 @click.option("--train-samples", type=int, default=None, help="Train samples to select (default: all).")
 @click.option("--test-samples", type=int, default=None, help="Test samples to select (default: all).")
 @click.option("--max-samples", "caps", default="", metavar="ATTACK=N,…",
@@ -85,31 +108,40 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
 @click.option("--features/--no-features", default=False, show_default=True,
               help="Also store penultimate-layer features.")
 @click.option("--shard", default="0/1", show_default=True, help="Export only slice I of N (I/N).")
+@click.option("--substitute", default=None, metavar="STEM",
+              help="Transfer attacks: compute every attack through this saved model (from `train`) and export "
+                   "the --model's logits on those images, as partitions transfer-<attack>.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output table directory.")
 @json_option
 def export(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
            weights: str | None, attacks: str, params: tuple[str, ...], train_samples: int | None,
            test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
-           shard: str, out: str, as_json: bool) -> None:
+           shard: str, substitute: str | None, out: str, as_json: bool) -> None:
     """Run attacks on a dataset and write clean/adversarial logits as a partitioned table.
 
     Finished partitions (split x attack x shard) are skipped, so a rerun resumes an interrupted export.
     """
     from .datasets import load_dataset
-    from .export import Shard, export as run_export
+    from .export import Shard, export as run_export, plan_attacks
     from .models import resolve_model
     from .noise import DEFAULT_NOISE, NoiseRecipe
 
+    # Everything that needs neither data nor model is checked first.
+    _positive(train_samples=train_samples, test_samples=test_samples, batch_size=batch_size)
+    if noise_queries < 0:
+        raise ProducerError(f"--noise-queries must be 0 (none) or more, got {noise_queries}")
     attack_names = [a.strip() for a in attacks.split(",") if a.strip()]
+    attack_params, attack_samples = parse_params(params), _sample_caps(caps)
+    plan_attacks(attack_names, attack_params, attack_samples)
+    shard_spec = Shard.parse(shard)
     recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
     model = resolve_model(model_spec, weights=weights, device=device)
     data = {s: load_dataset(dataset, s, root=root) for s in ("train", "test")}
     report = run_export(
         model, data, attacks=attack_names, out=out,
         samples={"train": train_samples, "test": test_samples},
-        attack_samples=_sample_caps(caps),
-        attack_params=parse_params(params), noise=recipe, features=features, seed=seed,
-        shard=Shard.parse(shard), batch_size=batch_size, device=device,
+        attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, seed=seed,
+        shard=shard_spec, batch_size=batch_size, device=device, substitute=substitute,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
     if as_json:
@@ -126,12 +158,13 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
     """``["pgd.eps=8/255", "cw.steps=50"]`` → ``{"pgd": {"eps": 0.031…}, "cw": {"steps": 50}}``.
 
+    ATTACK may be an alias with dots (``pgd.e8.eps=8/255``): the name is after the last dot.
     Values are JSON (numbers, true/false, strings in quotes) or a fraction such as ``8/255``.
     """
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        attack, dot, name = key.partition(".")
+        attack, dot, name = key.rpartition(".")
         if not sep or not dot or not attack or not name:
             raise ProducerError(f"--param {item!r} must look like ATTACK.NAME=VALUE, e.g. pgd.eps=8/255")
         out.setdefault(attack, {})[name] = _value(raw, item)
@@ -156,6 +189,8 @@ def _sample_caps(spec: str) -> dict[str, int]:
         key, sep, value = item.partition("=")
         if not sep or not value.isdigit():
             raise ProducerError(f"--max-samples item {item!r} must look like NAME=N")
+        if int(value) < 1:
+            raise ProducerError(f"--max-samples item {item!r}: N must be at least 1")
         caps[key] = int(value)
     return caps
 

@@ -4,10 +4,19 @@ Layout: ``OUT/split=S/attack=A/shard-I-of-N.parquet``. Each (split, attack, shar
 atomically; a rerun skips files that exist, so an interrupted export resumes where it stopped, and
 several processes (or GPUs) given different ``--shard I/N`` fill one dataset without overlap.
 Deterministic given the seed and the shard layout.
+
+An attack may be run under an alias (``pgd-eps8=pgd``), so one table can hold the same attack at two
+budgets. With a `substitute` model the attacks are computed through it (the transfer threat model) while
+every exported column is the target model's: partitions ``transfer-<alias>``. Every attack partition
+records its threat model in the table metadata under ``threat``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import re
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -16,19 +25,120 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from logitguard.tables import CLEAN, LogitTable, write_table
+from logitguard.tables import CLEAN, METADATA_KEY, LogitTable, write_table
 
 from . import __version__
-from .attacks import make_attack
+from .attacks import attack_class, make_attack
 from .datasets import ImageSet
 from .errors import ProducerError
-from .models import ImageClassifier
+from .models import ImageClassifier, load_model
 from .noise import NoiseRecipe, noise_queries
 
 SPLITS = ("train", "test")
+TRANSFER_PREFIX = "transfer-"
+ALIAS_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# Attack parameters that must be positive numbers (integers for the second set) when given.
+_POSITIVE_PARAMS = frozenset({"eps", "alpha", "steps", "lr", "max_iter", "binary_search_steps", "candidates"})
+_INTEGER_PARAMS = frozenset({"steps", "max_iter", "binary_search_steps", "candidates"})
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One requested attack: `name` (the alias; keys --param and --max-samples) runs attack `attack`."""
+
+    name: str
+    attack: str
+
+    @classmethod
+    def parse(cls, item: str) -> AttackSpec:
+        """``"pgd"`` → (pgd, pgd); ``"pgd-eps8=pgd"`` → (pgd-eps8, pgd)."""
+        alias, sep, attack = (s.strip() for s in item.partition("="))
+        if not sep:
+            return cls(alias, alias)
+        if not ALIAS_PATTERN.fullmatch(alias):
+            raise ProducerError(f"attack alias {alias!r} in {item!r} must be lowercase letters, digits, '-', '_' "
+                                "or '.', starting with a letter or digit")
+        if not attack:
+            raise ProducerError(f"attack alias {item!r} names no attack; write ALIAS=ATTACK, e.g. pgd-eps8=pgd")
+        if CLEAN in (alias, attack):
+            raise ProducerError(f"{item!r}: '{CLEAN}' (the unattacked images) cannot be aliased or be an alias")
+        if alias.startswith(TRANSFER_PREFIX):
+            raise ProducerError(f"attack alias {alias!r}: the prefix {TRANSFER_PREFIX!r} is reserved for "
+                                "transfer partitions (--substitute)")
+        return cls(alias, attack)
+
+
+def plan_attacks(
+    attacks: Sequence[str],
+    attack_params: Mapping[str, Mapping[str, Any]] | None = None,
+    attack_samples: Mapping[str, int] | None = None,
+) -> list[AttackSpec]:
+    """Parse and check the requested attacks before any work: names, aliases, parameters and caps.
+
+    `attacks` holds names (``clean``, ``pgd``, ``art:SquareAttack``) or ``ALIAS=ATTACK`` items;
+    `attack_params` and `attack_samples` are keyed by the alias (the name when there is none).
+    """
+    specs = [AttackSpec.parse(a) for a in attacks]
+    if not specs:
+        raise ProducerError("no attacks requested")
+    names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ProducerError(f"attack name(s) {repeated} requested more than once; give each run its own alias, "
+                            "e.g. pgd-eps8=pgd")
+    unknown = sorted(set(attack_params or {}) - set(names))
+    if unknown:
+        raise ProducerError(f"parameters given for attack(s) {unknown} that are not being run")
+    # Caps for attacks not run are ignored: one --max-samples list can serve several exports.
+    for name, cap in (attack_samples or {}).items():
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ProducerError(f"sample cap for attack {name!r} must be a positive integer, got {cap!r}")
+    for spec in specs:
+        params = dict((attack_params or {}).get(spec.name, {}))
+        if spec.attack == CLEAN:
+            if params:
+                raise ProducerError(f"'{CLEAN}' takes no parameters, got {sorted(params)}")
+            continue
+        _check_attack_params(spec, params)
+    return specs
+
+
+def _check_attack_params(spec: AttackSpec, params: dict[str, Any]) -> None:
+    if spec.attack.startswith("art:"):
+        return  # ARTAttack checks its names against the ART class when it is built
+    cls = attack_class(spec.attack)  # an unknown attack fails here, with the known names
+    where = spec.name if spec.name == spec.attack else f"{spec.name} ({spec.attack})"
+    unknown = sorted(set(params) - set(cls.param_names))
+    if unknown:
+        raise ProducerError(f"unknown parameter(s) {unknown} for attack {where}; accepted: {list(cls.param_names)}")
+    defaults = inspect.signature(cls.__init__).parameters
+    for name, value in params.items():
+        if name not in _POSITIVE_PARAMS or (value is None and defaults[name].default is None):
+            continue
+        integer = name in _INTEGER_PARAMS
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+            raise ProducerError(f"attack {where}: {name} must be a positive {'integer' if integer else 'number'}, "
+                                f"got {value!r}")
+
+
+def check_sample_counts(samples: Mapping[str, int | None]) -> None:
+    """Each split's sample count is a positive integer or None (all)."""
+    for split, n in samples.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ProducerError(f"{split} samples must be a positive integer (or all), got {n!r}")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,37 +199,50 @@ def export(
     device: str | torch.device = "cpu",
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
+    substitute: str | Path | None = None,
 ) -> ExportReport:
     """Attack each split of `data` with each of `attacks` and write one table partition per pair.
 
     Parameters
     ----------
-    model : maps images in [0, 1] to logits.
+    model : the target: maps images in [0, 1] to logits. Every exported column is this model's.
     data : ``{"train": ImageSet, "test": ImageSet}`` (either may be absent).
-    attacks : attack names; ``clean`` means the unattacked images.
+    attacks : attack names, ``clean`` meaning the unattacked images, or ``ALIAS=ATTACK`` items (e.g.
+        ``["clean", "pgd", "pgd-eps8=pgd"]``): the partition is named after the alias.
     samples : per split, how many samples to select (None: all).
-    attack_samples : per attack, a smaller cap on samples per split (e.g. ``{"cw": 2000}``).
-    attack_params : per attack, parameters overriding the attack's defaults.
+    attack_samples : per attack (alias), a smaller cap on samples per split (e.g. ``{"cw": 2000}``).
+    attack_params : per attack (alias), parameters overriding the attack's defaults.
     noise : the noise recipe; None stores no ``noisy_logits``.
     features : also store penultimate-layer features.
     metadata : extra table metadata (``dataset``, ``model``, …).
+    substitute : path stem of a saved model (`producers.models.save_model`). When given, every attack is
+        computed through it and written as partition ``transfer-<alias>`` with threat model ``transfer``;
+        ``clean`` is written as usual (the same rows as without a substitute).
+
+    Everything is checked before any attack runs: names, aliases, parameters, counts, and that tables
+    already under `out` agree with the metadata this export would write.
     """
     out = Path(out)
+    specs = plan_attacks(attacks, attack_params, attack_samples)
+    check_sample_counts(samples)
+    if batch_size < 1:
+        raise ProducerError(f"batch size must be at least 1, got {batch_size}")
     device = torch.device(device)
     model = model.to(device).eval()
     attack_samples = dict(attack_samples or {})
     attack_params = {k: dict(v) for k, v in (attack_params or {}).items()}
-    unknown = sorted(set(attack_params) - set(attacks))
-    if unknown:
-        raise ProducerError(f"parameters given for attack(s) {unknown} that are not being run")
-    # Build every attack up front so a bad name or parameter fails before hours of work.
-    built = {a: make_attack(a, model, batch_size=batch_size, device=device, **attack_params.get(a, {}))
-             for a in attacks if a != CLEAN}
     class_names = next(iter(data.values())).class_names
     if model.config["num_classes"] != len(class_names):
         raise ProducerError(
             f"the model has {model.config['num_classes']} outputs but the dataset has {len(class_names)} classes"
         )
+    attacker_model, substitute_meta = model, None
+    if substitute is not None:
+        attacker_model, substitute_meta = _load_substitute(substitute, next(iter(data.values())), device)
+    # Build every attack up front so a bad name or parameter fails before hours of work.
+    built = {s.name: make_attack(s.attack, attacker_model, batch_size=batch_size, device=device,
+                                 **attack_params.get(s.name, {}))
+             for s in specs if s.attack != CLEAN}
     base_meta = {
         **dict(metadata or {}),
         "num_classes": len(class_names),
@@ -128,29 +251,91 @@ def export(
         "producer": {"name": "logitguard-produce", "version": __version__},
         "seed": seed,
     }
+    partitions = []  # (partition name, spec, per-partition metadata)
+    for spec in specs:
+        if spec.attack == CLEAN:
+            partitions.append((CLEAN, spec, {"attacks": {}}))
+            continue
+        name = spec.name if substitute_meta is None else TRANSFER_PREFIX + spec.name
+        params = built[spec.name].params()
+        threat = {"model": "oblivious" if substitute_meta is None else "transfer", "attack": spec.attack,
+                  "eps": params.get("eps")}
+        if substitute_meta is not None:
+            threat["substitute"] = substitute_meta
+        partitions.append((name, spec, {
+            "attacks": {name: params if name == spec.attack else {**params, "attack": spec.attack}},
+            "threat": {name: threat},
+        }))
+    _check_existing(out, base_meta, {n: m for n, _, m in partitions})
     report = ExportReport()
     for split, dataset in data.items():
         selected = select_samples(len(dataset), samples.get(split), seed, split)
-        for attack in attacks:
-            target = out / f"split={split}" / f"attack={attack}" / f"{shard.basename}.parquet"
+        for name, spec, partition_meta in partitions:
+            target = out / f"split={split}" / f"attack={name}" / f"{shard.basename}.parquet"
             if target.exists():
                 report.skipped.append(target)
                 continue
-            cap = attack_samples.get(attack)
+            cap = attack_samples.get(spec.name)
             rows = np.sort(selected[:cap][shard.index::shard.count])
-            params = {} if attack == CLEAN else built[attack].params()
             started = time.perf_counter()
             table = _export_partition(
-                model, dataset, rows, attack=attack, attacker=built.get(attack), noise=noise,
-                features=features, generator_seed=[seed, zlib.crc32(f"{split}/{attack}".encode()), shard.index],
-                batch_size=batch_size, device=device,
-                metadata={**base_meta, "attacks": {attack: params} if attack != CLEAN else {}},
-                progress=progress,
+                model, dataset, rows, attack=name, attacker=built.get(spec.name), noise=noise,
+                features=features, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
+                batch_size=batch_size, device=device, metadata={**base_meta, **partition_meta}, progress=progress,
             )
             report.written += write_table(table, target)
             seconds = time.perf_counter() - started
-            report.timings.append({"split": split, "attack": attack, "rows": len(rows), "seconds": seconds})
+            report.timings.append({"split": split, "attack": name, "rows": len(rows), "seconds": seconds})
     return report
+
+
+def _load_substitute(stem: str | Path, data: ImageSet, device: torch.device) -> tuple[ImageClassifier, dict]:
+    """The attacker's substitute model and its description for the ``threat`` metadata."""
+    stem = Path(stem)
+    substitute = load_model(stem, device=device)
+    config = substitute.config
+    if config.get("num_classes") != data.num_classes:
+        raise ProducerError(f"substitute {stem} has {config.get('num_classes')} outputs but the dataset has "
+                            f"{data.num_classes} classes")
+    if "image_size" in config and [config.get("in_channels"), *config["image_size"]] != list(data.image_shape):
+        raise ProducerError(f"substitute {stem} takes images of shape "
+                            f"{[config.get('in_channels'), *config['image_size']]}, the dataset has "
+                            f"{list(data.image_shape)}")
+    meta = {"spec": str(stem), "sha256": file_sha256(stem.with_suffix(".pt")),
+            "test_accuracy": config.get("test_accuracy"), "arch": config.get("arch")}
+    if "width" in config:
+        meta["width"] = config["width"]
+    if isinstance(config.get("train"), dict) and "seed" in config["train"]:
+        meta["seed"] = config["train"]["seed"]
+    return substitute, meta
+
+
+def _check_existing(out: Path, base_meta: dict[str, Any], partitions: dict[str, dict[str, Any]]) -> None:
+    """Refuse to add to a table under `out` whose files would disagree with what this export writes.
+
+    Partitions already there are skipped (resume), so the check is on metadata: every shared key must be
+    equal (the reader refuses a table whose files disagree), and an attack already there must have been
+    run with the same parameters and threat model.
+    """
+    if not out.is_dir():
+        return
+    mine = json.loads(json.dumps(base_meta))  # as it will read back
+    for file in sorted(out.glob("split=*/attack=*/*.parquet")):
+        try:
+            raw = (pq.read_schema(file).metadata or {}).get(METADATA_KEY)
+            theirs = json.loads(raw) if raw else {}
+        except (OSError, ValueError) as exc:
+            raise ProducerError(f"{out} holds an unreadable table file {file}: {exc}") from None
+        for key, value in mine.items():
+            if key in theirs and theirs[key] != value:
+                raise ProducerError(f"{out} already holds a table with a different {key!r} ({file} has "
+                                    f"{theirs[key]!r}, this export would write {value!r}); use another --out")
+        for name, meta in partitions.items():
+            for key in ("attacks", "threat"):
+                new, old = json.loads(json.dumps(meta.get(key, {}).get(name))), theirs.get(key, {}).get(name)
+                if new is not None and old is not None and new != old:
+                    raise ProducerError(f"{out} already holds attack {name!r} with {key} {old!r} ({file}); this "
+                                        f"export would write {new!r}; use another alias or --out")
 
 
 def _export_partition(

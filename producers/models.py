@@ -237,7 +237,10 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, num_classes: 
 
 
 def small_cnn_for(data: ImageSet, **extra: Any) -> ImageClassifier:
-    """A SmallCNN shaped for `data`, normalised with its per-channel pixel mean and std."""
+    """A SmallCNN shaped for `data`, normalised with its per-channel pixel mean and std.
+
+    `extra` goes into the config; ``width=W`` sets the SmallCNN width (default 32).
+    """
     images = data.all_images()
     mean = images.mean(dim=(0, 2, 3)).tolist()
     std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
