@@ -45,6 +45,8 @@ def test_export_writes_a_valid_partitioned_table(exported, digits_sets, digits_c
     assert counts == {("train", "clean"): 120, ("train", "fgsm"): 120, ("train", "pgd"): 60,
                       ("test", "clean"): 80, ("test", "fgsm"): 80, ("test", "pgd"): 60}
     assert table.metadata["attacks"]["pgd"] == {"eps": 0.1, "alpha": 0.02, "steps": 5, "random_start": True}
+    assert table.metadata["threat"] == {"fgsm": {"model": "oblivious", "attack": "fgsm", "eps": 0.1},
+                                        "pgd": {"model": "oblivious", "attack": "pgd", "eps": 0.1}}
     assert table.metadata["noise"]["recipe"][1] == {"kind": "sign", "scale": 0.05}
     # Clean logits are the model's logits on the stored sample ids.
     test = table.select(split="test", attacks="clean")
