@@ -66,8 +66,8 @@ def test_aliases_give_one_partition_per_budget(table_dir):
 def test_transfer_partitions_record_the_substitute(table_dir, substitute):
     table = read_table(table_dir)
     sub = json.loads(substitute.with_suffix(".json").read_text())
-    expected = {"spec": str(substitute), "sha256": hashlib.sha256(substitute.with_suffix(".pt").read_bytes()).hexdigest(),
-                "test_accuracy": None, "arch": "small-cnn", "width": 16}
+    sha256 = hashlib.sha256(substitute.with_suffix(".pt").read_bytes()).hexdigest()
+    expected = {"spec": str(substitute), "sha256": sha256, "test_accuracy": None, "arch": "small-cnn", "width": 16}
     assert sub["width"] == 16
     for name, eps in [("transfer-pgd", 0.1), ("transfer-pgd-e2", 0.2)]:
         assert table.metadata["threat"][name] == {"model": "transfer", "attack": "pgd", "eps": eps,
@@ -92,7 +92,8 @@ def test_transfer_rows_are_the_target_on_images_attacked_through_the_substitute(
     np.testing.assert_allclose(transfer.logits[:12], target_logits, rtol=1e-5, atol=1e-5)
     assert np.abs(transfer.logits[:12] - substitute_logits).max() > 1.0  # not the attacker's logits
     np.testing.assert_array_equal(transfer.column("pred")[:12], target_logits.argmax(1))
-    np.testing.assert_array_equal(transfer.column("success")[:12], (clean_pred == y.numpy()) & (target_logits.argmax(1) != y.numpy()))
+    success = (clean_pred == y.numpy()) & (target_logits.argmax(1) != y.numpy())
+    np.testing.assert_array_equal(transfer.column("success")[:12], success)
     # Noise queries are the target's too: around its logits, far from the substitute's.
     noisy = transfer.noisy_logits[:12].mean(1)
     assert np.abs(noisy - target_logits).mean() < np.abs(noisy - substitute_logits).mean()
