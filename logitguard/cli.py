@@ -381,6 +381,33 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     click.echo(f"wrote {len(written)} file(s) under {out}")
 
 
+@main.command()
+@table_argument
+@click.option("--defenses", "manifest", required=True, type=click.Path(dir_okay=False),
+              help="A pipeline manifest (defenses.json): named detector / corrector / on_flag pipelines.")
+@click.option("--budgets", "--budget", "budgets", default="8/255,16/255", show_default=True,
+              help="L-inf budgets, comma-separated numbers or fractions.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@json_option
+def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -> None:
+    """Robust accuracy per threat model (per-sample worst case) for every pipeline, and the share of
+    successful attacks each detector misses (docs/threat-models.md)."""
+    from .pipelines import load_pipelines
+    from .tables import read_table
+    from .threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
+                         threat_model_table, to_records)
+
+    eps = parse_budgets(budgets)
+    specs = load_pipelines(manifest)
+    data = read_table(table, split=split)
+    pipelines = {name: spec.build() for name, spec in specs.items()}
+    detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
+    results = threat_model_table(data, pipelines, budgets=eps, split=None)
+    misses = detector_miss_table(data, detectors, budgets=eps, split=None)
+    emit({"threat_models": to_records(results), "detector_misses": to_records(misses)}, as_json,
+         format_threat_models(results) + "\n\n" + format_detector_misses(misses))
+
+
 # -- explain and demo --------------------------------------------------------------------------
 
 

@@ -140,7 +140,7 @@ def _threat_details(entry: Any) -> str:
     if not isinstance(entry, dict):
         return str(entry)
     parts = []
-    for key, value in entry.items():
+    for key, value in sorted(entry.items(), key=lambda kv: kv[0] != "model"):  # the model first
         if key == "defense_files" and isinstance(value, dict):
             value = ", ".join(f"{name}@{str(digest)[:12]}" for name, digest in value.items())
             parts.append(f"defense_files=[{value}]")
