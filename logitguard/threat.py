@@ -60,7 +60,10 @@ def threat_of(metadata: Mapping[str, Any], attack: str) -> dict[str, Any]:
 
     Raises `TableError` when the entry is not an object or names an unknown threat model.
     """
-    entry = (metadata.get("threat") or {}).get(attack)
+    threat = metadata.get("threat") or {}
+    if not isinstance(threat, Mapping):
+        raise TableError(f"metadata 'threat' must be an object of attack name: entry, got {threat!r}")
+    entry = threat.get(attack)
     if entry is None:
         entry = {}
     if not isinstance(entry, Mapping):
