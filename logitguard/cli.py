@@ -336,22 +336,28 @@ def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: flo
 @table_argument
 @click.option("--detector", "detector_path", required=True, type=click.Path(dir_okay=False),
               help="A file written by fit-detector.")
-@click.option("--corrector", "corrector_path", required=True, type=click.Path(dir_okay=False),
-              help="A corrector (train-corrector), an SVM (train-svm) or an odds detector (its own correction).")
+@click.option("--corrector", "corrector_path", default=None, type=click.Path(dir_okay=False),
+              help="A corrector (train-corrector), an SVM (train-svm) or an odds detector (its own correction); "
+                   "not needed with --on-flag reject.")
+@click.option("--on-flag", type=click.Choice(["correct", "reject", "agree"]), default="correct", show_default=True,
+              help="What a flagged row gets: the corrector's label, no label (abstain, pred null), or the model's "
+                   "label only when the corrector agrees (else abstain).")
 @click.option("--out", required=True, type=click.Path(),
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--split", default=None, help="Only this split (default: all).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @json_option
-def defend(table: str, detector_path: str, corrector_path: str, out: str, split: str | None, force: bool,
-           as_json: bool) -> None:
-    """Detect, then correct flagged rows; write pred and flagged, and report accuracy when labelled."""
-    from .defense import GatedDefense, load_corrector
+def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: str, out: str, split: str | None,
+           force: bool, as_json: bool) -> None:
+    """Detect, then correct, reject or keep-on-agreement flagged rows; write pred and flagged, and report
+    accuracy when labelled (pred is null where a row is rejected)."""
+    from .defense import ABSTAIN, GatedDefense, load_corrector
     from .detectors import load_detector
     from .evaluate import evaluate as run, format_evaluation
     from .tables import CLEAN, read_table, write_table
 
-    defense = GatedDefense(load_detector(detector_path), load_corrector(corrector_path))
+    corrector = None if corrector_path is None else load_corrector(corrector_path)
+    defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
     data = read_table(table, split=split)
     defended = defense.defend_table(data)
     partition = None if out.endswith(".parquet") else ("split", "attack")
@@ -361,14 +367,45 @@ def defend(table: str, detector_path: str, corrector_path: str, out: str, split:
         test = split or ("test" if "test" in data.splits else None)
         results = run(data, {"gated": defense}, split=test)
     flagged = {a: float(defended.column("flagged")[data.attack == a].mean()) for a in data.attacks}
+    rejected = {a: float((defended.column("pred")[data.attack == a] == ABSTAIN).mean()) for a in data.attacks}
     if as_json:
-        echo_json({"written": [str(p) for p in written], "flagged_rate": flagged,
+        echo_json({"written": [str(p) for p in written], "on_flag": on_flag, "flagged_rate": flagged,
+                   "rejected_rate": rejected,
                    "evaluation": None if results is None else results.to_dict(orient="records")})
         return
     click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in flagged.items()))
+    if on_flag != "correct":
+        click.echo("rejected: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rejected.items()))
     if results is not None:
         click.echo(format_evaluation(results))
     click.echo(f"wrote {len(written)} file(s) under {out}")
+
+
+@main.command()
+@table_argument
+@click.option("--defenses", "manifest", required=True, type=click.Path(dir_okay=False),
+              help="A pipeline manifest (defenses.json): named detector / corrector / on_flag pipelines.")
+@click.option("--budgets", "--budget", "budgets", default="8/255,16/255", show_default=True,
+              help="L-inf budgets, comma-separated numbers or fractions.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@json_option
+def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -> None:
+    """Robust accuracy per threat model (per-sample worst case) for every pipeline, and the share of
+    successful attacks each detector misses (docs/threat-models.md)."""
+    from .pipelines import load_pipelines
+    from .tables import read_table
+    from .threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
+                         threat_model_table, to_records)
+
+    eps = parse_budgets(budgets)
+    specs = load_pipelines(manifest)
+    data = read_table(table, split=split)
+    pipelines = {name: spec.build() for name, spec in specs.items()}
+    detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
+    results = threat_model_table(data, pipelines, budgets=eps, split=None)
+    misses = detector_miss_table(data, detectors, budgets=eps, split=None)
+    emit({"threat_models": to_records(results), "detector_misses": to_records(misses)}, as_json,
+         format_threat_models(results) + "\n\n" + format_detector_misses(misses))
 
 
 # -- explain and demo --------------------------------------------------------------------------

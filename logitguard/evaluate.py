@@ -2,8 +2,14 @@
 and the clean-vs-robust trade-off over ``p_clean``.
 
 A *defense* here is anything with ``predict_table(table) -> labels (N,)``: a fitted `LogitCorrector`,
-or (later) a detector-gated pipeline. "none" (the model's own argmax) is always evaluated beside them.
-Results are long-form DataFrames, so they filter, pivot and serialise without special cases.
+or a `GatedDefense`, whose label may be `ABSTAIN` (-1, the row is rejected). "none" (the model's own
+argmax) is always evaluated beside them. Results are long-form DataFrames, so they filter, pivot and
+serialise without special cases.
+
+Abstentions are counted as docs/threat-models.md states once for the whole project: a rejected attacked
+row counts as defended, a rejected clean row as an error, and ``coverage`` (the share of clean rows not
+rejected) is reported beside clean accuracy. The figures here are for *oblivious* attacks unless the
+table's ``threat`` metadata says otherwise; `logitguard.threat` gives the per-threat-model worst case.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import pandas as pd
 from .corrector import LogitCorrector
 from .detectors import Detector
 from .errors import LogitguardError
-from .metrics import attack_success_rate, auroc, clean_accuracy, robust_accuracy, tpr_at_fpr
+from .metrics import attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, tpr_at_fpr
 from .summary import percent, render_table
 from .tables import CLEAN, LogitTable, pair
 
 NO_DEFENSE = "none"
-METRICS = ("clean_accuracy", "robust_accuracy", "attack_success_rate")
+METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
 
 
 class Defense(Protocol):
@@ -49,8 +55,9 @@ def evaluate(
     Returns
     -------
     DataFrame with one row per (attack, subset, defense): columns ``attack``, ``subset`` ("full" or
-    "selected"), ``defense`` ("none" first), ``samples``, ``clean_accuracy``, ``robust_accuracy`` and
-    ``attack_success_rate``.
+    "selected"), ``defense`` ("none" first), ``samples``, ``clean_accuracy``, ``coverage``,
+    ``robust_accuracy`` and ``attack_success_rate``, with abstentions counted as in
+    docs/threat-models.md.
     """
     table, attacks = select_attacks(table, split, attacks)
     defenses = {NO_DEFENSE: _Argmax(), **(defenses or {})}
@@ -65,6 +72,7 @@ def evaluate(
                 records.append({
                     "attack": attack, "subset": subset, "defense": name, "samples": int(labels[rows].size),
                     "clean_accuracy": clean_accuracy(pred_clean[rows], labels[rows]),
+                    "coverage": coverage(pred_clean[rows]),
                     "robust_accuracy": robust_accuracy(pred_attacked[rows], labels[rows]),
                     "attack_success_rate": attack_success_rate(pred_clean[rows], pred_attacked[rows], labels[rows]),
                 })
@@ -72,18 +80,29 @@ def evaluate(
 
 
 def format_evaluation(results: pd.DataFrame) -> str:
-    """Plain-text Tables 1–2: per subset, one row per attack, clean/attacked accuracy per defense."""
+    """Plain-text Tables 1–2: per subset, one row per attack, clean/attacked accuracy per defense.
+
+    Defenses that reject some clean rows also get a coverage column.
+    """
     blocks = []
     defenses = list(dict.fromkeys(results["defense"]))
+    abstaining = [d for d in defenses if "coverage" in results
+                  and (results.loc[results["defense"] == d, "coverage"] < 1).any()]
+    columns = ([("clean_accuracy", d, f"clean ({d})") for d in defenses]
+               + [("coverage", d, f"coverage ({d})") for d in abstaining]
+               + [("robust_accuracy", d, f"attacked ({d})") for d in defenses])
     for subset, title in (("full", "Full split"), ("selected", "Selected set (clean-correct samples)")):
         part = results[results["subset"] == subset]
-        headers = ["attack", "samples"] + [f"{m} ({d})" for m in ("clean", "attacked") for d in defenses]
+        headers = ["attack", "samples"] + [header for _, _, header in columns]
         rows = []
         for attack, group in part.groupby("attack", sort=False):
             by = group.set_index("defense")
             rows.append([attack, str(group["samples"].iloc[0])]
-                        + [percent(by.at[d, f"{m}_accuracy"]) for m in ("clean", "robust") for d in defenses])
+                        + [percent(by.at[d, metric]) for metric, d, _ in columns])
         blocks.append("\n".join([title, *render_table(headers, rows, left=2)]))
+    if abstaining:
+        blocks.append("(a rejected attacked row counts as defended, a rejected clean row as an error; "
+                      "see docs/threat-models.md)")
     return "\n\n".join(blocks)
 
 
@@ -162,7 +181,8 @@ def transfer_matrix(
     """Accuracy of each defense (columns, e.g. "trained on pgd") on each attack's rows (rows; seed Table 3).
 
     The first row, "clean", is each defense's accuracy on the clean rows: what the transfer costs.
-    Accuracy is over every row of the split for that attack (the full set, not the selected one).
+    Accuracy is over every row of the split for that attack (the full set, not the selected one);
+    abstentions count as in docs/threat-models.md (an error on clean rows, defended on attacked rows).
     """
     table, attacks = select_attacks(table, split, attacks)
     matrix = pd.DataFrame(index=pd.Index([CLEAN, *attacks], name="evaluated on"),
@@ -170,7 +190,8 @@ def transfer_matrix(
     for attack in matrix.index:
         rows = table.select(attacks=attack)
         for name, defense in defenses.items():
-            matrix.at[attack, name] = robust_accuracy(defense.predict_table(rows), rows.labels)
+            accuracy = clean_accuracy if attack == CLEAN else robust_accuracy
+            matrix.at[attack, name] = accuracy(defense.predict_table(rows), rows.labels)
     return matrix
 
 

@@ -1,27 +1,44 @@
 """Metrics on predicted labels, named as in RobustBench and ART.
 
 All take int label arrays of shape (N,) and return a float in [0, 1] (NaN when undefined).
+
+A defense may abstain: its label is then `ABSTAIN` (-1). The accounting (docs/threat-models.md) is
+the same everywhere: a rejected clean row is an error, a rejected attacked row is defended, and
+`coverage` (the share of clean rows not rejected) is reported beside clean accuracy.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+ABSTAIN = -1  # the label of a row a defense rejects (re-exported by logitguard.defense)
+
 
 def clean_accuracy(pred_clean: np.ndarray, labels: np.ndarray) -> float:
-    """Share of clean rows predicted correctly."""
+    """Share of clean rows predicted correctly (a rejected clean row is an error)."""
     return _mean(np.asarray(pred_clean) == np.asarray(labels))
 
 
+def coverage(pred_clean: np.ndarray) -> float:
+    """Share of clean rows the defense does not reject."""
+    return _mean(np.asarray(pred_clean) != ABSTAIN)
+
+
+def defended(pred_attacked: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per attacked row (N,) bool: predicted correctly, or rejected."""
+    pred_attacked = np.asarray(pred_attacked)
+    return (pred_attacked == np.asarray(labels)) | (pred_attacked == ABSTAIN)
+
+
 def robust_accuracy(pred_attacked: np.ndarray, labels: np.ndarray) -> float:
-    """Share of attacked rows still predicted correctly."""
-    return _mean(np.asarray(pred_attacked) == np.asarray(labels))
+    """Share of attacked rows still predicted correctly or rejected (`defended`)."""
+    return _mean(defended(pred_attacked, labels))
 
 
 def attack_success_rate(pred_clean: np.ndarray, pred_attacked: np.ndarray, labels: np.ndarray) -> float:
-    """Among rows predicted correctly when clean, the share predicted wrongly once attacked."""
+    """Among rows predicted correctly when clean, the share neither predicted correctly nor rejected once attacked."""
     right = np.asarray(pred_clean) == np.asarray(labels)
-    return _mean(np.asarray(pred_attacked)[right] != np.asarray(labels)[right])
+    return _mean(~defended(np.asarray(pred_attacked)[right], np.asarray(labels)[right]))
 
 
 def _mean(hits: np.ndarray) -> float:

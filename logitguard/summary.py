@@ -13,7 +13,7 @@ import pandas as pd
 from .tables import CLEAN, LogitTable
 
 # Metadata keys echoed by `summarize`; the rest (e.g. long per-class lists) stays in the table.
-_METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "noise", "producer", "seed")
+_METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "threat", "noise", "producer", "seed")
 
 
 def summarize(table: LogitTable) -> dict[str, Any]:
@@ -22,7 +22,8 @@ def summarize(table: LogitTable) -> dict[str, Any]:
     Returns
     -------
     dict with ``num_rows``, ``num_classes``, ``class_names``, ``noise_queries`` ([K, C] or None) and
-    ``metadata``, and ``conditions``: one entry per (split, attack) with ``rows``, ``accuracy`` (argmax
+    ``metadata``, and ``conditions``: one entry per (split, attack) with ``rows``, ``threat`` (the
+    attack's threat model, docs/threat-models.md; None for clean rows), ``accuracy`` (argmax
     vs label over labelled rows), ``attack_success_rate`` (among samples whose clean row is classified
     correctly, the fraction whose attacked row is not; None for clean rows), and mean/median of the
     image-space perturbation norms ``linf``/``l2`` when the table has them. Undefined values are None.
@@ -42,12 +43,15 @@ def summarize(table: LogitTable) -> dict[str, Any]:
     eligible = (frame["correct_clean"] == True) & frame["labelled"] & (frame["attack"] != CLEAN)  # noqa: E712
     frame["fooled"] = (~frame["correct"]).where(eligible)
 
+    from .threat import threat_of
+
     conditions = []
     for (split, attack), group in frame.groupby(["split", "attack"], sort=False):
         labelled = group[group["labelled"]]
         entry: dict[str, Any] = {
             "split": split,
             "attack": attack,
+            "threat": None if attack == CLEAN else threat_of(table.metadata, attack)["model"],
             "rows": len(group),
             "accuracy": _mean(labelled["correct"]),
             "attack_success_rate": None if attack == CLEAN else _mean(group["fooled"].dropna()),
@@ -81,13 +85,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         "",
     ]
     norm_keys = [k for k in ("linf_mean", "linf_median", "l2_mean", "l2_median") if k in summary["conditions"][0]]
-    headers = ["split", "attack", "rows", "accuracy", "success", *norm_keys]
+    headers = ["split", "attack", "threat", "rows", "accuracy", "success", *norm_keys]
     rows = [
-        [c["split"], c["attack"], str(c["rows"]), percent(c["accuracy"]), percent(c["attack_success_rate"]),
+        [c["split"], c["attack"], c.get("threat") or "-", str(c["rows"]), percent(c["accuracy"]),
+         percent(c["attack_success_rate"]),
          *(_num(c[k]) for k in norm_keys)]
         for c in summary["conditions"]
     ]
-    lines += render_table(headers, rows, left=2)
+    lines += render_table(headers, rows, left=3)
     lines.append("(success: attack success rate among samples whose clean row is classified correctly)")
     meta = summary["metadata"]
     if meta:
@@ -96,6 +101,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             if key == "attacks" and isinstance(value, dict):
                 for attack, params in value.items():
                     lines.append(f"attack {attack}: {_inline(params)}")
+            elif key == "threat" and isinstance(value, dict):
+                for attack, entry in value.items():
+                    lines.append(f"threat {attack}: {_threat_details(entry)}")
             elif key == "noise" and isinstance(value, dict) and "recipe" in value:
                 recipe = ", ".join(f"{q['kind']}:{q['scale']}" for q in value["recipe"])
                 lines.append(f"noise: {recipe}" + (f" (seed {value['seed']})" if "seed" in value else ""))
@@ -125,6 +133,22 @@ def percent(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def _threat_details(entry: Any) -> str:
+    """One line per attack's threat entry; file hashes shortened to 12 hex digits."""
+    if not isinstance(entry, dict):
+        return str(entry)
+    parts = []
+    for key, value in sorted(entry.items(), key=lambda kv: kv[0] != "model"):  # the model first
+        if key == "defense_files" and isinstance(value, dict):
+            value = ", ".join(f"{name}@{str(digest)[:12]}" for name, digest in value.items())
+            parts.append(f"defense_files=[{value}]")
+        elif key == "substitute" and isinstance(value, dict) and "sha256" in value:
+            parts.append(f"substitute={_inline({**value, 'sha256': str(value['sha256'])[:12]})}")
+        else:
+            parts.append(f"{key}={_inline(value)}")
+    return ", ".join(parts)
 
 
 def _inline(value: Any) -> str:

@@ -43,6 +43,9 @@ _FLOAT_LEAVES = {
     "l2": "l2",
 }
 _TARGET_ROW_GROUP_BYTES = 64 << 20
+# Metadata keys holding one entry per attack partition: each file describes its own partitions, so a
+# dataset's files are united on these keys rather than required to agree.
+_UNITED_METADATA = ("attacks", "threat")
 _TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-row shapes, for messages
 
 
@@ -385,7 +388,7 @@ def _dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[st
     for file, schema in file_schemas.items():
         meta = _parse_metadata((schema.metadata or {}).get(METADATA_KEY), file)
         for key, value in meta.items():
-            if key in ("attacks", "threat"):
+            if key in _UNITED_METADATA:
                 merged.setdefault(key, {}).update(value)
             elif key not in merged:
                 merged[key], source[key] = value, file

@@ -66,7 +66,9 @@ def test_inspect_text_output(table_path, digits_arrays):
     assert lines[1] == "noise queries: K=3 x C=10"
     clean_acc = 100 * (digits_arrays["clean"].argmax(1) == digits_arrays["labels"]).mean()
     row = next(line for line in lines if line.startswith("test   clean"))
-    assert row.split()[2:4] == [str(n), f"{clean_acc:.1f}%"]
+    assert row.split()[2:5] == ["-", str(n), f"{clean_acc:.1f}%"]  # clean rows have no threat model
+    fgsm = next(line for line in lines if line.startswith("test   fgsm"))
+    assert fgsm.split()[2:4] == ["oblivious", str(n)]  # no 'threat' metadata: an older table, oblivious
     assert "attack fgsm: eps=0.15" in lines
 
 

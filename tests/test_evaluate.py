@@ -30,7 +30,7 @@ def test_evaluate_matches_hand_computed_accuracy(digits_split_table, correctors)
     corrector = correctors["fgsm"]
     results = evaluate(digits_split_table, {"corrector": corrector})
     assert list(results.columns) == ["attack", "subset", "defense", "samples", "clean_accuracy",
-                                     "robust_accuracy", "attack_success_rate"]
+                                     "coverage", "robust_accuracy", "attack_success_rate"]
     assert len(results) == 2 * 2 * 2  # attacks x subsets x defenses
     clean, attacked = pair(digits_split_table.select(split="test"), "fgsm")
     y = clean.labels

@@ -338,6 +338,20 @@ def test_per_attack_metadata_is_merged_across_files(digits_table, tmp_path):
     assert read_table(tmp_path / "ds").metadata["attacks"] == {"fgsm": {"eps": 0.15}}
 
 
+def test_threat_metadata_is_merged_across_files_like_attacks(digits_table, tmp_path):
+    fgsm = digits_table.select(attacks="fgsm")
+    write_table(digits_table.select(attacks="clean"), tmp_path / "ds" / "a.parquet")  # no threat key at all
+    write_table(LogitTable(fgsm.arrow, {**fgsm.metadata, "threat": {"fgsm": {"model": "oblivious"}}}),
+                tmp_path / "ds" / "b.parquet")
+    adaptive = LogitTable.from_arrays(logits=fgsm.logits, sample_id=fgsm.sample_id, split="test", attack="routes",
+                                      label=fgsm.labels, noisy_logits=fgsm.noisy_logits,
+                                      metadata={**fgsm.metadata, "threat": {
+                                          "routes": {"model": "adaptive", "target": "ln-odds"}}})
+    write_table(adaptive, tmp_path / "ds" / "c.parquet")
+    assert read_table(tmp_path / "ds").metadata["threat"] == {
+        "fgsm": {"model": "oblivious"}, "routes": {"model": "adaptive", "target": "ln-odds"}}
+
+
 def test_from_arrays_checks_shapes():
     with pytest.raises(TableError, match=re.escape("logits must have shape (N, C), got shape (3,)")):
         LogitTable.from_arrays(logits=np.zeros(3), sample_id=[0, 1, 2], split="t", attack="clean")
