@@ -108,6 +108,8 @@ def _positive(**values: int | None) -> None:
 @click.option("--features/--no-features", default=False, show_default=True,
               help="Also store penultimate-layer features.")
 @click.option("--shard", default="0/1", show_default=True, help="Export only slice I of N (I/N).")
+@click.option("--splits", default="train,test", show_default=True,
+              help="Comma-separated splits to export (e.g. test, to add partitions to the test split only).")
 @click.option("--substitute", default=None, metavar="STEM",
               help="Transfer attacks: compute every attack through this saved model (from `train`) and export "
                    "the --model's logits on those images, as partitions transfer-<attack>.")
@@ -116,7 +118,7 @@ def _positive(**values: int | None) -> None:
 def export(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
            weights: str | None, attacks: str, params: tuple[str, ...], train_samples: int | None,
            test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
-           shard: str, substitute: str | None, out: str, as_json: bool) -> None:
+           shard: str, splits: str, substitute: str | None, out: str, as_json: bool) -> None:
     """Run attacks on a dataset and write clean/adversarial logits as a partitioned table.
 
     Finished partitions (split x attack x shard) are skipped, so a rerun resumes an interrupted export.
@@ -134,9 +136,10 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     attack_params, attack_samples = parse_params(params), _sample_caps(caps)
     plan_attacks(attack_names, attack_params, attack_samples)
     shard_spec = Shard.parse(shard)
+    chosen_splits = _splits(splits)
     recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
     model = resolve_model(model_spec, weights=weights, device=device)
-    data = {s: load_dataset(dataset, s, root=root) for s in ("train", "test")}
+    data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
     report = run_export(
         model, data, attacks=attack_names, out=out,
         samples={"train": train_samples, "test": test_samples},
@@ -180,6 +183,15 @@ def _value(raw: str, item: str) -> Any:
         return float(Fraction(raw))
     except (ValueError, ZeroDivisionError):
         raise ProducerError(f"--param {item!r}: cannot read {raw!r} as a number, true/false or JSON") from None
+
+
+def _splits(spec: str) -> list[str]:
+    """``"train,test"`` → ``["train", "test"]``; only the dataset splits the producer knows."""
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ("train", "test")]
+    if not chosen or unknown:
+        raise ProducerError(f"--splits takes train and/or test, got {spec!r}")
+    return list(dict.fromkeys(chosen))
 
 
 def _sample_caps(spec: str) -> dict[str, int]:
