@@ -381,6 +381,29 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     click.echo(f"wrote {len(written)} file(s) under {out}")
 
 
+@main.command("fit-pipelines")
+@table_argument
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for the defense files and their manifest, defenses.json.")
+@click.option("--attacks", type=comma_list, default=None,
+              help="Attacked rows the supervised detectors learn from (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files in --out.")
+@json_option
+def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, force: bool, as_json: bool) -> None:
+    """Fit the shipped pipelines (logitguard.shipped) on the train split and write them with a manifest."""
+    from .pipelines import load_pipelines
+    from .shipped import fit_shipped
+    from .tables import read_table
+
+    manifest = fit_shipped(read_table(table, split="train"), out, seed=seed, overwrite=force, attacks=attacks)
+    parts = {name: {"detector": spec.detector and spec.detector.name, "corrector": spec.corrector and spec.corrector.name,
+                    "on_flag": spec.on_flag} for name, spec in load_pipelines(manifest).items()}
+    emit({"manifest": str(manifest), "pipelines": parts}, as_json, "\n".join(
+        [f"wrote {manifest}:"] + [f"  {name}: " + ", ".join(f"{k} {v or '-'}" for k, v in p.items())
+                                  for name, p in parts.items()]))
+
+
 @main.command()
 @table_argument
 @click.option("--defenses", "manifest", required=True, type=click.Path(dir_okay=False),

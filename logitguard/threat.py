@@ -157,6 +157,12 @@ class _Rows:
             raise LogitguardError(f"threat-model evaluation needs clean rows; the table has {table.attacks}")
         if not budgets:
             raise LogitguardError("give at least one budget")
+        # Every tier is measured on the same samples: those with a row in every partition (attacks run on
+        # fewer samples, such as the adaptive ones, set the sample set for all).
+        keys = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": table.attack})
+        partitions = keys.groupby(["split", "sample_id"])["attack"].transform("nunique").to_numpy()
+        if (partitions < len(table.attacks)).any():
+            table = table.take(partitions == len(table.attacks))
         self.table, self.budgets = table, tuple(float(b) for b in budgets)
         keys = pd.MultiIndex.from_arrays([table.split, table.sample_id])
         clean = np.flatnonzero(table.attack == CLEAN)
@@ -227,7 +233,8 @@ def threat_model_table(
 ) -> pd.DataFrame:
     """Clean accuracy, coverage and per-sample worst-case robust accuracy per pipeline x threat model x budget.
 
-    Over the *selected* samples (the bare model is right on the clean row). A sample is robust under a
+    Over the *selected* samples (the bare model is right on the clean row) that have a row in every
+    partition of the split, so every tier and pipeline is measured on the same samples. A sample is robust under a
     tier at budget eps when the pipeline is right or abstains on every row of that sample from the tier's
     attacks (`tier_attacks`) whose ``linf`` <= eps + 1e-6, and on its clean row. Rows without ``linf``
     use the attack's metadata eps; an unbounded attack with neither is in every budget. The bare model is

@@ -158,6 +158,91 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
 
 
+@main.command("attack-defenses")
+@dataset_options
+@device_options
+@click.option("--model", "model_spec", required=True, help="Path stem of the target model (the table's model).")
+@click.option("--defenses", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Pipeline manifest (defenses.json, from `logitguard fit-pipelines`).")
+@click.option("--pipelines", default=None, help="Comma-separated pipeline names (default: all in the manifest).")
+@click.option("--tier", type=click.Choice(["adaptive", "surrogate"]), default="adaptive", show_default=True,
+              help="adaptive: attack through the manifest's own files; surrogate: fit an own copy of the shipped "
+                   "pipelines on unused training samples and attack through it.")
+@click.option("--attacks", default="routes,defended-pgd,min-margin", show_default=True,
+              help="Defense-aware attacks: routes, defended-pgd, min-margin, evade.")
+@click.option("--budgets", default="16/255,8/255", show_default=True, help="L-inf budgets, pixels in [0, 1].")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Parameter for every attack, e.g. steps=100, restarts=2, eot=1 (repeatable).")
+@click.option("--test-samples", type=int, default=1000, show_default=True,
+              help="Test samples (the first of the table's seeded selection).")
+@click.option("--attacker-samples", type=int, default=5000, show_default=True,
+              help="surrogate: training samples the attacker uses (never the defender's).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="surrogate: where the attacker's table and copy go (default: OUT/../surrogate-work).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The table the defenses were fitted on; the new test partitions join it.")
+@json_option
+def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
+                    defenses: str, pipelines: str | None, tier: str, attacks: str, budgets: str,
+                    params: tuple[str, ...], test_samples: int, attacker_samples: int, workdir: str | None,
+                    out: str, as_json: bool) -> None:
+    """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
+
+    Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
+    whose rows the real defenses judge later (`logitguard threat`). Finished partitions are skipped.
+    """
+    from pathlib import Path
+
+    from logitguard.pipelines import load_pipelines
+    from logitguard.tables import read_table
+    from logitguard.threat import parse_budgets
+
+    from .datasets import load_dataset
+    from .models import load_model
+    from .noise import NoiseRecipe
+    from .threat.export import export_surrogate, export_through
+
+    _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size)
+    chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    attack_params = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
+        attack_params[key] = _value(raw, item)
+    eps = parse_budgets(budgets)
+    specs = load_pipelines(defenses)
+    if pipelines:
+        names = [p.strip() for p in pipelines.split(",") if p.strip()]
+        unknown = sorted(set(names) - set(specs))
+        if unknown:
+            raise ProducerError(f"no pipeline(s) {unknown} in {defenses}; it has {sorted(specs)}")
+        specs = {n: specs[n] for n in names}
+    table = read_table(out, split="train" if tier == "surrogate" else None, attacks=["clean"], columns=[])
+    meta = {k: v for k, v in table.metadata.items() if k not in ("attacks", "threat", "schema_version")}
+    recipe = NoiseRecipe.from_metadata(meta.get("noise"))
+    model = load_model(model_spec, device=device)
+    test = load_dataset(dataset, "test", root=root)
+    common = dict(attacks=chosen, budgets=eps, samples=test_samples, noise=recipe, attack_params=attack_params,
+                  seed=seed, batch_size=batch_size, device=device, metadata=meta)
+    if tier == "adaptive":
+        report = export_through(model, test, specs, out=out, **common)
+    else:
+        work = Path(workdir) if workdir else Path(out).parent / "surrogate-work"
+        report = export_surrogate(model, load_dataset(dataset, "train", root=root), test, specs, out=out,
+                                  workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
+                                  **common)
+    if as_json:
+        echo_json({"written": [str(p) for p in report.written], "skipped": [str(p) for p in report.skipped],
+                   "timings": report.timings})
+        return
+    rows = [[t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.1f}"]
+            for t in report.timings]
+    if rows:
+        click.echo("\n".join(render_table(["partition", "rows", "seconds", "rows/s"], rows, left=1)))
+    click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
+
+
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
     """``["pgd.eps=8/255", "cw.steps=50"]`` → ``{"pgd": {"eps": 0.031…}, "cw": {"steps": 50}}``.
 

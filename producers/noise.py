@@ -45,6 +45,16 @@ class NoiseRecipe:
             raise ProducerError(f"the number of noise queries must be at least 1, got {k}")
         return cls(tuple(items[i % len(items)] for i in range(k)))
 
+    @classmethod
+    def from_metadata(cls, noise: dict[str, Any] | None) -> NoiseRecipe | None:
+        """The recipe a table's ``noise`` metadata records (None when the table has no noise queries)."""
+        if not noise:
+            return None
+        try:
+            return cls(tuple((q["kind"], float(q["scale"])) for q in noise["recipe"]))
+        except (KeyError, TypeError, ValueError):
+            raise ProducerError(f"the table's noise metadata is not a recipe: {noise!r}") from None
+
     def __len__(self) -> int:
         return len(self.queries)
 

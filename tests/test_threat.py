@@ -466,3 +466,15 @@ def test_new_core_modules_import_without_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'producers', 'torchvision'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_tier_is_measured_on_the_samples_every_partition_covers(synthetic):
+    """An attack run on fewer samples (adaptive ones are costly) sets the sample set for every tier:
+    without sample 0's `routes` row, the figures are over samples 1–3 (sample 4 is not selected)."""
+    keep = ~((synthetic.attack == "routes") & (synthetic.sample_id == 0))
+    results = _by(threat_model_table(synthetic.take(keep), {"gated": Fixed(GATED)}, budgets=(E16,)))
+    full = _by(threat_model_table(synthetic, {"gated": Fixed(GATED)}, budgets=(E16,)))
+    assert full[("none", "oblivious", 16)]["samples"] == 4
+    assert results[("none", "oblivious", 16)]["samples"] == 3
+    # the bare model at 16/255 on samples 1-3: pgd breaks 1, fgsm breaks 2, only 3 stays robust
+    assert results[("none", "oblivious", 16)]["robust_accuracy"] == pytest.approx(1 / 3)

@@ -23,12 +23,21 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "cw": ("cw", "CarliniWagnerL2"),
 }
 ATTACK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# Attacks through a defense (adaptive and surrogate threat models): they take ``defense=`` (a
+# `producers.threat.mirrors.PipelineMirror`) and ``noise=`` (the table's `NoiseRecipe`).
+_DEFENSE_REGISTRY: dict[str, tuple[str, str]] = {
+    "defended-pgd": ("defended_pgd", "DefendedPGD"),
+    "evade": ("evade", "Evade"),
+    "routes": ("routes", "Routes"),
+    "min-margin": ("min_margin", "MinMargin"),
+}
+DEFENSE_ATTACK_NAMES: tuple[str, ...] = tuple(_DEFENSE_REGISTRY)
 
 
 def attack_class(name: str) -> type[Attack]:
     """The class registered as `name`."""
     try:
-        module, cls = _REGISTRY[name]
+        module, cls = {**_REGISTRY, **_DEFENSE_REGISTRY}[name]
     except KeyError:
         raise ProducerError(f"unknown attack {name!r}; known: {list(ATTACK_NAMES)} or art:<ClassName>") from None
     return getattr(import_module(f".{module}", __name__), cls)
@@ -43,4 +52,4 @@ def make_attack(name: str, model: nn.Module, **params: Any) -> Attack:
     return attack_class(name)(model, **params)
 
 
-__all__ = ["ATTACK_NAMES", "Attack", "attack_class", "make_attack"]
+__all__ = ["ATTACK_NAMES", "DEFENSE_ATTACK_NAMES", "Attack", "attack_class", "make_attack"]

@@ -1,0 +1,243 @@
+"""The shared base of attacks that go *through* a defense (adaptive and surrogate threat models).
+
+The attacker holds a differentiable mirror of a detect→correct pipeline (`producers.threat.mirrors`)
+and the model. Every step runs the model on the current images and, when the defense reads noise
+queries, on fresh noisy copies drawn from the table's own noise recipe: the attacker optimises the
+expectation over the defense's randomness (EOT, ``eot`` draws per step) instead of one frozen draw.
+
+A sample's attack *succeeds* when the pipeline's final label is wrong and not an abstention. What an
+attacker may aim for depends on the pipeline (`routes_for`):
+
+- ``model``: the bare model is wrong (no defense);
+- ``corrector``: the corrector is wrong (a corrector applied to every row);
+- ``evade``: the model is wrong and the detector stays below its threshold;
+- ``flag``: the detector fires and the corrector is wrong (only where flagged rows are corrected);
+- ``both``: model and corrector are both wrong, on the same class (flagged or not, the answer is wrong;
+  under ``on_flag="agree"`` the two must agree for the row not to be rejected).
+
+Each route is a list of objectives tried in order: a sample follows the sign of the gradient of the
+first objective it does not yet meet (and of the last once it meets them all). Following one objective
+at a time is scale-free, so no weight between a classification margin and a detector score has to be
+tuned per detector. The latest successful iterate of every sample is kept (checked with the exact
+pipeline decision on a fresh noise draw), over ``restarts`` random starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import Attack
+
+ABSTAIN = -1
+ROUTES = ("model", "corrector", "evade", "flag", "both")
+
+
+def routes_for(defense: nn.Module) -> tuple[str, ...]:
+    """The routes that can make `defense` (a `PipelineMirror`) answer wrongly, cheapest first."""
+    detector, corrector, on_flag = defense.detector, defense.corrector, defense.on_flag
+    if detector is None and corrector is None:
+        return ("model",)
+    if detector is None:
+        return ("corrector",)
+    if on_flag == "reject":
+        return ("evade",)
+    if on_flag == "agree":
+        return ("evade", "both")
+    return ("evade", "flag", "both")
+
+
+@dataclass
+class _State:
+    """What one step sees: margins are > 0 while the sample is still classified right."""
+
+    model_margin: torch.Tensor  # (B,) f_y - max_{j != y} f_j
+    corrector_margin: torch.Tensor | None  # (B,) the same on the corrector's class scores
+    both_margin: torch.Tensor | None  # (B,) max of the two margins towards the model's best wrong class
+    flag_excess: torch.Tensor | None  # (B,) (score - threshold) / scale: > 0 flagged
+
+
+class DefenseAttack(Attack):
+    """Base for L-inf attacks through a defense; subclasses choose the objectives (`_objectives`).
+
+    Parameters
+    ----------
+    model : the classifier (images in [0, 1] → logits).
+    defense : a `PipelineMirror` (or anything with ``detector``, ``corrector``, ``on_flag``, ``needs_noise``,
+        ``forward(logits, noisy)`` and ``decide(logits, noisy)``).
+    noise : the `NoiseRecipe` of the table the defense reads (needed when ``defense.needs_noise``).
+    eps, alpha, steps : L-inf budget, step size (default eps/8) and steps per restart.
+    restarts : random starts in the ball (the first start is the clean image when ``restarts == 1``).
+    eot : noise draws averaged per step (noise-reading defenses only).
+    kappa : classification margin the attacker aims past the boundary (logit units).
+    score_margin : how far past the detector's threshold to aim, in units of the detector's score spread
+        on the clean batch (the score is noisy; landing just under the threshold is not enough).
+    """
+
+    param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps", "restarts", "eot", "kappa", "score_margin")
+
+    def __init__(self, model: nn.Module, *, defense: nn.Module, noise: Any = None, eps: float = 16 / 255,
+                 alpha: float | None = None, steps: int = 100, restarts: int = 1, eot: int = 1,
+                 kappa: float = 1.0, score_margin: float = 0.25, batch_size: int = 256,
+                 device: str | torch.device | None = None):
+        super().__init__(model, batch_size=batch_size, device=device)
+        if defense.needs_noise and noise is None:
+            raise ValueError("this defense reads noise queries: pass the table's noise recipe (noise=)")
+        for name, value in (("eps", eps), ("steps", steps), ("restarts", restarts), ("eot", eot)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        self.defense = defense.to(self.device).eval()
+        self.noise = noise
+        self.eps = float(eps)
+        self.alpha = float(eps / 8 if alpha is None else alpha)
+        self.steps = int(steps)
+        self.restarts = int(restarts)
+        self.eot = int(eot)
+        self.kappa = float(kappa)
+        self.score_margin = float(score_margin)
+
+    # -- the defense, seen through the model -------------------------------------------------------
+
+    def _forward(self, x: torch.Tensor, generator: torch.Generator | None, draws: int = 1):
+        """The mirror's outputs on `draws` noise draws of every image: each tensor has `draws * B` rows."""
+        logits = self.model(x)
+        noisy = None
+        if self.defense.needs_noise:
+            reps = x.repeat(draws, *([1] * (x.ndim - 1)))
+            eta = self.noise.sample(reps.shape, generator, x.device)  # (draws*B, K, *image)
+            k = eta.shape[1]
+            noisy_images = (reps.unsqueeze(1) + eta).clamp_(0.0, 1.0).flatten(0, 1)
+            noisy = self.model(noisy_images).view(len(reps), k, -1)
+        logits = logits.repeat(draws, 1)
+        return logits, noisy
+
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor, generator: torch.Generator | None, draws: int = 1) -> torch.Tensor:
+        """The pipeline's exact final labels (draws, B), -1 = abstain, each draw with fresh noise."""
+        logits, noisy = self._forward(x, generator, draws)
+        return self.defense.decide(logits, noisy).view(draws, len(x))
+
+    def succeeded(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                  draws: int = 1) -> torch.Tensor:
+        """(B,) bool: the final label is wrong and not an abstention on every one of `draws` draws."""
+        final = self.decide(x, generator, draws)
+        return ((final != y) & (final != ABSTAIN)).all(dim=0)
+
+    def _state(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> _State:
+        """Margins and flag excess on `x`, averaged over `eot` draws (differentiable)."""
+        logits, noisy = self._forward(x, generator, self.eot)
+        out = self.defense(logits, noisy)
+        b = len(x)
+        yy = y.repeat(self.eot)
+        model_margin = _margin(out.logits, yy)
+        corrector_margin = both = excess = None
+        if out.corrected is not None:
+            corrector_margin = _margin(out.corrected, yy)
+            # towards the model's best wrong class, so that model and corrector agree on one wrong answer
+            target = _best_other(out.logits, yy)
+            both = torch.maximum(_margin(out.logits, yy, target), _margin(out.corrected, yy, target))
+        if out.score is not None:
+            excess = (out.score - out.threshold) / self._score_scale
+        mean = lambda t: None if t is None else t.view(self.eot, b).mean(dim=0)  # noqa: E731
+        return _State(mean(model_margin), mean(corrector_margin), mean(both), mean(excess))
+
+    # -- the optimisation --------------------------------------------------------------------------
+
+    def _objectives(self, route: str, s: _State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(loss (B,), met (B,) bool) pairs to meet in order for `route`; losses are minimised."""
+        k, m = self.kappa, self.score_margin
+        if route == "model":
+            return [(s.model_margin, s.model_margin < -k)]
+        if route == "corrector":
+            return [(s.corrector_margin, s.corrector_margin < -k)]
+        if route == "evade":
+            return [(s.model_margin, s.model_margin < -k), (s.flag_excess, s.flag_excess < -m)]
+        if route == "flag":
+            return [(-s.flag_excess, s.flag_excess > m), (s.corrector_margin, s.corrector_margin < -k)]
+        if route == "both":
+            return [(s.both_margin, s.both_margin < -k)]
+        raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
+
+    def _loss(self, route: str, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per-sample loss (B,): the first unmet objective's, or the last one's once all are met."""
+        objectives = self._objectives(route, self._state(x, y, generator))
+        loss = objectives[-1][0]
+        for value, met in reversed(objectives[:-1]):
+            loss = torch.where(met, loss, value)
+        return loss
+
+    def _run_route(self, route: str, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                   best: torch.Tensor, found: torch.Tensor,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """PGD on `route` (or on ``loss_fn(images, labels) -> (B,)``) over the restarts, for the samples
+        not yet `found`; writes their successes into `best` / `found` in place."""
+        loss_fn = loss_fn or (lambda z, labels: self._loss(route, z, labels, generator))
+        for restart in range(self.restarts):
+            rows = (~found).nonzero()[:, 0]
+            if not len(rows):
+                return
+            xs, ys = x[rows], y[rows]
+            lower, upper = (xs - self.eps).clamp(min=0.0), (xs + self.eps).clamp(max=1.0)
+            x_adv = xs.clone()
+            if self.restarts > 1:
+                noise = torch.rand(xs.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x_adv = torch.min(torch.max(xs + self.eps * (2 * noise - 1), lower), upper)
+            sub_best, sub_found = best[rows], found[rows]
+            for _ in range(self.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(loss_fn(x_adv, ys).sum(), x_adv)
+                with torch.no_grad():
+                    x_adv = torch.min(torch.max(x_adv - self.alpha * grad.sign(), lower), upper)
+                    # the latest success: later iterates sit further past the margins
+                    hit = self.succeeded(x_adv, ys, generator)
+                    sub_best[hit] = x_adv[hit]
+                    sub_found |= hit
+            best[rows], found[rows] = sub_best, sub_found
+
+    def _score_scale_on(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Spread of the detector's score on the clean batch (a unit for `score_margin`), at least 1e-6."""
+        if self.defense.detector is None:
+            return torch.ones((), device=x.device)
+        with torch.no_grad():
+            logits, noisy = self._forward(x, generator)
+            score = self.defense(logits, noisy).score
+        spread = score.std() if len(score) > 1 else score.abs().mean()
+        return spread.clamp(min=1e-6).detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Adversarial batch within `eps` of `x`: each sample's successful iterate, else its last try."""
+        self._score_scale = self._score_scale_on(x, generator)
+        best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            found |= self.succeeded(x, y, generator)  # already wrong: nothing to do
+        self._attack(x, y, generator, best, found)
+        return best
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                best: torch.Tensor, found: torch.Tensor) -> None:
+        """Fill `best` / `found` (subclasses)."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "routes": list(self.routes()), "on_flag": self.defense.on_flag}
+
+    def routes(self) -> Sequence[str]:
+        return routes_for(self.defense)
+
+
+def _margin(scores: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """s_y − s_target (B,), target defaulting to the best class other than y: > 0 while y still wins."""
+    true = scores.gather(1, y[:, None])[:, 0]
+    other = scores.gather(1, _best_other(scores, y)[:, None])[:, 0] if target is None else \
+        scores.gather(1, target[:, None])[:, 0]
+    return true - other
+
+
+def _best_other(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring class other than y (B,)."""
+    masked = scores.detach().scatter(1, y[:, None], float("-inf"))
+    return masked.argmax(dim=1)

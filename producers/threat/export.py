@@ -1,0 +1,172 @@
+"""Export attacks that go *through* a defense: the adaptive and surrogate threat models.
+
+``adaptive``: the attacker has the defense's files. Each pipeline of a manifest (`logitguard.pipelines`)
+is mirrored in torch (`producers.threat.mirrors`) and attacked with the defense-aware attacks
+(`producers.attacks.DEFENSE_ATTACK_NAMES`); the attacked images' logits and fresh noise queries from
+the target model are written as partitions ``adaptive.<pipeline>.<attack>.e<ε·255>``.
+
+``surrogate``: the attacker knows the defense's algorithm and settings but not its files. It exports
+its own logit table from training samples the defender never used, fits its own copy of every shipped
+pipeline with the same recipe (`logitguard.shipped.fit_shipped`), and attacks through the copy; the
+rows are written as ``surrogate.<pipeline>.<attack>.e<ε·255>`` and judged later by the real defense.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitguard.pipelines import PipelineSpec, load_pipelines
+from logitguard.tables import write_table
+
+from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
+from ..datasets import ImageSet
+from ..errors import ProducerError
+from ..export import ExportReport, _export_partition, select_samples
+from ..models import ImageClassifier
+from ..noise import NoiseRecipe
+from .mirrors import load_pipeline_mirror
+
+TIERS = ("adaptive", "surrogate")
+DEFAULT_ATTACKS = ("routes", "defended-pgd", "min-margin")
+# The bare model has no detector or corrector: its routes are plain PGD (margin loss) and defended-pgd is
+# PGD on cross-entropy; min-margin adds nothing there.
+BARE_ATTACKS = ("routes", "defended-pgd")
+
+
+def partition_name(tier: str, pipeline: str, attack: str, eps: float) -> str:
+    """``adaptive.ln-odds.routes.e16`` for ε = 16/255."""
+    return f"{tier}.{pipeline}.{attack}.e{round(eps * 255):g}"
+
+
+def export_through(
+    model: ImageClassifier,
+    data: ImageSet,
+    pipelines: Mapping[str, PipelineSpec],
+    *,
+    out: str | Path,
+    tier: str = "adaptive",
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    budgets: Sequence[float] = (16 / 255, 8 / 255),
+    samples: int | None = 1000,
+    noise: NoiseRecipe | None,
+    attack_params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+    metadata: Mapping[str, Any] | None = None,  # table metadata to write (e.g. the joined table's own)
+    target_names: Mapping[str, str] | None = None,
+    defense_files: Mapping[str, Mapping[str, str]] | None = None,
+    progress: bool = True,
+) -> ExportReport:
+    """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
+
+    Samples are the first `samples` of the split's seeded selection (`select_samples`), so they are the
+    same samples as the oblivious partitions of an export with the same seed. `attack_params` apply to
+    every attack (``steps``, ``restarts``, ``eot``, …). `target_names` maps a pipeline key to the name
+    recorded as its target (surrogate copies are named after the real pipeline they stand in for);
+    `defense_files` overrides the fingerprints recorded (default: the files of each spec).
+    Partitions already present are skipped, so an interrupted run resumes.
+    """
+    if tier not in TIERS:
+        raise ProducerError(f"tier must be one of {TIERS}, got {tier!r}")
+    unknown = sorted(set(attacks) - set(DEFENSE_ATTACK_NAMES))
+    if unknown:
+        raise ProducerError(f"unknown defense-aware attack(s) {unknown}; known: {list(DEFENSE_ATTACK_NAMES)}")
+    if not budgets or any(not 0 < eps <= 1 for eps in budgets):
+        raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
+    out, device = Path(out), torch.device(device)
+    model = model.to(device).eval()
+    rows = np.sort(select_samples(len(data), samples, seed, data.split))
+    base_meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
+                 "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
+                 **dict(metadata or {})}
+    report = ExportReport()
+    for key, spec in pipelines.items():
+        target = (target_names or {}).get(key, key)
+        mirror = load_pipeline_mirror(spec)
+        files = dict((defense_files or {}).get(key) or spec.fingerprints())
+        bare = spec.detector is None and spec.corrector is None
+        for eps in budgets:
+            for attack in (a for a in attacks if not bare or a in BARE_ATTACKS):
+                name = partition_name(tier, target, attack, eps)
+                path = out / f"split={data.split}" / f"attack={name}" / "shard-0-of-1.parquet"
+                if path.exists():
+                    report.skipped.append(path)
+                    continue
+                attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps, batch_size=batch_size,
+                                       device=device, **dict(attack_params or {}))
+                params = attacker.params()
+                threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
+                started = time.perf_counter()
+                table = _export_partition(
+                    model, data, rows, attack=name, attacker=attacker, noise=noise, features=False,
+                    generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
+                    batch_size=batch_size, device=device,
+                    metadata={**base_meta, "attacks": {name: {**params, "attack": attack}}, "threat": {name: threat}},
+                    progress=progress)
+                report.written += write_table(table, path)
+                report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
+                                       "seconds": time.perf_counter() - started})
+    return report
+
+
+def export_surrogate(
+    model: ImageClassifier,
+    train: ImageSet,
+    test: ImageSet,
+    pipelines: Mapping[str, PipelineSpec],
+    *,
+    out: str | Path,
+    workdir: str | Path,
+    defender_ids: np.ndarray,
+    attacker_samples: int = 5000,
+    attacker_attacks: Sequence[str] = ("clean", "pgd"),
+    attacker_params: Mapping[str, Mapping[str, Any]] | None = None,
+    noise: NoiseRecipe,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **through: Any,
+) -> ExportReport:
+    """The surrogate tier: an own table from unused training samples, an own copy of the shipped
+    pipelines, attacks through the copy (see module). `defender_ids` are the training sample ids the
+    defender used (never used by the attacker). The attacker's table and copy stay in `workdir`."""
+    from logitguard.shipped import fit_shipped
+    from logitguard.tables import read_table
+
+    workdir = Path(workdir)
+    order = select_samples(len(train), None, seed + 1, train.split)
+    rows = np.sort(order[~np.isin(order, defender_ids)][:attacker_samples])
+    if len(rows) < attacker_samples:
+        raise ProducerError(f"only {len(rows)} training samples are left for the attacker; need {attacker_samples}")
+    table_dir = workdir / "attacker-table"
+    meta = {"num_classes": len(train.class_names), "class_names": list(train.class_names),
+            "noise": {**noise.to_metadata(), "seed": seed}, "seed": seed}
+    for attack in attacker_attacks:
+        path = table_dir / f"split={train.split}" / f"attack={attack}" / "shard-0-of-1.parquet"
+        if path.exists():
+            continue
+        attacker = None if attack == "clean" else make_attack(
+            attack, model, batch_size=batch_size, device=device, **dict((attacker_params or {}).get(attack, {})))
+        part = _export_partition(model, train, rows, attack=attack, attacker=attacker, noise=noise, features=False,
+                                 generator_seed=[seed + 1, zlib.crc32(attack.encode()), 0], batch_size=batch_size,
+                                 device=torch.device(device), metadata={**meta, "attacks": {}}, progress=progress)
+        write_table(part, path)
+    copy_manifest = workdir / "copy" / "defenses.json"
+    if not copy_manifest.exists():
+        fit_shipped(read_table(table_dir), copy_manifest.parent, seed=seed + 1)
+    copies = load_pipelines(copy_manifest)
+    missing = sorted(set(pipelines) - set(copies))
+    if missing:
+        raise ProducerError(f"the shipped recipe has no pipeline(s) {missing} to copy")
+    chosen = {name: copies[name] for name in pipelines if pipelines[name].detector or pipelines[name].corrector}
+    return export_through(model, test, chosen, out=out, tier="surrogate", noise=noise, seed=seed,
+                          batch_size=batch_size, device=device, progress=progress, **through)
