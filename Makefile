@@ -13,7 +13,7 @@ DATA ?= data/fashion-mnist
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data data-threat clean
 
 install: $(STAMP)
 
@@ -33,10 +33,17 @@ test: $(STAMP)
 
 # Rebuild the embedded default (data/README.md records its provenance). Slow: about an hour on 2 cores.
 MODEL := data/fashion-mnist-cnn
-EXPORT_ARGS ?= --train-samples 10000 --test-samples 2000 --max-samples deepfool=2000,cw=2000 --noise-queries 8
+EXPORT_ARGS ?= --train-samples 10000 --test-samples 2000 --max-samples deepfool=2000,cw=2000,fgsm=4000,bim=4000,mim=4000 --noise-queries 8
 data: $(STAMP)
 	test -f $(MODEL).pt || $(BIN)/logitguard-produce train --dataset fashion-mnist --epochs 6 --out $(MODEL)
 	$(BIN)/logitguard-produce export --dataset fashion-mnist --model $(MODEL) $(EXPORT_ARGS) --out $(DATA)
+
+# The threat-model partitions (transfer, oblivious at 8/255, surrogate, adaptive) against data/defenses.
+# Minutes on a GPU (THREAT_DEVICE=cuda), hours on 2 CPU cores.
+THREAT_DEVICE ?= cpu
+data-threat: $(STAMP)
+	test -f data/defenses/defenses.json || $(BIN)/logitguard fit-pipelines $(DATA) --out data/defenses
+	PRODUCE=$(BIN)/logitguard-produce TABLE=$(DATA) data/threat.sh $(THREAT_DEVICE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

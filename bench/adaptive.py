@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--eps", default="16/255")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--pipelines", default=None, help="comma-separated (default: all shipped)")
@@ -105,6 +105,9 @@ def main() -> None:
                 line[label] = robust(judge, x, y, advs + more, g)
         rows.append(line)
         print(f"{name:14} {'worst case':14} {'':>9} {100 * worst:7.1f}%", flush=True)
+        if not args.no_convergence:
+            print(f"{name:14} {'+2x steps':14} {'':>9} {100 * line['2x steps']:7.1f}%", flush=True)
+            print(f"{name:14} {'+2x restarts':14} {'':>9} {100 * line['2x restarts']:7.1f}%", flush=True)
     if not args.no_convergence:
         print("\nconvergence: worst case with the defaults, then adding attacks at 2x steps / 2x restarts")
         print(f"{'pipeline':14} {'default':>8} {'2x steps':>9} {'2x restarts':>12} {'max move':>9}")

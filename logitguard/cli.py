@@ -474,15 +474,18 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
               help="The logit table to analyse (needs train and test splits, clean rows and attacks).")
 @click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
               help="Directory for report.md, summary.json and the figures.")
+@click.option("--defenses", default=None, type=click.Path(dir_okay=False),
+              help="Manifest of the saved pipelines for the threat-model section  [default: "
+                   "defenses/defenses.json beside --data]")
 @click.option("--no-plots", is_flag=True, help="Skip the figures (no matplotlib needed).")
 @click.option("--force", is_flag=True, help="Replace an existing report in --out.")
 @json_option
-def demo(data: str, out: str, no_plots: bool, force: bool, as_json: bool) -> None:
+def demo(data: str, out: str, defenses: str | None, no_plots: bool, force: bool, as_json: bool) -> None:
     """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
     from .demo import run_demo
 
     log = (lambda message: click.echo(message, err=True))
-    summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots)
+    summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots, defenses=defenses)
     if as_json:
         echo_json(json.loads(json.dumps(summary, default=str)))
     else:

@@ -24,8 +24,10 @@ import pandas as pd
 
 from ._io import atomic_output, refuse_overwrite
 from .errors import LogitguardError
+from .shipped import MANIFEST
 from .summary import percent, summarize
 from .tables import CLEAN, LogitTable, pair, read_table
+from .threat import NO_DEFENSE, format_budget, threat_of, to_records
 
 # D=1,000, 30 epochs, lr 1e-3 matched the paper defaults (D=10,000, 50 epochs, lr 5e-5) on the embedded
 # PGD data within a point (clean 73.2% vs 72.9%, PGD 79.4% vs 78.8%) in 2.6 s instead of 48 s.
@@ -41,11 +43,14 @@ def run_demo(
     overwrite: bool = False,
     log: Callable[[str], None] = lambda message: None,
     plots: bool = True,
+    defenses: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run every analysis on the table at `data` and write ``report.md``, ``summary.json`` and figures to `out`.
 
-    `log` receives one line per step (progress). Returns the summary written to ``summary.json``.
-    Refuses to replace an existing report unless `overwrite`.
+    `defenses` is the manifest of saved pipelines whose threat-model figures open the report (default:
+    ``defenses/defenses.json`` beside `data`; skipped with a note when absent). `log` receives one line
+    per step (progress). Returns the summary written to ``summary.json``. Refuses to replace an existing
+    report unless `overwrite`.
     """
     from . import explain
     from .corrector import LogitCorrector
@@ -65,10 +70,19 @@ def run_demo(
         log(f"[{timings[name]:6.1f}s] {name}")
 
     step("reading the table")
-    table = read_table(data)
-    _check_demo_table(table, data)
-    attacks = [a for a in table.attacks if a != CLEAN]
+    full = read_table(data)
+    _check_demo_table(full, data)
+    # Sections 1-7 are per attack and need every attack in both splits: the oblivious attacks of the
+    # train split. Test-only partitions (other budgets, transfer, surrogate, adaptive) feed the threat models.
+    attacks = [a for a in full.select(split="train").attacks
+               if a != CLEAN and threat_of(full.metadata, a)["model"] == "oblivious"]
+    table = full.select(attacks=[CLEAN, *attacks])
     summary: dict[str, Any] = {"data": str(data), "table": summarize(table.select(split="test"))}
+
+    step("threat models (saved pipelines)")
+    threat = _threat_models(full, defenses if defenses is not None else Path(data).parent / "defenses" / MANIFEST)
+    if threat is not None:
+        summary["threat_models"] = to_records(threat)
 
     step(f"training one corrector per attack ({', '.join(attacks)})")
     correctors = train_per_attack(table, attacks, progress=False, **DEMO_CORRECTOR)
@@ -131,7 +145,7 @@ def run_demo(
         "figures": figures,
     }
     report = _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement,
-                     ablations, instance, main_attack, figures)
+                     ablations, instance, main_attack, figures, threat)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     report += f"\n---\nMade by `logitguard demo` in {summary['seconds']:.0f} s.\n"
     _write_text(out / "report.md", report)
@@ -204,8 +218,89 @@ def _markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
     return "\n".join([header, rule, *body])
 
 
+def _threat_models(table: LogitTable, manifest: Path) -> pd.DataFrame | None:
+    """The threat-model table of the saved pipelines in `manifest` on the test split (None without it)."""
+    from .pipelines import load_pipelines
+    from .threat import detector_miss_table, threat_model_table
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        return None
+    pipelines = {name: spec.build() for name, spec in load_pipelines(manifest).items()}
+    frame = threat_model_table(table, pipelines, split="test")
+    detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
+    frame.attrs["misses"] = detector_miss_table(table, detectors, split="test")
+    return frame
+
+
+def _threat_section(threat: pd.DataFrame | None) -> list[str]:
+    """Right after the introduction: per pipeline, clean and worst-case robust accuracy per threat model."""
+    lines = ["## Threat models: what each defense is worth against each attacker (ours)", ""]
+    if threat is None or threat.empty:
+        return lines + ["No saved pipelines (`defenses/defenses.json` beside the table) or no attacks aimed at "
+                        "them: the figures below hold only against an *oblivious* attacker.", ""]
+    tiers = [t for t in ("oblivious", "transfer", "surrogate", "adaptive") if t in set(threat["threat_model"])]
+    view = threat.pivot_table(index="pipeline", columns=["eps", "threat_model"], values="robust_accuracy",
+                              sort=False)
+    base = threat.groupby("pipeline", sort=False)[["clean_accuracy", "coverage"]].first()
+    columns = {"clean": base["clean_accuracy"].map(percent), "coverage": base["coverage"].map(percent)}
+    for eps in sorted(set(threat["eps"])):
+        for tier in tiers:
+            if (eps, tier) in view.columns:
+                columns[f"{tier} {format_budget(eps)}"] = view[(eps, tier)].map(
+                    lambda v: "–" if pd.isna(v) else percent(v))
+    table = pd.DataFrame(columns).loc[list(dict.fromkeys(threat["pipeline"]))]
+    adaptive = threat[threat["threat_model"] == "adaptive"].pivot_table(index="pipeline", columns="eps",
+                                                                        values="robust_accuracy", sort=False)
+    bare = adaptive.loc[NO_DEFENSE] if NO_DEFENSE in adaptive.index else None
+    samples = int(threat["samples"].iloc[0])
+    lines += [
+        f"Selected test samples ({samples}: those the undefended model gets right when clean). Each robustness "
+        "figure is the **per-sample worst case** over every attack of that threat model within the budget: "
+        "*oblivious* (the attacker knows the model, not the defense), *transfer* (only a substitute model), "
+        "*surrogate* (its own copy of the defense, trained on other data), *adaptive* (the defense's files). "
+        "An attacked row the pipeline rejects counts as defended; a rejected clean row counts as an error "
+        "(coverage). Pipelines: `ln` = learned-noisy detector at 1% FPR, `odds` = odds test at 5% FPR with its "
+        "logistic correction, `corrector` = the logit corrector trained on PGD (docs/threat-models.md).", "",
+        _markdown(table), ""]
+    if bare is not None:
+        safe, harmful = [], []
+        for name in adaptive.index.drop(NO_DEFENSE):
+            margins = adaptive.loc[name] - bare
+            (safe if (margins >= 0).all() else harmful).append((name, margins))
+        worst = lambda m: f"{100 * m.min():+.1f} pt"  # noqa: E731
+        text = ("**Do no harm** (adaptive worst case at least the undefended model's, at every budget): ")
+        text += (", ".join(f"`{n}` ({worst(m)} at worst)" for n, m in safe) if safe else "no pipeline") + " meet it; "
+        text += (", ".join(f"`{n}` ({worst(m)})" for n, m in harmful) if harmful else "none") + " do not. "
+        text += ("Against an attacker who ignores them, every defense looks better than the bare model; against "
+                 "one who aims at them, pipelines that *relabel* flagged rows (correct) fall below it: the attacker "
+                 "makes the detector fire on a row the model still gets right and lets the corrector answer wrongly, "
+                 "or makes model and corrector wrong together. Pipelines that never emit a label the model did not "
+                 "give (reject, agree) leave the attacker only detector evasion.")
+        if safe:
+            best = max(safe, key=lambda nm: (nm[1].min(), base.at[nm[0], "coverage"]))[0]
+            text += (f" **We recommend `{best}`**: it does no harm at any budget measured, keeps "
+                     f"{percent(base.at[best, 'clean_accuracy'])} clean accuracy at "
+                     f"{percent(base.at[best, 'coverage'])} coverage, and its gain over the bare model is what "
+                     "a defense-aware attacker cannot take away. Use the relabelling pipelines only where the "
+                     "attacker cannot see or copy the defense, and read their other figures in this report as "
+                     "oblivious-attacker figures.")
+        lines += [text, ""]
+    misses = threat.attrs.get("misses")
+    if misses is not None and not misses.empty:
+        view = misses[misses["threat_model"].isin(["oblivious", "adaptive"])].copy()
+        view["budget"] = view["eps"].map(format_budget)
+        view = view.pivot_table(index=["detector", "kind"], columns=["threat_model", "budget"],
+                                values=["missed_at_1", "missed_at_5"], sort=False)
+        view.columns = [f"missed @{m[-1]}% · {t} {b}" for m, t, b in view.columns]
+        lines += ["**Detectors alone**: share of successful attacks (the model is fooled) the detector does not "
+                  "flag, recalibrated to 1% and 5% FPR on its clean calibration rows; adaptive rows are the "
+                  "attacks aimed at that pipeline.", "", _markdown(view.map(percent)), ""]
+    return lines
+
+
 def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement, ablations,
-            instance, attack, figures) -> str:
+            instance, attack, figures, threat=None) -> str:
     from .published import PUBLISHED
 
     pct = lambda frame: frame.map(percent)  # noqa: E731
@@ -224,7 +319,12 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
         f"Correctors use the demo settings {DEMO_CORRECTOR} (p_clean 0.3, dropout 0.5); on this data they "
         "match the paper defaults within a point (docs/corrector.md).",
         "",
-        "## 1. Correction (seed Tables 1–2)",
+    ]
+    lines += _threat_section(threat)
+    lines += [
+        "Every figure below is measured against an **oblivious** attacker (the attacks of the table's train "
+        "split, which ignore the defenses) unless it says otherwise.", "",
+        "## 1. Correction (seed Tables 1–2; oblivious)",
         "",
     ]
     for subset, title in (("full", "Full test split"), ("selected", "Selected set (clean-correct samples)")):
@@ -235,11 +335,11 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
         part.columns = [f"{'clean' if m == 'clean_accuracy' else 'attacked'} · {d}" for m, d in part.columns]
         lines += [f"**{title}, ours**", "", _markdown(pct(part)), ""]
     lines += [_published_block(PUBLISHED.get("correction")), ""]
-    lines += ["## 2. Transfer between attacks (seed Table 3)", "",
+    lines += ["## 2. Transfer between attacks (seed Table 3; oblivious)", "",
               "Accuracy after correction; rows: evaluated on, columns: corrector trained on (ours).", "",
               _markdown(pct(transfer)), "", _published_block(PUBLISHED.get("transfer")), ""]
-    lines += [f"## 3. Clean vs robust accuracy over p_clean ({attack}, ours)", "", _markdown(pct(sweep)), ""]
-    lines += ["## 4. Detectors × attacks (ours)", "",
+    lines += [f"## 3. Clean vs robust accuracy over p_clean ({attack}, oblivious, ours)", "", _markdown(pct(sweep)), ""]
+    lines += ["## 4. Detectors × attacks (oblivious attacks, ours)", "",
               "Negatives: clean test rows; positives: successful attacks. Scores: higher = more adversarial.", "",
               "**AUROC**", "", _markdown(_detection_view(detection, "auroc", lambda v: f"{v:.3f}")), "",
               "**TPR at 1% FPR**", "", _markdown(_detection_view(detection, "tpr_at_1", percent)), "",
@@ -248,7 +348,7 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
               + ", ".join(f"{d} {percent(f)}" for d, f in
                           detection.groupby("detector", sort=False)["threshold_fpr"].first().items()) + ".", "",
               _published_block(PUBLISHED.get("detection")), ""]
-    lines += ["## 5. Gated pipelines: detect, then correct flagged rows (ours)", "",
+    lines += ["## 5. Gated pipelines: detect, then correct flagged rows (oblivious, ours)", "",
               "`detector@FPR → corrector`: rows the detector flags get the corrector's label; others keep the "
               "model's argmax. Selected set.", "", _markdown(_gated_view(gated, attack)), ""]
     lines += ["## 6. Supporting classes (seed §5, Fig. 2–3, App. B)", "",

@@ -70,19 +70,24 @@ class DefenseAttack(Attack):
     defense : a `PipelineMirror` (or anything with ``detector``, ``corrector``, ``on_flag``, ``needs_noise``,
         ``forward(logits, noisy)`` and ``decide(logits, noisy)``).
     noise : the `NoiseRecipe` of the table the defense reads (needed when ``defense.needs_noise``).
-    eps, alpha, steps : L-inf budget, step size (default eps/8) and steps per restart.
-    restarts : random starts in the ball (the first start is the clean image when ``restarts == 1``).
+    eps, alpha, steps : L-inf budget, step size (default 2.5 eps / steps) and steps per restart.
+    restarts : starts per route: the clean image when 1, else uniform random points in the ball.
     eot : noise draws averaged per step (noise-reading defenses only).
-    kappa : classification margin the attacker aims past the boundary (logit units).
+    kappa : classification margin (logit units) a sample must pass before it moves on to its next
+        objective. 0 measured best for evasion on the embedded data (robust 36.6% against 41.8% with 1):
+        lingering to push the model deeper makes the noise reaction more conspicuous to the detector.
     score_margin : how far past the detector's threshold to aim, in units of the detector's score spread
         on the clean batch (the score is noisy; landing just under the threshold is not enough).
+    check_draws : noise draws an iterate must succeed on to be kept (noise-reading defenses judge each
+        exported row on a fresh draw, so an iterate that succeeds on one lucky draw often fails there).
     """
 
-    param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps", "restarts", "eot", "kappa", "score_margin")
+    param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps", "restarts", "eot", "kappa", "score_margin",
+                                              "check_draws")
 
     def __init__(self, model: nn.Module, *, defense: nn.Module, noise: Any = None, eps: float = 16 / 255,
-                 alpha: float | None = None, steps: int = 100, restarts: int = 1, eot: int = 1,
-                 kappa: float = 1.0, score_margin: float = 0.25, batch_size: int = 256,
+                 alpha: float | None = None, steps: int = 100, restarts: int = 2, eot: int = 1,
+                 kappa: float = 0.0, score_margin: float = 0.25, check_draws: int = 1, batch_size: int = 256,
                  device: str | torch.device | None = None):
         super().__init__(model, batch_size=batch_size, device=device)
         if defense.needs_noise and noise is None:
@@ -93,12 +98,14 @@ class DefenseAttack(Attack):
         self.defense = defense.to(self.device).eval()
         self.noise = noise
         self.eps = float(eps)
-        self.alpha = float(eps / 8 if alpha is None else alpha)
+        # Madry et al.'s rule: enough step length to cross the ball 2.5 times over the steps
+        self.alpha = float(2.5 * eps / steps if alpha is None else alpha)
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.eot = int(eot)
         self.kappa = float(kappa)
         self.score_margin = float(score_margin)
+        self.check_draws = int(check_draws)
 
     # -- the defense, seen through the model -------------------------------------------------------
 
@@ -193,7 +200,7 @@ class DefenseAttack(Attack):
                 with torch.no_grad():
                     x_adv = torch.min(torch.max(x_adv - self.alpha * grad.sign(), lower), upper)
                     # the latest success: later iterates sit further past the margins
-                    hit = self.succeeded(x_adv, ys, generator)
+                    hit = self.succeeded(x_adv, ys, generator, self.check_draws)
                     sub_best[hit] = x_adv[hit]
                     sub_found |= hit
             best[rows], found[rows] = sub_best, sub_found

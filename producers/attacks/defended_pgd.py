@@ -7,9 +7,10 @@ the score's spread on the clean batch), so one loss covers every pipeline and po
 
 with ``Q = 1 − p_c[y]`` when flagged rows are corrected, ``Q = 0`` when they are rejected, and
 ``Q = Σ_{j≠y} p_f[j]·p_c[j]`` when they are kept only if the corrector agrees (p_f, p_c: softmax of
-the model's and the corrector's class scores). ``loss="ce"`` minimises log(1 − P(wrong)), the
-cross-entropy of the defended answer; ``loss="margin"`` minimises logit(1 − P(wrong)), clamped at
-−kappa so finished samples stop pulling.
+the model's and the corrector's class scores). ``loss="ce"`` minimises −log P(wrong), the
+cross-entropy towards a wrong answer (unlike log(1 − P(wrong)), its gradient does not vanish while the
+detector's sigmoid is saturated); ``loss="margin"`` minimises logit(1 − P(wrong)), clamped at −kappa so
+finished samples stop pulling.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class DefendedPGD(DefenseAttack):
     name: ClassVar[str] = "defended-pgd"
     param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + ("loss", "temperature")
 
-    def __init__(self, model: nn.Module, *, loss: str = "ce", temperature: float = 0.1, **kwargs: Any):
-        super().__init__(model, **kwargs)
+    def __init__(self, model: nn.Module, *, loss: str = "ce", temperature: float = 1.0, kappa: float = 1.0,
+                 **kwargs: Any):
+        super().__init__(model, kappa=kappa, **kwargs)
         if loss not in ("ce", "margin"):
             raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
         self.loss = loss
@@ -65,10 +67,10 @@ class DefendedPGD(DefenseAttack):
         return wrong.view(self.eot, len(x)).mean(dim=0)
 
     def _defended_loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        right = (1.0 - self.wrong_probability(x, y, generator)).clamp(_TINY, 1.0)
+        wrong = self.wrong_probability(x, y, generator).clamp(_TINY, 1.0)
         if self.loss == "ce":
-            return right.log()
-        logit = right.log() - (1.0 - right).clamp(min=_TINY).log()
+            return -wrong.log()
+        logit = (1.0 - wrong).clamp(min=_TINY).log() - wrong.log()
         return logit.clamp(min=-self.kappa)
 
     def _attack(self, x, y, generator, best, found) -> None:

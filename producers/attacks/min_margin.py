@@ -21,13 +21,12 @@ class MinMargin(DefenseAttack):
     """Routes at zero margin, then a per-sample bisection of the perturbation's length."""
 
     name: ClassVar[str] = "min-margin"
-    param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + ("search_steps", "check_draws")
+    param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + ("search_steps",)
 
     def __init__(self, model: nn.Module, *, search_steps: int = 10, check_draws: int = 4, kappa: float = 0.0,
                  score_margin: float = 0.0, **kwargs: Any):
-        super().__init__(model, kappa=kappa, score_margin=score_margin, **kwargs)
+        super().__init__(model, kappa=kappa, score_margin=score_margin, check_draws=check_draws, **kwargs)
         self.search_steps = int(search_steps)
-        self.check_draws = int(check_draws)
 
     def _attack(self, x, y, generator, best, found) -> None:
         for route in self.routes():

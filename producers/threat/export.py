@@ -127,7 +127,7 @@ def export_surrogate(
     workdir: str | Path,
     defender_ids: np.ndarray,
     attacker_samples: int = 5000,
-    attacker_attacks: Sequence[str] = ("clean", "pgd"),
+    attacker_attacks: Sequence[str] = ("clean", "fgsm", "bim", "pgd", "mim", "deepfool", "cw"),
     attacker_params: Mapping[str, Mapping[str, Any]] | None = None,
     noise: NoiseRecipe,
     seed: int = 0,

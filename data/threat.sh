@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Rebuild the threat-model partitions of data/fashion-mnist (provenance: data/README.md).
+#   data/threat.sh [DEVICE]      DEVICE: cpu (default; hours) or cuda (minutes on one GPU)
+# Environment: PRODUCE (default .venv/bin/logitguard-produce), ROOT (Fashion-MNIST IDX folder), and
+# STEPS, TEST_SAMPLES, ATTACKER_SAMPLES to shrink the run for a quick check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${1:-cpu}
+PRODUCE=${PRODUCE:-.venv/bin/logitguard-produce}
+ROOTARG=${ROOT:+--root $ROOT}
+TABLE=${TABLE:-data/fashion-mnist}
+MODEL=data/fashion-mnist-cnn
+SUBSTITUTE=${SUBSTITUTE:-data/fashion-mnist-substitute}
+N=${TEST_SAMPLES:-1000}
+COMMON="--dataset fashion-mnist $ROOTARG --device $DEVICE --seed 0"
+E8="fgsm-e8=fgsm,bim-e8=bim,pgd-e8=pgd,mim-e8=mim"
+E8_PARAMS="--param fgsm-e8.eps=8/255 --param bim-e8.eps=8/255 --param pgd-e8.eps=8/255 --param pgd-e8.alpha=1/255
+           --param mim-e8.eps=8/255"
+
+# Transfer: the attacker's substitute differs from the target in seed and width.
+test -f $SUBSTITUTE.pt || $PRODUCE train $COMMON --width 16 --seed 1 --epochs ${SUB_EPOCHS:-6} --out $SUBSTITUTE
+# Oblivious at 8/255 (16/255 is in the table already), then transfer at both budgets.
+$PRODUCE export $COMMON --model $MODEL --splits test --test-samples "$N" --attacks "$E8" $E8_PARAMS --out "$TABLE"
+$PRODUCE export $COMMON --model $MODEL --splits test --test-samples "$N" --attacks "fgsm,bim,pgd,mim,$E8" $E8_PARAMS \
+    --substitute $SUBSTITUTE --out "$TABLE"
+# Adaptive (the defense's files) and surrogate (an own copy fitted on unused training samples).
+THROUGH="$COMMON --model $MODEL --defenses data/defenses/defenses.json --budgets 16/255,8/255 --test-samples $N
+         --param steps=${STEPS:-100} --batch-size 1000"
+$PRODUCE attack-defenses $THROUGH --tier adaptive --out "$TABLE"
+$PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --attacker-samples "${ATTACKER_SAMPLES:-5000}" \
+    --workdir "${WORKDIR:-data/.surrogate-work}" --out "$TABLE"
