@@ -285,6 +285,11 @@ def _threat_section(threat: pd.DataFrame | None) -> list[str]:
                      "a defense-aware attacker cannot take away. Use the relabelling pipelines only where the "
                      "attacker cannot see or copy the defense, and read their other figures in this report as "
                      "oblivious-attacker figures.")
+            margin = dict(safe)[best].min()
+            if margin < 0.05:
+                text += (f" Its smallest margin ({100 * margin:+.1f} pt) is within the few points a stronger "
+                         "attack may still take from noise-reading pipelines (docs/threat-models.md), so treat "
+                         "*no harm* there as not established.")
         lines += [text, ""]
     misses = threat.attrs.get("misses")
     if misses is not None and not misses.empty:

@@ -278,7 +278,7 @@ def export(
             cap = attack_samples.get(spec.name)
             rows = np.sort(selected[:cap][shard.index::shard.count])
             started = time.perf_counter()
-            table = _export_partition(
+            table = export_partition(
                 model, dataset, rows, attack=name, attacker=built.get(spec.name), noise=noise,
                 features=features, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
                 batch_size=batch_size, device=device, metadata={**base_meta, **partition_meta}, progress=progress,
@@ -338,7 +338,7 @@ def _check_existing(out: Path, base_meta: dict[str, Any], partitions: dict[str, 
                                         f"export would write {new!r}; use another alias or --out")
 
 
-def _export_partition(
+def export_partition(
     model: ImageClassifier,
     data: ImageSet,
     rows: np.ndarray,

@@ -15,7 +15,7 @@ import torch
 
 from logitguard import read_table
 from logitguard.pipelines import load_pipelines
-from logitguard.shipped import PIPELINES, fit_shipped
+from logitguard.shipped import fit_shipped
 from logitguard.threat import threat_model_table
 from producers.attacks import DEFENSE_ATTACK_NAMES, make_attack
 from producers.attacks.defended import routes_for

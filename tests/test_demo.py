@@ -73,3 +73,30 @@ def test_demo_and_explain_commands(digits_split_dir, tmp_path):
     assert explained["bhattacharyya"]["fgsm"]["fgsm"] == pytest.approx(1.0)
     text = runner.invoke(main, ["explain", str(digits_split_dir), "--corrector", str(corrector)])
     assert text.exit_code == 0 and text.output.startswith("top-3 supporting classes")
+
+
+def test_demo_without_saved_pipelines_says_its_figures_are_oblivious(report):
+    out, summary, _ = report
+    text = (out / "report.md").read_text()
+    assert "threat_models" not in summary
+    assert "No saved pipelines" in text and "hold only against an *oblivious* attacker" in text
+    assert "## 1. Correction (seed Tables 1–2; oblivious)" in text
+
+
+def test_threat_section_on_the_embedded_table():
+    """The report's opening section, measured on the embedded partitions against data/defenses: relabelling
+    pipelines fall below the bare model against the adaptive attacker, rejecting ones do not."""
+    from pathlib import Path
+
+    from logitguard import read_table
+    from logitguard.demo import _threat_models, _threat_section
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    threat = _threat_models(read_table(root / "fashion-mnist", split="test"), root / "defenses" / "defenses.json")
+    adaptive = threat[threat.threat_model == "adaptive"].set_index(["pipeline", "eps"]).harm
+    assert (adaptive.loc[["ln-reject", "ln-agree"]] >= 0).all()
+    assert (adaptive.loc[["corrector", "ln-corrector", "ln-odds", "odds-odds"]] < 0).all()
+    text = "\n".join(_threat_section(threat))
+    assert "| pipeline | clean | coverage | oblivious 8/255 | transfer 8/255 | surrogate 8/255 | adaptive 8/255 |" in text
+    assert "**We recommend `ln-" in text and "`ln-odds` (" in text
+    assert "missed @1% · adaptive 16/255" in text

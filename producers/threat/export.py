@@ -28,7 +28,7 @@ from logitguard.tables import write_table
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
 from ..datasets import ImageSet
 from ..errors import ProducerError
-from ..export import ExportReport, _export_partition, select_samples
+from ..export import ExportReport, export_partition, select_samples
 from ..models import ImageClassifier
 from ..noise import NoiseRecipe
 from .mirrors import load_pipeline_mirror
@@ -105,7 +105,7 @@ def export_through(
                 params = attacker.params()
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
                 started = time.perf_counter()
-                table = _export_partition(
+                table = export_partition(
                     model, data, rows, attack=name, attacker=attacker, noise=noise, features=False,
                     generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
                     batch_size=batch_size, device=device,
@@ -156,7 +156,7 @@ def export_surrogate(
             continue
         attacker = None if attack == "clean" else make_attack(
             attack, model, batch_size=batch_size, device=device, **dict((attacker_params or {}).get(attack, {})))
-        part = _export_partition(model, train, rows, attack=attack, attacker=attacker, noise=noise, features=False,
+        part = export_partition(model, train, rows, attack=attack, attacker=attacker, noise=noise, features=False,
                                  generator_seed=[seed + 1, zlib.crc32(attack.encode()), 0], batch_size=batch_size,
                                  device=torch.device(device), metadata={**meta, "attacks": {}}, progress=progress)
         write_table(part, path)
