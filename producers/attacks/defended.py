@@ -216,7 +216,8 @@ class DefenseAttack(Attack):
         return spread.clamp(min=1e-6).detach()
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Adversarial batch within `eps` of `x`: each sample's successful iterate, else its last try."""
+        """Adversarial batch within `eps` of `x`: each sample's latest successful iterate, else `x` itself
+        (an attack that found nothing submits the clean image)."""
         self._score_scale = self._score_scale_on(x, generator)
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         with torch.no_grad():
