@@ -19,7 +19,7 @@ Each route is a list of objectives tried in order: a sample follows the sign of 
 first objective it does not yet meet (and of the last once it meets them all). Following one objective
 at a time is scale-free, so no weight between a classification margin and a detector score has to be
 tuned per detector. The latest successful iterate of every sample is kept (checked with the exact
-pipeline decision on a fresh noise draw), over ``restarts`` random starts.
+pipeline decision on ``check_draws`` fresh noise draws), over ``restarts`` random starts.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from logitguard.defense import ABSTAIN
+
 from .base import Attack
 
-ABSTAIN = -1
 ROUTES = ("model", "corrector", "evade", "flag", "both")
 
 
