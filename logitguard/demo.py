@@ -374,9 +374,11 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
               _markdown(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", _published_block(PUBLISHED.get("bhattacharyya")), ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    lines += ["## Seed claims on our data", ""] + [f"- {c}" for c in _claims(summary, accuracy, transfer, sweep,
-                                                                               detection, gated, ablations,
-                                                                               agreement, attack)]
+    lines += ["## Seed claims on our data", "",
+              "The seeds measured against oblivious attackers, and so do these lines; the Threat models section "
+              "at the top says what survives an attacker who aims at the defense.", ""]
+    lines += [f"- {c}" for c in _claims(summary, accuracy, transfer, sweep, detection, gated, ablations,
+                                        agreement, attack)]
     return "\n".join(lines) + "\n"
 
 
