@@ -13,7 +13,6 @@ records its threat model in the table metadata under ``threat``.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import re
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from logitguard.tables import CLEAN, METADATA_KEY, LogitTable, write_table
+from logitguard.threat import file_sha256
 
 from . import __version__
 from .attacks import attack_class, make_attack
@@ -131,14 +131,6 @@ def check_sample_counts(samples: Mapping[str, int | None]) -> None:
     for split, n in samples.items():
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ProducerError(f"{split} samples must be a positive integer (or all), got {n!r}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
