@@ -69,6 +69,8 @@ def main() -> None:
     x, y = test.load(idx).to(device), torch.as_tensor(test.labels[idx]).to(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), n={len(x)}, "
           f"eps={args.eps}, steps={args.steps}, restarts={args.restarts}")
+    print("threat model: adaptive (each attack is aimed at the pipeline it is printed beside); robust = right "
+          "or rejected, on all n samples")
     print(f"{'pipeline':14} {'attack':14} {'images/s':>9} {'robust':>8}")
     rows = []
     for name, spec in specs.items():

@@ -22,22 +22,18 @@ import pandas as pd
 
 from .corrector import LogitCorrector
 from .detectors import Detector
+from .defense import GatedDefense
 from .errors import LogitguardError
 from .metrics import attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, tpr_at_fpr
 from .summary import percent, render_table
 from .tables import CLEAN, LogitTable, pair
+from .threat import NO_DEFENSE
 
-NO_DEFENSE = "none"
 METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
 
 
 class Defense(Protocol):
     def predict_table(self, table: LogitTable) -> np.ndarray: ...
-
-
-class _Argmax:
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        return table.logits.argmax(axis=1)
 
 
 def evaluate(
@@ -60,7 +56,7 @@ def evaluate(
     docs/threat-models.md.
     """
     table, attacks = select_attacks(table, split, attacks)
-    defenses = {NO_DEFENSE: _Argmax(), **(defenses or {})}
+    defenses = {NO_DEFENSE: GatedDefense(None, None), **(defenses or {})}
     records = []
     for attack in attacks:
         clean, attacked = pair(table, attack)

@@ -155,7 +155,7 @@ def save_pipelines(
             check_policy("detector" in roles, "corrector" in roles, on_flag)
         except LogitguardError as exc:
             raise LogitguardError(f"pipeline {name!r}: {exc}") from None
-        out = {role: Path(os.path.relpath(Path(value).resolve(), root)).as_posix() for role, value in roles.items()}
+        out = {role: _relative_name(Path(value), root) for role, value in roles.items()}
         if roles:
             out["on_flag"] = on_flag
         entries[name] = out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from ._io import refuse_overwrite
 from .errors import LogitguardError
@@ -73,7 +72,3 @@ def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, ove
                  for name, parts in PIPELINES.items()}
     return save_pipelines(out / MANIFEST, pipelines, overwrite=overwrite)
 
-
-def describe() -> dict[str, Any]:
-    """The recipe as plain data (for reports and threat metadata)."""
-    return {"corrector": CORRECTOR, "detector_fpr": DETECTOR_FPR, "pipelines": PIPELINES}

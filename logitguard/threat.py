@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .defense import GatedDefense
 from .errors import LogitguardError, TableError
 from .metrics import ABSTAIN
 from .summary import percent, render_table
@@ -183,7 +184,8 @@ class _Rows:
         self.attack = table.attack[self.rows]
         self.labels = labels
         self.bare_right = argmax[self.rows] == labels[self.rows]
-        self.in_budget = {eps: self._size() <= eps + BUDGET_TOLERANCE for eps in self.budgets}
+        size = self._size()
+        self.in_budget = {eps: size <= eps + BUDGET_TOLERANCE for eps in self.budgets}
 
     def _size(self) -> np.ndarray:
         """Each attacked row's L-inf size: the ``linf`` column, else the attack's metadata eps, else 0
@@ -219,11 +221,6 @@ class _Rows:
         return sorted(np.unique(self.attack[mask]).tolist())
 
 
-class _Argmax:
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        return table.logits.argmax(axis=1)
-
-
 def threat_model_table(
     table: LogitTable,
     pipelines: Mapping[str, Defense],
@@ -251,7 +248,7 @@ def threat_model_table(
     rows = _Rows(table, split, budgets)
     t = rows.table
     if NO_DEFENSE not in pipelines:
-        pipelines = {NO_DEFENSE: _Argmax(), **pipelines}
+        pipelines = {NO_DEFENSE: GatedDefense(None, None), **pipelines}
     y = t.labels[rows.clean_rows]
     records = []
     for name, defense in pipelines.items():

@@ -147,15 +147,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
         shard=shard_spec, batch_size=batch_size, device=device, substitute=substitute,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
-    if as_json:
-        echo_json({"written": [str(p) for p in report.written], "skipped": [str(p) for p in report.skipped],
-                   "timings": report.timings})
-        return
-    rows = [[t["split"], t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.0f}"]
-            for t in report.timings]
-    if rows:
-        click.echo("\n".join(render_table(["split", "attack", "rows", "seconds", "rows/s"], rows, left=2)))
-    click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
+    _echo_report(report, out, as_json)
 
 
 @main.command("attack-defenses")
@@ -232,14 +224,19 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
         report = export_surrogate(model, load_dataset(dataset, "train", root=root), test, specs, out=out,
                                   workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
                                   **common)
+    _echo_report(report, out, as_json)
+
+
+def _echo_report(report, out: str, as_json: bool) -> None:
+    """What an export wrote and skipped, with seconds and rows/s per partition (or all of it as JSON)."""
     if as_json:
         echo_json({"written": [str(p) for p in report.written], "skipped": [str(p) for p in report.skipped],
                    "timings": report.timings})
         return
-    rows = [[t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.1f}"]
+    rows = [[t["split"], t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.0f}"]
             for t in report.timings]
     if rows:
-        click.echo("\n".join(render_table(["partition", "rows", "seconds", "rows/s"], rows, left=1)))
+        click.echo("\n".join(render_table(["split", "attack", "rows", "seconds", "rows/s"], rows, left=2)))
     click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
 
 
@@ -272,8 +269,10 @@ def _value(raw: str, item: str) -> Any:
 
 def _splits(spec: str) -> list[str]:
     """``"train,test"`` → ``["train", "test"]``; only the dataset splits the producer knows."""
+    from .export import SPLITS
+
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in ("train", "test")]
+    unknown = [s for s in chosen if s not in SPLITS]
     if not chosen or unknown:
         raise ProducerError(f"--splits takes train and/or test, got {spec!r}")
     return list(dict.fromkeys(chosen))

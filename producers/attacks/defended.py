@@ -228,8 +228,9 @@ class DefenseAttack(Attack):
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
                 best: torch.Tensor, found: torch.Tensor) -> None:
-        """Fill `best` / `found` (subclasses)."""
-        raise NotImplementedError
+        """Fill `best` / `found`: every route of `routes` in turn, each on the samples still unbroken."""
+        for route in self.routes():
+            self._run_route(route, x, y, generator, best, found)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "routes": list(self.routes()), "on_flag": self.defense.on_flag}

@@ -20,7 +20,3 @@ class Evade(DefenseAttack):
 
     def routes(self):
         return ("evade",) if self.defense.detector is not None else ("model",)
-
-    def _attack(self, x, y, generator, best, found) -> None:
-        for route in self.routes():
-            self._run_route(route, x, y, generator, best, found)

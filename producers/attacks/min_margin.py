@@ -29,8 +29,7 @@ class MinMargin(DefenseAttack):
         self.search_steps = int(search_steps)
 
     def _attack(self, x, y, generator, best, found) -> None:
-        for route in self.routes():
-            self._run_route(route, x, y, generator, best, found)
+        super()._attack(x, y, generator, best, found)
         delta = best - x
         low = torch.zeros(len(x), device=x.device)
         high = torch.ones(len(x), device=x.device)

@@ -17,7 +17,3 @@ class Routes(DefenseAttack):
     """Every applicable route in turn, each on the samples still answered right."""
 
     name: ClassVar[str] = "routes"
-
-    def _attack(self, x, y, generator, best, found) -> None:
-        for route in self.routes():
-            self._run_route(route, x, y, generator, best, found)

@@ -25,18 +25,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from logitguard.corrector import LogitCorrector
-from logitguard.defense import load_corrector
+from logitguard.defense import ABSTAIN, ON_FLAG, load_corrector
 from logitguard.detectors import Detector, LearnedDetector, OddsTest, load_detector
 from logitguard.svm import SVMCorrector
 
 from ..errors import ProducerError
 
-try:
-    from logitguard.defense import ABSTAIN
-except ImportError:  # the core's policies land separately; the value is fixed by the spec
-    ABSTAIN = -1
-
-ON_FLAG = ("correct", "reject", "agree")
 BASELINES = ("msp", "maxlogit", "energy", "nonme")
 NEG = -1e9  # finite stand-in for -inf in differentiable class scores (the odds test's own class)
 
