@@ -82,12 +82,12 @@ def main() -> None:
         table = synthetic(rows, classes, args.queries, seed=0)
         small = table.take(np.arange(args.loop_rows))
         odds = OddsTest(min_rows=1)
-        _, t_fit = timed(lambda: odds.fit(table, split=None))
-        _, t_score = timed(lambda: odds.score(table))
+        _, t_fit = timed(lambda: odds.fit_table(table, split=None))
+        _, t_score = timed(lambda: odds.score_table(table))
         (mean, std), t_loop_fit = timed(lambda: loop_fit(small))
         loop_scores, t_loop_score = timed(lambda: loop_score(small, mean, std))
-        check = OddsTest(min_rows=1).fit(small, split=None)
-        diff = float((np.abs(check.score(small) - loop_scores) / np.maximum(np.abs(loop_scores), 1.0)).max())
+        check = OddsTest(min_rows=1).fit_table(small, split=None)
+        diff = float((np.abs(check.score_table(small) - loop_scores) / np.maximum(np.abs(loop_scores), 1.0)).max())
         fit_vec, fit_loop = rows / t_fit, args.loop_rows / t_loop_fit
         score_vec, score_loop = rows / t_score, args.loop_rows / t_loop_score
         print(f"{classes:5d} {fit_vec:10.0f} {fit_loop:10.1f} {fit_vec / fit_loop:6.0f}x {score_vec:10.0f} "

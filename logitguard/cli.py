@@ -103,9 +103,9 @@ def corrector_options(func):
 
 
 def _corrector_params(kwargs: dict[str, Any]) -> dict[str, Any]:
-    from .corrector import _PARAMS
+    from .corrector import LogitCorrector
 
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in _PARAMS}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in LogitCorrector._get_param_names()}
 
 
 def _progress() -> bool:
@@ -117,7 +117,7 @@ def _progress() -> bool:
 @table_argument
 @click.option("--attack", "attacks", required=True, type=comma_list, help="Attack(s) to train on: pgd or pgd,mim.")
 @click.option("--split", default="train", show_default=True, help="Split to train on.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Corrector file to write (.pt).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Corrector file to write (.npz).")
 @click.option("--stream", is_flag=True, help="Stream mini-batches from disk (tables larger than memory).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @corrector_options
@@ -271,7 +271,7 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
     refuse_overwrite([Path(out)], force)
     params = {"fpr": fpr} if correction is None else {"fpr": fpr, "correction": correction}
     detector = make_detector(kind, **params)
-    detector.fit(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
+    detector.fit_table(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
     emit(report, as_json, f"fitted {kind}: threshold {detector.threshold_:.4g} flags "
@@ -293,7 +293,7 @@ def detect(table: str, detector_path: str, split: str, as_json: bool) -> None:
 
     detector = load_detector(detector_path)
     data = read_table(table, split=split)
-    flagged = detector.predict(data)
+    flagged = detector.predict_table(data)
     rates = {a: float(flagged[data.attack == a].mean()) for a in data.attacks}
     metrics = None
     if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:

@@ -14,7 +14,8 @@ Two ways to feed it:
   there are attacked rows) and shuffled through a buffer; the clean and attacked rows of one sample are
   not coupled, which is the only difference from the in-memory mix.
 
-Saved files hold tensors and plain values only and are read with ``torch.load(weights_only=True)``.
+Saved files use the shared estimator format (`logitguard.estimator`: plain arrays + a JSON header);
+``.pt`` files from earlier versions still load, through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._io import atomic_output, refuse_overwrite
 from .errors import LogitguardError
+from .estimator import Estimator, check_logits
 from .tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
-FORMAT = "logitguard.LogitCorrector"
-FORMAT_VERSION = 1
+LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
 _INFERENCE_BATCH = 4096
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
-class LogitCorrector:
+class LogitCorrector(Estimator):
     """Recover the true label from (possibly attacked) logits.
 
     Parameters (keyword-only; defaults are the paper's)
@@ -66,6 +66,10 @@ class LogitCorrector:
     best_epoch_ : the epoch whose weights were kept.
     """
 
+    estimator_name = "corrector"
+    fitted_attribute = "model_"
+    describes = "corrector"
+
     def __init__(
         self,
         *,
@@ -82,35 +86,29 @@ class LogitCorrector:
         device: str = "cpu",
         progress: bool = True,
     ) -> None:
-        _check("hidden", hidden, hidden >= 1, "an integer >= 1")
-        _check("p_clean", p_clean, 0.0 <= p_clean <= 1.0, "in [0, 1]")
-        _check("dropout", dropout, 0.0 <= dropout < 1.0, "in [0, 1)")
-        _check("lr", lr, lr > 0, "> 0")
-        _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
-        _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        _check("epochs", epochs, epochs >= 1, "an integer >= 1")
-        _check("validation_fraction", validation_fraction, 0.0 <= validation_fraction < 1.0, "in [0, 1)")
-        _check("patience", patience, patience >= 1, "an integer >= 1")
-        self.hidden = int(hidden)
-        self.p_clean = float(p_clean)
-        self.dropout = float(dropout)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.batch_size = int(batch_size)
-        self.epochs = int(epochs)
-        self.validation_fraction = float(validation_fraction)
-        self.patience = int(patience)
-        self.seed = int(seed)
+        self.hidden = hidden
+        self.p_clean = p_clean
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.seed = seed
         self.device = device
         self.progress = progress
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments, as scikit-learn's `get_params` returns them."""
-        return {name: getattr(self, name) for name in _PARAMS}
-
-    def __repr__(self) -> str:
-        changed = {k: v for k, v in self.get_params().items() if v != _DEFAULTS[k]}
-        return f"LogitCorrector({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+    def _check_params(self) -> None:
+        _check("hidden", self.hidden, self.hidden >= 1, "an integer >= 1")
+        _check("p_clean", self.p_clean, 0.0 <= self.p_clean <= 1.0, "in [0, 1]")
+        _check("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _check("lr", self.lr, self.lr > 0, "> 0")
+        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        _check("epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
+        _check("validation_fraction", self.validation_fraction, 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
+        _check("patience", self.patience, self.patience >= 1, "an integer >= 1")
 
     # -- training ----------------------------------------------------------------------------
 
@@ -129,6 +127,7 @@ class LogitCorrector:
         To mix several attacks, stack their pairs (the clean row repeats once per attack). `sample_id`
         (N,) keeps a sample's rows on one side of the validation split; it defaults to the row number.
         """
+        self._check_params()
         clean, attacked = _as_logits(clean, "clean"), _as_logits(attacked, "attacked")
         labels = np.asarray(labels)
         if clean.shape != attacked.shape or labels.shape != clean.shape[:1]:
@@ -164,6 +163,7 @@ class LogitCorrector:
         `table` is a `LogitTable` or the path of one. With ``stream=True`` (a path only) the rows are
         streamed from disk through a shuffle buffer of `buffer_rows` rows instead of being loaded.
         """
+        self._check_params()
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
         if not attacks or CLEAN in attacks:
             raise LogitguardError(f"name the attack(s) to train on (not {CLEAN!r}); got {attacks}")
@@ -273,7 +273,7 @@ class LogitCorrector:
         rng = np.random.default_rng(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = _mlp(self.n_classes_, self.hidden, self.dropout).to(self.device)
+            model = _mlp(self.n_classes_, int(self.hidden), self.dropout).to(self.device)
             optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             self.history_: list[dict[str, float]] = []
             best_score, best_state, self.best_epoch_, stale = -np.inf, None, self.epochs, 0
@@ -345,9 +345,7 @@ class LogitCorrector:
     def correct(self, logits: np.ndarray) -> np.ndarray:
         """Corrected logits (N, C) float32 for logits (N, C); their argmax is the corrected label."""
         self._check_fitted()
-        logits = _as_logits(logits, "logits")
-        if logits.shape[1] != self.n_classes_:
-            raise LogitguardError(f"logits have {logits.shape[1]} classes; this corrector was trained on {self.n_classes_}")
+        logits = np.ascontiguousarray(check_logits(logits, num_classes=self.n_classes_)[0], dtype=np.float32)
         out = np.empty_like(logits)
         with torch.inference_mode():
             for start in range(0, len(logits), _INFERENCE_BATCH):
@@ -355,8 +353,9 @@ class LogitCorrector:
                 out[start:start + len(x)] = self.model_(x).float().cpu().numpy()
         return out
 
-    def predict(self, logits: np.ndarray) -> np.ndarray:
-        """Corrected labels (N,) int64 for logits (N, C)."""
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Corrected labels (N,) int64 for logits (N, C); `noisy_logits` is accepted and ignored (the
+        corrector reads one logit vector), so every corrector takes the same arguments."""
         return self.correct(logits).argmax(axis=1)
 
     def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
@@ -373,7 +372,8 @@ class LogitCorrector:
         corrected = self.correct(table.logits)
         kept = {name: table.column(name) for name in ("linf", "l2") if name in table.columns}
         metadata = {**table.metadata, "corrected_by": {"attacks": self.attacks_, **self.get_params()}}
-        del metadata["corrected_by"]["progress"]
+        for runtime in ("progress", "device"):
+            del metadata["corrected_by"][runtime]
         return LogitTable.from_arrays(
             logits=corrected, sample_id=table.sample_id, split=table.split, attack=table.attack,
             label=table.labels, pred=corrected.argmax(axis=1), metadata=metadata, **kept,
@@ -385,60 +385,45 @@ class LogitCorrector:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write weights, parameters and history to `path` (torch format, tensors and plain values only)."""
-        self._check_fitted()
-        path = Path(path)
-        refuse_overwrite([path], overwrite)
-        state = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "params": {k: v for k, v in self.get_params().items() if k not in ("device", "progress")},
-            "n_classes": self.n_classes_,
-            "class_names": self.class_names_,
-            "attacks": self.attacks_,
-            "history": self.history_,
-            "best_epoch": self.best_epoch_,
-            "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-        }
-        with atomic_output(path) as tmp:
-            torch.save(state, tmp)
-        return path
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        state = {"n_classes": self.n_classes_, "class_names": self.class_names_, "attacks": self.attacks_,
+                 "history": self.history_, "best_epoch": self.best_epoch_}
+        return state, {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+
+    def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._start(state["n_classes"], state["class_names"], state["attacks"])
+        self.history_, self.best_epoch_ = state["history"], state["best_epoch"]
+        model = _mlp(self.n_classes_, int(self.hidden), self.dropout)
+        try:
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        except RuntimeError as exc:
+            raise ValueError(f"weights do not fit the stored shape ({exc})") from None
+        self.model_ = model.to(self.device).eval()
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> LogitCorrector:
-        """Read a corrector written by `save`; never unpickles arbitrary objects (weights_only=True)."""
+        """Read a corrector written by `save` (or a ``.pt`` file of an earlier version); never unpickles."""
+        return super().load(path, device=device, progress=False)
+
+    @classmethod
+    def load_legacy(cls, path: str | os.PathLike, *, device: str = "cpu", progress: bool = False,
+                    what: str = "corrector") -> LogitCorrector:
+        """A torch ``.pt`` corrector from before the shared format, read with ``weights_only=True``."""
         path = Path(path)
-        if not path.is_file():
-            raise LogitguardError(f"no such corrector file: {path}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle, zip and torch errors all mean the same thing here
-            raise LogitguardError(f"{path}: not a logitguard corrector file ({type(exc).__name__})") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise LogitguardError(f"{path}: not a logitguard {what} file ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != LEGACY_FORMAT:
             raise LogitguardError(f"{path}: not a logitguard corrector file")
-        if state.get("format_version", 0) > FORMAT_VERSION:
+        if state.get("format_version", 0) > 1:
             raise LogitguardError(f"{path}: written by a newer logitguard (format {state['format_version']}); upgrade")
-        corrector = cls(**state["params"], device=device, progress=False)
-        corrector._start(state["n_classes"], state["class_names"], state["attacks"])
-        corrector.history_ = state["history"]
-        corrector.best_epoch_ = state["best_epoch"]
-        model = _mlp(corrector.n_classes_, corrector.hidden, corrector.dropout)
+        corrector = cls(**state["params"], device=device, progress=progress)
         try:
-            model.load_state_dict(state["state_dict"])
-        except RuntimeError as exc:
-            raise LogitguardError(f"{path}: weights do not fit the stored shape ({exc})") from None
-        corrector.model_ = model.to(device).eval()
+            corrector._restore(state, {k: v.numpy() for k, v in state["state_dict"].items()})
+        except ValueError as exc:
+            raise LogitguardError(f"{path}: {exc}") from None
         return corrector
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
-            raise LogitguardError("this LogitCorrector is not fitted yet; call fit() or load() first")
-
-
-_PARAMS = ("hidden", "p_clean", "dropout", "lr", "weight_decay", "batch_size", "epochs",
-           "validation_fraction", "patience", "seed", "device", "progress")
-_DEFAULTS = {name: LogitCorrector.__init__.__kwdefaults__[name] for name in _PARAMS}
 
 
 class _Dropout(nn.Module):

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from ._io import read_header
 from .errors import LogitguardError
+from .estimator import check_logits
 from .metrics import ABSTAIN
 from .tables import LogitTable, conform
 
@@ -34,11 +34,23 @@ if TYPE_CHECKING:
 
 ON_FLAG = ("correct", "reject", "agree")
 
-__all__ = ["ABSTAIN", "ON_FLAG", "Corrector", "GatedDefense", "check_policy", "load_corrector"]
+__all__ = ["ABSTAIN", "ON_FLAG", "Corrector", "Decision", "GatedDefense", "as_corrector", "check_policy",
+           "load_corrector"]
 
 
 class Corrector(Protocol):
-    def predict_table(self, table: LogitTable) -> np.ndarray: ...
+    """Anything that re-labels rows: `LogitCorrector`, `SVMCorrector`, `OddsCorrector`."""
+
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray: ...
+
+
+class Decision(NamedTuple):
+    """What a defense decided for each of N rows (arrays of shape (N,))."""
+
+    model_label: np.ndarray  # int64: the model's own argmax
+    flagged: np.ndarray  # bool: the detector's verdict (every row without a detector, none for the bare model)
+    score: np.ndarray  # float64: the detector's score, higher = more likely adversarial (NaN without a detector)
+    label: np.ndarray  # int64: the label to act on; ABSTAIN (-1) where the row is rejected
 
 
 def check_policy(has_detector: bool, has_corrector: bool, on_flag: str) -> None:
@@ -66,45 +78,65 @@ class GatedDefense:
     Parameters
     ----------
     detector : a fitted `Detector`, or None: every row counts as flagged (a corrector alone).
-    corrector : anything with ``predict_table(table) -> labels``: a `LogitCorrector`, an `SVMCorrector`
-        or an `OddsTest` (its own correction rule); None only with ``on_flag="reject"``, or with no
-        detector either (the bare model).
+    corrector : a `Corrector` (``predict(logits, noisy_logits) -> labels``): a `LogitCorrector`, an
+        `SVMCorrector` or an `OddsCorrector` (an odds test's own rule); None only with
+        ``on_flag="reject"``, or with no detector either (the bare model).
     on_flag : ``"correct"`` (default), ``"reject"`` or ``"agree"``; see the module docstring.
     """
 
     def __init__(self, detector: Detector | None, corrector: Corrector | None, *, on_flag: str = "correct") -> None:
         check_policy(detector is not None, corrector is not None, on_flag)
         self.detector = detector
-        self.corrector = corrector
+        self.corrector = as_corrector(corrector) if corrector is not None else None
         self.on_flag = on_flag
 
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        """Labels (N,) int64: argmax on passed rows, the policy's label on flagged ones (`ABSTAIN` = rejected)."""
-        return self.labels_and_flags(table)[0]
+    @property
+    def needs_noise(self) -> bool:
+        """Whether `check` needs noise queries (a detector or corrector reads them)."""
+        return any(getattr(part, "needs_noise", False) for part in (self.detector, self.corrector))
 
-    def labels_and_flags(self, table: LogitTable) -> tuple[np.ndarray, np.ndarray]:
-        """Defended labels (N,) int64 (`ABSTAIN` where rejected) and the flags (N,) bool.
+    def check(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> Decision:
+        """Decide every row of logits (N, C) (and noise queries (N, K, C) when a part needs them).
 
         Without a detector every row is flagged (the corrector acts on all of them); the bare model
-        (neither) flags nothing.
+        (neither) flags nothing. The corrector runs on flagged rows only.
         """
-        labels = table.logits.argmax(axis=1).astype(np.int64)
+        logits, noisy = check_logits(logits, noisy_logits, needs_noise=self.needs_noise)
+        model_label = logits.argmax(axis=1).astype(np.int64)
+        labels = model_label.copy()
+        score = np.full(len(logits), np.nan)
         if self.detector is not None:
-            flagged = np.asarray(self.detector.predict(table), dtype=bool)
+            score = self.detector.score_samples(logits, noisy)
+            flagged = score > self.detector.threshold_
         else:
-            flagged = np.full(len(table), self.corrector is not None)
-        if not flagged.any():
-            return labels, flagged
-        if self.on_flag == "reject":
-            labels[flagged] = ABSTAIN
-            return labels, flagged
-        subset = table if flagged.all() else table.take(flagged)
-        corrected = np.asarray(self.corrector.predict_table(subset), dtype=np.int64)
-        if self.on_flag == "correct":
-            labels[flagged] = corrected
-        else:  # agree
-            labels[flagged] = np.where(corrected == labels[flagged], labels[flagged], ABSTAIN)
-        return labels, flagged
+            flagged = np.full(len(logits), self.corrector is not None)
+        if flagged.any():
+            if self.on_flag == "reject":
+                labels[flagged] = ABSTAIN
+            else:
+                rows = slice(None) if flagged.all() else flagged
+                corrected = np.asarray(self.corrector.predict(logits[rows], None if noisy is None else noisy[rows]),
+                                       dtype=np.int64)
+                if self.on_flag == "correct":
+                    labels[flagged] = corrected
+                else:  # agree
+                    labels[flagged] = np.where(corrected == model_label[flagged], corrected, ABSTAIN)
+        return Decision(model_label, flagged, score, labels)
+
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Defended labels (N,) int64: argmax on passed rows, the policy's label on flagged ones (`ABSTAIN` = rejected)."""
+        return self.check(logits, noisy_logits).label
+
+    def check_table(self, table: LogitTable) -> Decision:
+        """`check` on every row of `table`."""
+        noisy = table.noisy_logits if self.needs_noise else None
+        if self.needs_noise and noisy is None:
+            raise LogitguardError("this defense needs noise queries (column 'noisy_logits')")
+        return self.check(table.logits, noisy)
+
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        """`predict` on every row of `table` (the defense protocol of `evaluate` and `threat_model_table`)."""
+        return self.check_table(table).label
 
     def describe(self) -> dict:
         """JSON-ready description: detector (kind, params, threshold) or None, corrector class or None, on_flag."""
@@ -122,31 +154,31 @@ class GatedDefense:
         so the contract's ``0 <= pred < C`` holds for every reader. Logits, labels and noise queries are
         kept unchanged; the metadata records the defense (``defended_by``, with ``on_flag``).
         """
-        labels, flagged = self.labels_and_flags(table)
+        decision = self.check_table(table)
+        labels, flagged = decision.label, decision.flagged
         arrow = table.arrow.drop_columns([c for c in ("pred", "flagged") if c in table.columns])
         pred = pa.array(labels, pa.int64(), mask=labels == ABSTAIN)
         arrow = arrow.append_column("pred", pred).append_column("flagged", pa.array(flagged))
         return conform(arrow, metadata={**table.metadata, "defended_by": self.describe()})
 
 
-def load_corrector(path: str | os.PathLike) -> Corrector:
-    """Any saved corrector: a `LogitCorrector` (.pt), an `SVMCorrector` or an odds-test detector (.npz)."""
-    from .corrector import LogitCorrector
-    from .detectors import load_detector
-    from .detectors.odds import OddsTest
-    from .svm import FORMAT as SVM_FORMAT
-    from .svm import SVMCorrector
+def as_corrector(estimator: Any, where: str = "") -> Corrector:
+    """`estimator` as a corrector: an odds test is used through its correction rule (`OddsCorrector`);
+    any other detector is refused."""
+    from .detectors import Detector
+    from .detectors.odds import OddsCorrector, OddsTest
 
-    path = Path(path)
-    if not path.is_file():
-        raise LogitguardError(f"no such corrector file: {path}")
-    header = read_header(path)
-    if header is None:
-        return LogitCorrector.load(path)
-    if header.get("format") == SVM_FORMAT:
-        return SVMCorrector.load(path)
-    detector = load_detector(path)
-    if not isinstance(detector, OddsTest):
-        raise LogitguardError(f"{path}: a {detector.kind!r} detector cannot correct labels; use a corrector, "
+    if isinstance(estimator, OddsTest):
+        return OddsCorrector(estimator)
+    if isinstance(estimator, Detector):
+        raise LogitguardError(f"{where}a {estimator.kind!r} detector cannot correct labels; use a corrector, "
                               "an SVM or an odds detector")
-    return detector
+    return estimator
+
+
+def load_corrector(path: str | os.PathLike) -> Corrector:
+    """Any saved corrector: a `LogitCorrector`, an `SVMCorrector`, or an odds-test detector file (used
+    through its correction rule, as an `OddsCorrector`)."""
+    from .estimator import load_estimator
+
+    return as_corrector(load_estimator(path, what="corrector"), f"{path}: ")

@@ -95,7 +95,7 @@ def run_demo(
 
     step("fitting detectors (" + ", ".join(KINDS) + ")")
     has_noise = table.noisy_logits is not None
-    detectors = {kind: make_detector(kind).fit(table) for kind in KINDS
+    detectors = {kind: make_detector(kind).fit_table(table) for kind in KINDS
                  if has_noise or not make_detector(kind).needs_noise}
     detection = detection_table(table, detectors)
 
@@ -104,7 +104,7 @@ def run_demo(
     pipelines: dict[str, Any] = {f"corrector({main_attack}) alone": correctors[main_attack], "SVM alone": svm,
                                  "msp@5% → SVM": GatedDefense(detectors["msp"], svm)}
     if has_noise:
-        odds_logistic = make_detector("odds", correction="logistic").fit(table)
+        odds_logistic = make_detector("odds", correction="logistic").fit_table(table)
         strict = detectors["learned-noisy"].with_fpr(0.01)
         pipelines |= {
             "odds@5% → SVM": GatedDefense(detectors["odds"], svm),
@@ -187,7 +187,7 @@ def _figures(out: Path, freqs, transfer, bc, table, detectors, attack, histogram
     clean_rows, attacked_rows = test.select(attacks=CLEAN), attacked.take(hit)
     curves = {}
     for name, detector in detectors.items():
-        scores = np.r_[detector.score(clean_rows), detector.score(attacked_rows)]
+        scores = np.r_[detector.score_table(clean_rows), detector.score_table(attacked_rows)]
         truth = np.r_[np.zeros(len(clean_rows)), np.ones(len(attacked_rows))]
         fpr, tpr, _ = roc_curve(truth, scores)
         curves[name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))

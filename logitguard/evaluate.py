@@ -123,12 +123,12 @@ def detection_table(
     clean_rows = table.select(attacks=CLEAN)
     records = []
     for name, detector in detectors.items():
-        clean_scores = detector.score(clean_rows)
+        clean_scores = detector.score_table(clean_rows)
         clean_fpr = float((clean_scores > detector.threshold_).mean())
         for attack in attacks:
             clean, attacked = pair(table, attack)
             hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
-            scores = detector.score(attacked)[hit]
+            scores = detector.score_table(attacked)[hit]
             tpr1, fpr1 = tpr_at_fpr(clean_scores, scores, 0.01)
             tpr5, fpr5 = tpr_at_fpr(clean_scores, scores, 0.05)
             threshold_tpr = float((scores > detector.threshold_).mean()) if scores.size else float("nan")

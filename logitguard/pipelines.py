@@ -3,7 +3,7 @@
 ```json
 {"format": "logitguard.Pipelines", "format_version": 1,
  "pipelines": {"none": {},
-               "corrector": {"corrector": "pgd.pt"},
+               "corrector": {"corrector": "pgd.npz"},
                "ln-odds": {"detector": "learned-noisy.npz", "corrector": "odds-logistic.npz", "on_flag": "correct"}}}
 ```
 

@@ -65,8 +65,8 @@ def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, ove
     corrector = LogitCorrector(**settings, seed=seed, progress=False).fit_table(table, CORRECTOR["attack"])
     corrector.save(out / FILES["corrector"], overwrite=overwrite)
     learned = make_detector("learned-noisy", fpr=DETECTOR_FPR["learned-noisy"], seed=seed)
-    learned.fit(table, attacks=attacks).save(out / FILES["learned-noisy"], overwrite=overwrite)
-    odds = make_detector("odds", fpr=DETECTOR_FPR["odds"], correction="logistic").fit(table, attacks=attacks)
+    learned.fit_table(table, attacks=attacks).save(out / FILES["learned-noisy"], overwrite=overwrite)
+    odds = make_detector("odds", fpr=DETECTOR_FPR["odds"], correction="logistic").fit_table(table, attacks=attacks)
     odds.save(out / FILES["odds"], overwrite=overwrite)
     pipelines = {name: {part: (value if part == "on_flag" else out / value) for part, value in parts.items()}
                  for name, parts in PIPELINES.items()}

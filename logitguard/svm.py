@@ -17,43 +17,58 @@ from typing import Any
 
 import numpy as np
 
-from ._io import load_arrays, save_arrays
+from ._io import load_arrays
 from .errors import LogitguardError
+from .estimator import Estimator, check_logits
 from .tables import CLEAN, LogitTable
 
-FORMAT = "logitguard.SVMCorrector"
+LEGACY_FORMAT = "logitguard.SVMCorrector"  # SVM files before the shared estimator format (still read)
 _BATCH = 2048
 
 
-class SVMCorrector:
+class SVMCorrector(Estimator):
     """Standardise, then RBF SVC (one-vs-one) from attacked logits to true labels.
 
     Parameters: ``C`` and ``gamma`` as in `sklearn.svm.SVC`; ``max_rows`` caps the training rows
     (a seeded random subset; SVC training time grows about quadratically); ``seed``.
     """
 
+    estimator_name = "svm"
+    fitted_attribute = "coef_"
+    describes = "SVM corrector"
+
     def __init__(self, *, C: float = 1.0, gamma: str | float = "scale", max_rows: int = 20000, seed: int = 0) -> None:
-        if C <= 0:
-            raise LogitguardError(f"C must be > 0, got {C!r}")
-        self.C, self.gamma, self.max_rows, self.seed = float(C), gamma, int(max_rows), int(seed)
+        self.C = C
+        self.gamma = gamma
+        self.max_rows = max_rows
+        self.seed = seed
 
-    def get_params(self) -> dict[str, Any]:
-        return {"C": self.C, "gamma": self.gamma, "max_rows": self.max_rows, "seed": self.seed}
+    def _check_params(self) -> None:
+        if not self.C > 0:
+            raise LogitguardError(f"C must be > 0, got {self.C!r}")
+        if not (self.gamma in ("scale", "auto") or (isinstance(self.gamma, (int, float)) and self.gamma > 0)):
+            raise LogitguardError(f"gamma must be 'scale', 'auto' or a number > 0, got {self.gamma!r}")
+        if not self.max_rows >= 1:
+            raise LogitguardError(f"max_rows must be >= 1, got {self.max_rows!r}")
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray) -> SVMCorrector:
-        """Train on attacked logits (N, C) and their true labels (N,)."""
+    def fit(self, logits: np.ndarray, labels: np.ndarray, *, noisy_logits: np.ndarray | None = None) -> SVMCorrector:
+        """Train on attacked logits (N, C) and their true labels (N,); `noisy_logits` is ignored."""
         from sklearn.svm import SVC
 
-        logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-        if logits.ndim != 2 or labels.shape != logits.shape[:1] or (labels < 0).any():
+        self._check_params()
+        logits, _ = check_logits(logits)
+        labels = np.asarray(labels)
+        if labels.shape != logits.shape[:1] or (labels < 0).any():
             raise LogitguardError(f"need logits (N, C) and true labels (N,) >= 0; got {logits.shape}, {labels.shape}")
         if len(logits) > self.max_rows:
-            keep = np.random.default_rng(self.seed).choice(len(logits), self.max_rows, replace=False)
+            keep = np.random.default_rng(self.seed).choice(len(logits), int(self.max_rows), replace=False)
             logits, labels = logits[keep], labels[keep]
         self.n_classes_ = logits.shape[1]
         self.center_, self.scale_ = logits.mean(axis=0), np.maximum(logits.std(axis=0), 1e-12)
-        svc = SVC(C=self.C, gamma=self.gamma, kernel="rbf").fit((logits - self.center_) / self.scale_, labels)
-        self._from_svc(svc)
+        x = (logits - self.center_) / self.scale_
+        # scikit-learn's definitions of "scale" and "auto", computed here rather than read from a private attribute
+        gamma = {"scale": 1.0 / (x.shape[1] * max(x.var(), 1e-12)), "auto": 1.0 / x.shape[1]}.get(self.gamma, self.gamma)
+        self._from_svc(SVC(C=self.C, gamma=float(gamma), kernel="rbf").fit(x, labels), float(gamma))
         return self
 
     def fit_table(self, table: LogitTable, attacks: str | list[str] = "fgsm", *, split: str | None = "train") -> SVMCorrector:
@@ -70,7 +85,7 @@ class SVMCorrector:
         self.attacks_ = attacks
         return self.fit(rows.logits, rows.labels)
 
-    def _from_svc(self, svc) -> None:
+    def _from_svc(self, svc, gamma: float) -> None:
         """Turn libsvm's one-vs-one layout into a dense (support vectors × pairs) coefficient matrix."""
         classes = svc.classes_
         n = len(classes)
@@ -86,12 +101,13 @@ class SVMCorrector:
         self.intercept_ = svc.intercept_
         self.pairs_ = np.stack([first, second])
         self.classes_ = classes
-        self.gamma_ = float(svc._gamma)
+        self.gamma_ = gamma
 
     def decision_function(self, logits: np.ndarray) -> np.ndarray:
         """One-vs-one decision values (N, pairs); positive favours the pair's first class."""
-        self._check_fitted(logits)
-        x = (np.asarray(logits, dtype=np.float64) - self.center_) / self.scale_
+        self._check_fitted()
+        logits, _ = check_logits(logits, num_classes=self.n_classes_)
+        x = (logits - self.center_) / self.scale_
         sv = self.support_vectors_
         out = np.empty((len(x), self.coef_.shape[1]))
         sv_sq = (sv * sv).sum(axis=1)
@@ -101,8 +117,8 @@ class SVMCorrector:
             out[start:start + len(xb)] = np.exp(-self.gamma_ * np.maximum(dist, 0.0)) @ self.coef_ + self.intercept_
         return out
 
-    def predict(self, logits: np.ndarray) -> np.ndarray:
-        """Labels (N,) by one-vs-one voting; ties go to the lowest class, as in libsvm."""
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Labels (N,) by one-vs-one voting; ties go to the lowest class, as in libsvm (`noisy_logits` ignored)."""
         decision = self.decision_function(logits)
         winners = np.where(decision > 0, self.pairs_[0], self.pairs_[1])
         n, k = len(winners), len(self.classes_)
@@ -116,32 +132,29 @@ class SVMCorrector:
         """Accuracy (scikit-learn's `score`)."""
         return float((self.predict(logits) == np.asarray(labels)).mean())
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        self._check_fitted()
-        header = {"format": FORMAT, "params": self.get_params(), "attacks": getattr(self, "attacks_", [])}
-        arrays = {name: getattr(self, f"{name}_") for name in _ARRAYS}
-        return save_arrays(Path(path), header, arrays, overwrite=overwrite)
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"attacks": getattr(self, "attacks_", [])}, {name: getattr(self, f"{name}_") for name in _ARRAYS}
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SVMCorrector:
-        path = Path(path)
-        header, arrays = load_arrays(path, FORMAT, "SVM corrector")
+    def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         missing = [name for name in _ARRAYS if name not in arrays]
         if missing:
-            raise LogitguardError(f"{path}: SVM corrector file lacks {missing}")
-        svm = cls(**header["params"])
-        svm.attacks_ = header["attacks"]
-        for name, value in arrays.items():
-            setattr(svm, f"{name}_", value)
-        svm.gamma_ = float(svm.gamma_)
-        svm.n_classes_ = len(svm.center_)
-        return svm
+            raise KeyError(f"SVM arrays lack {missing}")
+        self.attacks_ = state.get("attacks", [])
+        for name in _ARRAYS:
+            setattr(self, f"{name}_", arrays[name])
+        self.gamma_ = float(self.gamma_)
+        self.n_classes_ = len(self.center_)
 
-    def _check_fitted(self, logits: np.ndarray | None = None) -> None:
-        if not hasattr(self, "coef_"):
-            raise LogitguardError("this SVMCorrector is not fitted yet; call fit() or load() first")
-        if logits is not None and np.shape(logits)[-1] != self.n_classes_:
-            raise LogitguardError(f"logits have {np.shape(logits)[-1]} classes; this SVM was trained on {self.n_classes_}")
+    @classmethod
+    def load_legacy(cls, path: str | os.PathLike) -> SVMCorrector:
+        """An SVM file from before the shared estimator format."""
+        header, arrays = load_arrays(Path(path), LEGACY_FORMAT, "SVM corrector")
+        svm = cls(**header["params"])
+        try:
+            svm._restore({"attacks": header.get("attacks", [])}, arrays)
+        except KeyError as exc:
+            raise LogitguardError(f"{path}: {exc}") from None
+        return svm
 
 
 _ARRAYS = ("center", "scale", "support_vectors", "coef", "intercept", "pairs", "classes", "gamma")

@@ -300,7 +300,7 @@ def detector_miss_table(
     success = ~rows.bare_right  # rows are of selected samples: the clean row is right
     records = []
     for name, detector in detectors.items():
-        scores = np.asarray(detector.score(rows.table))[rows.rows]
+        scores = np.asarray(detector.score_table(rows.table))[rows.rows]
         thresholds = {"missed": detector.threshold_,
                       **{_miss_column(f): detector.with_fpr(f).threshold_ for f in fprs}}
         for tier, eps, mask in rows.tiers(name):

@@ -164,15 +164,17 @@ def test_correct_table_replaces_logits_and_records_the_corrector(fgsm_corrector,
     ({"hidden": 0}, "hidden must be an integer >= 1, got 0"),
     ({"validation_fraction": 1.0}, "validation_fraction must be in [0, 1), got 1.0"),
 ])
-def test_bad_parameters_are_refused(params, message):
+def test_bad_parameters_are_refused(params, message, digits_split_table):
+    corrector = LogitCorrector(**params)  # scikit-learn style: parameters are stored as given, checked by fit
+    assert corrector.get_params()[next(iter(params))] == next(iter(params.values()))
     with pytest.raises(LogitguardError, match=f"^{re.escape(message)}$"):
-        LogitCorrector(**params)
+        corrector.fit_table(digits_split_table, "fgsm")
 
 
 def test_bad_inputs_are_refused(fgsm_corrector, digits_split_table):
     with pytest.raises(LogitguardError, match=re.escape("not fitted yet")):
         LogitCorrector().predict(np.zeros((2, 10)))
-    with pytest.raises(LogitguardError, match=re.escape("logits have 3 classes; this corrector was trained on 10")):
+    with pytest.raises(LogitguardError, match=re.escape("logits have 3 classes; expected 10")):
         fgsm_corrector.predict(np.zeros((2, 3)))
     with pytest.raises(LogitguardError, match=re.escape("logits contain NaN or infinite values")):
         fgsm_corrector.predict(np.full((2, 10), np.nan))

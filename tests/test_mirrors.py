@@ -54,7 +54,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLP and logistic convergence at these tiny settings
         for name, (kind, params) in DETECTORS.items():
-            out[name] = make_detector(kind, **params).fit(train).save(folder / f"{name}.npz")
+            out[name] = make_detector(kind, **params).fit_table(train).save(folder / f"{name}.npz")
     out["corrector"] = (LogitCorrector(hidden=64, epochs=2, lr=1e-3, progress=False).fit_table(train, "pgd")
                         .save(folder / "corrector.pt"))
     out["svm"] = SVMCorrector(max_rows=2000).fit_table(train, "fgsm").save(folder / "svm.npz")
@@ -93,7 +93,7 @@ def _mirror(case, files):
 def _core_pipeline(detector, corrector, on_flag: str, table) -> tuple[np.ndarray, np.ndarray]:
     """The spec's policy rules over the core's own detector flags and corrector labels."""
     model = table.logits.argmax(axis=1)
-    flagged = np.ones(len(table), bool) if detector is None else detector.predict(table)
+    flagged = np.ones(len(table), bool) if detector is None else detector.predict_table(table)
     if corrector is None:
         return (model if detector is None else np.where(flagged, ABSTAIN, model)), flagged
     corrected = corrector.predict_table(table)
@@ -111,10 +111,10 @@ def test_mirror_equals_core(case, files, rows):
     logits, noisy = _inputs(rows)
     if role == "detector":
         core = load_detector(files[name])
-        expected, scores = core.score(rows), mirror(logits, noisy).numpy()
+        expected, scores = core.score_table(rows), mirror(logits, noisy).numpy()
         assert scores.dtype == np.float64 and mirror.threshold == core.threshold_
         assert np.all(np.abs(scores - expected) <= 1e-5 * np.maximum(1.0, np.abs(expected)))
-        np.testing.assert_array_equal(mirror.flags(logits, noisy).numpy(), core.predict(rows))
+        np.testing.assert_array_equal(mirror.flags(logits, noisy).numpy(), core.predict_table(rows))
     elif role == "corrector":
         core = load_corrector(files[name])
         np.testing.assert_array_equal(mirror.labels(logits, noisy).numpy(), core.predict_table(rows))
@@ -131,7 +131,8 @@ def test_mirror_equals_core(case, files, rows):
         np.testing.assert_array_equal(decided, labels)
         np.testing.assert_array_equal(mirror.flagged(logits, noisy).numpy(), flagged)
         if on_flag == "correct" and detector is not None:  # today's core GatedDefense
-            gated_labels, gated_flags = GatedDefense(core_detector, core_corrector).labels_and_flags(rows)
+            decision = GatedDefense(core_detector, core_corrector).check_table(rows)
+            gated_labels, gated_flags = decision.label, decision.flagged
             np.testing.assert_array_equal(decided, gated_labels)
             np.testing.assert_array_equal(flagged, gated_flags)
         if on_flag != "correct" and detector is not None:

@@ -191,7 +191,7 @@ def test_detector_miss_table_by_hand(synthetic):
               ("surrogate-pgd", 3): 0.0, ("big", 1): 0.99}
 
     class Lookup(Detector):
-        def score(self, table):
+        def score_table(self, table):
             return np.array([scores.get((a, s), 0.0) for a, s in zip(table.attack, table.sample_id)])
 
     detector = Lookup(fpr=0.1).calibrate(np.arange(100) / 100)  # thresholds: own 0.89, 5% 0.94, 1% 0.98
@@ -237,16 +237,17 @@ def test_threat_evaluation_needs_labels_and_clean_rows(synthetic):
 
 @pytest.fixture(scope="module")
 def digits_defense(digits_split_table):
-    return make_detector("msp").fit(digits_split_table), SVMCorrector().fit_table(digits_split_table, "fgsm")
+    return make_detector("msp").fit_table(digits_split_table), SVMCorrector().fit_table(digits_split_table, "fgsm")
 
 
 def test_policies_correct_reject_and_agree(digits_split_table, digits_defense):
     detector, svm = digits_defense
     test = digits_split_table.select(split="test")
     argmax, y = test.logits.argmax(1), test.labels
-    flags, corrected = detector.predict(test), svm.predict(test.logits)
+    flags, corrected = detector.predict_table(test), svm.predict(test.logits)
     assert 0 < flags.mean() < 1
-    labels = {p: GatedDefense(detector, svm, on_flag=p).labels_and_flags(test) for p in ("correct", "reject", "agree")}
+    labels = {p: _label_and_flags(GatedDefense(detector, svm, on_flag=p).check_table(test))
+              for p in ("correct", "reject", "agree")}
     for policy, (pred, flagged) in labels.items():
         np.testing.assert_array_equal(flagged, flags)
         np.testing.assert_array_equal(pred[~flags], argmax[~flags])
@@ -261,11 +262,11 @@ def test_policies_correct_reject_and_agree(digits_split_table, digits_defense):
     # "correct" does turn some right answers wrong on these rows (the harm the policies avoid).
     assert ((argmax == y) & (labels["correct"][0] != y)).any()
     # No detector: every row is flagged (a corrector alone); neither: the bare model.
-    pred, flagged = GatedDefense(None, svm).labels_and_flags(test)
+    pred, flagged = _label_and_flags(GatedDefense(None, svm).check_table(test))
     assert flagged.all() and (pred == corrected).all()
-    pred, flagged = GatedDefense(None, None).labels_and_flags(test)
+    pred, flagged = _label_and_flags(GatedDefense(None, None).check_table(test))
     assert not flagged.any() and (pred == argmax).all()
-    pred, _ = GatedDefense(detector, None, on_flag="reject").labels_and_flags(test)
+    pred = GatedDefense(detector, None, on_flag="reject").predict_table(test)
     np.testing.assert_array_equal(pred, labels["reject"][0])
 
 
@@ -286,7 +287,7 @@ def test_evaluate_counts_rejections_as_the_docs_say(digits_split_table, digits_d
     row = results.set_index(["subset", "defense"]).loc[("full", "reject")]
     test = digits_split_table.select(split="test")
     clean, attacked = test.select(attacks="clean"), test.select(attacks="fgsm")
-    flag_clean, flag_attacked = detector.predict(clean), detector.predict(attacked)
+    flag_clean, flag_attacked = detector.predict_table(clean), detector.predict_table(attacked)
     right_clean = clean.logits.argmax(1) == clean.labels
     right_attacked = attacked.logits.argmax(1) == attacked.labels
     assert row["clean_accuracy"] == pytest.approx((right_clean & ~flag_clean).mean())  # rejected clean: error
@@ -300,7 +301,7 @@ def test_defend_table_stores_rejections_as_null_pred(digits_split_table, digits_
     detector, svm = digits_defense
     test = digits_split_table.select(split="test")
     defense = GatedDefense(detector, svm, on_flag="agree")
-    pred, flagged = defense.labels_and_flags(test)
+    pred, flagged = _label_and_flags(defense.check_table(test))
     assert (pred == ABSTAIN).any()
     defended = defense.defend_table(test)
     assert defended.arrow.column("pred").null_count == int((pred == ABSTAIN).sum())
@@ -478,3 +479,8 @@ def test_every_tier_is_measured_on_the_samples_every_partition_covers(synthetic)
     assert results[("none", "oblivious", 16)]["samples"] == 3
     # the bare model at 16/255 on samples 1-3: pgd breaks 1, fgsm breaks 2, only 3 stays robust
     assert results[("none", "oblivious", 16)]["robust_accuracy"] == pytest.approx(1 / 3)
+
+
+def _label_and_flags(decision):
+    """(defended labels, flags) of a `Decision`."""
+    return decision.label, decision.flagged

@@ -1,7 +1,7 @@
-"""Detectors of attacked logits. Every detector follows `Detector`'s contract: `fit(table)` returns
-self, `score(table)` is higher for more likely adversarial rows, `predict(table)` flags rows above a
-threshold calibrated on clean rows to a target false-positive rate, and `save`/`load_detector` use
-plain arrays only.
+"""Detectors of attacked logits. Every detector follows `Detector`'s contract (arrays first, with
+``*_table`` wrappers): `fit(logits, attacked, …)` returns self, `score_samples(logits, noisy_logits)` is
+higher for more likely adversarial rows, `predict` flags rows above a threshold calibrated on clean rows
+to a target false-positive rate, and `save`/`load_detector` use plain arrays only.
 
 Kinds: ``msp``, ``maxlogit``, ``energy``, ``nonme`` (baselines, one logit vector), ``odds`` (noise
 queries) and ``odds-single`` (none), ``learned`` and ``learned-noisy``.
@@ -12,22 +12,28 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import LogitguardError
-from .base import REGISTRY, Detector, load_detector
+from ..estimator import REGISTRY
+from .base import Detector, load_detector
 from .baselines import EnergyDetector, MaxLogitDetector, MSPDetector, NonMEDetector
 from .learned import LearnedDetector, NoisyLearnedDetector
-from .odds import OddsTest, SingleShotOddsTest
+from .odds import OddsCorrector, OddsTest, SingleShotOddsTest
 
-KINDS = tuple(REGISTRY)
+KINDS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Detector))
 
 
 def make_detector(kind: str, **params: Any) -> Detector:
     """A new detector of `kind` (one of `KINDS`) with `params`."""
-    if kind not in REGISTRY:
+    if kind not in KINDS:
         raise LogitguardError(f"unknown detector kind {kind!r}; choose from {', '.join(KINDS)}")
-    return REGISTRY[kind](**params)
+    try:
+        detector = REGISTRY[kind](**params)
+    except TypeError as exc:
+        raise LogitguardError(f"bad parameters for the {kind!r} detector: {exc}") from None
+    detector._check_params()
+    return detector
 
 
 __all__ = [
     "KINDS", "Detector", "EnergyDetector", "LearnedDetector", "MSPDetector", "MaxLogitDetector", "NonMEDetector",
-    "NoisyLearnedDetector", "OddsTest", "SingleShotOddsTest", "load_detector", "make_detector",
+    "NoisyLearnedDetector", "OddsCorrector", "OddsTest", "SingleShotOddsTest", "load_detector", "make_detector",
 ]

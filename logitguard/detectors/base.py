@@ -1,61 +1,131 @@
-"""The detector contract shared by every detector.
+"""The detector contract shared by every detector (on top of `logitguard.estimator.Estimator`).
 
-``score(table)`` returns one float per row where **higher means more likely adversarial** (scores from
-papers that run the other way are negated). ``predict(table)`` flags rows whose score exceeds a
-threshold calibrated on clean rows to a target false-positive rate (default 5%); the FPR reached on the
-calibration rows is kept as ``achieved_fpr_``.
-
-Files are ``.npz`` archives of plain arrays plus one JSON header, read with ``allow_pickle=False``.
+``score_samples(logits, noisy_logits=None)`` returns one float per row where **higher means more
+likely adversarial** (scores from papers that run the other way are negated; note that scikit-learn's
+outlier detectors use the opposite sign). ``predict`` flags rows whose score exceeds a threshold
+calibrated on clean rows to the target false-positive rate ``fpr`` (default 5%); the FPR reached on
+the calibration rows is kept as ``achieved_fpr_``. ``fit_table`` / ``score_table`` / ``predict_table``
+do the same on the rows of a `LogitTable`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.base import clone
 
-from .._io import load_arrays, save_arrays
+from .._io import load_arrays
 from ..errors import LogitguardError
+from ..estimator import Estimator, check_logits
 from ..metrics import threshold_at_fpr
-from ..tables import CLEAN, LogitTable, holdout_mask
+from ..tables import CLEAN, LogitTable, holdout_mask, pair
 
-FORMAT = "logitguard.Detector"
-FORMAT_VERSION = 1
-REGISTRY: dict[str, type[Detector]] = {}
+LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
 
 
-class Detector:
-    """Base class: subclasses set `kind`, implement `score` and, if they learn anything, `_fit`,
-    `_state` and `_restore`."""
+class Detector(Estimator):
+    """Base class: subclasses set `kind`, implement `_scores` and, if they learn anything, `_fit`,
+    `_learned` and `_restore_learned`."""
 
     kind: ClassVar[str]
+    fitted_attribute = "threshold_"
+    describes = "detector"
     needs_noise: ClassVar[bool] = False
     # Supervised detectors fit their weights on most samples and calibrate the threshold on the rest:
     # a threshold set on the rows a network was trained on undershoots the FPR on new rows.
     calibration_fraction: ClassVar[float] = 0.0
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "kind" in cls.__dict__:
-            REGISTRY[cls.kind] = cls
+    # Supervised detectors learn "attacked" from attacks that succeeded; failed ones look clean.
+    successful_attacks_only: ClassVar[bool] = False
 
     def __init__(self, *, fpr: float = 0.05) -> None:
-        if not 0.0 < fpr < 1.0:
-            raise LogitguardError(f"fpr must be in (0, 1), got {fpr!r}")
-        self.fpr = float(fpr)
+        self.fpr = fpr
 
-    def get_params(self) -> dict[str, Any]:
-        return {"fpr": self.fpr}
+    def _check_params(self) -> None:
+        if not 0.0 < self.fpr < 1.0:
+            raise LogitguardError(f"fpr must be in (0, 1), got {self.fpr!r}")
 
-    # -- the contract ------------------------------------------------------------------------
+    # -- arrays ------------------------------------------------------------------------------
 
-    def fit(self, table: LogitTable, *, attacks: list[str] | None = None, split: str | None = "train") -> Detector:
-        """Learn from the `split` rows (clean rows; supervised detectors also attacked rows of
-        `attacks`, default all), then calibrate the threshold on clean rows: the same rows, or for
-        supervised detectors a held-out share ``calibration_fraction`` of the samples."""
+    def fit(self, logits: np.ndarray, attacked: np.ndarray | None = None, *, labels: np.ndarray | None = None,
+            noisy_logits: np.ndarray | None = None, groups: np.ndarray | None = None) -> Detector:
+        """Learn from logits (N, C) and calibrate the threshold on the clean rows.
+
+        attacked : (N,) bool, True for adversarial rows (supervised detectors learn from them; pass only
+            successful attacks to those with `successful_attacks_only`). None: every row is clean.
+        labels : (N,) true labels, for detectors that also learn a correction (the odds test's logistic rule).
+        noisy_logits : (N, K, C) noise queries, required by detectors with `needs_noise`.
+        groups : (N,) sample ids: supervised detectors hold out a share ``calibration_fraction`` of the
+            groups for calibration (all rows of a sample on one side). Default: one group per row.
+        """
+        self._check_params()
+        logits, noisy = check_logits(logits, noisy_logits, needs_noise=self.needs_noise)
+        n = len(logits)
+        attacked = np.zeros(n, dtype=bool) if attacked is None else np.asarray(attacked, dtype=bool)
+        if attacked.shape != (n,):
+            raise LogitguardError(f"attacked must have shape ({n},), got {attacked.shape}")
+        if attacked.all():
+            raise LogitguardError("fitting a detector needs clean rows (attacked=False) to calibrate on")
+        if labels is not None:
+            labels = np.asarray(labels)
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        held = holdout_mask(groups, self.calibration_fraction, seed=0)
+        if held.all() or not (held & ~attacked).any():
+            held[:] = False
+        self.n_classes_ = logits.shape[1]
+        self.n_queries_ = 0 if noisy is None else noisy.shape[1]
+        learn = ~held
+        self._fit(logits[learn], attacked[learn], None if labels is None else labels[learn],
+                  None if noisy is None else noisy[learn])
+        calibrate = (held if held.any() else np.ones(n, dtype=bool)) & ~attacked
+        return self.calibrate(self._scores(logits[calibrate], None if noisy is None else noisy[calibrate]))
+
+    def _fit(self, logits: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
+             noisy: np.ndarray | None) -> None:
+        """Learn what the score needs (nothing for the fixed baselines)."""
+
+    def score_samples(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Scores (N,) float64, higher = more likely adversarial."""
+        self._check_fitted()
+        logits, noisy = check_logits(logits, noisy_logits, num_classes=getattr(self, "n_classes_", None),
+                                     num_queries=getattr(self, "n_queries_", None), needs_noise=self.needs_noise)
+        return self._scores(logits, noisy)
+
+    def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
+        """`score_samples` on validated float64 arrays."""
+        raise NotImplementedError
+
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
+        return self.score_samples(logits, noisy_logits) > self.threshold_
+
+    def calibrate(self, clean_scores: np.ndarray) -> Detector:
+        """Set `threshold_` so that at most ``fpr`` of `clean_scores` exceed it."""
+        self._check_params()
+        clean_scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
+        if not len(clean_scores):
+            raise LogitguardError("no clean rows to calibrate the threshold on")
+        self.calibration_scores_ = clean_scores
+        self.threshold_ = threshold_at_fpr(clean_scores, self.fpr)
+        self.achieved_fpr_ = float((clean_scores > self.threshold_).mean())
+        return self
+
+    def with_fpr(self, fpr: float) -> Detector:
+        """A copy recalibrated to another target FPR on the same clean calibration scores (no refit)."""
+        self._check_fitted()
+        other = clone(self).set_params(fpr=fpr)
+        state, arrays = self._state()
+        other._restore(state, arrays)
+        return other.calibrate(self.calibration_scores_)
+
+    # -- tables ------------------------------------------------------------------------------
+
+    def fit_table(self, table: LogitTable, *, attacks: list[str] | None = None,
+                  split: str | None = "train") -> Detector:
+        """`fit` on the `split` rows: clean rows and, for supervised detectors, attacked rows of `attacks`
+        (default all; only successful ones where `successful_attacks_only`), grouped by sample id."""
         if split is not None:
             table = table.select(split=split)
         if self.needs_noise and table.noisy_logits is None:
@@ -66,73 +136,72 @@ class Detector:
         missing = [a for a in chosen if a not in table.attacks]
         if missing:
             raise LogitguardError(f"no rows for attack(s) {missing}; the table has {table.attacks}")
-        held = holdout_mask(table.sample_id, self.calibration_fraction, seed=0)
-        self._fit(table.take(~held) if held.any() else table, chosen)
-        calibration = table.take(held) if held.any() else table
-        return self.calibrate(self.score(calibration.select(attacks=CLEAN)))
+        parts = [table.select(attacks=CLEAN)]
+        for attack in chosen:
+            if self.successful_attacks_only:
+                clean, rows = pair(table, attack)
+                parts.append(rows.take((clean.logits.argmax(1) == clean.labels) & (rows.logits.argmax(1) != rows.labels)))
+            else:
+                parts.append(table.select(attacks=attack))
+        logits = np.concatenate([p.logits for p in parts])
+        noisy = None if table.noisy_logits is None else np.concatenate([p.noisy_logits for p in parts])
+        attacked = np.repeat([False] + [True] * len(chosen), [len(p) for p in parts])
+        labels = np.concatenate([p.labels for p in parts]) if table.has_labels else None
+        groups = np.concatenate([p.sample_id for p in parts])
+        return self.fit(logits, attacked, labels=labels, noisy_logits=noisy, groups=groups)
 
-    def _fit(self, table: LogitTable, attacks: list[str]) -> None:
-        """Learn what the score needs (nothing for the fixed baselines)."""
+    def score_table(self, table: LogitTable) -> np.ndarray:
+        """`score_samples` of every row of `table`."""
+        return self.score_samples(table.logits, self._table_noise(table))
 
-    def score(self, table: LogitTable) -> np.ndarray:
-        """Scores (N,) float64, higher = more likely adversarial."""
-        raise NotImplementedError
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        """`predict` for every row of `table`."""
+        return self.predict(table.logits, self._table_noise(table))
 
-    def calibrate(self, clean_scores: np.ndarray, fpr: float | None = None) -> Detector:
-        """Set `threshold_` so that at most `fpr` (default `self.fpr`) of `clean_scores` exceed it."""
-        fpr = self.fpr if fpr is None else fpr
-        if not 0.0 < fpr < 1.0:
-            raise LogitguardError(f"fpr must be in (0, 1), got {fpr!r}")
-        clean_scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
-        self.calibration_scores_ = clean_scores
-        self.threshold_ = threshold_at_fpr(clean_scores, fpr)
-        self.achieved_fpr_ = float((clean_scores > self.threshold_).mean())
-        self.fpr = fpr
-        return self
-
-    def with_fpr(self, fpr: float) -> Detector:
-        """A copy recalibrated to another target FPR on the same clean calibration scores (no refit)."""
-        if not hasattr(self, "calibration_scores_"):
-            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
-        other = copy.copy(self)
-        return other.calibrate(self.calibration_scores_, fpr)
-
-    def predict(self, table: LogitTable) -> np.ndarray:
-        """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
-        if not hasattr(self, "threshold_"):
-            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
-        return self.score(table) > self.threshold_
+    def _table_noise(self, table: LogitTable) -> np.ndarray | None:
+        if self.needs_noise and table.noisy_logits is None:
+            raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
+        return table.noisy_logits if self.needs_noise else None
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, np.ndarray]:
-        """Learned arrays to save (none for the fixed baselines)."""
+    def _learned(self) -> dict[str, np.ndarray]:
+        """Learned arrays (none for the fixed baselines)."""
         return {}
 
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        """Inverse of `_state`."""
+    def _restore_learned(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of `_learned`."""
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        if not hasattr(self, "threshold_"):
-            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; nothing to save")
-        path = Path(path)
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
-                  "params": self.get_params(), "threshold": self.threshold_, "achieved_fpr": self.achieved_fpr_}
-        state = {**self._state(), "calibration_scores": self.calibration_scores_}
-        return save_arrays(path, header, state, overwrite=overwrite)
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        state = {"threshold": float(self.threshold_), "achieved_fpr": self.achieved_fpr_,
+                 "n_classes": getattr(self, "n_classes_", None), "n_queries": getattr(self, "n_queries_", None)}
+        return state, {**self._learned(), "calibration_scores": self.calibration_scores_}
+
+    def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.calibration_scores_ = arrays.pop("calibration_scores")
+        self._restore_learned(arrays)
+        if state.get("n_classes") is not None:
+            self.n_classes_ = int(state["n_classes"])
+        if state.get("n_queries") is not None:
+            self.n_queries_ = int(state["n_queries"])
+        self.threshold_, self.achieved_fpr_ = float(state["threshold"]), float(state["achieved_fpr"])
 
 
 def load_detector(path: str | os.PathLike) -> Detector:
-    """Read any detector written by `Detector.save` (plain arrays only; nothing is unpickled)."""
-    path = Path(path)
-    header, arrays = load_arrays(path, FORMAT, "detector")
-    if header.get("format_version", 0) > FORMAT_VERSION:
+    """Read any detector file (plain arrays only; nothing is unpickled)."""
+    return Detector.load(path)
+
+
+def load_legacy(path: Path) -> Detector:
+    """A detector file written before the shared estimator format (``format: logitguard.Detector``)."""
+    from ..estimator import REGISTRY
+
+    header, arrays = load_arrays(path, LEGACY_FORMAT, "detector")
+    if header.get("format_version", 0) > 1:
         raise LogitguardError(f"{path}: written by a newer logitguard; upgrade")
-    cls = REGISTRY.get(header["kind"])
-    if cls is None:
-        raise LogitguardError(f"{path}: unknown detector kind {header['kind']!r}")
+    cls = REGISTRY.get(header.get("kind", ""))
+    if cls is None or not issubclass(cls, Detector):
+        raise LogitguardError(f"{path}: unknown detector kind {header.get('kind')!r}")
     detector = cls(**header["params"])
-    detector.calibration_scores_ = arrays.pop("calibration_scores")
-    detector._restore(arrays)
-    detector.threshold_, detector.achieved_fpr_ = header["threshold"], header["achieved_fpr"]
+    detector._restore({"threshold": header["threshold"], "achieved_fpr": header["achieved_fpr"]}, arrays)
     return detector

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tables import LogitTable
 from .base import Detector
 
 
@@ -47,8 +46,8 @@ class _LogitScoreDetector(Detector):
 
     _function: staticmethod
 
-    def score(self, table: LogitTable) -> np.ndarray:
-        return type(self)._function(table.logits)
+    def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
+        return type(self)._function(logits)
 
 
 class MSPDetector(_LogitScoreDetector):

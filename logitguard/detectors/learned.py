@@ -12,12 +12,9 @@ failed attacks look clean, and training on them would blur the boundary.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..errors import LogitguardError
-from ..tables import CLEAN, LogitTable, pair
 from .base import Detector
 
 
@@ -27,67 +24,50 @@ class LearnedDetector(Detector):
     kind = "learned"
     noise = False
     calibration_fraction = 0.25
+    successful_attacks_only = True
 
     def __init__(self, *, fpr: float = 0.05, hidden: int = 64, max_iter: int = 200, seed: int = 0) -> None:
         super().__init__(fpr=fpr)
-        self.hidden = int(hidden)
-        self.max_iter = int(max_iter)
-        self.seed = int(seed)
+        self.hidden = hidden
+        self.max_iter = max_iter
+        self.seed = seed
 
-    def get_params(self) -> dict[str, Any]:
-        return {**super().get_params(), "hidden": self.hidden, "max_iter": self.max_iter, "seed": self.seed}
-
-    def _fit(self, table: LogitTable, attacks: list[str]) -> None:
+    def _fit(self, logits: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
+             noisy: np.ndarray | None) -> None:
         from sklearn.neural_network import MLPClassifier
 
-        if not attacks:
-            raise LogitguardError("the learned detector needs attacked rows to learn from; the table has none")
-        clean = table.select(attacks=CLEAN)
-        positives = []
-        for attack in attacks:
-            c, a = pair(table, attack)
-            hit = (c.logits.argmax(1) == c.labels) & (a.logits.argmax(1) != a.labels)
-            positives.append(self._raw_features(a.take(hit)))
-        positives = np.concatenate(positives)
-        if not len(positives):
-            raise LogitguardError(f"no successful attack among {attacks} to learn from")
-        x = np.concatenate([self._raw_features(clean), positives])
+        if not attacked.any():
+            raise LogitguardError("the learned detector needs successfully attacked rows to learn from; got none")
+        x = self._raw_features(logits, noisy)
         self.center_, self.scale_ = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
-        x = (x - self.center_) / self.scale_
-        y = np.r_[np.zeros(len(clean)), np.ones(len(x) - len(clean))]
-        mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), max_iter=self.max_iter, early_stopping=True,
-                            random_state=self.seed).fit(x, y)
+        mlp = MLPClassifier(hidden_layer_sizes=(int(self.hidden),), max_iter=int(self.max_iter), early_stopping=True,
+                            random_state=int(self.seed)).fit((x - self.center_) / self.scale_, attacked.astype(int))
         (self.w1_, self.w2_), (self.b1_, self.b2_) = mlp.coefs_, mlp.intercepts_
 
-    def _raw_features(self, table: LogitTable) -> np.ndarray:
+    def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""
-        z = table.logits.astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        parts = [z, p / p.sum(axis=1, keepdims=True), -np.sort(-z, axis=1)]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        parts = [logits, p / p.sum(axis=1, keepdims=True), -np.sort(-logits, axis=1)]
         if self.noise:
-            if table.noisy_logits is None:
-                raise LogitguardError("the 'learned-noisy' detector needs noise queries (column 'noisy_logits')")
-            change = table.noisy_logits - z[:, None, :]
+            change = noisy - logits[:, None, :]
             parts += [change.mean(axis=1), change.std(axis=1)]
         return np.hstack(parts)
 
-    def score(self, table: LogitTable) -> np.ndarray:
-        if not hasattr(self, "w1_"):
-            raise LogitguardError("this LearnedDetector is not fitted yet; call fit() or load() first")
-        x = self._raw_features(table)
+    def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
+        x = self._raw_features(logits, noisy)
         if x.shape[1] != len(self.center_):
-            raise LogitguardError(f"the table's logits give {x.shape[1]} features; this detector was fitted on "
+            raise LogitguardError(f"the logits give {x.shape[1]} features; this detector was fitted on "
                                   f"{len(self.center_)} (another number of classes?)")
         hidden = np.maximum((x - self.center_) / self.scale_ @ self.w1_ + self.b1_, 0.0)
         return (hidden @ self.w2_ + self.b2_)[:, 0]
 
-    def _state(self) -> dict[str, np.ndarray]:
+    def _learned(self) -> dict[str, np.ndarray]:
         return {"center": self.center_, "scale": self.scale_, "w1": self.w1_, "b1": self.b1_, "w2": self.w2_,
                 "b2": self.b2_}
 
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, value in arrays.items():
-            setattr(self, f"{name}_", value)
+    def _restore_learned(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in ("center", "scale", "w1", "b1", "w2", "b2"):
+            setattr(self, f"{name}_", arrays[name])
 
 
 class NoisyLearnedDetector(LearnedDetector):

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import LogitguardError
-from ..tables import CLEAN, LogitTable
+from ..estimator import NotFittedError, check_logits
+from ..tables import LogitTable
 from .base import Detector
 
 _MIN_STD = 1e-6
@@ -53,7 +53,7 @@ class OddsTest(Detector):
     ----------
     fpr : target false-positive rate on clean rows.
     thresholds : "global" or "pair" (per (y, z) thresholds, as in the reference).
-    correction : "argmax" or "logistic", the rule `correct_labels` applies.
+    correction : "argmax" or "logistic", the rule `correct` applies.
     min_rows : classes with fewer clean rows borrow pooled statistics; with ``logistic``, classes with
         fewer attacked rows use the argmax rule.
     """
@@ -65,17 +65,16 @@ class OddsTest(Detector):
     def __init__(self, *, fpr: float = 0.05, thresholds: str = "global", correction: str = "argmax",
                  min_rows: int = 10) -> None:
         super().__init__(fpr=fpr)
-        if thresholds not in ("pair", "global"):
-            raise LogitguardError(f"thresholds must be 'pair' or 'global', got {thresholds!r}")
-        if correction not in ("argmax", "logistic"):
-            raise LogitguardError(f"correction must be 'argmax' or 'logistic', got {correction!r}")
         self.thresholds = thresholds
         self.correction = correction
-        self.min_rows = int(min_rows)
+        self.min_rows = min_rows
 
-    def get_params(self) -> dict[str, Any]:
-        return {**super().get_params(), "thresholds": self.thresholds, "correction": self.correction,
-                "min_rows": self.min_rows}
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.thresholds not in ("pair", "global"):
+            raise LogitguardError(f"thresholds must be 'pair' or 'global', got {self.thresholds!r}")
+        if self.correction not in ("argmax", "logistic"):
+            raise LogitguardError(f"correction must be 'argmax' or 'logistic', got {self.correction!r}")
 
     # -- features ------------------------------------------------------------------------------
 
@@ -92,17 +91,18 @@ class OddsTest(Detector):
             g = logits[:, None, :]
         return y, g - np.take_along_axis(g, y[:, None, None], axis=2)
 
-    def features(self, table: LogitTable) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted classes y (N,) and z-scored features (N, C), averaged over queries; -inf at z = y."""
-        self._check_fitted()
+    def features(self, logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted classes y (N,) and z-scored features (N, C), averaged over queries; -inf at z = y.
+
+        Takes validated float64 arrays (`score_samples` and `correct` validate theirs)."""
+        self._check_moments()
         scale = self._inverse_scale
-        logits, noisy = table.logits, table.noisy_logits if self.noise else None
-        y = np.empty(len(table), dtype=np.int64)
-        z = np.empty((len(table), table.num_classes))
-        for rows in _row_batches(len(table), scale[0].size):
+        y = np.empty(len(logits), dtype=np.int64)
+        z = np.empty(logits.shape)
+        for rows in _row_batches(len(logits), scale[0].size):
             yb, g = self.log_odds_changes(logits[rows], None if noisy is None else noisy[rows])
             if g.shape[1:] != scale.shape[1:]:
-                raise LogitguardError(f"the table has {g.shape[1]} queries x {g.shape[2]} classes; this detector "
+                raise LogitguardError(f"the input has {g.shape[1]} queries x {g.shape[2]} classes; this detector "
                                       f"was fitted on {scale.shape[1]} x {scale.shape[2]}")
             g -= self.mean_[yb]
             g *= scale[yb]
@@ -116,26 +116,26 @@ class OddsTest(Detector):
         """1 / (K σ), (C, K, C): multiplying by it and summing over K averages the K z-scores."""
         return 1.0 / (self.std_ * self.std_.shape[1])
 
-    def _class_moments(self, clean: LogitTable) -> tuple[np.ndarray, np.ndarray]:
+    def _class_moments(self, logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Per-class mean and std (C, K, C) of the raw features of clean rows grouped by predicted class.
 
         Sums are scattered by class (`index_add_`) batch by batch; classes with fewer than `min_rows`
         rows get the pooled moments of all rows.
         """
-        c = clean.num_classes
-        noisy = clean.noisy_logits if self.noise else None
+        n, c = logits.shape
+        noisy = noisy if self.noise else None
         k = 1 if noisy is None else noisy.shape[1]
         sums, squares = torch.zeros(c, k * c, dtype=torch.float64), torch.zeros(c, k * c, dtype=torch.float64)
         counts = np.zeros(c)
-        for rows in _row_batches(len(clean), k * c):
-            y, g = self.log_odds_changes(clean.logits[rows], None if noisy is None else noisy[rows])
+        for rows in _row_batches(n, k * c):
+            y, g = self.log_odds_changes(logits[rows], None if noisy is None else noisy[rows])
             flat, index = torch.from_numpy(g.reshape(len(y), k * c)), torch.from_numpy(y)
             sums.index_add_(0, index, flat)
             squares.index_add_(0, index, flat.square_())
             counts += np.bincount(y, minlength=c)
         sums, squares, counts = sums.numpy(), squares.numpy(), counts[:, None]
-        pooled_mean = sums.sum(axis=0) / len(clean)
-        pooled_var = squares.sum(axis=0) / len(clean) - pooled_mean**2
+        pooled_mean = sums.sum(axis=0) / n
+        pooled_var = squares.sum(axis=0) / n - pooled_mean**2
         enough = counts >= self.min_rows
         mean = np.where(enough, sums / np.maximum(counts, 1), pooled_mean)
         var = np.where(enough, squares / np.maximum(counts, 1) - mean**2, pooled_var)
@@ -144,49 +144,56 @@ class OddsTest(Detector):
 
     # -- fit, score, correct -----------------------------------------------------------------
 
-    def _fit(self, table: LogitTable, attacks: list[str]) -> None:
-        clean = table.select(attacks=CLEAN)
-        self.mean_, self.std_ = self._class_moments(clean)
+    def _fit(self, logits: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
+             noisy: np.ndarray | None) -> None:
+        noisy = noisy if self.noise else None
+        clean_logits, clean_noisy = logits[~attacked], None if noisy is None else noisy[~attacked]
+        self.mean_, self.std_ = self._class_moments(clean_logits, clean_noisy)
         self.__dict__.pop("_inverse_scale", None)  # derived from mean_ and std_
-        self.pair_threshold_ = np.zeros((clean.num_classes, clean.num_classes))
+        c = logits.shape[1]
+        self.pair_threshold_ = np.zeros((c, c))
         if self.thresholds == "pair":
-            y, z = self.features(clean)
+            y, z = self.features(clean_logits, clean_noisy)
             self.pair_threshold_ = _class_quantiles(y, z, 1.0 - self.fpr, self.min_rows)
         if self.correction == "logistic":
-            self._fit_logistic(table, attacks)
+            if labels is None or not attacked.any():
+                raise LogitguardError("correction='logistic' learns from attacked rows and their true labels; "
+                                      "pass attacked= and labels=")
+            self._fit_logistic(logits[attacked], None if noisy is None else noisy[attacked], labels[attacked])
 
-    def score(self, table: LogitTable) -> np.ndarray:
-        y, z = self.features(table)
+    def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
+        y, z = self.features(logits, noisy if self.noise else None)
         return (z - self.pair_threshold_[y]).max(axis=1)
 
-    def correct_labels(self, table: LogitTable) -> np.ndarray:
-        """Corrected labels (N,) for every row (apply to flagged rows; see `GatedDefense`)."""
-        y, z = self.features(table)
+    def correct(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Corrected labels (N,) for every row by the `correction` rule (apply to flagged rows; see `GatedDefense`)."""
+        self._check_fitted()
+        logits, noisy = check_logits(logits, noisy_logits, num_classes=getattr(self, "n_classes_", None),
+                                     num_queries=getattr(self, "n_queries_", None), needs_noise=self.needs_noise)
+        y, z = self.features(logits, noisy if self.noise else None)
         labels = z.argmax(axis=1)
         if self.correction == "logistic":
             weights, bias, fitted = self.logistic_weights_, self.logistic_bias_, self.logistic_fitted_
             use = fitted[y]
             if use.any():
                 x = np.where(np.isfinite(z[use]), z[use], 0.0)
-                logits = np.einsum("nc,nlc->nl", x, weights[y[use]]) + bias[y[use]]
-                labels[use] = logits.argmax(axis=1)
+                scores = np.einsum("nc,nlc->nl", x, weights[y[use]]) + bias[y[use]]
+                labels[use] = scores.argmax(axis=1)
         return labels
 
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        """The corrector protocol: corrected labels for every row (used as a `GatedDefense` corrector)."""
-        return self.correct_labels(table)
+    def correct_table(self, table: LogitTable) -> np.ndarray:
+        """`correct` for every row of `table`."""
+        return self.correct(table.logits, self._table_noise(table))
 
-    def _fit_logistic(self, table: LogitTable, attacks: list[str]) -> None:
+    def _fit_logistic(self, logits: np.ndarray, noisy: np.ndarray | None, labels: np.ndarray) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        c = table.num_classes
+        c = logits.shape[1]
         if c > MAX_LOGISTIC_CLASSES:
             raise LogitguardError(f"correction='logistic' stores a {c} x {c} matrix per class; use 'argmax' "
                                   f"above {MAX_LOGISTIC_CLASSES} classes")
-        attacked = table.select(attacks=attacks)
-        y, z = self.features(attacked)
+        y, z = self.features(logits, noisy)
         z = np.where(np.isfinite(z), z, 0.0)
-        labels = attacked.labels
         self.logistic_weights_ = np.zeros((c, c, c))
         self.logistic_bias_ = np.full((c, c), -np.inf)
         self.logistic_fitted_ = np.zeros(c, dtype=bool)
@@ -205,21 +212,46 @@ class OddsTest(Detector):
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, np.ndarray]:
+    def _learned(self) -> dict[str, np.ndarray]:
         state = {"mean": self.mean_, "std": self.std_, "pair_threshold": self.pair_threshold_}
         if self.correction == "logistic":
             state |= {"logistic_weights": self.logistic_weights_, "logistic_bias": self.logistic_bias_,
                       "logistic_fitted": self.logistic_fitted_}
         return state
 
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, value in arrays.items():
-            setattr(self, f"{name}_", value)
+    def _restore_learned(self, arrays: dict[str, np.ndarray]) -> None:
+        names = ["mean", "std", "pair_threshold"]
+        if self.correction == "logistic":
+            names += ["logistic_weights", "logistic_bias", "logistic_fitted"]
+        for name in names:
+            setattr(self, f"{name}_", arrays[name])
         self.__dict__.pop("_inverse_scale", None)
 
-    def _check_fitted(self) -> None:
+    def _check_moments(self) -> None:
         if not hasattr(self, "mean_"):
-            raise LogitguardError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+
+
+class OddsCorrector:
+    """A fitted odds test used as a corrector: ``predict`` is its correction rule (`OddsTest.correct`).
+
+    `GatedDefense` and manifests accept an odds detector file as a corrector; this adapter gives it the
+    corrector protocol (``predict(logits, noisy_logits)`` → labels) without overloading the detector's
+    own ``predict`` (flags).
+    """
+
+    needs_noise: bool
+
+    def __init__(self, odds: OddsTest) -> None:
+        odds._check_fitted()
+        self.odds = odds
+        self.needs_noise = odds.needs_noise
+
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        return self.odds.correct(logits, noisy_logits)
+
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        return self.odds.correct_table(table)
 
 
 class SingleShotOddsTest(OddsTest):

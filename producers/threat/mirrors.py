@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from logitguard.corrector import LogitCorrector
 from logitguard.defense import ABSTAIN, ON_FLAG, load_corrector
-from logitguard.detectors import Detector, LearnedDetector, OddsTest, load_detector
+from logitguard.detectors import Detector, LearnedDetector, OddsCorrector, OddsTest, load_detector
 from logitguard.svm import SVMCorrector
 
 from ..errors import ProducerError
@@ -177,7 +177,7 @@ class _OddsFeatures(_Mirror):
     """The odds test's z-scored log-odds changes, averaged over queries (see logitguard.detectors.odds)."""
 
     def __init__(self, odds: OddsTest) -> None:
-        odds._check_fitted()
+        odds._check_moments()
         super().__init__(odds.mean_.shape[0])
         self.needs_noise = odds.noise
         self.queries = odds.mean_.shape[1]
@@ -222,7 +222,7 @@ class CorrectorMirror(_Mirror):
         raise NotImplementedError
 
     def labels(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """Corrected labels (B,) int64, equal to the core's `predict_table`."""
+        """Corrected labels (B,) int64, equal to the core's `predict`."""
         raise NotImplementedError
 
 
@@ -293,7 +293,7 @@ class SVMMirror(CorrectorMirror):
 
 
 class OddsCorrectorMirror(CorrectorMirror):
-    """An odds detector's correction rule, as `OddsTest.correct_labels`.
+    """An odds detector's correction rule, as `OddsTest.correct`.
 
     ``argmax``: class scores are the features with -inf at y replaced by `NEG`. ``logistic``: rows whose
     predicted class has a fitted model get its logits (unseen classes at `NEG`), others the argmax scores.
@@ -411,11 +411,13 @@ def mirror_detector(detector: Detector) -> DetectorMirror:
 
 def mirror_corrector(corrector: Any, *, temperature: float = 0.25) -> CorrectorMirror:
     """The mirror of a fitted corrector: `LogitCorrector`, `SVMCorrector` (soft-vote `temperature`) or
-    `OddsTest` (its correction rule)."""
+    `OddsCorrector` / `OddsTest` (its correction rule)."""
     if isinstance(corrector, LogitCorrector):
         return LogitCorrectorMirror(corrector)
     if isinstance(corrector, SVMCorrector):
         return SVMMirror(corrector, temperature=temperature)
+    if isinstance(corrector, OddsCorrector):
+        corrector = corrector.odds
     if isinstance(corrector, OddsTest):
         return OddsCorrectorMirror(corrector)
     raise ProducerError(f"no mirror for a {type(corrector).__name__} corrector")
