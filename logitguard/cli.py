@@ -351,15 +351,24 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
            force: bool, as_json: bool) -> None:
     """Detect, then correct, reject or keep-on-agreement flagged rows; write pred and flagged, and report
     accuracy when labelled (pred is null where a row is rejected)."""
-    from .defense import ABSTAIN, GatedDefense, load_corrector
+    from .defense import GatedDefense, load_corrector
     from .detectors import load_detector
-    from .evaluate import evaluate as run, format_evaluation
-    from .tables import CLEAN, read_table, write_table
+    from .tables import read_table
 
     corrector = None if corrector_path is None else load_corrector(corrector_path)
     defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
     data = read_table(table, split=split)
-    defended = defense.defend_table(data)
+    _write_defended(defense, defense.defend_table(data), data, out, split=split, force=force, as_json=as_json)
+
+
+def _write_defended(defense: Any, defended: Any, data: Any, out: str, *, split: str | None, force: bool,
+                    as_json: bool) -> None:
+    """Write a defended table (`GatedDefense.defend_table`) and report flagged and rejected rates per attack,
+    and accuracy when the table is labelled and has clean rows."""
+    from .defense import ABSTAIN
+    from .evaluate import evaluate as run, format_evaluation
+    from .tables import CLEAN, write_table
+
     partition = None if out.endswith(".parquet") else ("split", "attack")
     written = write_table(defended, out, partition_by=partition, basename="defended", overwrite=force)
     results = None
@@ -369,12 +378,12 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     flagged = {a: float(defended.column("flagged")[data.attack == a].mean()) for a in data.attacks}
     rejected = {a: float((defended.column("pred")[data.attack == a] == ABSTAIN).mean()) for a in data.attacks}
     if as_json:
-        echo_json({"written": [str(p) for p in written], "on_flag": on_flag, "flagged_rate": flagged,
+        echo_json({"written": [str(p) for p in written], "on_flag": defense.on_flag, "flagged_rate": flagged,
                    "rejected_rate": rejected,
                    "evaluation": None if results is None else results.to_dict(orient="records")})
         return
     click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in flagged.items()))
-    if on_flag != "correct":
+    if defense.on_flag != "correct":
         click.echo("rejected: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rejected.items()))
     if results is not None:
         click.echo(format_evaluation(results))
@@ -429,6 +438,86 @@ def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -
     misses = detector_miss_table(data, detectors, budgets=eps, split=None)
     emit({"threat_models": to_records(results), "detector_misses": to_records(misses)}, as_json,
          format_threat_models(results) + "\n\n" + format_detector_misses(misses))
+
+
+# -- guard -------------------------------------------------------------------------------------
+
+
+@main.group(cls=ErrorReportingGroup)
+def guard() -> None:
+    """One file for a deployable defense: fit it, apply it to a table, describe it (docs/remote-model.md)."""
+
+
+@guard.command("fit")
+@table_argument
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The guard file to write (.npz).")
+@click.option("--detector", default="auto", show_default=True,
+              help="Detector kind; auto: learned-noisy when the table has noise queries, else learned; 'none' for "
+                   "a corrector alone.")
+@click.option("--corrector", type=click.Choice(["corrector", "svm", "odds"]), default=None,
+              help="A corrector for flagged rows (needed by --on-flag correct and agree).")
+@click.option("--on-flag", type=click.Choice(["reject", "correct", "agree"]), default="reject", show_default=True,
+              help="What a flagged row gets: no label, the corrector's label, or the model's label only when the "
+                   "corrector agrees.")
+@click.option("--fpr", type=float, default=0.01, show_default=True, help="The detector's target false-positive rate.")
+@click.option("--attacks", type=comma_list, default=None,
+              help="Attacked rows the supervised parts learn from (default: every oblivious attack in train).")
+@click.option("--from-pipeline", "pipeline", default=None, metavar="MANIFEST:NAME",
+              help="Package an already fitted pipeline of a manifest instead of fitting (keeps the adaptive "
+                   "figures measured against those very files).")
+@click.option("--budgets", default="8/255,16/255", show_default=True, help="L-inf budgets for the threat figures.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing guard file.")
+@json_option
+def guard_fit(table: str, out: str, detector: str | None, corrector: str | None, on_flag: str, fpr: float,
+              attacks: list[str] | None, pipeline: str | None, budgets: str, seed: int, force: bool,
+              as_json: bool) -> None:
+    """Fit a guard on the train split of TABLE, measure it per threat model on the test split, save it."""
+    from ._io import refuse_overwrite
+    from .guard import Guard, format_info
+    from .threat import parse_budgets
+
+    refuse_overwrite([Path(out)], force)
+    eps = parse_budgets(budgets)
+    if pipeline is not None:
+        manifest, sep, name = pipeline.rpartition(":")
+        if not sep or not manifest or not name:
+            raise LogitguardError(f"--from-pipeline takes MANIFEST:NAME, got {pipeline!r}")
+        fitted = Guard.from_pipeline(manifest, name, table, budgets=eps)
+    else:
+        fitted = Guard.fit(table, detector=None if detector == "none" else detector, corrector=corrector,
+                           on_flag=on_flag, fpr=fpr, attacks=attacks, seed=seed, budgets=eps)
+    fitted.save(out, overwrite=force)
+    emit({"out": out, **fitted.info()}, as_json, f"wrote {out}\n\n" + format_info(fitted.info()))
+
+
+@guard.command("apply")
+@table_argument
+@click.option("--guard", "guard_path", required=True, type=click.Path(dir_okay=False), help="A guard file.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a .parquet file, or a directory (partitioned by split and attack).")
+@click.option("--split", default=None, help="Only this split (default: all).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@json_option
+def guard_apply(table: str, guard_path: str, out: str, split: str | None, force: bool, as_json: bool) -> None:
+    """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
+    from .guard import Guard
+    from .tables import read_table
+
+    loaded = Guard.load(guard_path)
+    data = read_table(table, split=split)
+    _write_defended(loaded.defense, loaded.defend_table(data), data, out, split=split, force=force, as_json=as_json)
+
+
+@guard.command("info")
+@click.argument("guard_path", metavar="GUARD", type=click.Path(dir_okay=False))
+@json_option
+def guard_info(guard_path: str, as_json: bool) -> None:
+    """Describe a guard: expected input, policy, threshold, threat-model figures, provenance."""
+    from .guard import Guard, format_info
+
+    info = Guard.load(guard_path).info()
+    emit(info, as_json, format_info(info))
 
 
 # -- explain and demo --------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def from_arrays(header: dict[str, Any], arrays: dict[str, np.ndarray], where: st
     if version > FORMAT_VERSION:
         raise LogitguardError(f"{where}: written by a newer logitguard (format_version {version}, this one "
                               f"reads {FORMAT_VERSION}); upgrade logitguard")
-    cls = REGISTRY.get(header.get("estimator", ""))
+    cls = _registered(str(header.get("estimator", "")))
     if cls is None:
         raise LogitguardError(f"{where}: unknown estimator {header.get('estimator')!r}; known: {sorted(REGISTRY)}")
     params = header.get("params")
@@ -131,13 +131,26 @@ def from_arrays(header: dict[str, Any], arrays: dict[str, np.ndarray], where: st
     return estimator
 
 
+# Modules that define registered estimators, imported on demand (the corrector pulls in torch).
+_MODULES = {"corrector": "logitguard.corrector", "svm": "logitguard.svm"}
+
+
+def _registered(name: str) -> type[Estimator] | None:
+    """The class registered under `name`, importing its module when needed."""
+    if name not in REGISTRY:
+        import importlib
+
+        importlib.import_module(_MODULES.get(name, "logitguard.detectors"))
+    return REGISTRY.get(name)
+
+
 def load_estimator(path: str | os.PathLike, *, what: str = "estimator", **runtime: Any) -> Estimator:
     """Any fitted estimator file: this format, or the formats that came before it (still read).
 
     `what` names the expected kind of file in error messages; `runtime` arguments (``device=…``) are
     passed to estimators that take them. Never unpickles.
     """
-    from .detectors import base as detector_files  # registers every detector kind
+    from .detectors import base as detector_files
 
     path = Path(path)
     if not path.is_file():

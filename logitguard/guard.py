@@ -32,7 +32,7 @@ from .defense import ABSTAIN, Decision, GatedDefense, as_corrector, check_policy
 from .errors import LogitguardError
 from .estimator import check_logits, from_arrays
 from .tables import CLEAN, LogitTable, read_table
-from .threat import DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, threat_model_table, threat_of, to_records
+from .threat import DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, format_budget, threat_model_table, threat_of, to_records
 
 FORMAT = "logitguard.Guard"
 FORMAT_VERSION = 1
@@ -84,7 +84,7 @@ class Guard:
         cls,
         table: LogitTable | str | os.PathLike,
         *,
-        detector: str | None = None,
+        detector: str | None = "auto",
         corrector: str | None = None,
         on_flag: str = "reject",
         fpr: float = DEFAULT_FPR,
@@ -94,8 +94,8 @@ class Guard:
     ) -> Guard:
         """Fit a detector (and a corrector) on the ``train`` rows of `table`, then evaluate on ``test``.
 
-        detector : a detector kind (`logitguard.detectors.KINDS`); default ``learned-noisy`` when the
-            table has noise queries, else ``learned``; None for a corrector alone.
+        detector : a detector kind (`logitguard.detectors.KINDS`); ``auto`` (default): ``learned-noisy``
+            when the table has noise queries, else ``learned``; None for a corrector alone.
         corrector : ``corrector`` (the logit corrector, the demo's settings, trained on PGD or the first
             attack), ``svm`` (on FGSM or the first attack), ``odds`` (an odds test's logistic rule) or None.
         on_flag : ``reject`` (default), ``correct`` or ``agree`` (`logitguard.defense`).
@@ -107,7 +107,7 @@ class Guard:
 
         source, table = _open(table)
         has_noise = table.noisy_logits is not None
-        if detector is None and corrector is None and on_flag == "reject":
+        if detector == "auto":
             detector = "learned-noisy" if has_noise else "learned"
         if corrector is not None and corrector not in CORRECTORS:
             raise LogitguardError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
@@ -179,14 +179,22 @@ class Guard:
         self.threat = to_records(frame)
         measured = set(frame.loc[frame["pipeline"] == GUARD_NAME, "threat_model"])
         self.unmeasured = {}
+        present = {t["model"] for t in (threat_of(table.metadata, a) for a in usable if a != CLEAN)
+                   if t.get("target") in (None, name)}
         for model in THREAT_MODELS:
             if model in measured:
                 continue
-            why = f"no {model} attack in the table"
+            if model == "adaptive" and skipped:
+                why = (f"the table's {len(skipped)} adaptive partitions aimed at {name!r} attacked other files (sha256 "
+                       "differs)")
+            elif model in present:
+                why = f"no {model} attack within the budgets ({', '.join(format_budget(e) for e in budgets)})"
+            elif model in ("surrogate", "adaptive"):
+                why = f"no {model} attack against this guard's files in the table"
+            else:
+                why = f"no {model} attack in the table"
             if model in ("surrogate", "adaptive"):
-                why = (f"no {model} attack against this guard's files in the table"
-                       + (f" ({len(skipped)} attacked other files)" if skipped else "")
-                       + "; attack them with `logitguard-produce attack-defenses` (docs/threat-models.md)")
+                why += "; attack them with `logitguard-produce attack-defenses` (docs/threat-models.md)"
             self.unmeasured[model] = why
         return self
 
@@ -214,15 +222,28 @@ class Guard:
     def check_table(self, table: LogitTable) -> pd.DataFrame:
         """`check` on every row of `table`, as a DataFrame keyed like the table (``split``, ``sample_id``,
         ``attack``) with ``model_label``, ``flagged``, ``score``, ``label`` and ``abstained``."""
-        if table.num_classes != self.num_classes:
-            raise LogitguardError(f"the table has {table.num_classes} classes; this guard expects {self.num_classes}")
-        if self.needs_noise and table.noisy_logits is None:
-            raise LogitguardError("this guard needs noise queries (column 'noisy_logits')")
+        self._check_schema(table)
         decision = self.check(table.logits, table.noisy_logits if self.needs_noise else None)
         frame = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": table.attack,
                               **decision._asdict()})
         frame["abstained"] = frame["label"] == ABSTAIN
         return frame
+
+    def defend_table(self, table: LogitTable) -> LogitTable:
+        """`table` with ``pred`` (null where rejected) and ``flagged`` (`GatedDefense.defend_table`), after
+        checking that the table has the classes and noise queries this guard expects."""
+        self._check_schema(table)
+        return self.defense.defend_table(table)
+
+    def _check_schema(self, table: LogitTable) -> None:
+        if table.num_classes != self.num_classes:
+            raise LogitguardError(f"the table has {table.num_classes} classes; this guard expects {self.num_classes}")
+        if self.needs_noise:
+            if table.noisy_logits is None:
+                raise LogitguardError("this guard needs noise queries (column 'noisy_logits')")
+            if table.noisy_logits.shape[1] != self.num_queries:
+                raise LogitguardError(f"the table has {table.noisy_logits.shape[1]} noise queries; this guard "
+                                      f"expects {self.num_queries}")
 
     # -- description and files ------------------------------------------------------------------
 
@@ -356,3 +377,34 @@ def _provenance(source: dict[str, Any], table: LogitTable, settings: dict[str, A
             "settings": settings, "logitguard": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
             "python": platform.python_version(),
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Plain text of `Guard.info`: input, policy, detector and corrector, threat figures, provenance."""
+    from .summary import percent
+    from .threat import format_threat_models
+
+    detector, corrector = info["detector"], info["corrector"]
+    noise = info.get("noise") or {}
+    recipe = ", ".join(f"{q['kind']}:{q['scale']:g}" for q in noise.get("recipe", [])) or "-"
+    lines = [
+        f"input: logits of {info['num_classes']} classes ({', '.join(info['classes'])})",
+        f"noise queries: {info['num_queries']}" + (f" (recipe {recipe})" if info["num_queries"] else " (none needed)"),
+        f"on_flag: {info['on_flag']}",
+        "detector: none (every row goes to the corrector)" if detector is None else
+        f"detector: {detector['kind']}, threshold {detector['threshold']:.4g}, target FPR {percent(detector['fpr'])}, "
+        f"achieved {percent(detector['achieved_fpr'])} on {detector['calibration_rows']} clean calibration rows",
+        f"corrector: {'none' if corrector is None else corrector['name']}",
+        "",
+    ]
+    if info["threat"]:
+        frame = pd.DataFrame(info["threat"]).astype({"harm": float})
+        lines.append(format_threat_models(frame))
+    for model, why in info["unmeasured"].items():
+        lines.append(f"not measured: {model}: {why}")
+    prov = info["provenance"]
+    source = prov.get("table") or "an in-memory table"
+    digest = prov.get("table_sha256") or prov.get("logits_sha256") or ""
+    lines += ["", f"provenance: fitted on {source} (sha256 {digest[:12]}…), logitguard {prov.get('logitguard')}, "
+                  f"{prov.get('created')}"]
+    return "\n".join(lines)
