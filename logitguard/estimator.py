@@ -21,6 +21,7 @@ still load; anything newer than this version fails with a message saying to upgr
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,6 +105,10 @@ class Estimator(BaseEstimator):
         return type(self).__dict__.get("estimator_name") or type(self).kind  # type: ignore[attr-defined]
 
 
+# The module that registers each estimator that is not a detector kind (detectors register through
+# `logitguard.detectors`): reading a file must not depend on which modules happened to be imported.
+_HOME = {"corrector": "logitguard.corrector", "svm": "logitguard.svm"}
+
 # Constructor arguments that say how to run, not what was learned: never written to files.
 _RUNTIME_PARAMS = frozenset({"device", "progress"})
 
@@ -116,7 +121,10 @@ def from_arrays(header: dict[str, Any], arrays: dict[str, np.ndarray], where: st
     if version > FORMAT_VERSION:
         raise LogitguardError(f"{where}: written by a newer logitguard (format_version {version}, this one "
                               f"reads {FORMAT_VERSION}); upgrade logitguard")
-    cls = REGISTRY.get(header.get("estimator", ""))
+    name = header.get("estimator", "")
+    if name not in REGISTRY and isinstance(name, str):
+        importlib.import_module(_HOME.get(name, "logitguard.detectors"))  # registers the class on import
+    cls = REGISTRY.get(name)
     if cls is None:
         raise LogitguardError(f"{where}: unknown estimator {header.get('estimator')!r}; known: {sorted(REGISTRY)}")
     params = header.get("params")

@@ -115,3 +115,17 @@ def test_files_of_the_earlier_formats_still_load(name):
     noisy = rows[:, None, :] + np.random.default_rng(1).normal(size=(4, 8, 10))
     assert estimator.predict(rows, noisy).shape == (4,)
     assert json.dumps(estimator.get_params())  # plain values
+
+
+def test_a_guard_file_loads_in_a_fresh_interpreter(digits_split_table, tmp_path):
+    """Reading a file must not depend on which estimator modules were imported before (registration)."""
+    import subprocess
+    import sys
+
+    from logitguard.guard import Guard
+
+    path = Guard.fit(digits_split_table, detector="msp", corrector="svm", on_flag="correct").save(tmp_path / "g.npz")
+    code = f"from logitguard.guard import Guard; print(Guard.load({str(path)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "detector='msp'" in out.stdout and "corrector='svm'" in out.stdout
