@@ -184,17 +184,30 @@ def parse_arrow(body: bytes | bytearray, *, needs_noise: bool, max_rows: int) ->
     """
     if bytes(body[:6]) == b"ARROW1":
         raise RequestError(400, "got an Arrow IPC file; send an IPC stream (pyarrow.ipc.new_stream)")
+    try:
+        return _arrays(body, needs_noise, max_rows)
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow reports hostile bytes in many ways (ArrowInvalid, OSError,
+        # UnicodeDecodeError for names, KeyError for a type it has no Python class for, ...): all are the body's fault
+        raise RequestError(400, f"malformed Arrow IPC stream: {type(exc).__name__}: {exc}") from None
+
+
+def _arrays(body: bytes | bytearray, needs_noise: bool, max_rows: int) -> tuple[np.ndarray, np.ndarray | None]:
     schema, batches = _read_stream(body, max_rows)
     unknown = [c for c in schema.names if c not in COLUMNS]
     if unknown or "logits" not in schema.names:
         raise RequestError(422, f"the stream has columns {schema.names}; it takes 'logits' and, when the guard "
                                 "reads noise queries, 'noisy_logits'")
+    used = ["logits", "noisy_logits"] if needs_noise and "noisy_logits" in schema.names else ["logits"]
+    for name in used:  # before any array is built: pyarrow has no Python class for some types
+        _check_type(schema.field(name).type, name)
     table = pa.Table.from_batches(batches, schema)
     check_rows(table.num_rows, max_rows)
-    logits = _arrow_dense(table.column("logits"), "logits", (1,))
+    logits = _arrow_dense(table.column("logits"), "logits")
     noisy = None
-    if needs_noise and "noisy_logits" in schema.names:
-        noisy = _arrow_dense(table.column("noisy_logits"), "noisy_logits", (1, 2))
+    if len(used) == 2:
+        noisy = _arrow_dense(table.column("noisy_logits"), "noisy_logits")
         if noisy.ndim == 2:  # flat K*C per row
             c = logits.shape[1]
             if c == 0 or noisy.shape[1] % c:
@@ -221,28 +234,22 @@ def encode_arrow(decision: Decision) -> pa.Buffer:
 def _read_stream(body: bytes | bytearray, max_rows: int) -> tuple[pa.Schema, list[pa.RecordBatch]]:
     """Schema and batches, each checked before it is decoded (row count, compression) and fully validated
     after (offsets inside their buffers), so a hostile stream can neither exhaust memory nor read out of bounds."""
-    try:
-        reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(body))
-        schema, batches, rows = None, [], 0
-        for message in reader:
-            if message.type == "schema" and schema is None:
-                schema = pa.ipc.read_schema(message)
-                continue
-            if message.type != "record batch" or schema is None:
-                raise RequestError(422, f"unexpected Arrow IPC message {message.type!r}: send one schema and "
-                                        "record batches, without dictionary-encoded columns")
-            length, compressed = _peek_record_batch(message.metadata)
-            if compressed:
-                raise RequestError(415, "compressed Arrow IPC buffers are not accepted; write the stream uncompressed")
-            rows += length
-            check_rows(max(rows, 1), max_rows)
-            batch = pa.ipc.read_record_batch(message, schema)
-            batch.validate(full=True)
-            batches.append(batch)
-    except RequestError:
-        raise
-    except (pa.ArrowException, OSError, ValueError, struct.error, IndexError) as exc:
-        raise RequestError(400, f"malformed Arrow IPC stream: {exc}") from None
+    schema, batches, rows = None, [], 0
+    for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(body)):
+        if message.type == "schema" and schema is None:
+            schema = pa.ipc.read_schema(message)
+            continue
+        if message.type != "record batch" or schema is None:
+            raise RequestError(422, f"unexpected Arrow IPC message {message.type!r}: send one schema and "
+                                    "record batches, without dictionary-encoded columns")
+        length, compressed = _peek_record_batch(message.metadata)
+        if compressed:
+            raise RequestError(415, "compressed Arrow IPC buffers are not accepted; write the stream uncompressed")
+        rows += length
+        check_rows(max(rows, 1), max_rows)
+        batch = pa.ipc.read_record_batch(message, schema)
+        batch.validate(full=True)
+        batches.append(batch)
     if schema is None:
         raise RequestError(400, "malformed Arrow IPC stream: no schema message")
     return schema, batches
@@ -271,11 +278,29 @@ def _peek_record_batch(metadata: pa.Buffer) -> tuple[int, bool]:
     return length, bool(field(3))
 
 
-def _arrow_dense(column: pa.ChunkedArray, name: str, depths: tuple[int, ...]) -> np.ndarray:
-    """A list-typed column (list, large_list or fixed_size_list, nested `depths` deep) as an (N, ...) array."""
+_LAYOUTS = {"logits": ((1,), "a list of C numbers per row"),
+            "noisy_logits": ((1, 2), "a list of K lists of C numbers, or a flat list of K*C numbers, per row")}
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def _check_type(kind: pa.DataType, name: str) -> None:
+    """Refuse (422) a column type other than lists nested as `_LAYOUTS` says, of floats or integers."""
+    depths, layout = _LAYOUTS[name]
+    leaf, depth = kind, 0
+    while _is_list(leaf):
+        leaf, depth = leaf.value_type, depth + 1
+    if depth not in depths or not (pa.types.is_floating(leaf) or pa.types.is_integer(leaf)):
+        raise RequestError(422, f"{name} must be {layout}; got type {kind}")
+
+
+def _arrow_dense(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """A column of (nested) lists of numbers, type checked by `_check_type`, as an (N, ...) array."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     shape, depth = [len(array)], 0
-    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+    while _is_list(array.type):
         depth += 1
         if array.null_count:
             raise RequestError(422, f"{name} has null lists at depth {depth}")
@@ -291,10 +316,6 @@ def _arrow_dense(column: pa.ChunkedArray, name: str, depths: tuple[int, ...]) ->
                 raise RequestError(422, f"{name} is ragged: {where} has {lengths[i]} values, the first has {size}")
         shape.append(size)
         array = array.flatten()
-    if depth not in depths or not (pa.types.is_floating(array.type) or pa.types.is_integer(array.type)):
-        layouts = {"logits": "a list of C numbers per row",
-                   "noisy_logits": "a list of K lists of C numbers, or a flat list of K*C numbers, per row"}
-        raise RequestError(422, f"{name} must be {layouts[name]}; got type {column.type}")
     if array.null_count:
         raise RequestError(422, f"{name} has null values")
     return array.to_numpy().reshape(shape)
