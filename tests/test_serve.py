@@ -357,6 +357,17 @@ def test_checking_runs_off_the_event_loop(noisy_guard, digits_test):
 # -- health, info, metrics -----------------------------------------------------------------------
 
 
+def test_keep_alive_requests_are_not_held_back_by_nagle(noisy_server):
+    """Responses on a reused connection come at once (TCP_NODELAY), not after the client's ~40 ms delayed ACK."""
+    client, _ = noisy_server
+    times = []
+    for _ in range(15):
+        started = time.perf_counter()
+        client.get("/v1/health")
+        times.append(time.perf_counter() - started)
+    assert np.median(times) < 0.02, times
+
+
 def test_health_info_and_openapi_describe_the_guard(noisy_server, noisy_guard, fashion):
     client, _ = noisy_server
     health = client.get("/v1/health").json()
@@ -537,7 +548,7 @@ def test_byte_level_arrow_fuzz_never_crashes_the_server(noisy_guard, digits_test
     valid = arrow_body(digits_test.logits[:3], digits_test.noisy_logits[:3], layout="list")
     statuses = set()
     with server(noisy_guard) as (client, _):
-        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(st.lists(st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)), max_size=6),
                st.one_of(st.just(len(valid)), st.integers(0, len(valid))))
         def fuzz(flips, cut):
