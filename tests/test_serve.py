@@ -202,6 +202,20 @@ def test_a_guard_without_noise_answers_and_ignores_noise_queries(plain_guard, di
         assert all(r["label"] is not None for r in response.json()["results"])  # on_flag correct: no abstention
 
 
+def test_a_guard_without_detector_has_null_scores_and_no_drift_test(digits_split_table, digits_test):
+    guard = Guard.fit(digits_split_table, corrector="svm", on_flag="correct")
+    x = digits_test.logits[:50]
+    with server(guard) as (client, _):
+        results = client.post("/v1/check", json=json_body(x)).json()["results"]
+        assert_json_matches(results, guard, x)
+        assert all(r["score"] is None and r["flagged"] for r in results)  # a corrector alone acts on every row
+        arrow = client.post("/v1/check.arrow", content=arrow_body(x), headers=ARROW)
+        assert pa.ipc.open_stream(arrow.content).read_all()["score"].null_count == len(x)
+        drift = client.get("/v1/info").json()["drift"]
+        assert drift["applicable"] is False and "not applicable" in drift["reason"]
+        assert metrics(client)[("logitguard_drift_applicable", ())] == 0
+
+
 def test_the_embedded_fashion_guard_answers_as_in_process(fashion):
     guard, test = fashion
     rows = np.concatenate([np.flatnonzero(test.attack == a)[:100] for a in ("clean", "fgsm", "pgd")])
