@@ -1,0 +1,249 @@
+"""Serving speed of `logitguard serve` beside the library's own `Guard.check`, on 127.0.0.1.
+
+    python bench/serve.py [--count 2000] [--seconds 15] [--concurrency 4] [--batch 4096] [--detector msp]
+
+Each guard is saved, served by ``logitguard serve`` in a subprocess, and driven by an httpx client
+that keeps at most N requests in flight, for a fixed count of requests AND a time limit (whichever
+comes first). Request bodies are encoded before the clock starts.
+
+Guards: C=10, the embedded ``ln-reject`` pipeline of data/defenses (learned-noisy detector, K=8 noise
+queries per row, rows from the Fashion-MNIST test split); C=1000, a synthetic guard built in memory
+(a ``--detector`` detector and a `LogitCorrector` with D=1,000 and D=10,000 trained for one epoch on
+synthetic clean and attacked logits, on_flag "correct", K=0; half the rows attacked). Figures:
+
+1. single-row JSON requests: p50 / p99 latency with 1 request in flight (target at C=1000, D=1,000:
+   p99 <= 5 ms), and requests/s with N in flight; beside them the same figures for GET /v1/health (no
+   work: the floor this machine and client set) and the share of checks the server itself answered
+   within 5 ms (from its latency histogram);
+2. batched Arrow requests of `--batch` rows, N in flight: rows/s, beside in-process `Guard.check` rows/s
+   on the same batches and their ratio (target: HTTP within 2x of in-process, ratio >= 0.5).
+
+Client and server share the machine (2 cores here): the client's own CPU time is part of every figure.
+Figures only: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from logitguard.corrector import LogitCorrector  # noqa: E402
+from logitguard.defense import GatedDefense  # noqa: E402
+from logitguard.detectors import make_detector  # noqa: E402
+from logitguard.guard import Guard  # noqa: E402
+from logitguard.serve.codec import ARROW_STREAM, JSON  # noqa: E402
+from logitguard.tables import read_table  # noqa: E402
+
+
+def synthetic_guard(classes: int, hidden: int, detector: str, rows: int = 4096, seed: int = 0) -> tuple[Guard, np.ndarray]:
+    """A C-class guard (detector + corrector of width `hidden`, on_flag correct, K=0) fitted on synthetic
+    logits, and 4 * `rows` fresh rows to serve (half clean, half attacked), float32 (N, C)."""
+    def logits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = rng.integers(0, classes, n)
+        clean = rng.normal(size=(n, classes)).astype(np.float32)
+        clean[np.arange(n), labels] += 6.0
+        attacked = clean.copy()  # the attack lifts a wrong class just above a lowered true one: low confidence
+        attacked[np.arange(n), labels] -= 4.0
+        attacked[np.arange(n), (labels + 1 + rng.integers(0, classes - 1, n)) % classes] += 3.0
+        return clean, attacked, labels
+
+    rng = np.random.default_rng(seed)
+    clean, attacked, labels = logits(rows, rng)
+    fitted = make_detector(detector, fpr=0.01).fit(np.concatenate([clean, attacked]),
+                                                   np.repeat([False, True], rows))
+    corrector = LogitCorrector(hidden=hidden, epochs=1, lr=1e-3, progress=False).fit(clean, attacked, labels)
+    guard = Guard(GatedDefense(fitted, corrector, on_flag="correct"), class_names=[f"c{i}" for i in range(classes)])
+    serve_clean, serve_attacked, _ = logits(2 * rows, rng)
+    return guard, np.concatenate([serve_clean, serve_attacked])[rng.permutation(4 * rows)]
+
+
+def fashion_guard() -> tuple[Guard, np.ndarray, np.ndarray]:
+    """The embedded ln-reject guard and its test rows: logits (N, 10), noise queries (N, 8, 10), float32."""
+    guard = Guard.from_pipeline(ROOT / "data/defenses/defenses.json", "ln-reject", ROOT / "data/fashion-mnist")
+    test = read_table(ROOT / "data/fashion-mnist", split="test")
+    order = np.random.default_rng(0).permutation(len(test))
+    return guard, test.logits[order], test.noisy_logits[order]
+
+
+def arrow_body(logits: np.ndarray, noisy: np.ndarray | None) -> bytes:
+    """An IPC stream: fixed_size_list<float32>[C] logits and, with noise, fixed_size_list<float32>[K*C] (flat)."""
+    columns = {"logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])}
+    if noisy is not None:
+        columns["noisy_logits"] = pa.FixedSizeListArray.from_arrays(pa.array(noisy.ravel()), noisy[0].size)
+    batch = pa.record_batch(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def json_body(logits: np.ndarray, noisy: np.ndarray | None) -> bytes:
+    body = {"logits": logits.astype(np.float64).tolist()}
+    if noisy is not None:
+        body["noisy_logits"] = noisy.astype(np.float64).tolist()
+    return json.dumps(body).encode()
+
+
+class Server:
+    """``logitguard serve`` on a free loopback port, in a subprocess."""
+
+    def __init__(self, guard: Guard, directory: Path, batch: int) -> None:
+        path = guard.save(directory / f"guard-{id(guard)}.npz")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        code = "import sys; from logitguard.cli import main; sys.argv[0] = 'logitguard'; main()"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", str(path), "--port", str(port), "--max-rows", str(batch),
+             "--max-body-mb", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{self.url}/v1/health").raise_for_status()
+                return
+            except httpx.TransportError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {self.process.stderr.read()}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def server_share_within(url: str, seconds: float, before: dict[str, float] | None = None) -> tuple[float, dict]:
+    """(share of /v1/check requests the server answered within `seconds` since `before`, the counts now),
+    from the service's own latency histogram (the bucket edge must be one of its buckets)."""
+    counts = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "logitguard_request_duration_seconds_bucket" and \
+                    sample.labels["endpoint"] == "/v1/check" and sample.labels["le"] in (repr(seconds), "+Inf"):
+                counts[sample.labels["le"]] = sample.value
+    before = before or {}
+    within, total = (counts.get(key, 0.0) - before.get(key, 0.0) for key in (repr(seconds), "+Inf"))
+    return within / total if total else float("nan"), counts
+
+
+async def drive(url: str, path: str, bodies: list[bytes], media_type: str, *, count: int, seconds: float,
+                concurrency: int, method: str = "POST") -> tuple[np.ndarray, float]:
+    """Send `count` requests (cycling through `bodies`) with at most `concurrency` in flight, stopping at
+    `seconds`; returns (latencies in s, wall seconds). Any non-200 answer stops the run."""
+    latencies: list[float] = []
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async def send(body: bytes) -> httpx.Response:
+            if method == "GET":
+                return await client.get(path)
+            return await client.post(path, content=body, headers={"content-type": media_type})
+
+        await send(bodies[0])  # warm-up
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def worker() -> None:
+            nonlocal sent
+            while sent < count and time.perf_counter() < deadline:
+                body = bodies[sent % len(bodies)]
+                sent += 1
+                t0 = time.perf_counter()
+                response = await send(body)
+                latencies.append(time.perf_counter() - t0)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return np.array(latencies), time.perf_counter() - started
+
+
+def in_process_rows_per_s(guard: Guard, batches: list[tuple[np.ndarray, np.ndarray | None]], seconds: float) -> float:
+    """`Guard.check` rows/s cycling through `batches` (after one warm-up call) for about `seconds`."""
+    guard.check(*batches[0])
+    rows, started, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - started < seconds or i < len(batches):
+        logits, noisy = batches[i % len(batches)]
+        guard.check(logits, noisy)
+        rows += len(logits)
+        i += 1
+    return rows / (time.perf_counter() - started)
+
+
+def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None, args: argparse.Namespace,
+          workdir: Path, *, latency_target: float | None = None) -> None:
+    print(f"\n{label}: {guard!r}")
+    batch = args.batch
+    batches = [(logits[i:i + batch], None if noisy is None else noisy[i:i + batch])
+               for i in range(0, min(len(logits), 4 * batch) - batch + 1, batch)]
+    single = [json_body(logits[i:i + 1], None if noisy is None else noisy[i:i + 1]) for i in range(256)]
+    arrow = [arrow_body(*b) for b in batches]
+    server = Server(guard, workdir, batch)
+    try:
+        floor = asyncio.run(drive(server.url, "/v1/health", [b""], JSON, count=args.count, seconds=args.seconds,
+                                  concurrency=1, method="GET"))[0]
+        print(f"  transport floor, GET /v1/health, 1 in flight: p50 {np.median(floor) * 1e3:6.2f} ms  "
+              f"p99 {np.percentile(floor, 99) * 1e3:6.2f} ms  (no work: what this machine and client cost)")
+        for in_flight in (1, args.concurrency):
+            _, before = server_share_within(server.url, 0.005)
+            lat, wall = asyncio.run(drive(server.url, "/v1/check", single, JSON, count=args.count,
+                                          seconds=args.seconds, concurrency=in_flight))
+            share, _ = server_share_within(server.url, 0.005, before)
+            p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+            target = f"  (target p99 <= {latency_target:g} ms: {'met' if p99 <= latency_target else 'MISSED'})" \
+                if latency_target is not None and in_flight == 1 else ""
+            print(f"  single-row JSON, {in_flight} in flight: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+                  f"{len(lat) / wall:6.0f} req/s  [{len(lat)} requests; server-side {100 * share:.1f}% "
+                  f"within 5 ms]{target}")
+        lat, wall = asyncio.run(drive(server.url, "/v1/check.arrow", arrow, ARROW_STREAM,
+                                      count=max(args.count // 20, 8), seconds=args.seconds,
+                                      concurrency=args.concurrency))
+    finally:
+        server.stop()
+    http = len(lat) * batch / wall
+    local = in_process_rows_per_s(guard, batches, min(args.seconds, 5.0))
+    ratio = http / local
+    print(f"  batched Arrow, {batch} rows, {args.concurrency} in flight: {http:10,.0f} rows/s  "
+          f"(p50 {np.median(lat) * 1e3:.1f} ms/request, {len(lat)} requests)")
+    print(f"  in-process Guard.check, same batches:   {local:10,.0f} rows/s")
+    print(f"  ratio HTTP / in-process: {ratio:.2f}   (target >= 0.5: {'met' if ratio >= 0.5 else 'MISSED'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000, help="Requests per single-row run (batched: count/20).")
+    parser.add_argument("--seconds", type=float, default=15.0, help="Time limit per run.")
+    parser.add_argument("--concurrency", type=int, default=4, help="Requests in flight (N).")
+    parser.add_argument("--batch", type=int, default=4096, help="Rows per Arrow request.")
+    parser.add_argument("--detector", default="msp", choices=["msp", "learned"], help="Detector of the C=1000 guards.")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; client and server on 127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        guard, logits, noisy = fashion_guard()
+        bench("C=10, embedded ln-reject (K=8)", guard, logits, noisy, args, workdir)
+        for hidden in (1000, 10_000):
+            guard, logits = synthetic_guard(1000, hidden, args.detector)
+            bench(f"C=1000, D={hidden:,}, synthetic", guard, logits, None, args, workdir,
+                  latency_target=5.0 if hidden == 1000 else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""An HTTP service for a `Guard`: clients send a model's logits, get the guard's decision per row.
+
+Start it with ``logitguard serve GUARD.npz`` (loopback, port 8000) or `run` / `create_app` (FastAPI,
+served by uvicorn). Needs the ``serve`` extra: ``pip install 'logitguard[serve]'``.
+
+Endpoints
+---------
+``POST /v1/check`` (``application/json``)
+    Body ``{"logits": [[C numbers], ...N rows], "noisy_logits": [[[C numbers] x K] x N]}``;
+    ``noisy_logits`` is required when the guard's K (``num_queries``) > 0 and ignored when K = 0.
+    Answer ``{"rows": N, "results": [{"model_label", "model_class", "flagged", "score", "label",
+    "class", "abstained"}, ...]}`` in request order; ``score`` is null without a detector, ``label``
+    and ``class`` are null where the row is rejected (``abstained``).
+``POST /v1/check.arrow`` (``application/vnd.apache.arrow.stream``)
+    An Arrow IPC *stream* (uncompressed) of record batches with column ``logits`` (list, large_list or
+    fixed_size_list of C floats or ints) and, when K > 0, ``noisy_logits``: a list of K lists of C
+    numbers, or a flat list of K*C numbers per row (query-major: query k, class c at k*C + c). Answer
+    an IPC stream with columns ``model_label`` int64, ``flagged`` bool, ``score`` float64 (null
+    without a detector) and ``label`` int64 (null where abstained). For large batches.
+``GET /v1/health``
+    ``{"status": "ok", "guard", "num_classes", "num_queries"}``.
+``GET /v1/info``
+    `Guard.info` (classes, C, K, noise recipe, on_flag, detector threshold / FPR / achieved FPR,
+    corrector, threat figures, unmeasured threat models, provenance) plus ``server`` (limits) and
+    ``drift`` (`DriftWatch.status`).
+``GET /metrics``
+    Prometheus text: ``logitguard_requests_total{endpoint,status}``,
+    ``logitguard_request_duration_seconds`` (histogram by endpoint), ``logitguard_rows_checked_total``,
+    ``logitguard_rows_flagged_total``, ``logitguard_rows_abstained_total``, ``logitguard_flagged_rate``
+    and the ``logitguard_drift_*`` gauges (applicable, alert, window_rows, flagged_rate,
+    expected_rate, binomial_pvalue, ks_statistic, ks_pvalue).
+``GET /openapi.json``, ``GET /docs``
+    The OpenAPI spec (with this guard's C, K and row limit) and its browsable form.
+
+Status codes
+------------
+200 decided; 400 malformed body (not JSON, not an Arrow IPC stream); 413 body over ``max_body_bytes``
+(counted while reading, not taken from Content-Length alone); 415 wrong content type, or compressed
+Arrow buffers; 422 well-formed but wrong: more than ``max_rows`` rows, empty batch, C or K differ from
+the guard's, NaN / Infinity (JSON's ``NaN`` token or an overflowing number included), values beyond
+float32's range (±3.4e38), ragged rows, missing noise queries, unknown fields or columns, nulls; 500 an unexpected error, logged, with a
+generic message. Errors are ``{"detail": "one line"}``. Checking runs in a threadpool, so a large
+batch does not block the event loop.
+
+Drift
+-----
+The service keeps the flags and scores of the last ``drift_window`` rows (`DriftWatch`) and tests the
+window's flagged rate against the detector's calibrated FPR (exact binomial test) and its scores
+against the clean calibration scores (KS test). ``alert`` is true when the binomial p-value is below
+``drift_alpha`` with at least ``drift_min_rows`` rows: the flagged rate departs from what clean traffic
+would give by more than chance explains (an attack campaign, or a change of the model or its inputs).
+Without a detector drift is "not applicable".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Defaults of `create_app`, `DriftWatch` and ``logitguard serve`` (kept here: importing this package is cheap).
+DEFAULT_MAX_ROWS = 16384
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_DRIFT_WINDOW = 1000
+DEFAULT_DRIFT_ALPHA = 1e-3
+DEFAULT_DRIFT_MIN_ROWS = 100
+
+__all__ = ["DEFAULT_DRIFT_ALPHA", "DEFAULT_DRIFT_MIN_ROWS", "DEFAULT_DRIFT_WINDOW", "DEFAULT_MAX_BODY_BYTES",
+           "DEFAULT_MAX_ROWS", "DriftWatch", "create_app", "is_loopback", "run", "serve_in_thread"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def __getattr__(name: str) -> Any:
+    # The app needs the 'serve' extra (FastAPI, uvicorn, prometheus-client); the drift watch does not.
+    if name in ("create_app", "run", "serve_in_thread"):
+        from . import app
+
+        return getattr(app, name)
+    if name == "DriftWatch":
+        from .drift import DriftWatch
+
+        return DriftWatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
