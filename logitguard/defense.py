@@ -107,7 +107,7 @@ class GatedDefense:
         score = np.full(len(logits), np.nan)
         if self.detector is not None:
             score = self.detector.score_samples(logits, noisy)
-            flagged = score > self.detector.threshold_
+            flagged = ~(score <= self.detector.threshold_)  # fails closed: a NaN score (overflow) is flagged
         else:
             flagged = np.full(len(logits), self.corrector is not None)
         if flagged.any():

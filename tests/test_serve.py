@@ -203,7 +203,7 @@ def test_a_guard_without_noise_answers_and_ignores_noise_queries(plain_guard, di
 
 
 def test_a_guard_without_detector_has_null_scores_and_no_drift_test(digits_split_table, digits_test):
-    guard = Guard.fit(digits_split_table, corrector="svm", on_flag="correct")
+    guard = Guard.fit(digits_split_table, detector=None, corrector="svm", on_flag="correct")
     x = digits_test.logits[:50]
     with server(guard) as (client, _):
         results = client.post("/v1/check", json=json_body(x)).json()["results"]
