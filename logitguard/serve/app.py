@@ -63,6 +63,8 @@ class _Service:
         """Parse, check, count and encode one request (runs in the threadpool)."""
         guard = self.guard
         logits, noisy = parse(body, needs_noise=guard.needs_noise, max_rows=self.max_rows)
+        if logits.ndim == 2 and logits.shape[1] != guard.num_classes:  # the first thing wrong is said first
+            raise RequestError(422, f"logits have {logits.shape[1]} classes; expected {guard.num_classes}")
         if guard.needs_noise and noisy is None:
             raise RequestError(422, f"noisy_logits is required: this guard reads K = {guard.num_queries} noise queries "
                                     f"per row, shape (N, {guard.num_queries}, {guard.num_classes})")
