@@ -378,7 +378,10 @@ def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema
                        partition_base_dir=str(path))
         first = ds.dataset(files, **options)
         schemas = {f.path: f.physical_schema for f in first.get_fragments()}
-        partition_fields = [f for f in first.schema if all(f.name not in s.names for s in schemas.values())]
+        # Partition values are names: read them as strings (discovery would make a split "2024" an int32).
+        partition_fields = [pa.field(f.name, pa.string()) for f in first.schema
+                            if all(f.name not in s.names for s in schemas.values())]
+        options["partitioning"] = ds.HivePartitioning(pa.schema(partition_fields))
         try:
             schema = pa.unify_schemas([*schemas.values(), pa.schema(partition_fields)])
         except pa.ArrowException as exc:
@@ -699,8 +702,9 @@ def _with_metadata(arrow: pa.Table, metadata: dict[str, Any]) -> pa.Table:
 def _partitions(table: LogitTable, by: list[str]):
     for c in by:
         for value in _distinct(getattr(table, c)):
-            if not value or any(ch in value for ch in "/\\=") or value.startswith("."):
-                raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=' and a leading '.'")
+            if not value or any(ch in value for ch in "/\\=%") or value.startswith("."):
+                raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=', '%' and a "
+                                 "leading '.'")
     keys = pd.DataFrame({c: getattr(table, c) for c in by})
     for values, index in keys.groupby(by, sort=True).indices.items():
         values = values if isinstance(values, tuple) else (values,)
