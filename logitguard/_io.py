@@ -1,12 +1,37 @@
-"""Safe files: every file logitguard writes goes through `atomic_output`; array archives are read
-without unpickling."""
+"""Safe outputs: every file and directory logitguard writes goes through this module.
+
+- `atomic_output`: one file, written to a temporary sibling and renamed into place. Readers never see a
+  half-written file; the file gets the permissions the umask allows (``0666 & ~umask``).
+- `StagedDirectory`: a directory output (a partitioned table, a resumable export) built in a sibling
+  staging directory and put in place in one step (an atomic exchange of the two directories where the OS
+  has one, Linux's ``renameat2(RENAME_EXCHANGE)``). The target always holds either the complete old
+  output or the complete new one.
+- `OutputLock`: one writer per target. A second run to the same target refuses instead of interleaving;
+  the lock is an ``flock`` on a hidden sibling file, so the OS releases it when a run is killed.
+- `claim_output` / `check_writable`: what a command checks before long work (the location is writable,
+  no other run holds it, nothing is overwritten without ``--force``).
+
+Temporary entries are hidden siblings named ``.<target>.<kind>-<pid>-<host>-<random>``; entries of a run
+that no longer exists (killed) are removed by the next run that writes the same target.
+
+Array archives (`save_arrays`) are written byte for byte the same for the same content and read without
+unpickling.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +39,16 @@ from typing import Any
 import numpy as np
 
 from .errors import LogitguardError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking (documented in docs/tables.md)
+    fcntl = None  # type: ignore[assignment]
+
+_KINDS = ("tmp", "stage", "commit", "old")
+# Temporary entries from another machine (a shared file system) are only removed once this old.
+_FOREIGN_STALE_SECONDS = 24 * 3600
+COMMIT_WAIT_SECONDS = 600.0  # how long a commit waits for another run's commit to the same target
 
 
 def refuse_overwrite(paths: list[Path], overwrite: bool, *,
@@ -25,30 +60,543 @@ def refuse_overwrite(paths: list[Path], overwrite: bool, *,
         raise error(f"refusing to overwrite existing file(s): {shown}; pass overwrite=True (--force)")
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``Permission denied: '/x/y'`` rather than ``[Errno 13] Permission denied: '/x/y'``."""
+    text = exc.strerror or str(exc)
+    names = [repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{text}: {' -> '.join(names)}" if names else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Names of temporary entries, and removing those of dead runs
+
+
+def _host() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _tag() -> str:
+    """``<pid>-<host>``: who owns a temporary entry (the pid changes in a forked child)."""
+    return f"{os.getpid()}-{_host()}"
+
+
+def _temp_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{_tag()}-"
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(name)}\.({'|'.join(_KINDS)})-(\d+)-([0-9a-f]{{8}})-[^/]+")
+
+
+def _owner_gone(pid: int, host: str, path: Path) -> bool:
+    if host != _host():
+        try:
+            return time.time() - path.lstat().st_mtime > _FOREIGN_STALE_SECONDS
+        except OSError:
+            return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
+
+
+def clean_stale(target: str | os.PathLike) -> None:
+    """Remove temporary siblings of `target` left by runs that are gone (killed); restore an old output
+    set aside by a commit that was killed before the new one was in place. Call with the target's lock held."""
+    target = Path(target)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    pattern = _temp_pattern(target.name)
+    stale = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and _owner_gone(int(match.group(2)), match.group(3), Path(entry.path)):
+            stale.append((match.group(1), Path(entry.path)))
+    # An old output set aside goes back first, before anything else is removed.
+    for kind, path in sorted(stale, key=lambda s: s[0] != "old"):
+        if kind == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+        else:
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Permissions
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask; give the entry what a plain open/mkdir would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before long work
+
+
+def check_writable(target: str | os.PathLike, *, directory: bool = False,
+                   error: type[LogitguardError] = LogitguardError) -> None:
+    """Raise `error` unless `target` can be written: its nearest existing ancestor is a writable directory
+    (probed by creating a file there) and an existing `target` is of the right kind (file or directory)."""
+    target = Path(target)
+    if target.is_dir() and not directory:
+        raise error(f"cannot write {target}: it is a directory (expected a file name)")
+    if directory and target.exists() and not target.is_dir():
+        raise error(f"cannot write {target}: it exists and is not a directory")
+    ancestor = target.absolute().parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f"cannot write {target}: {ancestor} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".logitguard-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise error(f"cannot write {target}: {ancestor} is not writable ({exc.strerror or exc})") from None
+
+
+def claim_output(target: str | os.PathLike, overwrite: bool, *, directory: bool = False, merge: bool = False,
+                 extra: Iterable[str | os.PathLike] = (),
+                 error: type[LogitguardError] = LogitguardError) -> OutputLock:
+    """Everything a command checks about its output before it starts work; returns the held lock.
+
+    The location must be writable, no other run may be writing `target`, and an existing output (or any of
+    `extra`, files written beside or, with `merge`, into it) is refused unless `overwrite`. A directory
+    that is replaced as a whole (not `merge`) must hold nothing but a table. The lock is held until
+    `release` (or the process ends), so a second run to the same target refuses at once, not after hours.
+    """
+    target = Path(target)
+    check_writable(target, directory=directory, error=error)
+    if directory:
+        target = _directory_target(target, error)  # the same lock as the `StagedDirectory` that writes it
+    target.absolute().parent.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(target, error=error)
+    lock.acquire()
+    try:
+        if directory and merge:
+            refuse_overwrite([Path(p) for p in extra], overwrite, error=error)
+        elif directory:
+            _refuse_directory(target, overwrite, error)
+            if target.is_dir():
+                _refuse_foreign(target, error)
+        else:
+            refuse_overwrite([target, *(Path(p) for p in extra)], overwrite, error=error)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _refuse_directory(target: Path, overwrite: bool, error: type[LogitguardError]) -> None:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise error(f"refusing to overwrite existing file(s): {target} (a directory); pass overwrite=True "
+                    "(--force) to replace it as a whole")
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per target
+
+
+class OutputLock:
+    """An exclusive lock on writing `target`: ``flock`` on the hidden sibling ``.<name>.lock``.
+
+    Re-entrant within a process (a command that claimed its output can write it); another process gets
+    `error` at once, or after `wait` seconds. The OS drops the lock of a killed run. Acquiring it removes
+    temporary entries of dead runs beside `target` (`clean_stale`).
+    """
+
+    _held: dict[str, list[int]] = {}  # lock file -> [fd, depth], this process
+
+    def __init__(self, target: str | os.PathLike, *, wait: float = 0.0,
+                 error: type[LogitguardError] = LogitguardError) -> None:
+        target = Path(target).absolute()
+        self.target = Path(os.path.realpath(target.parent)) / target.name  # one lock whatever the spelling
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self.wait = wait
+        self.error = error
+        self._depth = 0
+
+    def acquire(self) -> OutputLock:
+        key = str(self.path)
+        held = self._held.get(key)
+        if held is not None:
+            held[1] += 1
+            self._depth += 1
+            return self
+        fd = self._lock() if fcntl is not None else -1
+        self._held[key] = [fd, 1]
+        self._depth += 1
+        clean_stale(self.target)
+        return self
+
+    def release(self) -> None:
+        if not self._depth:
+            return
+        self._depth -= 1
+        key = str(self.path)
+        held = self._held[key]
+        held[1] -= 1
+        if held[1]:
+            return
+        del self._held[key]
+        if held[0] >= 0:
+            try:
+                self.path.unlink()  # while still locked: a waiter that opened it sees a new inode and retries
+            except FileNotFoundError:
+                pass
+            os.close(held[0])
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _lock(self) -> int:
+        deadline = time.monotonic() + self.wait
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise self.error(f"another run is writing {self.target}{self._holder()}; wait for it to finish "
+                                 f"or choose another output") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+
+    def _holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            return ""
+        return f" (process {pid})" if pid.isdigit() else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
 @contextmanager
-def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(target: str | os.PathLike, *, overwrite: bool = True,
+                  error: type[LogitguardError] = LogitguardError) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it onto `target`, else delete it.
 
-    Readers never see a half-written file, and a failed write leaves nothing behind.
+    Readers never see a half-written file, and a failed write leaves nothing behind. Holds `target`'s
+    `OutputLock` meanwhile; with ``overwrite=False`` an existing `target` is refused (checked under the
+    lock, so of two runs exactly one writes). The file gets ``0666 & ~umask``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    with OutputLock(target, error=error):
+        if not overwrite:
+            refuse_overwrite([target], overwrite, error=error)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target, "tmp"))
+        os.close(fd)
+        try:
+            _honour_umask(tmp)
+            yield Path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+
+
+class StagedDirectory:
+    """A directory output built beside `target` and put in place in one step by `commit`.
+
+    Without `resume_key` the staging directory is private to this run and removed on `discard`. With a
+    key it is ``.<name>.resume-<key>``, kept when the run fails or is killed so that a rerun with the same
+    key finds what was already written (resume); two runs with the same key cannot stage at once.
+
+    `commit` builds the new tree from hard links (no data is copied): with ``replace=True`` only the
+    staged files, otherwise the current `target` plus the staged files; then swaps it with `target`.
+    """
+
+    def __init__(self, target: str | os.PathLike, *, resume_key: str | None = None,
+                 error: type[LogitguardError] = LogitguardError) -> None:
+        self.given = Path(target)
+        self.target = _directory_target(self.given, error)
+        self.error = error
+        parent = self.target.parent
+        check_writable(self.target, directory=True, error=error)
+        parent.mkdir(parents=True, exist_ok=True)
+        self._lock: OutputLock | None = None
+        if resume_key is None:
+            self.path = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(self.target, "stage")))
+        else:
+            self.path = parent / f".{self.target.name}.resume-{resume_key}"
+            self._lock = OutputLock(self.path, error=error).acquire()
+            self.path.mkdir(exist_ok=True)
+        _honour_umask(self.path, directory=True)
+
+    def commit(self, files: Iterable[str] | None = None, *, replace: bool = False, overwrite: bool = False,
+               check: Callable[[], None] | None = None, wait: float = COMMIT_WAIT_SECONDS) -> list[Path]:
+        """Put the staged `files` (paths relative to the stage; default: every staged file) in place.
+
+        Under `target`'s lock (waiting up to `wait` seconds for another commit): `check()` runs first (it may
+        raise), an existing file is replaced only with `overwrite`, and ``replace=True`` replaces the whole
+        old output (only with `overwrite`, and only when it looks like a table: Parquet files). Returns the
+        committed files' final paths. The staging directory is removed.
+        """
+        files = sorted(_staged_files(self.path) if files is None else {str(Path(f)) for f in files})
+        with OutputLock(self.target, wait=wait, error=self.error):
+            if check is not None:
+                check()
+            exists = self.target.is_dir()
+            if os.path.lexists(self.target) and not exists:
+                raise self.error(f"cannot write {self.target}: it exists and is not a directory")
+            if replace and exists:
+                _refuse_directory(self.target, overwrite, self.error)
+                _refuse_foreign(self.target, self.error)
+            new = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=_temp_prefix(self.target, "commit")))
+            try:
+                os.chmod(new, stat.S_IMODE(self.target.stat().st_mode) if exists else 0o777 & ~current_umask())
+                if exists and not replace:
+                    _link_tree(self.target, new)
+                for rel in files:
+                    dest = new / rel
+                    if os.path.lexists(dest):
+                        if not overwrite:
+                            raise self.error(f"refusing to overwrite existing file {self.target / rel}; "
+                                             "pass overwrite=True (--force)")
+                        dest.unlink()
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _link(self.path / rel, dest)
+                old = _swap_into_place(new, self.target)
+            except BaseException:
+                _remove(new)
+                raise
+            if old is not None:
+                _remove(old)
+        self.discard()
+        return [self.given / rel for rel in files]
+
+    def discard(self) -> None:
+        """Remove the staging directory and release its lock."""
+        _remove(self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Release the stage's lock; a resumable stage stays for the next run."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+@contextmanager
+def staged_output(target: str | os.PathLike, *, overwrite: bool, replace: bool = False,
+                  error: type[LogitguardError] = LogitguardError) -> Iterator[Path]:
+    """Yield an empty staging directory for the directory output `target`; when the block succeeds, its
+    files are committed in one step (`StagedDirectory.commit`), else it is removed and `target` is untouched.
+
+    ``replace=True``: the staged files replace the whole old output (refused without `overwrite` when it
+    exists and is not empty); otherwise they are added to it (an existing file refused without `overwrite`).
+    `target`'s lock is held throughout: a second run to it raises `error` at once.
+    """
+    stage = StagedDirectory(target, error=error)
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
+        with OutputLock(stage.target, error=error):
+            if replace:
+                _refuse_directory(stage.target, overwrite, error)
+            yield stage.path
+            stage.commit(replace=replace, overwrite=overwrite, wait=0)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        stage.discard()
         raise
 
 
+def _directory_target(target: Path, error: type[LogitguardError]) -> Path:
+    """The real directory to replace: symlinks resolved (the link stays, its target is replaced); never the
+    current directory or one above it (a process's own working directory cannot be swapped away)."""
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise error(f"cannot write a table directory over {target}: it is (or holds) the current directory; "
+                    "choose a subdirectory")
+    return resolved
+
+
+def _refuse_foreign(target: Path, error: type[LogitguardError]) -> None:
+    """Replacing a directory as a whole deletes it: only when it holds nothing but a table's Parquet files."""
+    for root, dirs, names in os.walk(target):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and not name.endswith(".parquet"):
+                raise error(f"refusing to replace {target}: it holds files that are not part of a table (e.g. "
+                            f"{Path(root, name)}); choose another output")
+
+
+def _staged_files(stage: Path) -> list[str]:
+    out = []
+    for root, dirs, names in os.walk(stage):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [str(Path(root, n).relative_to(stage)) for n in names if not n.startswith(".")]
+    return out
+
+
+def _link(source: Path, dest: Path) -> None:
+    """Hard-link `source` as `dest` (copy where the file system has no hard links)."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), dest)
+        return
+    try:
+        os.link(source, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
+            raise
+        shutil.copy2(source, dest)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Recreate `source`'s tree under the existing `dest` with hard links (our temporary entries left out)."""
+    for root, dirs, names in os.walk(source):
+        here = Path(root)
+        into = dest / here.relative_to(source)
+        for d in list(dirs):
+            if (here / d).is_symlink():
+                os.symlink(os.readlink(here / d), into / d)
+                dirs.remove(d)
+            elif not _is_ours(d):
+                (into / d).mkdir()
+                shutil.copymode(here / d, into / d)
+            else:
+                dirs.remove(d)
+        for name in names:
+            if not _is_ours(name):
+                _link(here / name, into / name)
+
+
+def _is_ours(name: str) -> bool:
+    return name.endswith(".lock") and name.startswith(".") or bool(
+        re.fullmatch(rf"\..+\.({'|'.join(_KINDS)})-\d+-[0-9a-f]{{8}}-[^/]+", name))
+
+
+def _swap_into_place(new: Path, target: Path) -> Path | None:
+    """Make `new` the directory at `target`; return where the old one now is (to delete), if any.
+
+    An atomic exchange where the OS offers one; otherwise the old directory is first renamed aside
+    (``.<name>.old-…``; a killed run's is put back by `clean_stale`) and `new` renamed into place.
+    """
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return None
+    if _exchange(new, target):
+        return new
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target, "old")))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    return old
+
+
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            func = libc.renameat2
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            func.restype = ctypes.c_int
+            _renameat2 = (func, ctypes)
+        except (OSError, AttributeError):
+            pass
+    if not _renameat2:
+        return False
+    func, ctypes = _renameat2
+    at_fdcwd, rename_exchange = -100, 2
+    if func(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Array archives
+
+
 def save_arrays(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray], *, overwrite: bool) -> Path:
-    """Write an ``.npz`` of plain arrays plus a JSON `header` (must hold ``format``), atomically."""
+    """Write an ``.npz`` of plain arrays plus a JSON `header` (must hold ``format``), atomically.
+
+    The archive is deterministic: the same header and arrays give the same bytes (fixed zip timestamps).
+    """
+    path = Path(path)
     refuse_overwrite([path], overwrite)
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, header=np.array(json.dumps(header)), **{f"a_{k}": np.asarray(v) for k, v in arrays.items()})
+    members = {"header": np.array(json.dumps(header)), **{f"a_{k}": np.asarray(v) for k, v in arrays.items()}}
+    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        _write_npz(f, members)
     return path
+
+
+def _write_npz(f: Any, members: dict[str, np.ndarray]) -> None:
+    """`numpy.savez` with a fixed timestamp per member, so equal content gives equal bytes."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, value in members.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def load_arrays(path: Path, fmt: str, what: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -17,13 +17,31 @@ from .errors import LogitguardError
 
 
 class ErrorReportingGroup(click.Group):
-    """A click group that prints LogitguardError as `Error: …` (exit 1) instead of a traceback."""
+    """A click group that prints LogitguardError and any OSError (a file that cannot be read or written) as
+    `Error: …` (exit 1) instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LogitguardError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            from ._io import describe_os_error
+
+            raise click.ClickException(describe_os_error(exc)) from None
+
+
+def claim_output(out: str, force: bool, *, directory: bool | None = None, merge: bool = False,
+                 extra: tuple[str, ...] = ()) -> None:
+    """Before any work: `out` is writable, no other run is writing it, and it is not overwritten without
+    --force (`merge`: a directory the command adds files to). The claim lasts until the command ends.
+    `directory` None: a directory unless `out` ends in .parquet."""
+    from ._io import claim_output as claim
+
+    if directory is None:
+        directory = not out.endswith(".parquet")
+    lock = claim(out, force, directory=directory, merge=merge, extra=extra)
+    click.get_current_context().call_on_close(lock.release)
 
 
 def json_option(func):
@@ -125,10 +143,9 @@ def _progress() -> bool:
 def train_corrector(table: str, attacks: list[str], split: str, out: str, stream: bool, force: bool,
                     as_json: bool, **kwargs: Any) -> None:
     """Train a logit corrector on clean and attacked logits (Algorithm 1) and save it."""
-    from ._io import refuse_overwrite
     from .corrector import LogitCorrector
 
-    refuse_overwrite([Path(out)], force)  # fail before training, not after
+    claim_output(out, force, directory=False)  # fail before training, not after
     corrector = LogitCorrector(progress=_progress(), **_corrector_params(kwargs))
     corrector.fit_table(table, attacks, split=split, stream=stream).save(out, overwrite=force)
     last = corrector.history_[-1]
@@ -151,6 +168,7 @@ def correct(table: str, corrector_path: str, out: str, force: bool, as_json: boo
     from .summary import format_summary, summarize
     from .tables import read_table, table_columns, write_table
 
+    claim_output(out, force)
     corrector = LogitCorrector.load(corrector_path)
     source = read_table(table, columns=[c for c in ("linf", "l2") if c in table_columns(table)])
     corrected = corrector.correct_table(source)
@@ -233,6 +251,8 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
         grid = [float(v) for v in values]
     except ValueError:
         raise click.BadParameter(f"expected numbers, got {','.join(values)}", param_hint="--values") from None
+    if not grid:
+        raise click.BadParameter("give at least one p_clean value, e.g. 0,0.5", param_hint="--values")
     results = sweep(read_table(table, columns=[]), attacks, grid, train_split=train_split, eval_split=split,
                     progress=_progress(), **params)
     if as_json:
@@ -264,11 +284,10 @@ def _detector_kinds() -> list[str]:
 def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str] | None, split: str,
                  correction: str | None, force: bool, as_json: bool) -> None:
     """Fit a detector and calibrate its threshold on clean rows to the target FPR."""
-    from ._io import refuse_overwrite
     from .detectors import make_detector
     from .tables import read_table
 
-    refuse_overwrite([Path(out)], force)
+    claim_output(out, force, directory=False)
     params = {"fpr": fpr} if correction is None else {"fpr": fpr, "correction": correction}
     detector = make_detector(kind, **params)
     detector.fit_table(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
@@ -320,11 +339,10 @@ def detect(table: str, detector_path: str, split: str, as_json: bool) -> None:
 def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, max_rows: int, force: bool,
               as_json: bool) -> None:
     """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
-    from ._io import refuse_overwrite
     from .svm import SVMCorrector
     from .tables import read_table
 
-    refuse_overwrite([Path(out)], force)
+    claim_output(out, force, directory=False)
     svm = SVMCorrector(C=c_value, max_rows=max_rows).fit_table(read_table(table, split=split, columns=[]),
                                                               attacks, split=None)
     svm.save(out, overwrite=force)
@@ -355,6 +373,7 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     from .detectors import load_detector
     from .tables import read_table
 
+    claim_output(out, force)
     corrector = None if corrector_path is None else load_corrector(corrector_path)
     defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
     data = read_table(table, split=split)
@@ -405,6 +424,7 @@ def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, fo
     from .shipped import fit_shipped
     from .tables import read_table
 
+    claim_output(out, force, directory=True, merge=True)
     manifest = fit_shipped(read_table(table, split="train"), out, seed=seed, overwrite=force, attacks=attacks)
     parts = {name: {"detector": spec.detector and spec.detector.name, "corrector": spec.corrector and spec.corrector.name,
                     "on_flag": spec.on_flag} for name, spec in load_pipelines(manifest).items()}
@@ -473,11 +493,10 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
               attacks: list[str] | None, pipeline: str | None, budgets: str, seed: int, force: bool,
               as_json: bool) -> None:
     """Fit a guard on the train split of TABLE, measure it per threat model on the test split, save it."""
-    from ._io import refuse_overwrite
     from .guard import Guard, format_info
     from .threat import parse_budgets
 
-    refuse_overwrite([Path(out)], force)
+    claim_output(out, force, directory=False)
     eps = parse_budgets(budgets)
     if pipeline is not None:
         manifest, sep, name = pipeline.rpartition(":")
@@ -504,6 +523,7 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
     from .guard import Guard
     from .tables import read_table
 
+    claim_output(out, force)
     loaded = Guard.load(guard_path)
     data = read_table(table, split=split)
     _write_defended(loaded.defense, loaded.defend_table(data), data, out, split=split, force=force, as_json=as_json)
@@ -538,6 +558,8 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
     from .corrector import LogitCorrector
     from .tables import read_table
 
+    if top < 1:
+        raise click.BadParameter(f"must be at least 1, got {top}", param_hint="--top")
     corrector = LogitCorrector.load(corrector_path)
     data = read_table(table, split=split, columns=[])
     freqs = ex.supporting_frequencies(corrector, data, attacks, split=None, k=k)
@@ -573,6 +595,7 @@ def demo(data: str, out: str, defenses: str | None, no_plots: bool, force: bool,
     """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
     from .demo import run_demo
 
+    claim_output(out, force, directory=True, merge=True)
     log = (lambda message: click.echo(message, err=True))
     summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots, defenses=defenses)
     if as_json:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_output, refuse_overwrite
+from ._io import atomic_output, refuse_overwrite, staged_output
 from .errors import LogitguardError
 from .shipped import MANIFEST
 from .summary import percent, summarize
@@ -50,8 +50,18 @@ def run_demo(
     `defenses` is the manifest of saved pipelines whose threat-model figures open the report (default:
     ``defenses/defenses.json`` beside `data`; skipped with a note when absent). `log` receives one line
     per step (progress). Returns the summary written to ``summary.json``. Refuses to replace an existing
-    report unless `overwrite`.
+    report unless `overwrite`. The files are written beside `out` and added to it in one step at the end.
     """
+    out = Path(out)
+    targets = [out / "report.md", out / "summary.json", *(out / f for f in FIGURES if plots)]
+    refuse_overwrite(targets, overwrite)
+    with staged_output(out, overwrite=overwrite) as stage:
+        return _run_demo(data, out, stage, log=log, plots=plots, defenses=defenses)
+
+
+def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[[str], None], plots: bool,
+              defenses: str | os.PathLike | None) -> dict[str, Any]:
+    """`run_demo`, writing into the staging directory `stage` (`out` names the result in messages)."""
     from . import explain
     from .corrector import LogitCorrector
     from .defense import GatedDefense
@@ -59,9 +69,6 @@ def run_demo(
     from .evaluate import detection_table, evaluate, sweep_p_clean, train_per_attack, transfer_matrix
     from .svm import SVMCorrector
 
-    out = Path(out)
-    targets = [out / "report.md", out / "summary.json", *(out / f for f in FIGURES if plots)]
-    refuse_overwrite(targets, overwrite)
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -128,7 +135,7 @@ def run_demo(
     figures: list[str] = []
     if plots:
         step("figures")
-        figures = _figures(out, freqs, transfer, bc, table, detectors, main_attack, histogram)
+        figures = _figures(stage, freqs, transfer, bc, table, detectors, main_attack, histogram)
 
     step("writing the report")
     summary |= {
@@ -148,8 +155,8 @@ def run_demo(
                      ablations, instance, main_attack, figures, threat)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     report += f"\n---\nMade by `logitguard demo` in {summary['seconds']:.0f} s.\n"
-    _write_text(out / "report.md", report)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default, allow_nan=True))
+    _write_text(stage / "report.md", report)
+    _write_text(stage / "summary.json", json.dumps(summary, indent=2, default=_json_default, allow_nan=True))
     log(f"[{summary['seconds']:6.1f}s] wrote {out / 'report.md'}")
     return summary
 

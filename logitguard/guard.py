@@ -31,7 +31,7 @@ from ._io import load_arrays, refuse_overwrite, save_arrays
 from .defense import ABSTAIN, Decision, GatedDefense, as_corrector, check_policy
 from .errors import LogitguardError
 from .estimator import check_logits, from_arrays
-from .tables import CLEAN, LogitTable, read_table
+from .tables import CLEAN, LogitTable, read_table, table_files
 from .threat import DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, format_budget, threat_model_table, threat_of, to_records
 
 FORMAT = "logitguard.Guard"
@@ -316,7 +316,7 @@ class Guard:
 def table_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over a table's Parquet files (relative names and contents, in sorted order)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    files = [path] if path.is_file() else [Path(p) for p in table_files(path)]  # the files the reader reads
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._io import refuse_overwrite
+from ._io import refuse_overwrite, staged_output
 from .errors import LogitguardError
 from .tables import LogitTable
 
@@ -61,14 +61,16 @@ def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, ove
     if table.noisy_logits is None:
         raise LogitguardError("the shipped pipelines need noise queries (column 'noisy_logits')")
     settings = {k: v for k, v in CORRECTOR.items() if k != "attack"}
-    out.mkdir(parents=True, exist_ok=True)
-    corrector = LogitCorrector(**settings, seed=seed, progress=False).fit_table(table, CORRECTOR["attack"])
-    corrector.save(out / FILES["corrector"], overwrite=overwrite)
-    learned = make_detector("learned-noisy", fpr=DETECTOR_FPR["learned-noisy"], seed=seed)
-    learned.fit_table(table, attacks=attacks).save(out / FILES["learned-noisy"], overwrite=overwrite)
-    odds = make_detector("odds", fpr=DETECTOR_FPR["odds"], correction="logistic").fit_table(table, attacks=attacks)
-    odds.save(out / FILES["odds"], overwrite=overwrite)
-    pipelines = {name: {part: (value if part == "on_flag" else out / value) for part, value in parts.items()}
-                 for name, parts in PIPELINES.items()}
-    return save_pipelines(out / MANIFEST, pipelines, overwrite=overwrite)
+    # Written beside `out` and added to it in one step: `out` never holds some new files with an old manifest.
+    with staged_output(out, overwrite=overwrite) as stage:
+        corrector = LogitCorrector(**settings, seed=seed, progress=False).fit_table(table, CORRECTOR["attack"])
+        corrector.save(stage / FILES["corrector"])
+        learned = make_detector("learned-noisy", fpr=DETECTOR_FPR["learned-noisy"], seed=seed)
+        learned.fit_table(table, attacks=attacks).save(stage / FILES["learned-noisy"])
+        odds = make_detector("odds", fpr=DETECTOR_FPR["odds"], correction="logistic").fit_table(table, attacks=attacks)
+        odds.save(stage / FILES["odds"])
+        pipelines = {name: {part: (value if part == "on_flag" else stage / value) for part, value in parts.items()}
+                     for name, parts in PIPELINES.items()}
+        save_pipelines(stage / MANIFEST, pipelines)
+    return out / MANIFEST
 

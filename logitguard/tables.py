@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from ._io import atomic_output, refuse_overwrite
+from ._io import atomic_output, staged_output
 from .errors import TableError
 
 SCHEMA_VERSION = 1
@@ -47,6 +47,10 @@ _TARGET_ROW_GROUP_BYTES = 64 << 20
 # dataset's files are united on these keys rather than required to agree.
 _UNITED_METADATA = ("attacks", "threat")
 _TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-row shapes, for messages
+# Every data page is written with a CRC32 and verified on read: a damaged page is an error, not other logits.
+# (Files written without checksums, by older versions or other tools, are read as before.)
+_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +284,14 @@ def read_table(
     try:
         arrow = dataset.to_table(columns=[*REQUIRED_COLUMNS, *wanted], filter=expr)
     except (pa.ArrowException, OSError) as exc:
-        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+        raise _unreadable(path, exc) from None
     if arrow.num_rows == 0:
         if expr is None:
             raise TableError(f"{path}: the table has no rows")
-        keys = dataset.to_table(columns=["split", "attack"])
+        try:
+            keys = dataset.to_table(columns=["split", "attack"])
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(path, exc) from None
         raise TableError(
             f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
             f"{_distinct(keys.column('split').to_numpy())} and attacks "
@@ -321,7 +328,7 @@ def iter_batches(
             if batch.num_rows:
                 yield conform(pa.Table.from_batches([batch]), metadata=metadata)
     except (pa.ArrowException, OSError) as exc:
-        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+        raise _unreadable(path, exc) from None
 
 
 def table_columns(path: str | os.PathLike) -> list[str]:
@@ -337,7 +344,7 @@ def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str
     try:
         keys = dataset.to_table(columns=["attack"], filter=_filter(split, None)).column("attack")
     except (pa.ArrowException, OSError) as exc:
-        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+        raise _unreadable(path, exc) from None
     counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
     return {name: int(counts[name]) for name in _distinct(counts.index.to_numpy(), first=CLEAN)}
 
@@ -362,23 +369,42 @@ def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema
         raise TableError(f"no such file or directory: {path}")
     try:
         if not path.is_dir():
-            dataset = ds.dataset(str(path), format="parquet")
+            dataset = ds.dataset(str(path), format=_PARQUET)
             return dataset, {str(path): dataset.schema}
-        files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        files = table_files(path)
         if not files:
             raise TableError(f"{path}: directory holds no .parquet files")
-        options = dict(format="parquet", partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
+        options = dict(format=_PARQUET, partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
                        partition_base_dir=str(path))
         first = ds.dataset(files, **options)
         schemas = {f.path: f.physical_schema for f in first.get_fragments()}
-        partition_fields = [f for f in first.schema if all(f.name not in s.names for s in schemas.values())]
+        # Partition values are names: read them as strings (discovery would make a split "2024" an int32).
+        partition_fields = [pa.field(f.name, pa.string()) for f in first.schema
+                            if all(f.name not in s.names for s in schemas.values())]
+        options["partitioning"] = ds.HivePartitioning(pa.schema(partition_fields))
         try:
             schema = pa.unify_schemas([*schemas.values(), pa.schema(partition_fields)])
         except pa.ArrowException as exc:
             raise TableError(f"{path}: files have incompatible schemas ({exc})") from None
         return ds.dataset(files, schema=schema, **options), schemas
     except (pa.ArrowException, OSError) as exc:
-        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> TableError:
+    """The error for a table pyarrow cannot read; a failed page checksum says the file is damaged."""
+    if "checksum" in str(exc).lower():
+        return TableError(f"{path}: a data page is damaged (its checksum does not match: {exc}); "
+                          "the table cannot be trusted, restore or rewrite it")
+    return TableError(f"{path}: not a readable Parquet table ({exc})")
+
+
+def table_files(path: str | os.PathLike) -> list[str]:
+    """The Parquet files of a table directory, sorted: hidden entries (a name, file or directory, that
+    starts with ``.`` or ``_``) are not part of the table."""
+    path = Path(path)
+    return sorted(str(p) for p in path.rglob("*.parquet")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
 
 
 def _dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[str, Any]:
@@ -631,7 +657,7 @@ def write_table(
     basename: str = "part-0",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write `table` as Parquet (zstd, byte-stream-split floats), atomically (temp file + rename).
+    """Write `table` as Parquet (zstd, byte-stream-split floats, page checksums), atomically.
 
     Parameters
     ----------
@@ -639,7 +665,13 @@ def write_table(
     partition_by : e.g. ``("split", "attack")`` writes ``path/split=…/attack=…/{basename}.parquet``,
         one file per partition, without the partition columns (they live in the directory names).
     basename : file name stem inside each partition (e.g. ``shard-0-of-4``).
-    overwrite : replace existing files; otherwise an existing output raises `TableError`.
+    overwrite : replace an existing output; otherwise it raises `TableError`. A directory is replaced as a
+        whole (no file of the old output survives), and only when it holds nothing but Parquet files.
+
+    A file goes to a temporary sibling renamed into place. A directory is written into a temporary sibling
+    directory that is swapped into place at the end, so readers (and a run killed at any point) see either
+    the complete old output or the complete new one. Of two runs writing the same `path` at once, one
+    raises `TableError` (see `logitguard._io.OutputLock`).
 
     Returns
     -------
@@ -647,44 +679,49 @@ def write_table(
     """
     path = Path(path)
     if partition_by is None:
-        targets = [(path, table.arrow)]
-    else:
-        bad = [c for c in partition_by if c not in PARTITION_COLUMNS]
-        if bad:
-            raise TableError(f"can only partition by {list(PARTITION_COLUMNS)}, not {bad}")
-        targets = [
-            (path.joinpath(*(f"{c}={v}" for c, v in zip(partition_by, values)), f"{basename}.parquet"),
-             part.drop_columns(list(partition_by)))
-            for values, part in _partitions(table, list(partition_by))
-        ]
-    refuse_overwrite([p for p, _ in targets], overwrite, error=TableError)
-    meta = json.dumps(table.metadata, sort_keys=True).encode()
-    for target, part in targets:
-        _write_parquet_atomic(part.replace_schema_metadata({METADATA_KEY: meta}), target)
-    return [p for p, _ in targets]
+        with atomic_output(path, overwrite=overwrite, error=TableError) as tmp:
+            _write_parquet(_with_metadata(table.arrow, table.metadata), tmp)
+        return [path]
+    bad = [c for c in partition_by if c not in PARTITION_COLUMNS]
+    if bad:
+        raise TableError(f"can only partition by {list(PARTITION_COLUMNS)}, not {bad}")
+    parts = [(Path(*(f"{c}={v}" for c, v in zip(partition_by, values)), f"{basename}.parquet"),
+              part.drop_columns(list(partition_by)))
+             for values, part in _partitions(table, list(partition_by))]
+    with staged_output(path, overwrite=overwrite, replace=True, error=TableError) as stage:
+        for rel, part in parts:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            _write_parquet(_with_metadata(part, table.metadata), stage / rel)
+    return [path / rel for rel, _ in parts]
+
+
+def _with_metadata(arrow: pa.Table, metadata: dict[str, Any]) -> pa.Table:
+    return arrow.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
 def _partitions(table: LogitTable, by: list[str]):
     for c in by:
         for value in _distinct(getattr(table, c)):
-            if not value or any(ch in value for ch in "/\\=") or value.startswith("."):
-                raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=' and a leading '.'")
+            if not value or any(ch in value for ch in "/\\=%") or value.startswith("."):
+                raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=', '%' and a "
+                                 "leading '.'")
     keys = pd.DataFrame({c: getattr(table, c) for c in by})
     for values, index in keys.groupby(by, sort=True).indices.items():
         values = values if isinstance(values, tuple) else (values,)
         yield values, table.arrow.take(pa.array(index, pa.int64()))
 
 
-def _write_parquet_atomic(arrow: pa.Table, target: Path) -> None:
+def _write_parquet(arrow: pa.Table, target: Path) -> None:
+    """One Parquet file with the table's encodings and a CRC32 on every page (verified by the reader)."""
     bytes_per_row = max(1, arrow.nbytes // max(1, arrow.num_rows))
-    with atomic_output(target) as tmp:
-        pq.write_table(
-            arrow, tmp,
-            compression="zstd",
-            use_dictionary=[c for c in PARTITION_COLUMNS if c in arrow.column_names],
-            use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in arrow.column_names],
-            row_group_size=max(1024, _TARGET_ROW_GROUP_BYTES // bytes_per_row),
-        )
+    pq.write_table(
+        arrow, target,
+        compression="zstd",
+        use_dictionary=[c for c in PARTITION_COLUMNS if c in arrow.column_names],
+        use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in arrow.column_names],
+        row_group_size=max(1024, _TARGET_ROW_GROUP_BYTES // bytes_per_row),
+        write_page_checksum=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from logitguard.cli import ErrorReportingGroup, echo_json, emit, json_option
+from logitguard.cli import ErrorReportingGroup, claim_output, echo_json, emit, json_option
 from logitguard.summary import render_table
 
 from .errors import ProducerError
@@ -53,15 +53,14 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
     """
     from pathlib import Path
 
-    from logitguard._io import refuse_overwrite
-
     from .datasets import load_dataset
     from .models import accuracy, save_model, small_cnn_for, train_classifier
 
     _positive(epochs=epochs, width=width, batch_size=batch_size)
     if not lr > 0:
         raise ProducerError(f"--lr must be positive, got {lr}")
-    refuse_overwrite([Path(out).with_suffix(".pt"), Path(out).with_suffix(".json")], force, error=ProducerError)
+    # Before training: both files writable, not being written by another run, not overwritten without --force.
+    claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
     train_set, test_set = (load_dataset(dataset, s, root=root) for s in ("train", "test"))
     started = time.perf_counter()
     model = small_cnn_for(train_set, width=width,
@@ -123,6 +122,8 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
 
     Finished partitions (split x attack x shard) are skipped, so a rerun resumes an interrupted export.
     """
+    from logitguard._io import check_writable
+
     from .datasets import load_dataset
     from .export import Shard, export as run_export, plan_attacks
     from .models import resolve_model
@@ -138,6 +139,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     shard_spec = Shard.parse(shard)
     chosen_splits = _splits(splits)
     recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
+    check_writable(out, directory=True, error=ProducerError)  # partitions are staged beside --out
     model = resolve_model(model_spec, weights=weights, device=device)
     data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
     report = run_export(
@@ -189,20 +191,36 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     from logitguard.tables import read_table
     from logitguard.threat import parse_budgets
 
+    from logitguard._io import check_writable
+
+    from .attacks import DEFENSE_ATTACK_NAMES
     from .datasets import load_dataset
+    from .export import check_attack_params
     from .models import load_model
     from .noise import NoiseRecipe
     from .threat.export import export_surrogate, export_through
 
     _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size)
     chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    unknown = sorted(set(chosen) - set(DEFENSE_ATTACK_NAMES))
+    if not chosen or unknown:
+        raise ProducerError(f"--attacks takes defense-aware attacks {list(DEFENSE_ATTACK_NAMES)}, got {attacks!r}")
     attack_params = {}
     for item in params:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
         attack_params[key] = _value(raw, item)
+    if "eps" in attack_params:
+        raise ProducerError("--param eps: the budgets come from --budgets")
+    for attack in chosen:  # every --param goes to every attack: each must accept it
+        check_attack_params(attack, attack_params, where=f"--param for attack {attack}")
     eps = parse_budgets(budgets)
+    if any(e > 1 for e in eps):
+        raise ProducerError(f"--budgets must be at most 1 (pixels in [0, 1]), got {budgets!r}")
+    if workdir is not None:
+        check_writable(workdir, directory=True, error=ProducerError)
+    check_writable(out, directory=True, error=ProducerError)
     specs = load_pipelines(defenses)
     if pipelines:
         names = [p.strip() for p in pipelines.split(",") if p.strip()]

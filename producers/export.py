@@ -1,9 +1,10 @@
 """Export clean and adversarial logits (with noise queries) as a partitioned logit table.
 
-Layout: ``OUT/split=S/attack=A/shard-I-of-N.parquet``. Each (split, attack, shard) file is written once,
-atomically; a rerun skips files that exist, so an interrupted export resumes where it stopped, and
-several processes (or GPUs) given different ``--shard I/N`` fill one dataset without overlap.
-Deterministic given the seed and the shard layout.
+Layout: ``OUT/split=S/attack=A/shard-I-of-N.parquet``. A run stages its partitions beside ``OUT`` and adds
+them to it in one step at the end (`ExportStage`): ``OUT`` never holds part of a run. A rerun skips
+partitions ``OUT`` already holds (refusing ones made with other settings) and resumes from the ones an
+interrupted run staged with the same settings; several processes (or GPUs) given different ``--shard I/N``
+fill one dataset without overlap. Deterministic given the seed and the shard layout.
 
 An attack may be run under an alias (``pgd-eps8=pgd``), so one table can hold the same attack at two
 budgets. With a `substitute` model the attacks are computed through it (the transfer threat model) while
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import time
 import zlib
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from logitguard._io import StagedDirectory
 from logitguard.tables import CLEAN, METADATA_KEY, LogitTable, write_table
 from logitguard.threat import file_sha256
 
@@ -41,9 +45,20 @@ from .noise import NoiseRecipe, noise_queries
 SPLITS = ("train", "test")
 TRANSFER_PREFIX = "transfer-"
 ALIAS_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-# Attack parameters that must be positive numbers (integers for the second set) when given.
-_POSITIVE_PARAMS = frozenset({"eps", "alpha", "steps", "lr", "max_iter", "binary_search_steps", "candidates"})
-_INTEGER_PARAMS = frozenset({"steps", "max_iter", "binary_search_steps", "candidates"})
+# The accepted range of every attack parameter the producer's own attacks take, checked before any work:
+# (kind, lowest, lowest allowed?, highest). Budgets and step sizes are pixels in [0, 1].
+PARAM_RANGES: dict[str, tuple[str, float | None, bool, float | None]] = {
+    "eps": ("number", 0, False, 1), "alpha": ("number", 0, False, 1),
+    "steps": ("integer", 1, True, None), "max_iter": ("integer", 1, True, None),
+    "binary_search_steps": ("integer", 1, True, None), "candidates": ("integer", 2, True, None),
+    "restarts": ("integer", 1, True, None), "eot": ("integer", 1, True, None),
+    "check_draws": ("integer", 1, True, None), "search_steps": ("integer", 1, True, None),
+    "lr": ("number", 0, False, None), "c_init": ("number", 0, False, None), "temperature": ("number", 0, False, None),
+    "decay": ("number", 0, True, None), "overshoot": ("number", 0, True, None),
+    "confidence": ("number", 0, True, None), "kappa": ("number", 0, True, None),
+    "score_margin": ("number", 0, True, None),
+    "random_start": ("boolean", None, True, None), "loss": ("ce|margin", None, True, None),
+}
 
 
 @dataclass(frozen=True)
@@ -110,20 +125,59 @@ def plan_attacks(
 def _check_attack_params(spec: AttackSpec, params: dict[str, Any]) -> None:
     if spec.attack.startswith("art:"):
         return  # ARTAttack checks its names against the ART class when it is built
-    cls = attack_class(spec.attack)  # an unknown attack fails here, with the known names
     where = spec.name if spec.name == spec.attack else f"{spec.name} ({spec.attack})"
+    check_attack_params(spec.attack, params, where=f"attack {where}")
+
+
+def check_attack_params(attack: str, params: Mapping[str, Any], *, where: str | None = None) -> None:
+    """Refuse unknown parameter names (listing the accepted ones) and values out of range (`PARAM_RANGES`)
+    for the registered attack `attack`, before any work."""
+    cls = attack_class(attack)  # an unknown attack fails here, with the known names
+    where = where or f"attack {attack}"
     unknown = sorted(set(params) - set(cls.param_names))
     if unknown:
-        raise ProducerError(f"unknown parameter(s) {unknown} for attack {where}; accepted: {list(cls.param_names)}")
-    defaults = inspect.signature(cls.__init__).parameters
+        raise ProducerError(f"unknown parameter(s) {unknown} for {where}; accepted: {list(cls.param_names)}")
+    defaults = _defaults(cls)
     for name, value in params.items():
-        if name not in _POSITIVE_PARAMS or (value is None and defaults[name].default is None):
-            continue
-        integer = name in _INTEGER_PARAMS
-        kinds = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-            raise ProducerError(f"attack {where}: {name} must be a positive {'integer' if integer else 'number'}, "
-                                f"got {value!r}")
+        if value is None and defaults.get(name, 0) is None:
+            continue  # "the attack's own rule" (e.g. alpha from eps and steps)
+        problem = _out_of_range(name, value)
+        if problem:
+            raise ProducerError(f"{where}: {name} must be {problem}, got {value!r}")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Keyword defaults along the class's __init__ chain (subclasses pass **kwargs to their base)."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            out.update({n: p.default for n, p in inspect.signature(init).parameters.items()
+                        if p.default is not inspect.Parameter.empty})
+    return out
+
+
+def _out_of_range(name: str, value: Any) -> str | None:
+    """What `value` must be when it is outside `name`'s range; None when it is fine (or not ranged)."""
+    if name not in PARAM_RANGES:
+        return None
+    kind, low, inclusive, high = PARAM_RANGES[name]
+    if kind == "boolean":
+        return None if isinstance(value, bool) else "true or false"
+    if "|" in kind:
+        choices = kind.split("|")
+        return None if value in choices else " or ".join(repr(c) for c in choices)
+    integer = kind == "integer"
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    ok = ok and math.isfinite(value) and (value >= low if inclusive else value > low)
+    ok = ok and (high is None or value <= high)
+    if ok:
+        return None
+    if integer:
+        return "a positive integer" if low == 1 else f"an integer >= {low:g}"
+    if high is not None:
+        return f"a number in ({low:g}, {high:g}]"
+    return "a number >= 0" if inclusive else "a positive number"
 
 
 def check_sample_counts(samples: Mapping[str, int | None]) -> None:
@@ -258,27 +312,119 @@ def export(
             "attacks": {name: params if name == spec.attack else {**params, "attack": spec.attack}},
             "threat": {name: threat},
         }))
-    _check_existing(out, base_meta, {n: m for n, _, m in partitions})
-    report = ExportReport()
+    existing = {n: m for n, _, m in partitions}
+    _check_existing(out, base_meta, existing)
+    plan = []  # (split, partition name, attack spec, metadata, rows)
     for split, dataset in data.items():
         selected = select_samples(len(dataset), samples.get(split), seed, split)
         for name, spec, partition_meta in partitions:
-            target = out / f"split={split}" / f"attack={name}" / f"{shard.basename}.parquet"
-            if target.exists():
-                report.skipped.append(target)
-                continue
-            cap = attack_samples.get(spec.name)
-            rows = np.sort(selected[:cap][shard.index::shard.count])
+            rows = np.sort(selected[:attack_samples.get(spec.name)][shard.index::shard.count])
+            plan.append((split, name, spec, {**base_meta, **partition_meta}, rows))
+    report = ExportReport()
+    with ExportStage(out, shard.basename) as stage:
+        todo = []
+        for split, name, spec, meta, rows in plan:
+            rel = f"split={split}/attack={name}/{shard.basename}.parquet"
+            state = stage.classify(rel, meta, name, rows, features=features)
+            if state == "done":
+                report.skipped.append(out / rel)
+            elif state == "todo":
+                todo.append((rel, split, name, spec, meta, rows))
+        for rel, split, name, spec, meta, rows in todo:
             started = time.perf_counter()
             table = export_partition(
-                model, dataset, rows, attack=name, attacker=built.get(spec.name), noise=noise,
+                model, data[split], rows, attack=name, attacker=built.get(spec.name), noise=noise,
                 features=features, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
-                batch_size=batch_size, device=device, metadata={**base_meta, **partition_meta}, progress=progress,
+                batch_size=batch_size, device=device, metadata=meta, progress=progress,
             )
-            report.written += write_table(table, target)
+            stage.write(rel, table)
             seconds = time.perf_counter() - started
             report.timings.append({"split": split, "attack": name, "rows": len(rows), "seconds": seconds})
+        report.written = stage.commit(check=lambda: _check_existing(out, base_meta, existing))
     return report
+
+
+class ExportStage:
+    """The partitions of one export run, staged beside `out` and added to it together at the end.
+
+    Staging is ``.<out>.resume-<key>`` (`logitguard._io.StagedDirectory`): a run that fails or is killed
+    leaves `out` as it was and its finished partitions there; a rerun with the same key resumes from
+    them, but only from partitions written with the same metadata (parameters, model, noise, …) and the
+    same samples; anything else is redone. Two runs with the same key cannot stage at once. `commit`
+    puts every staged partition of this run into `out` in one step (`out` holds either none or all).
+    """
+
+    def __init__(self, out: str | Path, key: str) -> None:
+        self.out = Path(out)
+        self.stage = StagedDirectory(self.out, resume_key=key, error=ProducerError)
+        self.files: list[str] = []
+
+    def classify(self, rel: str, metadata: dict[str, Any], name: str, rows: np.ndarray, *,
+                 features: bool | None = None) -> str:
+        """``done``: `out` holds the partition (raises when it was made differently); ``staged``: an
+        interrupted run staged it with the same settings; ``todo``: it must be (re)computed."""
+        final = self.out / rel
+        if final.exists():
+            problem = partition_mismatch(final, metadata, name, rows, features=features, strict=False)
+            if problem:
+                raise ProducerError(f"{final} already exists and {problem}; use another --out (or alias)")
+            return "done"
+        staged = self.stage.path / rel
+        if staged.exists():
+            if partition_mismatch(staged, metadata, name, rows, features=features) is None:
+                self.files.append(rel)
+                return "staged"
+            staged.unlink()  # an interrupted run with other settings: redo it
+        return "todo"
+
+    def write(self, rel: str, table: LogitTable) -> None:
+        write_table(table, self.stage.path / rel, overwrite=True)
+        self.files.append(rel)
+
+    def commit(self, check=None) -> list[Path]:
+        """Add every staged partition to `out` at once (after `check()`, under `out`'s lock)."""
+        if not self.files:
+            self.stage.discard()
+            return []
+        return self.stage.commit(self.files, check=check)
+
+    def __enter__(self) -> ExportStage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stage.path.exists() and not any(p.is_file() for p in self.stage.path.rglob("*.parquet")):
+            self.stage.discard()  # nothing to resume from
+        else:
+            self.stage.close()  # keeps what was staged, for a rerun
+
+
+def partition_mismatch(file: Path, metadata: dict[str, Any], name: str, rows: np.ndarray, *,
+                       features: bool | None = None, strict: bool = True) -> str | None:
+    """How the partition file `file` differs from what an export would write there, or None.
+
+    Compared: the table metadata this export writes (``attacks`` and ``threat`` by the partition `name`),
+    the sample ids (`rows`) and, when given, whether it has ``features``. Without `strict`, a key the file
+    lacks is not a difference (files from earlier versions).
+    """
+    try:
+        parquet = pq.ParquetFile(file, page_checksum_verification=True)
+        theirs = json.loads((parquet.schema_arrow.metadata or {}).get(METADATA_KEY) or b"{}")
+        ids = parquet.read(columns=["sample_id"]).column("sample_id").to_numpy()
+        names = parquet.schema_arrow.names
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        return f"cannot be read ({exc})"
+    for key, value in json.loads(json.dumps(metadata)).items():
+        old = theirs.get(key)
+        if key in ("attacks", "threat"):
+            value, old = (value or {}).get(name), (old or {}).get(name)
+        if (old is not None or strict) and old != value:
+            return f"was written with {key} {old!r}; this export would write {value!r}"
+    if features is not None and ("features" in names) != features:
+        return f"was written {'with' if 'features' in names else 'without'} features"
+    if not np.array_equal(np.sort(ids), np.sort(rows)):
+        return f"holds {len(ids)} rows of other samples than the {len(rows)} this export selects " \
+               "(another --seed, sample count or --max-samples)"
+    return None
 
 
 def _load_substitute(stem: str | Path, data: ImageSet, device: torch.device) -> tuple[ImageClassifier, dict]:

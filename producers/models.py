@@ -300,9 +300,9 @@ def save_model(model: ImageClassifier, path: str | Path, *, overwrite: bool = Fa
     path = Path(path)
     weights, config = path.with_suffix(".pt"), path.with_suffix(".json")
     refuse_overwrite([weights, config], overwrite)
-    with atomic_output(weights) as tmp:
+    with atomic_output(weights, overwrite=overwrite) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    with atomic_output(config) as tmp:
+    with atomic_output(config, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True) + "\n")
     return weights, config
 

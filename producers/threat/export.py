@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from logitguard.pipelines import PipelineSpec, load_pipelines
-from logitguard.tables import write_table
 
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
 from ..datasets import ImageSet
 from ..errors import ProducerError
-from ..export import ExportReport, export_partition, select_samples
+from ..export import ExportReport, ExportStage, export_partition, select_samples
 from ..models import ImageClassifier
 from ..noise import NoiseRecipe
 from .mirrors import load_pipeline_mirror
@@ -72,7 +71,8 @@ def export_through(
     every attack (``steps``, ``restarts``, ``eot``, …). `target_names` maps a pipeline key to the name
     recorded as its target (surrogate copies are named after the real pipeline they stand in for);
     `defense_files` overrides the fingerprints recorded (default: the files of each spec).
-    Partitions already present are skipped, so an interrupted run resumes.
+    Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
+    added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
     """
     if tier not in TIERS:
         raise ProducerError(f"tier must be one of {TIERS}, got {tier!r}")
@@ -87,7 +87,7 @@ def export_through(
     base_meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
                  "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
                  **dict(metadata or {})}
-    report = ExportReport()
+    plan = []  # (partition name, attacker, metadata): everything is built and checked before any attack
     for key, spec in pipelines.items():
         target = (target_names or {}).get(key, key)
         mirror = load_pipeline_mirror(spec)
@@ -96,24 +96,34 @@ def export_through(
         for eps in budgets:
             for attack in (a for a in attacks if not bare or a in BARE_ATTACKS):
                 name = partition_name(tier, target, attack, eps)
-                path = out / f"split={data.split}" / f"attack={name}" / "shard-0-of-1.parquet"
-                if path.exists():
-                    report.skipped.append(path)
-                    continue
-                attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps, batch_size=batch_size,
-                                       device=device, **dict(attack_params or {}))
-                params = attacker.params()
+                try:
+                    attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps,
+                                           batch_size=batch_size, device=device, **dict(attack_params or {}))
+                except (TypeError, ValueError) as exc:
+                    raise ProducerError(f"attack {attack}: {exc}") from None
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
-                started = time.perf_counter()
-                table = export_partition(
-                    model, data, rows, attack=name, attacker=attacker, noise=noise, features=False,
-                    generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
-                    batch_size=batch_size, device=device,
-                    metadata={**base_meta, "attacks": {name: {**params, "attack": attack}}, "threat": {name: threat}},
-                    progress=progress)
-                report.written += write_table(table, path)
-                report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
-                                       "seconds": time.perf_counter() - started})
+                plan.append((name, attacker, {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
+                                              "threat": {name: threat}}))
+    report = ExportReport()
+    with ExportStage(out, tier) as stage:
+        todo = []
+        for name, attacker, meta in plan:
+            rel = f"split={data.split}/attack={name}/shard-0-of-1.parquet"
+            state = stage.classify(rel, meta, name, rows)
+            if state == "done":
+                report.skipped.append(out / rel)
+            elif state == "todo":
+                todo.append((rel, name, attacker, meta))
+        for rel, name, attacker, meta in todo:
+            started = time.perf_counter()
+            table = export_partition(
+                model, data, rows, attack=name, attacker=attacker, noise=noise, features=False,
+                generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
+                batch_size=batch_size, device=device, metadata=meta, progress=progress)
+            stage.write(rel, table)
+            report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
+                                   "seconds": time.perf_counter() - started})
+        report.written = stage.commit()
     return report
 
 
@@ -149,17 +159,20 @@ def export_surrogate(
         raise ProducerError(f"only {len(rows)} training samples are left for the attacker; need {attacker_samples}")
     table_dir = workdir / "attacker-table"
     meta = {"num_classes": len(train.class_names), "class_names": list(train.class_names),
-            "noise": {**noise.to_metadata(), "seed": seed}, "seed": seed}
-    for attack in attacker_attacks:
-        path = table_dir / f"split={train.split}" / f"attack={attack}" / "shard-0-of-1.parquet"
-        if path.exists():
-            continue
-        attacker = None if attack == "clean" else make_attack(
-            attack, model, batch_size=batch_size, device=device, **dict((attacker_params or {}).get(attack, {})))
-        part = export_partition(model, train, rows, attack=attack, attacker=attacker, noise=noise, features=False,
-                                 generator_seed=[seed + 1, zlib.crc32(attack.encode()), 0], batch_size=batch_size,
-                                 device=torch.device(device), metadata={**meta, "attacks": {}}, progress=progress)
-        write_table(part, path)
+            "noise": {**noise.to_metadata(), "seed": seed}, "seed": seed, "attacks": {}}
+    with ExportStage(table_dir, "attacker") as stage:
+        for attack in attacker_attacks:
+            rel = f"split={train.split}/attack={attack}/shard-0-of-1.parquet"
+            if stage.classify(rel, meta, attack, rows) != "todo":
+                continue
+            attacker = None if attack == "clean" else make_attack(
+                attack, model, batch_size=batch_size, device=device, **dict((attacker_params or {}).get(attack, {})))
+            part = export_partition(model, train, rows, attack=attack, attacker=attacker, noise=noise,
+                                     features=False, generator_seed=[seed + 1, zlib.crc32(attack.encode()), 0],
+                                     batch_size=batch_size, device=torch.device(device), metadata=meta,
+                                     progress=progress)
+            stage.write(rel, part)
+        stage.commit()
     copy_manifest = workdir / "copy" / "defenses.json"
     if not copy_manifest.exists():
         fit_shipped(read_table(table_dir), copy_manifest.parent, seed=seed + 1)
