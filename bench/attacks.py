@@ -1,6 +1,14 @@
 """Throughput of our attacks against ART's on the same model and images, plus a plain-torch PGD loop.
 
     python bench/attacks.py [--dataset digits|fashion-mnist] [--n 512] [--batch-size 256] [--model PATH]
+    python bench/attacks.py --device cuda --arch resnet50 [--image-size 224] [--precisions fp32,bf16]
+
+The second form times every attack at each precision (`Attack(precision=…)`) on a torchvision
+architecture (random weights: no weights can be downloaded here) and random images, against the
+model's own clean predictions, prints robust accuracy beside fp32's as the check that lower precision
+did the same work, and extrapolates the seed paper's ImageNet export (1.28M training images x PGD plus
+50k validation images x PGD, MIM, DeepFool, C&W) in GPU-hours. With `--model PATH --device cuda` the
+first form runs on the GPU too (no ART there).
 
 Trains a SmallCNN (or loads ``--model PATH`` when ``PATH.json`` exists; a model it trains is saved there;
 ``--train-n`` trains on a prefix, for Fashion-MNIST on a small machine), then attacks the first `n` test
@@ -17,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,7 +141,17 @@ def main() -> None:
     parser.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
     parser.add_argument("--model", default=None, help="load PATH.pt/.json if present, else train and save there")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--arch", default=None,
+                        help="zoo mode: a torchvision architecture (e.g. resnet50) or a saved model's path stem")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--precisions", default="fp32,bf16", help="zoo mode: precisions to time")
+    parser.add_argument("--attacks", default=None, help="comma-separated subset of the attacks")
     args = parser.parse_args()
+    if args.arch:
+        zoo_main(args)
+        return
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
@@ -141,14 +160,17 @@ def main() -> None:
             load_dataset(args.dataset, "test", root=args.root)
     except ProducerError as exc:
         sys.exit(f"Error: {exc}")
-    model = get_model(args, train_set).eval()
+    model = get_model(args, train_set).eval().to(args.device)
     n = min(args.n, len(test_set))
     x = test_set.load(np.arange(n))
     y = torch.as_tensor(test_set.labels[:n])
     print(f"torch {torch.__version__}, {threads} threads; {args.dataset}: {n} test images "
           f"{tuple(x.shape[1:])}, batch {args.batch_size}, clean accuracy {accuracy(model, test_set):.3f}")
 
+    x, y = x.to(args.device), y.to(args.device)
     try:
+        if args.device != "cpu":
+            raise ImportError("ART comparisons run on the CPU only")
         from art.estimators.classification import PyTorchClassifier
 
         classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
@@ -159,13 +181,13 @@ def main() -> None:
 
     def robust(adv: torch.Tensor, labels: torch.Tensor) -> float:
         with torch.no_grad():
-            return float((model(adv).argmax(1) == labels).float().mean())
+            return float((model(adv.to(args.device)).argmax(1) == labels.to(args.device)).float().mean())
 
     rows = []
-    for name in ATTACK_NAMES:
+    for name in (args.attacks.split(",") if args.attacks else ATTACK_NAMES):
         params = PARAMS.get(name, {})
         try:
-            attack = make_attack(name, model, batch_size=args.batch_size, **params)
+            attack = make_attack(name, model, batch_size=args.batch_size, device=args.device, **params)
         except (ImportError, AttributeError) as exc:
             print(f"note: skipping {name}: {exc}")
             continue
@@ -179,8 +201,7 @@ def main() -> None:
             # ART's slow attacks (C&W, DeepFool) would take minutes on all n: both sides get fewer images.
             m = int(min(n, max(8, args.budget_s / args.repeats * art_estimate)))
         xm, ym = x[:m], y[:m]
-        ours_rate, ours_adv = best_rate(lambda: attack(xm, ym, generator=torch.Generator().manual_seed(0)), m,
-                                        args.repeats)
+        ours_rate, ours_adv = best_rate(lambda: attack(xm, ym, generator=generator(args.device)), m, args.repeats)
         art_rate = art_acc = float("nan")
         if theirs is not None:
             x_np, y_np = xm.numpy(), ym.numpy()
@@ -196,11 +217,11 @@ def main() -> None:
 
     if any(row[0] == "pgd" for row in rows):
         p = PARAMS["pgd"]
-        pgd = make_attack("pgd", model, batch_size=args.batch_size, **p)
+        pgd = make_attack("pgd", model, batch_size=args.batch_size, device=args.device, **p)
         runs = {
-            "ours": lambda: pgd(x, y, generator=torch.Generator().manual_seed(0)),
+            "ours": lambda: pgd(x, y, generator=generator(args.device)),
             "plain": lambda: plain_pgd(model, x, y, eps=p["eps"], alpha=p["alpha"], steps=p["steps"],
-                                       batch_size=args.batch_size, generator=torch.Generator().manual_seed(0)),
+                                       batch_size=args.batch_size, generator=generator(args.device)),
         }
         # Interleaved, best of several: a load spike from other processes then hits both sides alike.
         rates = {key: 0.0 for key in runs}
@@ -209,6 +230,74 @@ def main() -> None:
                 rates[key] = max(rates[key], best_rate(run, n, 1)[0])
         print(f"\nPGD vs a plain torch loop ({n} images): ours {rates['ours']:.0f} img/s, "
               f"plain {rates['plain']:.0f} img/s, ratio {rates['ours'] / rates['plain']:.2f} (target >= 1.0)")
+
+
+def generator(device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def synchronized(run: Callable[[], torch.Tensor], device: str) -> Callable[[], torch.Tensor]:
+    """`run`, waiting for the GPU's queued work before the clock stops."""
+    def wrapped() -> torch.Tensor:
+        out = run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+    return wrapped
+
+
+# The seed paper's ImageNet export (seed 000): PGD on the training split, four attacks on validation.
+IMAGENET_EXPORT = {"pgd": 1_281_167 + 50_000, "mim": 50_000, "deepfool": 50_000, "cw": 50_000}
+
+
+def zoo_main(args) -> None:
+    """Every attack x precision on a random-weight zoo model and random images (see the module docstring)."""
+    from producers.models import resolve_model
+
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: we time, we do not classify
+        model = resolve_model(args.arch, num_classes=args.classes, device=args.device)
+    config = model.config
+    shape = (config["in_channels"], *config["image_size"]) if "image_size" in config else \
+        (3, args.image_size, args.image_size)
+    x = torch.rand(args.n, *shape, device=args.device)
+    with torch.no_grad():
+        y = torch.cat([model(x[i:i + args.batch_size]).argmax(1) for i in range(0, args.n, args.batch_size)])
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    weights = "random weights" if config.get("arch") != "small-cnn" else "trained"
+    print(f"torch {torch.__version__} on {name}: {args.arch} ({weights}) at {tuple(shape)}, {args.n} random images, "
+          f"batch {args.batch_size}; labels = the model's clean predictions")
+    precisions = args.precisions.split(",")
+    attacks = args.attacks.split(",") if args.attacks else list(IMAGENET_EXPORT)
+    rates: dict[tuple[str, str], float] = {}
+    print(f"\n{'attack':<10}" + "".join(f"{p + ' img/s':>14}{p + ' robust':>12}" for p in precisions))
+    for attack_name in attacks:
+        cells = []
+        for precision in precisions:
+            try:
+                attack = make_attack(attack_name, model, batch_size=args.batch_size, device=args.device,
+                                     precision=precision, **PARAMS[attack_name])
+            except ValueError:  # an attack that runs in fp32 only (DeepFool): its fp32 rate counts
+                rates[attack_name, precision] = rates.get((attack_name, "fp32"), float("nan"))
+                cells.append(f"{'fp32 only':>14}{'':>12}")
+                continue
+            attack(x[:args.batch_size], y[:args.batch_size], generator=generator(args.device))  # warm-up
+            rate, adv = best_rate(synchronized(lambda: attack(x, y, generator=generator(args.device)), args.device),
+                                  args.n, args.repeats)
+            with torch.no_grad():
+                acc = float(torch.cat([model(adv[i:i + args.batch_size].to(args.device)).argmax(1)
+                                       for i in range(0, args.n, args.batch_size)]).eq(y).float().mean())
+            rates[attack_name, precision] = rate
+            cells.append(f"{rate:>14.1f}{acc:>12.3f}")
+        print(f"{attack_name:<10}" + "".join(cells), flush=True)
+    for precision in precisions:
+        if all((a, precision) in rates for a in IMAGENET_EXPORT):
+            hours = sum(n / rates[a, precision] for a, n in IMAGENET_EXPORT.items()) / 3600
+            print(f"seed paper's ImageNet export at {precision}: {hours:.2f} GPU-hours by extrapolation "
+                  "(target <= 1)")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,39 @@ def test_unknown_attack_name():
     with pytest.raises(ProducerError, match=re.escape(
             "unknown attack 'pgdd'; known: ['fgsm', 'bim', 'pgd', 'mim', 'deepfool', 'cw'] or art:<ClassName>")):
         make_attack("pgdd", torch.nn.Identity())
+
+
+def test_deepfool_batched_rival_gradients_equal_one_backward_per_rival(digits_cnn, digits_sets):
+    """The single vmapped backward gives the same (b, k-1, C, H, W) gradients as k-1 separate backwards."""
+    _, test = digits_sets
+    x = test.load(np.arange(16)).requires_grad_(True)
+    attack = make_attack("deepfool", digits_cnn)
+    logits = digits_cnn.eval()(x)
+    ranked = logits.topk(4, dim=1).indices
+    gaps = logits.gather(1, ranked[:, 1:]) - logits.gather(1, ranked[:, :1])
+    directions = torch.eye(3)[:, None, :].expand(3, len(x), 3)
+    batched = attack.input_gradient(gaps, x, grad_outputs=directions, is_grads_batched=True, retain_graph=True)
+    looped = torch.stack([torch.autograd.grad(gaps[:, j].sum(), x, retain_graph=True)[0] for j in range(3)])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_attacks_stay_close_to_fp32(precision, digits_cnn, digits_sets):
+    """Autocast changes the arithmetic, not the attack: robust accuracy within a few points of fp32 (CPU
+    autocast here; docs/producers.md has the GPU figures), and the metadata records the precision."""
+    _, test = digits_sets
+    idx = np.arange(200)
+    x, y = test.load(idx), torch.as_tensor(test.labels[idx])
+    params = {"eps": 0.15, "alpha": 0.03, "steps": 10}
+    robust = {}
+    for p in ("fp32", precision):
+        adv = make_attack("pgd", digits_cnn, precision=p, **params)(x, y, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            robust[p] = float((digits_cnn(adv).argmax(1) == y).float().mean())
+    assert robust["fp32"] < 0.4  # the attack works at all
+    assert abs(robust[precision] - robust["fp32"]) <= 0.05
+    assert make_attack("pgd", digits_cnn, precision=precision).params()["precision"] == precision
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        make_attack("pgd", digits_cnn, precision="fp8")
+    with pytest.raises(ValueError, match="DeepFool runs in fp32 only"):
+        make_attack("deepfool", digits_cnn, precision=precision)

@@ -185,3 +185,11 @@ def test_bad_inputs_are_refused(fgsm_corrector, digits_split_table):
     with pytest.raises(LogitguardError, match=re.escape("stream=True needs the path of a table")):
         LogitCorrector(**FAST).fit_table(digits_split_table, "fgsm", stream=True)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_inference_pipeline_matches_the_cpu(fgsm_corrector, digits_split_table, tmp_path):
+    """The streamed GPU path (pinned buffers, copy streams) gives the CPU's corrected logits."""
+    gpu = LogitCorrector.load(fgsm_corrector.save(tmp_path / "c.npz"), device="cuda")
+    logits = np.tile(digits_split_table.logits, (200, 1))  # more rows than one GPU chunk
+    np.testing.assert_allclose(gpu.correct(logits), fgsm_corrector.correct(logits), rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ and to [0, 1] after every step. It starts at the clean image; PGD is the same lo
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,15 +23,15 @@ class BIM(Attack):
     eps : L-inf budget.
     alpha : step size; None means ``eps / steps``, so the last step can just reach the boundary.
     steps : number of gradient steps.
-    batch_size, device : see `Attack`.
+    batch_size, device, precision, channels_last : see `Attack` (keyword arguments).
     """
 
     name: ClassVar[str] = "bim"
     param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps")
 
     def __init__(self, model: nn.Module, *, eps: float = 16 / 255, alpha: float | None = None, steps: int = 10,
-                 batch_size: int = 256, device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+                 **runtime: Any):
+        super().__init__(model, **runtime)
         self.eps = eps
         self.alpha = alpha
         self.steps = steps

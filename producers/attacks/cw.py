@@ -5,6 +5,8 @@ Paper: https://arxiv.org/abs/1608.04644
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ class CarliniWagnerL2(Attack):
 
     Parameters
     ----------
-    model, batch_size, device : see `Attack`.
+    model, batch_size, device, precision, channels_last : see `Attack` (keyword arguments).
     steps : Adam iterations per binary-search step.
     lr : Adam learning rate in tanh space. The paper's 0.01 suits its 1,000+ steps; with 25 steps Adam
         moves each coordinate by about 25 * lr at most, and 0.01 fooled 21% of the digits SmallCNN's test
@@ -39,9 +41,8 @@ class CarliniWagnerL2(Attack):
     param_names = ("steps", "lr", "binary_search_steps", "c_init", "confidence")
 
     def __init__(self, model: nn.Module, *, steps: int = 25, lr: float = 0.1, binary_search_steps: int = 4,
-                 c_init: float = 10.0, confidence: float = 0.0, batch_size: int = 256,
-                 device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+                 c_init: float = 10.0, confidence: float = 0.0, **runtime: Any):
+        super().__init__(model, **runtime)
         self.steps = steps
         self.lr = lr
         self.binary_search_steps = binary_search_steps
@@ -63,7 +64,7 @@ class CarliniWagnerL2(Attack):
             succeeded = torch.zeros(n, dtype=torch.bool, device=x.device)
             for step in range(self.steps + 1):
                 adv = (torch.tanh(w) + 1) / 2
-                logits = self.model(adv)
+                logits = self.model(adv).float()
                 margin = _true_class_margin(logits, y)  # (B,) > 0 while y still wins
                 l2_sq = (adv - x).flatten(1).pow(2).sum(1)
                 with torch.no_grad():
@@ -77,7 +78,7 @@ class CarliniWagnerL2(Attack):
                 loss = l2_sq + c * (margin + self.confidence).clamp_min(0)
                 # samples are independent, so one summed loss serves all; autograd.grad leaves the
                 # model's parameter gradients alone
-                (w.grad,) = torch.autograd.grad(loss.sum(), w)
+                w.grad = self.input_gradient(loss.sum(), w)
                 optimizer.step()
             upper = torch.where(succeeded, torch.minimum(upper, c), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, c))

@@ -88,9 +88,8 @@ class DefenseAttack(Attack):
 
     def __init__(self, model: nn.Module, *, defense: nn.Module, noise: Any = None, eps: float = 16 / 255,
                  alpha: float | None = None, steps: int = 100, restarts: int = 2, eot: int = 1,
-                 kappa: float = 0.0, score_margin: float = 0.25, check_draws: int = 1, batch_size: int = 256,
-                 device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+                 kappa: float = 0.0, score_margin: float = 0.25, check_draws: int = 1, **runtime: Any):
+        super().__init__(model, **runtime)
         if defense.needs_noise and noise is None:
             raise ValueError("this defense reads noise queries: pass the table's noise recipe (noise=)")
         for name, value in (("eps", eps), ("steps", steps), ("restarts", restarts), ("eot", eot)):
@@ -197,7 +196,7 @@ class DefenseAttack(Attack):
             sub_best, sub_found = best[rows], found[rows]
             for _ in range(self.steps):
                 x_adv = x_adv.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(loss_fn(x_adv, ys).sum(), x_adv)
+                grad = self.input_gradient(loss_fn(x_adv, ys).sum(), x_adv)
                 with torch.no_grad():
                     x_adv = torch.min(torch.max(x_adv - self.alpha * grad.sign(), lower), upper)
                     # the latest success: later iterates sit further past the margins

@@ -6,7 +6,7 @@ L-inf attack, and the baseline the iterative ones (BIM, PGD, MIM) refine.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,15 +21,14 @@ class FGSM(Attack):
     ----------
     model : classifier mapping images in [0, 1] to logits.
     eps : L-inf budget; the single step has this size.
-    batch_size, device : see `Attack`.
+    batch_size, device, precision, channels_last : see `Attack` (keyword arguments).
     """
 
     name: ClassVar[str] = "fgsm"
     param_names: ClassVar[tuple[str, ...]] = ("eps",)
 
-    def __init__(self, model: nn.Module, *, eps: float = 16 / 255, batch_size: int = 256,
-                 device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+    def __init__(self, model: nn.Module, *, eps: float = 16 / 255, **runtime: Any):
+        super().__init__(model, **runtime)
         self.eps = eps
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ around the original and to [0, 1].
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,15 +25,15 @@ class MIM(Attack):
     alpha : step size; None means ``eps / steps`` as in the paper.
     steps : number of gradient steps.
     decay : momentum factor mu (1.0 in the paper: a plain running sum of normalised gradients).
-    batch_size, device : see `Attack`.
+    batch_size, device, precision, channels_last : see `Attack` (keyword arguments).
     """
 
     name: ClassVar[str] = "mim"
     param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps", "decay")
 
     def __init__(self, model: nn.Module, *, eps: float = 16 / 255, alpha: float | None = None, steps: int = 10,
-                 decay: float = 1.0, batch_size: int = 256, device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+                 decay: float = 1.0, **runtime: Any):
+        super().__init__(model, **runtime)
         self.eps = eps
         self.alpha = alpha
         self.steps = steps

@@ -6,7 +6,7 @@ each projected back to the ball around the original and to [0, 1].
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,15 +24,15 @@ class PGD(Attack):
     alpha : step size.
     steps : number of gradient steps.
     random_start : start from x + U(-eps, eps) (drawn with the call's `generator`) instead of x.
-    batch_size, device : see `Attack`.
+    batch_size, device, precision, channels_last : see `Attack` (keyword arguments).
     """
 
     name: ClassVar[str] = "pgd"
     param_names: ClassVar[tuple[str, ...]] = ("eps", "alpha", "steps", "random_start")
 
     def __init__(self, model: nn.Module, *, eps: float = 16 / 255, alpha: float = 2 / 255, steps: int = 10,
-                 random_start: bool = True, batch_size: int = 256, device: str | torch.device | None = None):
-        super().__init__(model, batch_size=batch_size, device=device)
+                 random_start: bool = True, **runtime: Any):
+        super().__init__(model, **runtime)
         self.eps = eps
         self.alpha = alpha
         self.steps = steps
