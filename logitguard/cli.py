@@ -333,21 +333,28 @@ def detect(table: str, detector_path: str, split: str, as_json: bool) -> None:
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="SVM file to write (.npz).")
 @click.option("--c", "c_value", type=float, default=1.0, show_default=True, help="SVM regularisation C.")
-@click.option("--max-rows", type=int, default=20000, show_default=True, help="Cap on training rows.")
+@click.option("--method", type=click.Choice(["auto", "exact", "nystroem"]), default="auto", show_default=True,
+              help="exact: one-vs-one SVC (tens of classes); nystroem: approximate RBF least-squares SVM, "
+                   "one-vs-rest (hundreds to thousands of classes); auto: exact up to 50 classes.")
+@click.option("--landmarks", type=int, default=1000, show_default=True, help="Nyström landmarks (nystroem).")
+@click.option("--max-rows", type=int, default=None,
+              help="Cap on training rows (default: 20000 for exact, 200000 for nystroem).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @json_option
-def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, max_rows: int, force: bool,
-              as_json: bool) -> None:
+def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, method: str, landmarks: int,
+              max_rows: int | None, force: bool, as_json: bool) -> None:
     """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
     from .svm import SVMCorrector
     from .tables import read_table
 
     claim_output(out, force, directory=False)
-    svm = SVMCorrector(C=c_value, max_rows=max_rows).fit_table(read_table(table, split=split, columns=[]),
-                                                              attacks, split=None)
+    svm = SVMCorrector(C=c_value, method=method, landmarks=landmarks, max_rows=max_rows).fit_table(
+        read_table(table, split=split, columns=[]), attacks, split=None)
     svm.save(out, overwrite=force)
-    report = {"out": out, "attacks": attacks, "support_vectors": int(len(svm.support_vectors_))}
-    emit(report, as_json, f"trained on {','.join(attacks)}: {report['support_vectors']} support vectors; wrote {out}")
+    vectors = "landmarks" if svm.method_ == "nystroem" else "support vectors"
+    report = {"out": out, "attacks": attacks, "method": svm.method_, "support_vectors": int(len(svm.support_vectors_))}
+    emit(report, as_json, f"trained on {','.join(attacks)} ({svm.method_}): {report['support_vectors']} {vectors}; "
+                          f"wrote {out}")
 
 
 @main.command()

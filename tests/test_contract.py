@@ -26,6 +26,7 @@ ESTIMATORS = {
     "odds-logistic": lambda: make_detector("odds", correction="logistic"),
     "corrector": lambda: LogitCorrector(hidden=32, epochs=2, lr=1e-3, progress=False),
     "svm": lambda: SVMCorrector(max_rows=500),
+    "svm-nystroem": lambda: SVMCorrector(method="nystroem", landmarks=100, max_rows=500),
 }
 
 

@@ -33,11 +33,12 @@ DETECTORS = {  # file stem: (kind, params)
     "odds-single": ("odds-single", {"thresholds": "pair", "correction": "logistic", "min_rows": 400}),
 }
 ODDS = [name for name, (kind, _) in DETECTORS.items() if kind.startswith("odds")]
-CORRECTORS = ["corrector", "svm", *ODDS]
+CORRECTORS = ["corrector", "svm", "svm-nystroem", *ODDS]
 PIPELINES = [  # (detector, corrector, on_flag)
     ("learned-noisy", "odds-pair-logistic", "correct"), ("learned-noisy", "odds-pair-logistic", "reject"),
     ("learned-noisy", "odds-pair-logistic", "agree"), ("odds-single", "corrector", "agree"),
-    ("odds-argmax", "svm", "correct"), (None, "svm", "correct"), (None, "corrector", "agree"),
+    ("odds-argmax", "svm", "correct"), (None, "svm", "correct"), ("msp", "svm-nystroem", "agree"),
+    (None, "svm-nystroem", "correct"), (None, "corrector", "agree"),
     ("msp", None, "reject"), (None, None, "correct"),
 ]
 CASES = ([("detector", name) for name in DETECTORS] + [("corrector", name) for name in CORRECTORS]
@@ -58,6 +59,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["corrector"] = (LogitCorrector(hidden=64, epochs=2, lr=1e-3, progress=False).fit_table(train, "pgd")
                         .save(folder / "corrector.pt"))
     out["svm"] = SVMCorrector(max_rows=2000).fit_table(train, "fgsm").save(folder / "svm.npz")
+    out["svm-nystroem"] = (SVMCorrector(method="nystroem", landmarks=300, max_rows=2000).fit_table(train, "fgsm")
+                           .save(folder / "svm-nystroem.npz"))
     return out
 
 
@@ -122,6 +125,11 @@ def test_mirror_equals_core(case, files, rows):
         assert scores.shape == logits.shape and torch.isfinite(scores).all()
         if isinstance(core, LogitCorrector):
             np.testing.assert_allclose(scores.detach().numpy(), core.correct(rows.logits), rtol=0, atol=1e-5)
+        if isinstance(core, SVMCorrector):
+            np.testing.assert_allclose(mirror.decision(logits).numpy(), core.decision_function(rows.logits),
+                                       rtol=0, atol=1e-9)
+        if isinstance(core, SVMCorrector) and core.method_ == "nystroem":  # scores: the decision values
+            assert (scores.argmax(dim=1).numpy() == core.predict_table(rows)).all()
     else:
         detector, corrector, on_flag = name
         core_detector = None if detector is None else load_detector(files[detector])

@@ -11,7 +11,7 @@ Inputs are logits (B, C) and, where ``needs_noise``, noise queries (B, K, C): an
 device (buffers move to the input's device on first use). The core computes in float64 NumPy, so the
 mirrors do too and return float64, except the logit corrector, whose float32 network returns float32
 as in the core. What cannot carry a gradient: the predicted class that selects the odds statistics,
-the exact SVM vote, flags and labels.
+the exact SVM's one-vs-one vote (its soft vote stands in), flags and labels.
 """
 
 from __future__ import annotations
@@ -248,10 +248,12 @@ class LogitCorrectorMirror(CorrectorMirror):
 
 
 class SVMMirror(CorrectorMirror):
-    """The RBF SVM corrector: exact one-vs-one decision values and vote, plus a soft vote for gradients.
+    """The RBF SVM corrector, either method: its exact decision values and labels, plus class scores for
+    gradients.
 
-    ``temperature`` T sets the soft vote: class c gets Σ over its pairs of sigmoid(±decision / T).
-    Classes the SVM never saw get no votes.
+    ``exact`` (one-vs-one): ``temperature`` T sets a soft vote, class c gets Σ over its pairs of
+    sigmoid(±decision / T); classes the SVM never saw get no votes. ``nystroem`` (one-vs-rest): the class
+    scores are the decision values themselves (classes never seen at `NEG`), and labels their argmax.
     """
 
     def __init__(self, svm: SVMCorrector, *, temperature: float = 0.25) -> None:
@@ -259,37 +261,51 @@ class SVMMirror(CorrectorMirror):
         super().__init__(svm.n_classes_)
         if not temperature > 0:
             raise ProducerError(f"temperature must be > 0, got {temperature!r}")
+        self.method = svm.method_
         self.temperature, self.gamma = float(temperature), float(svm.gamma_)
         classes = np.asarray(svm.classes_, dtype=np.int64)
-        first, second = classes[svm.pairs_[0]], classes[svm.pairs_[1]]
-        eye = np.eye(self.num_classes)
         self._arrays(center=svm.center_, scale=svm.scale_, support_vectors=svm.support_vectors_,
                      sv_square=(svm.support_vectors_ ** 2).sum(axis=1), coef=svm.coef_, intercept=svm.intercept_,
-                     pairs=np.asarray(svm.pairs_, dtype=np.int64), classes=classes,
-                     vote_first=eye[first], vote_second=eye[second])
+                     classes=classes)
+        if self.method == "exact":
+            first, second = classes[svm.pairs_[0]], classes[svm.pairs_[1]]
+            eye = np.eye(self.num_classes)
+            self._arrays(pairs=np.asarray(svm.pairs_, dtype=np.int64), vote_first=eye[first],
+                         vote_second=eye[second])
 
     def decision(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """One-vs-one decision values (B, pairs) float64; positive favours the pair's first class."""
+        """Decision values float64: exact (B, pairs), positive favours the pair's first class; nystroem
+        (B, seen classes)."""
         self._check(logits, noisy)
         x = (logits.double() - self.center) / self.scale
         dist = (x * x).sum(dim=1)[:, None] + self.sv_square[None, :] - 2.0 * x @ self.support_vectors.T
         return torch.exp(-self.gamma * dist.clamp_min(0.0)) @ self.coef + self.intercept
 
     def forward(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """Soft votes (B, C) float64."""
-        win = torch.sigmoid(self.decision(logits, noisy) / self.temperature)
+        """Class scores (B, C) float64: soft votes (exact) or decision values (nystroem)."""
+        decision = self.decision(logits, noisy)
+        if self.method == "nystroem":
+            scores = decision.new_full((len(decision), self.num_classes), NEG)
+            return scores.index_copy(1, self.classes, decision)
+        win = torch.sigmoid(decision / self.temperature)
         return win @ self.vote_first + (1.0 - win) @ self.vote_second
 
     @torch.no_grad()
     def labels(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """libsvm's vote: a pair goes to its first class iff decision > 0; ties go to the lowest class."""
+        """The core's labels. Exact: libsvm's vote, a pair goes to its first class iff decision > 0, ties to
+        the lowest class; nystroem: the class of the largest decision value (first on ties, as NumPy)."""
         decision = self.decision(logits, noisy)
+        if self.method == "nystroem":
+            return self.classes[decision.argmax(dim=1)]
         winners = torch.where(decision > 0, self.pairs[0], self.pairs[1])
         k = len(self.classes)
         votes = F.one_hot(winners, k).sum(dim=1)
         # argmax's tie rule is documented, but an explicit key keeps "lowest class wins" on every device.
         key = votes * k + torch.arange(k - 1, -1, -1, device=votes.device)
         return self.classes[key.argmax(dim=1)]
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}"
 
 
 class OddsCorrectorMirror(CorrectorMirror):
