@@ -469,7 +469,7 @@ def _narrow(table: LogitTable) -> pa.Table:
 
 
 def _write(dataset: ray.data.Dataset, out: str | os.PathLike, *, metadata: Mapping[str, Any] | None,
-           basename: str, overwrite: bool) -> tuple[list[Path], pa.Table | None]:
+           basename: str, overwrite: bool) -> tuple[list[Path], pa.Table]:
     out = Path(out)
     if out.suffix == ".parquet":
         raise TableError(f"--engine ray writes a partitioned directory, not one file: give --out a directory "
@@ -485,9 +485,19 @@ def _write(dataset: ray.data.Dataset, out: str | os.PathLike, *, metadata: Mappi
         if missing:
             raise TableError(f"Ray workers wrote {len(missing)} file(s) this machine cannot see (e.g. {missing[0]}): "
                              f"put --out on a file system shared by the driver and every worker (docs/scale.md)")
-    narrow = [t for result in sink.returns for t in result["rows"]]
-    return [out / rel for rel in sorted(files)], (pa.concat_tables(narrow, promote_options="default")
-                                                  if narrow else None)
+        narrow = pa.concat_tables([t for result in sink.returns for t in result["rows"]], promote_options="default")
+        _check_unique(narrow)  # across batches, as read_table checks the whole table: before the commit
+    return [out / rel for rel in sorted(files)], narrow
+
+
+def _check_unique(narrow: pa.Table) -> None:
+    """A (split, attack, sample_id) in two rows of the table (each batch was checked on its own)."""
+    keys = narrow.select(["split", "attack", "sample_id"]).to_pandas()
+    duplicated = keys.duplicated().to_numpy()
+    if duplicated.any():
+        row = keys.iloc[int(np.flatnonzero(duplicated)[0])]
+        raise TableError(f"duplicate row for (split={row['split']!r}, attack={row['attack']!r}, "
+                         f"sample_id={int(row['sample_id'])})")
 
 
 def write_ray(dataset: ray.data.Dataset, out: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
@@ -597,6 +607,9 @@ def _prepare(table: str, spec: DefenseSpec, split: str | None,
     loaded = spec.load()
     probe = spec.transform(loaded, first)
     init_ray(quiet=not sys.stderr.isatty())
+    # An error in an actor (a batch that breaks the contract) reaches the command as itself, not wrapped in a
+    # UserCodeException that loses it on its way back: the command prints it as `Error: …`.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     dataset = ray.data.read_datasource(LogitTableDatasource(table, split=split, columns=columns))
     result = apply_ray(dataset, spec, metadata=first.metadata, workers=workers)
     return result, loaded, first.metadata, probe.metadata if isinstance(probe, LogitTable) else None
@@ -631,7 +644,9 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
     result, loaded, metadata, _ = _prepare(table, spec, split, workers)
     with _RayErrors():
         parts = [ray.get(ref) for ref in result.to_arrow_refs()]
-    frame = _frame(pa.concat_tables([p for p in parts if p.num_rows]))
+    narrow = pa.concat_tables([p for p in parts if p.num_rows])
+    _check_unique(narrow)
+    frame = _frame(narrow)
     attacks = _distinct(frame["attack"].to_numpy(), first=CLEAN)
     rates = {a: float(frame["flagged"][frame["attack"] == a].mean()) for a in attacks}
     metrics = None

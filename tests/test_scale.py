@@ -150,6 +150,32 @@ def test_ray_errors_are_clear(digits_split_dir, defenses, tmp_path):
     result = CliRunner().invoke(main, ["detect", str(digits_split_dir), "--detector", str(defenses / "detector.npz"),
                                        "--workers", "2"])
     assert result.exit_code == 2 and "--workers applies to --engine ray" in result.output
+    # Rows repeated in two files (each batch is fine on its own): refused before anything is committed.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_split_dir, copy)
+    part = next((copy / "split=test" / "attack=clean").glob("*.parquet"))
+    shutil.copy(part, part.with_name("again.parquet"))
+    result = CliRunner().invoke(main, list(map(str, ["guard", "apply", copy, "--guard", defenses / "guard.npz",
+                                                     "--engine", "ray", "--out", tmp_path / "dup"])))
+    assert result.exit_code == 1 and "duplicate row for (split='test', attack='clean'" in result.output
+    assert not (tmp_path / "dup").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_whole_table_checks_across_batches():
+    import pandas as pd
+    import pyarrow as pa
+
+    from logitguard.errors import TableError
+    from logitguard.scale import _check_labels, _check_unique
+
+    keys = pa.table({"split": ["test", "test"], "attack": ["clean", "clean"], "sample_id": [3, 3]})
+    with pytest.raises(TableError, match="duplicate row for \\(split='test', attack='clean', sample_id=3\\)"):
+        _check_unique(keys)
+    rows = pd.DataFrame({"split": ["test", "test"], "attack": ["clean", "pgd"], "sample_id": [3, 3], "label": [1, 2]})
+    with pytest.raises(TableError, match="sample_id 3 \\(split 'test'\\) has different labels"):
+        _check_labels(rows)
 
 
 def test_a_missing_ray_extra_is_an_error_not_a_traceback(digits_split_dir, defenses, tmp_path, monkeypatch):
