@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import click
@@ -150,17 +151,17 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     check_writable(out, directory=True, error=ProducerError)  # partitions are staged beside --out
     scale = on_ray(engine, workers, "producers.scale")
     model = resolve_model(model_spec, weights=weights, device="cpu" if scale else device)
-    data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
     options = dict(
         attacks=attack_names, samples={"train": train_samples, "test": test_samples},
         attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, seed=seed,
         batch_size=batch_size, substitute=substitute,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
-    if scale:
-        report = scale.export_ray(model, data, out=out, workers=workers, device=device,
-                                  cpus_per_worker=cpus_per_worker, **options)
+    if scale:  # each actor loads the dataset as this process would
+        report = scale.export_ray(model, partial(scale.load_splits, dataset, chosen_splits, root), out=out,
+                                  workers=workers, device=device, cpus_per_worker=cpus_per_worker, **options)
     else:
+        data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
         report = run_export(model, data, out=out, shard=shard_spec, device=device, **options)
     _echo_report(report, out, as_json)
 

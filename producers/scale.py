@@ -2,8 +2,8 @@
 
 `export_ray` takes what `producers.export.export` takes and starts N actors, one per shard: one GPU each
 when the model runs on CUDA (N defaults to the GPUs in the Ray cluster), else `cpus_per_worker` CPUs each
-(N defaults to the CPUs divided by that). The model and the dataset go to the object store once; actor i
-runs shard i/N of `export` (exactly what ``logitguard-produce export --shard i/N`` runs) and leaves its
+(N defaults to the CPUs divided by that). The model goes to the object store once, each actor loads the
+dataset (or receives it through the object store); actor i runs shard i/N of `export` (exactly what ``logitguard-produce export --shard i/N`` runs) and leaves its
 partitions staged. When every shard has finished, the driver adds all staged partitions to `out` in one step
 (`logitguard._io.StagedDirectory`): `out` holds all of this run or none of it. The table equals the N
 single-process ``--shard i/N`` runs, file for file and row for row.
@@ -20,7 +20,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .errors import ProducerError
 from .export import TRANSFER_PREFIX, ExportReport, Shard, _check_existing, check_sample_counts, export, plan_attacks
 from .models import ImageClassifier
 
-__all__ = ["commit_shards", "default_workers", "export_ray"]
+__all__ = ["commit_shards", "default_workers", "export_ray", "load_splits"]
 
 _SHARD_FILE = re.compile(r"shard-(\d+)-of-(\d+)\.parquet")
 
@@ -44,18 +44,26 @@ _SHARD_FILE = re.compile(r"shard-(\d+)-of-(\d+)\.parquet")
 class _ShardWorker:
     """One actor: holds the model (on its device) and the dataset, and runs shards of `export`."""
 
-    def __init__(self, model: ImageClassifier, data: Mapping[str, ImageSet], device: str, threads: int) -> None:
+    def __init__(self, model: ImageClassifier, data: Mapping[str, ImageSet] | Callable[[], Mapping[str, ImageSet]],
+                 device: str, threads: int) -> None:
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = device
         self.model = model.to(device).eval()
-        self.data = dict(data)
+        self.data = dict(data() if callable(data) else data)
 
     def run(self, shard: Shard, out: str, options: dict[str, Any]) -> ExportReport:
         return export(self.model, self.data, out=out, shard=shard, device=self.device, progress=False,
                       commit=False, **options)
+
+
+def load_splits(dataset: str, splits: Sequence[str], root: str | None = None) -> dict[str, ImageSet]:
+    """``{split: ImageSet}`` as the export command loads them: `export_ray` calls it in each actor."""
+    from .datasets import load_dataset
+
+    return {split: load_dataset(dataset, split, root=root) for split in splits}
 
 
 def default_workers(device: str, cpus_per_worker: float = 1) -> int:
@@ -68,7 +76,7 @@ def default_workers(device: str, cpus_per_worker: float = 1) -> int:
 
 def export_ray(
     model: ImageClassifier,
-    data: Mapping[str, ImageSet],
+    data: Mapping[str, ImageSet] | Callable[[], Mapping[str, ImageSet]],
     *,
     out: str | os.PathLike,
     workers: int | None = None,
@@ -80,8 +88,12 @@ def export_ray(
 
     Parameters
     ----------
-    model, data, options : as for `export` (``attacks``, ``samples``, ``attack_params``, ``noise``, …; not
-        ``shard``, ``device`` or ``progress``).
+    model, options : as for `export` (``attacks``, ``samples``, ``attack_params``, ``noise``, …; not ``shard``,
+        ``device`` or ``progress``). The model goes to the actors through the object store.
+    data : as for `export`, or a loader called in each actor (e.g. ``functools.partial(load_splits, "mnist",
+        ["test"], root)``): on a cluster each node then reads the dataset itself, and the actors' images are
+        those of a single-process run bit for bit (a mapping travels pickled, and a loader's arrays can come
+        back with other strides, which torch's CPU kernels may round differently).
     workers : N, the number of actors and shards (default `default_workers`). The shard layout fixes the
         files (``shard-i-of-N``) and the random draws: to resume or extend a table, use the same N.
     device : ``cuda`` (any CUDA device): one GPU per actor; else CPU actors with `cpus_per_worker` CPUs
@@ -109,7 +121,8 @@ def export_ray(
 
     worker = ray.remote(_ShardWorker).options(num_cpus=0 if gpu else cpus_per_worker, num_gpus=1 if gpu else 0)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    model_ref, data_ref = ray.put(model if on_cpu else copy.deepcopy(model).cpu()), ray.put(dict(data))
+    model_ref = ray.put(model if on_cpu else copy.deepcopy(model).cpu())
+    data_ref = data if callable(data) else ray.put(dict(data))
     actors = [worker.remote(model_ref, data_ref, "cuda" if gpu else str(device), 0 if gpu else int(cpus_per_worker))
               for _ in range(count)]
     try:
