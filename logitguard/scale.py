@@ -67,7 +67,6 @@ from .tables import (
     _with_metadata,
     _write_parquet,
     conform,
-    iter_batches,
 )
 
 __all__ = ["KINDS", "DefenseSpec", "apply_ray", "init_ray", "read_ray", "table_metadata", "write_ray"]
@@ -600,18 +599,20 @@ def _prepare(table: str, spec: DefenseSpec, split: str | None,
     from .tables import read_table, table_columns
 
     columns = spec.columns(table_columns(table))
-    first = next(iter_batches(table, split=split, columns=columns, batch_rows=1), None)
-    if first is None:
+    source = LogitTableDatasource(table, split=split, columns=columns)
+    # The first row through the Ray read path itself (no scanner read-ahead: one row group at most in memory).
+    head = next(_read_units(source.units, source.schema, split, 1024), None)
+    if head is None:
         read_table(table, split=split, columns=[])  # raises the local command's error (no rows match …)
         raise TableError(f"{table}: no rows")
+    first = conform(head.slice(0, 1).replace_schema_metadata(None), metadata=source.metadata)
     loaded = spec.load()
     probe = spec.transform(loaded, first)
     init_ray(quiet=not sys.stderr.isatty())
     # An error in an actor (a batch that breaks the contract) reaches the command as itself, not wrapped in a
     # UserCodeException that loses it on its way back: the command prints it as `Error: …`.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    dataset = ray.data.read_datasource(LogitTableDatasource(table, split=split, columns=columns))
-    result = apply_ray(dataset, spec, metadata=first.metadata, workers=workers)
+    result = apply_ray(ray.data.read_datasource(source), spec, metadata=first.metadata, workers=workers)
     return result, loaded, first.metadata, probe.metadata if isinstance(probe, LogitTable) else None
 
 
