@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" "$(TORCHVISION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,plot,vision,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,plot,vision,serve,ray]"
 	touch $@
 
 # The demo's own output directory: rerunning `make demo` replaces its previous report (--force).

@@ -52,6 +52,33 @@ def table_argument(func):
     return click.argument("table", type=click.Path(path_type=str))(func)
 
 
+def engine_option(func):
+    """--engine local|ray and --workers: where a command runs (logitguard.scale, docs/scale.md)."""
+    func = click.option("--workers", type=click.IntRange(min=1), default=None,
+                        help="With --engine ray: at most this many actors (default: as many as Ray can place).")(func)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="local: this process; ray: Ray Data, on a local Ray or the cluster at RAY_ADDRESS "
+                             "(the 'ray' extra; docs/scale.md).")(func)
+
+
+def on_ray(engine: str, workers: int | None, module: str = "logitguard.scale") -> Any:
+    """The Ray engine's `module` when --engine ray, else None; the 'ray' extra missing is an Error, not a
+    traceback."""
+    if engine != "ray":
+        if workers is not None:
+            raise click.UsageError("--workers applies to --engine ray")
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "ray":
+            raise LogitguardError("--engine ray needs the 'ray' extra: pip install 'logitguard[ray]' "
+                                  f"({exc.name} is missing)") from None
+        raise
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, allow_nan=False))
 
@@ -161,14 +188,18 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
 @click.option("--out", required=True, type=click.Path(),
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@engine_option
 @json_option
-def correct(table: str, corrector_path: str, out: str, force: bool, as_json: bool) -> None:
+def correct(table: str, corrector_path: str, out: str, force: bool, engine: str, workers: int | None,
+            as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
     from .corrector import LogitCorrector
     from .summary import format_summary, summarize
     from .tables import read_table, table_columns, write_table
 
     claim_output(out, force)
+    if scale := on_ray(engine, workers):
+        return scale.cli_correct(table, corrector_path, out, force=force, as_json=as_json, workers=workers)
     corrector = LogitCorrector.load(corrector_path)
     source = read_table(table, columns=[c for c in ("linf", "l2") if c in table_columns(table)])
     corrected = corrector.correct_table(source)
@@ -303,13 +334,16 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
 @click.option("--detector", "detector_path", required=True, type=click.Path(dir_okay=False),
               help="A file written by fit-detector.")
 @click.option("--split", default="test", show_default=True, help="Split to score.")
+@engine_option
 @json_option
-def detect(table: str, detector_path: str, split: str, as_json: bool) -> None:
+def detect(table: str, detector_path: str, split: str, engine: str, workers: int | None, as_json: bool) -> None:
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
     from .detectors import load_detector
     from .evaluate import detection_table, format_detection
     from .tables import CLEAN, read_table
 
+    if scale := on_ray(engine, workers):
+        return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
     detector = load_detector(detector_path)
     data = read_table(table, split=split)
     flagged = detector.predict_table(data)
@@ -371,9 +405,10 @@ def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: flo
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--split", default=None, help="Only this split (default: all).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@engine_option
 @json_option
 def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: str, out: str, split: str | None,
-           force: bool, as_json: bool) -> None:
+           force: bool, engine: str, workers: int | None, as_json: bool) -> None:
     """Detect, then correct, reject or keep-on-agreement flagged rows; write pred and flagged, and report
     accuracy when labelled (pred is null where a row is rejected)."""
     from .defense import GatedDefense, load_corrector
@@ -381,6 +416,9 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     from .tables import read_table
 
     claim_output(out, force)
+    if scale := on_ray(engine, workers):
+        spec = scale.DefenseSpec("defense", detector_path, corrector_path, on_flag)
+        return scale.cli_defend(table, spec, out, split=split, force=force, as_json=as_json, workers=workers)
     corrector = None if corrector_path is None else load_corrector(corrector_path)
     defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
     data = read_table(table, split=split)
@@ -524,13 +562,18 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--split", default=None, help="Only this split (default: all).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@engine_option
 @json_option
-def guard_apply(table: str, guard_path: str, out: str, split: str | None, force: bool, as_json: bool) -> None:
+def guard_apply(table: str, guard_path: str, out: str, split: str | None, force: bool, engine: str,
+                workers: int | None, as_json: bool) -> None:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
     from .guard import Guard
     from .tables import read_table
 
     claim_output(out, force)
+    if scale := on_ray(engine, workers):
+        return scale.cli_defend(table, scale.DefenseSpec("guard", guard_path), out, split=split, force=force,
+                                as_json=as_json, workers=workers)
     loaded = Guard.load(guard_path)
     data = read_table(table, split=split)
     _write_defended(loaded.defense, loaded.defend_table(data), data, out, split=split, force=force, as_json=as_json)

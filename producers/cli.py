@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import click
 
-from logitguard.cli import ErrorReportingGroup, claim_output, echo_json, emit, json_option
+from logitguard.cli import ErrorReportingGroup, claim_output, echo_json, emit, engine_option, json_option, on_ray
 from logitguard.summary import render_table
 
 from .errors import ProducerError
@@ -113,14 +114,20 @@ def _positive(**values: int | None) -> None:
               help="Transfer attacks: compute every attack through this saved model (from `train`) and export "
                    "the --model's logits on those images, as partitions transfer-<attack>.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output table directory.")
+@engine_option
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+              help="With --engine ray on CPUs: CPUs (and torch threads) per actor.")
 @json_option
 def export(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
            weights: str | None, attacks: str, params: tuple[str, ...], train_samples: int | None,
            test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
-           shard: str, splits: str, substitute: str | None, out: str, as_json: bool) -> None:
+           shard: str, splits: str, substitute: str | None, out: str, engine: str, workers: int | None,
+           cpus_per_worker: float, as_json: bool) -> None:
     """Run attacks on a dataset and write clean/adversarial logits as a partitioned table.
 
     Finished partitions (split x attack x shard) are skipped, so a rerun resumes an interrupted export.
+    With --engine ray, N actors (--workers; one per GPU with --device cuda) run shards 0/N … N-1/N at once
+    and their partitions are added to --out together (docs/scale.md).
     """
     from logitguard._io import check_writable
 
@@ -137,18 +144,25 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     attack_params, attack_samples = parse_params(params), _sample_caps(caps)
     plan_attacks(attack_names, attack_params, attack_samples)
     shard_spec = Shard.parse(shard)
+    if engine == "ray" and shard_spec != Shard():
+        raise ProducerError("--shard is for single-process runs; --engine ray runs every shard of --workers N")
     chosen_splits = _splits(splits)
     recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
     check_writable(out, directory=True, error=ProducerError)  # partitions are staged beside --out
-    model = resolve_model(model_spec, weights=weights, device=device)
-    data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
-    report = run_export(
-        model, data, attacks=attack_names, out=out,
-        samples={"train": train_samples, "test": test_samples},
+    scale = on_ray(engine, workers, "producers.scale")
+    model = resolve_model(model_spec, weights=weights, device="cpu" if scale else device)
+    options = dict(
+        attacks=attack_names, samples={"train": train_samples, "test": test_samples},
         attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, seed=seed,
-        shard=shard_spec, batch_size=batch_size, device=device, substitute=substitute,
+        batch_size=batch_size, substitute=substitute,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
+    if scale:  # each actor loads the dataset as this process would
+        report = scale.export_ray(model, partial(scale.load_splits, dataset, chosen_splits, root), out=out,
+                                  workers=workers, device=device, cpus_per_worker=cpus_per_worker, **options)
+    else:
+        data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
+        report = run_export(model, data, out=out, shard=shard_spec, device=device, **options)
     _echo_report(report, out, as_json)
 
 

@@ -216,6 +216,7 @@ class ExportReport:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)
+    staged: list[str] = field(default_factory=list)  # with commit=False: partitions left staged, for the caller
 
 
 def select_samples(num_available: int, n: int | None, seed: int, split: str) -> np.ndarray:
@@ -246,6 +247,7 @@ def export(
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
     substitute: str | Path | None = None,
+    commit: bool = True,
 ) -> ExportReport:
     """Attack each split of `data` with each of `attacks` and write one table partition per pair.
 
@@ -264,6 +266,9 @@ def export(
     substitute : path stem of a saved model (`producers.models.save_model`). When given, every attack is
         computed through it and written as partition ``transfer-<alias>`` with threat model ``transfer``;
         ``clean`` is written as usual (the same rows as without a substitute).
+
+    commit : False leaves this shard's partitions staged (``report.staged``, relative to its staging
+        directory) for a caller that commits several shards in one step (`producers.scale`).
 
     Everything is checked before any attack runs: names, aliases, parameters, counts, and that tables
     already under `out` agree with the metadata this export would write.
@@ -340,6 +345,9 @@ def export(
             stage.write(rel, table)
             seconds = time.perf_counter() - started
             report.timings.append({"split": split, "attack": name, "rows": len(rows), "seconds": seconds})
+        if not commit:
+            report.staged = list(stage.files)
+            return report
         report.written = stage.commit(check=lambda: _check_existing(out, base_meta, existing))
     return report
 
