@@ -282,10 +282,11 @@ def read_table(
     expr = _filter(split, attacks)
     _check_columns(present)
     try:
-        arrow = dataset.to_table(columns=[*REQUIRED_COLUMNS, *wanted], filter=expr)
+        batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, exc) from None
-    if arrow.num_rows == 0:
+    arrow = pa.Table.from_batches(batches) if batches else None
+    if arrow is None or arrow.num_rows == 0:
         if expr is None:
             raise TableError(f"{path}: the table has no rows")
         try:
@@ -321,10 +322,10 @@ def iter_batches(
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
-    expr = _filter(split, attacks)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     try:
-        for batch in dataset.to_batches(columns=[*REQUIRED_COLUMNS, *columns], filter=expr,
-                                        batch_size=batch_rows):
+        for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows):
             if batch.num_rows:
                 yield conform(pa.Table.from_batches([batch]), metadata=metadata)
     except (pa.ArrowException, OSError) as exc:
@@ -347,6 +348,52 @@ def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str
         raise _unreadable(path, exc) from None
     counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
     return {name: int(counts[name]) for name in _distinct(counts.index.to_numpy(), first=CLEAN)}
+
+
+def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: list[str] | None,
+          **options: Any) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns` for the rows of `split` and `attacks`, in file order.
+
+    pyarrow prunes files and partitions with the filter, but rows are filtered here: pyarrow's filter and
+    take kernels (pyarrow 26) misread a fixed_size_list of fixed_size_list (``noisy_logits``) whose batch
+    is a slice of a larger one (a row group larger than the batch), returning other rows' noise queries.
+    Such columns are rebuilt from their values (no copy) before the rows are filtered.
+    """
+    expr = _filter(split, attacks)
+    if expr is None:
+        yield from dataset.to_batches(columns=columns, **options)
+        return
+    source = ds.FileSystemDataset(list(dataset.get_fragments(filter=expr)), dataset.schema, dataset.format,
+                                  dataset.filesystem)
+    read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
+    for batch in source.to_batches(columns=read, **options):
+        keep = None
+        if split is not None:
+            keep = pc.equal(_names(batch.column("split")), split)
+        if attacks is not None:
+            chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
+            keep = chosen if keep is None else pc.and_(keep, chosen)
+        keep = keep.fill_null(False)
+        if not pc.all(keep).as_py():
+            batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns], schema=batch.schema).filter(keep)
+        yield batch.select(columns)
+
+
+def _names(column: pa.Array) -> pa.Array:
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def _unsliced(column: pa.Array) -> pa.Array:
+    """A fixed_size_list of fixed_size_list rebuilt from its own values (children without offsets)."""
+    kind = column.type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_fixed_size_list(kind.value_type)):
+        return column
+    inner = column.flatten()
+    if column.null_count or inner.null_count:
+        return column  # null entries are refused by `conform` anyway
+    values = inner.flatten()
+    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, type=kind.value_type),
+                                             type=kind)
 
 
 def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expression | None:
