@@ -44,6 +44,9 @@ class LearnedDetector(Detector):
                             random_state=int(self.seed)).fit((x - self.center_) / self.scale_, attacked.astype(int))
         (self.w1_, self.w2_), (self.b1_, self.b2_) = mlp.coefs_, mlp.intercepts_
 
+    def _fit_row_bytes(self, num_classes: int) -> int:
+        return 8 * num_classes * (5 if self.noise else 3)  # float64 features: logits, softmax, sorted (+ 2 noise)
+
     def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
