@@ -5,7 +5,7 @@ batch of logits at a time plus a few numbers per row (keys, labels, predictions,
 of bytes per row). Outputs are written batch by batch into the staged file or directory of
 `write_batches`, committed whole at the end. Results equal those of the in-memory functions on the loaded
 table (`summarize`, `evaluate`, `detection_table`, `GatedDefense.defend_table`, …): counts, accuracies and
-AUROC come from the same per-row values. Batch size: `stream_batch_rows` (about 16 MiB of logits per batch;
+AUROC come from the same per-row values. Batch size: `stream_batch_rows` (about 8 MiB of logits per batch;
 the environment variable ``LOGITGUARD_BATCH_ROWS`` overrides it).
 
 - `summarize_path` (``inspect``), `correct_path` (``correct``), `evaluate_path` (``evaluate``),

@@ -51,6 +51,9 @@ _TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-
 # (Files written without checksums, by older versions or other tools, are read as before.)
 _PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+# Streaming reads one row group's column chunks at a time instead of pre-buffering several (less memory,
+# and on a local disk no slower).
+_STREAM_SCAN = ds.ParquetFragmentScanOptions(page_checksum_verification=True, pre_buffer=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,9 +473,9 @@ def iter_batches(
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     empty = True
     try:
-        # Readahead bounded: pyarrow's defaults (16 batches, 4 files) hold several row groups at once.
+        # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
         for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
-                           batch_readahead=1, fragment_readahead=1):
+                           batch_readahead=1, fragment_readahead=1, fragment_scan_options=_STREAM_SCAN):
             if batch.num_rows:
                 empty = False
                 yield conform(pa.Table.from_batches([batch]), metadata=metadata)
@@ -539,13 +542,13 @@ def read_keys(path: str | os.PathLike, *, split: str | None = None,
 
 
 # Streamed commands read batches of about this many bytes of float32 tensors (logits, noise queries, features).
-STREAM_BATCH_BYTES = 16 << 20
+STREAM_BATCH_BYTES = 8 << 20
 BATCH_ROWS_ENV = "LOGITGUARD_BATCH_ROWS"
 
 
 def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> int:
     """Rows per batch for streaming `path` with optional `columns`: about `STREAM_BATCH_BYTES` of tensors per
-    batch (4096 rows of 1000 logits), between 256 and 65536 rows. The environment variable
+    batch (2097 rows of 1000 logits), between 256 and 65536 rows. The environment variable
     ``LOGITGUARD_BATCH_ROWS`` overrides it (tests use it to force many batches)."""
     override = os.environ.get(BATCH_ROWS_ENV)
     if override:
