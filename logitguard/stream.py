@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .errors import LogitguardError, TableError
 from .metrics import ABSTAIN
@@ -76,6 +77,7 @@ class TableStream:
             yield index, batch
         if start != len(rows):
             raise TableError(f"{self.path}: the table changed while it was being read; run again")
+        pa.default_memory_pool().release_unused()  # give the pass's buffers back before the next step
 
     def each(self, rows: np.ndarray, fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None], *,
              noise: bool = False) -> None:

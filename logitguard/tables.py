@@ -471,7 +471,7 @@ def iter_batches(
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    empty = True
+    empty, count = True, 0
     try:
         # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
         for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
@@ -479,6 +479,9 @@ def iter_batches(
             if batch.num_rows:
                 empty = False
                 yield conform(pa.Table.from_batches([batch]), metadata=metadata)
+                count += 1
+                if count % 8 == 0:  # the allocator keeps freed batches' memory otherwise (~100 MiB at C=1000)
+                    pa.default_memory_pool().release_unused()
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, exc) from None
     if empty and require_rows:
@@ -1147,9 +1150,10 @@ def pair_rows(table: LogitTable | RowKeys, attack: str) -> tuple[np.ndarray, np.
         if name not in table.attacks:
             raise TableError(f"no {name!r} rows in the table; it has attacks {table.attacks}")
     frames = []
+    split = pd.factorize(table.split)[0]  # merging on integer codes: far less memory than on string objects
     for name in (CLEAN, attack):
         rows = np.flatnonzero(table.attack == name)
-        frames.append(pd.DataFrame({"split": table.split[rows], "sample_id": table.sample_id[rows], "row": rows}))
+        frames.append(pd.DataFrame({"split": split[rows], "sample_id": table.sample_id[rows], "row": rows}))
     merged = frames[1].merge(frames[0], on=["split", "sample_id"], suffixes=("_attacked", "_clean"), sort=False)
     if merged.empty:
         raise TableError(f"no {attack!r} row shares a (split, sample_id) with a clean row")

@@ -219,6 +219,7 @@ class Detector(Estimator):
         noise = self.needs_noise
         arrays = stream.collect(rows[take], lambda z, q: (z,) if q is None else (z, q), noise=noise)
         logits, noisy = _float64(arrays[0], arrays[1] if noise else None)
+        del arrays  # the float32 copies
         self._fit(logits, attacked[take], None if labels is None else labels[take], noisy)
 
     def _fit_row_bytes(self, num_classes: int) -> int:
