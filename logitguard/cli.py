@@ -102,10 +102,10 @@ def main() -> None:
 @json_option
 def inspect(table: str, as_json: bool) -> None:
     """Summarise a logit table: rows, accuracy and attack success per split x attack."""
-    from .summary import format_summary, summarize
-    from .tables import read_table
+    from .stream import summarize_path
+    from .summary import format_summary
 
-    summary = summarize(read_table(table))
+    summary = summarize_path(table)
     if as_json:
         echo_json(summary)
     else:
@@ -194,18 +194,14 @@ def correct(table: str, corrector_path: str, out: str, force: bool, engine: str,
             as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
     from .corrector import LogitCorrector
-    from .summary import format_summary, summarize
-    from .tables import read_table, table_columns, write_table
+    from .stream import correct_path
+    from .summary import format_summary
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
         return scale.cli_correct(table, corrector_path, out, force=force, as_json=as_json, workers=workers)
     corrector = LogitCorrector.load(corrector_path)
-    source = read_table(table, columns=[c for c in ("linf", "l2") if c in table_columns(table)])
-    corrected = corrector.correct_table(source)
-    partition = None if out.endswith(".parquet") else ("split", "attack")
-    written = write_table(corrected, out, partition_by=partition, basename="corrected", overwrite=force)
-    summary = summarize(corrected)
+    written, summary = correct_path(corrector, table, out, partition_by=_partition(out), overwrite=force)
     if as_json:
         echo_json({"written": [str(p) for p in written], "summary": summary})
     else:
@@ -222,12 +218,11 @@ def correct(table: str, corrector_path: str, out: str, force: bool, engine: str,
 def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | None, as_json: bool) -> None:
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
     from .corrector import LogitCorrector
-    from .evaluate import evaluate as run, format_evaluation
-    from .tables import read_table
+    from .evaluate import format_evaluation
+    from .stream import evaluate_path
 
     corrector = LogitCorrector.load(corrector_path)
-    results = run(read_table(table, split=split, columns=[]), {"corrector": corrector}, split=split,
-                  attacks=attacks)
+    results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)
     if as_json:
         echo_json(results.to_dict(orient="records"))
     else:
@@ -316,12 +311,11 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
                  correction: str | None, force: bool, as_json: bool) -> None:
     """Fit a detector and calibrate its threshold on clean rows to the target FPR."""
     from .detectors import make_detector
-    from .tables import read_table
 
     claim_output(out, force, directory=False)
     params = {"fpr": fpr} if correction is None else {"fpr": fpr, "correction": correction}
     detector = make_detector(kind, **params)
-    detector.fit_table(read_table(table, split=split), attacks=attacks, split=None).save(out, overwrite=force)
+    detector.fit_path(table, attacks=attacks, split=split).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
     emit(report, as_json, f"fitted {kind}: threshold {detector.threshold_:.4g} flags "
@@ -339,18 +333,13 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
 def detect(table: str, detector_path: str, split: str, engine: str, workers: int | None, as_json: bool) -> None:
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
     from .detectors import load_detector
-    from .evaluate import detection_table, format_detection
-    from .tables import CLEAN, read_table
+    from .evaluate import format_detection
+    from .stream import detect_path
 
     if scale := on_ray(engine, workers):
         return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
-    detector = load_detector(detector_path)
-    data = read_table(table, split=split)
-    flagged = detector.predict_table(data)
-    rates = {a: float(flagged[data.attack == a].mean()) for a in data.attacks}
-    metrics = None
-    if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:
-        metrics = detection_table(data, {detector.kind: detector}, split=None)
+    report = detect_path(load_detector(detector_path), table, split=split)
+    rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
         echo_json({"flagged_rate": rates,
                    "metrics": None if metrics is None else metrics.to_dict(orient="records")})
@@ -413,7 +402,7 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     accuracy when labelled (pred is null where a row is rejected)."""
     from .defense import GatedDefense, load_corrector
     from .detectors import load_detector
-    from .tables import read_table
+    from .stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
@@ -421,26 +410,22 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
         return scale.cli_defend(table, spec, out, split=split, force=force, as_json=as_json, workers=workers)
     corrector = None if corrector_path is None else load_corrector(corrector_path)
     defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
-    data = read_table(table, split=split)
-    _write_defended(defense, defense.defend_table(data), data, out, split=split, force=force, as_json=as_json)
+    report = defend_path(defense, table, out, split=split, partition_by=_partition(out), overwrite=force)
+    _report_defended(defense, report, out, as_json=as_json)
 
 
-def _write_defended(defense: Any, defended: Any, data: Any, out: str, *, split: str | None, force: bool,
-                    as_json: bool) -> None:
-    """Write a defended table (`GatedDefense.defend_table`) and report flagged and rejected rates per attack,
-    and accuracy when the table is labelled and has clean rows."""
-    from .defense import ABSTAIN
-    from .evaluate import evaluate as run, format_evaluation
-    from .tables import CLEAN, write_table
+def _partition(out: str) -> tuple[str, str] | None:
+    """How a table output is laid out: one file for a .parquet name, else a directory partitioned by split and attack."""
+    return None if out.endswith(".parquet") else ("split", "attack")
 
-    partition = None if out.endswith(".parquet") else ("split", "attack")
-    written = write_table(defended, out, partition_by=partition, basename="defended", overwrite=force)
-    results = None
-    if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:
-        test = split or ("test" if "test" in data.splits else None)
-        results = run(data, {"gated": defense}, split=test)
-    flagged = {a: float(defended.column("flagged")[data.attack == a].mean()) for a in data.attacks}
-    rejected = {a: float((defended.column("pred")[data.attack == a] == ABSTAIN).mean()) for a in data.attacks}
+
+def _report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json: bool) -> None:
+    """Print what `logitguard.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
+    when the table is labelled and has clean rows."""
+    from .evaluate import format_evaluation
+
+    written, flagged, rejected = report["written"], report["flagged_rate"], report["rejected_rate"]
+    results = report["evaluation"]
     if as_json:
         echo_json({"written": [str(p) for p in written], "on_flag": defense.on_flag, "flagged_rate": flagged,
                    "rejected_rate": rejected,
@@ -568,15 +553,14 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
                 workers: int | None, as_json: bool) -> None:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
     from .guard import Guard
-    from .tables import read_table
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
         return scale.cli_defend(table, scale.DefenseSpec("guard", guard_path), out, split=split, force=force,
                                 as_json=as_json, workers=workers)
     loaded = Guard.load(guard_path)
-    data = read_table(table, split=split)
-    _write_defended(loaded.defense, loaded.defend_table(data), data, out, split=split, force=force, as_json=as_json)
+    report = loaded.defend_path(table, out, split=split, partition_by=_partition(out), overwrite=force)
+    _report_defended(loaded.defense, report, out, as_json=as_json)
 
 
 @guard.command("info")
@@ -606,15 +590,12 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
     """Supporting classes of a corrector per attack, their Bhattacharyya similarity, and an ablation."""
     from . import explain as ex
     from .corrector import LogitCorrector
-    from .tables import read_table
 
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="--top")
     corrector = LogitCorrector.load(corrector_path)
-    data = read_table(table, split=split, columns=[])
-    freqs = ex.supporting_frequencies(corrector, data, attacks, split=None, k=k)
+    freqs, ablations = ex.explain_path(corrector, table, attacks, split=split, k=k)
     bc = ex.bhattacharyya_matrix(freqs)
-    ablations = [ex.ablation(corrector, data, a, split=None, k=k) for a in freqs.columns]
     if as_json:
         echo_json({"frequencies": freqs.to_dict(orient="dict"), "top": ex.top_classes_per_attack(freqs, top),
                    "bhattacharyya": bc.to_dict(orient="index"), "ablation": ablations})

@@ -154,7 +154,10 @@ class GatedDefense:
         so the contract's ``0 <= pred < C`` holds for every reader. Logits, labels and noise queries are
         kept unchanged; the metadata records the defense (``defended_by``, with ``on_flag``).
         """
-        decision = self.check_table(table)
+        return self.apply_decision(table, self.check_table(table))
+
+    def apply_decision(self, table: LogitTable, decision: Decision) -> LogitTable:
+        """`defend_table` with the `Decision` already taken for `table`'s rows (`check_table`)."""
         labels, flagged = decision.label, decision.flagged
         arrow = table.arrow.drop_columns([c for c in ("pred", "flagged") if c in table.columns])
         pred = pa.array(labels, pa.int64(), mask=labels == ABSTAIN)

@@ -26,7 +26,7 @@ from .defense import GatedDefense
 from .errors import LogitguardError
 from .metrics import attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, tpr_at_fpr
 from .summary import percent, render_table
-from .tables import CLEAN, LogitTable, pair
+from .tables import CLEAN, LogitTable, RowKeys, pair_rows
 from .threat import NO_DEFENSE
 
 METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
@@ -56,23 +56,39 @@ def evaluate(
     docs/threat-models.md.
     """
     table, attacks = select_attacks(table, split, attacks)
+    table = _only(table, attacks)
     defenses = {NO_DEFENSE: GatedDefense(None, None), **(defenses or {})}
+    predictions = {name: np.asarray(defense.predict_table(table)) for name, defense in defenses.items()}
+    return evaluation_records(RowKeys.of(table, model_label=table.logits.argmax(axis=1)), predictions, attacks)
+
+
+def evaluation_records(rows: RowKeys, predictions: Mapping[str, np.ndarray], attacks: Sequence[str]) -> pd.DataFrame:
+    """`evaluate`'s result from per-row labels: `predictions` maps each defense name ("none" first) to its
+    labels (N,) for every row of `rows` (`ABSTAIN` where rejected); ``rows.values["model_label"]`` is the
+    model's own argmax (it defines the selected set). What a streamed pass computes, batch by batch."""
     records = []
     for attack in attacks:
-        clean, attacked = pair(table, attack)
-        labels = clean.labels
-        selected = clean.logits.argmax(axis=1) == labels
-        for name, defense in defenses.items():
-            pred_clean, pred_attacked = defense.predict_table(clean), defense.predict_table(attacked)
-            for subset, rows in (("full", slice(None)), ("selected", selected)):
+        clean_rows, attacked_rows = pair_rows(rows, attack)
+        labels = rows.labels[clean_rows]
+        selected = rows.values["model_label"][clean_rows] == labels
+        for name, prediction in predictions.items():
+            pred_clean, pred_attacked = prediction[clean_rows], prediction[attacked_rows]
+            for subset, rows_ in (("full", slice(None)), ("selected", selected)):
                 records.append({
-                    "attack": attack, "subset": subset, "defense": name, "samples": int(labels[rows].size),
-                    "clean_accuracy": clean_accuracy(pred_clean[rows], labels[rows]),
-                    "coverage": coverage(pred_clean[rows]),
-                    "robust_accuracy": robust_accuracy(pred_attacked[rows], labels[rows]),
-                    "attack_success_rate": attack_success_rate(pred_clean[rows], pred_attacked[rows], labels[rows]),
+                    "attack": attack, "subset": subset, "defense": name, "samples": int(labels[rows_].size),
+                    "clean_accuracy": clean_accuracy(pred_clean[rows_], labels[rows_]),
+                    "coverage": coverage(pred_clean[rows_]),
+                    "robust_accuracy": robust_accuracy(pred_attacked[rows_], labels[rows_]),
+                    "attack_success_rate": attack_success_rate(pred_clean[rows_], pred_attacked[rows_], labels[rows_]),
                 })
     return pd.DataFrame.from_records(records)
+
+
+def _only(table: LogitTable, attacks: Sequence[str]) -> LogitTable:
+    """The clean rows and those of `attacks` (the table itself when it has no others)."""
+    if CLEAN not in table.attacks or set(table.attacks) == {CLEAN, *attacks}:
+        return table
+    return table.select(attacks=[CLEAN, *attacks])
 
 
 def format_evaluation(results: pd.DataFrame) -> str:
@@ -120,21 +136,36 @@ def detection_table(
     Returns one row per (detector, attack).
     """
     table, attacks = select_attacks(table, split, attacks)
-    clean_rows = table.select(attacks=CLEAN)
+    table = _only(table, attacks)
+    scores = {name: detector.score_table(table) for name, detector in detectors.items()}
+    thresholds = {name: detector.threshold_ for name, detector in detectors.items()}
+    return detection_records(RowKeys.of(table, model_label=table.logits.argmax(axis=1)), scores, thresholds, attacks)
+
+
+def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float],
+                      attacks: Sequence[str]) -> pd.DataFrame:
+    """`detection_table`'s result from per-row scores: `scores` maps each detector name to its scores (N,)
+    for every row of `rows`, `thresholds` to its calibrated threshold; ``rows.values["model_label"]`` is the
+    model's argmax (it decides which attacks succeeded). What a streamed pass computes, batch by batch."""
+    clean_index = np.flatnonzero(rows.attack == CLEAN)
+    if not len(clean_index):
+        rows.select(attacks=CLEAN)  # raises the TableError that names what the table has
+    model_label = rows.values["model_label"]
     records = []
-    for name, detector in detectors.items():
-        clean_scores = detector.score_table(clean_rows)
-        clean_fpr = float((clean_scores > detector.threshold_).mean())
+    for name, row_scores in scores.items():
+        threshold = thresholds[name]
+        clean_scores = row_scores[clean_index]
+        clean_fpr = float((clean_scores > threshold).mean())
         for attack in attacks:
-            clean, attacked = pair(table, attack)
-            hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
-            scores = detector.score_table(attacked)[hit]
-            tpr1, fpr1 = tpr_at_fpr(clean_scores, scores, 0.01)
-            tpr5, fpr5 = tpr_at_fpr(clean_scores, scores, 0.05)
-            threshold_tpr = float((scores > detector.threshold_).mean()) if scores.size else float("nan")
+            clean, attacked = pair_rows(rows, attack)
+            hit = (model_label[clean] == rows.labels[clean]) & (model_label[attacked] != rows.labels[attacked])
+            scores_ = row_scores[attacked][hit]
+            tpr1, fpr1 = tpr_at_fpr(clean_scores, scores_, 0.01)
+            tpr5, fpr5 = tpr_at_fpr(clean_scores, scores_, 0.05)
+            threshold_tpr = float((scores_ > threshold).mean()) if scores_.size else float("nan")
             records.append({
                 "detector": name, "attack": attack, "positives": int(hit.sum()), "negatives": len(clean_scores),
-                "auroc": auroc(clean_scores, scores), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
+                "auroc": auroc(clean_scores, scores_), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
                 "fpr_at_5": fpr5, "threshold_tpr": threshold_tpr, "threshold_fpr": clean_fpr,
                 "detection_accuracy": (threshold_tpr + 1.0 - clean_fpr) / 2.0,
             })

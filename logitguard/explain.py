@@ -22,6 +22,7 @@ that similarity predicts how well a corrector trained on one attack transfers to
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -235,35 +236,104 @@ def ablation(
     Returns a dict: ``attack``, ``rows``, ``k``, ``delta``, ``accuracy`` (unchanged rows),
     ``accuracy_supporting_lowered``, ``accuracy_random_lowered`` and ``true_in_top_k``.
     """
-    if not np.isfinite(delta) or delta <= 0:
-        raise LogitguardError(f"delta must be a finite number > 0, got {delta!r}")
+    _check_delta(delta)
     table, _ = select_attacks(table, split, [attack])
     rows = table.select(attacks=attack)
-    logits, labels = rows.logits, rows.labels
-    n, num_classes = logits.shape
-    k = _check_k(k, num_classes, exclude_true=True)
+    k = _check_k(k, table.num_classes, exclude_true=True)
+    tally = _Tally(table.num_classes, k, delta, seed)
+    tally.add(_network(corrector), rows.logits, rows.labels)
+    return tally.ablation(attack)
+
+
+def _check_delta(delta: float) -> None:
+    if not np.isfinite(delta) or delta <= 0:
+        raise LogitguardError(f"delta must be a finite number > 0, got {delta!r}")
+
+
+class _Tally:
+    """Counts behind one attack's supporting frequencies and `ablation`, added batch by batch.
+
+    The control's random classes come from one generator drawing (rows, C) uniforms row after row, so rows
+    added in several batches draw exactly what one call on all of them would.
+    """
+
+    def __init__(self, num_classes: int, k: int, delta: float, seed: int) -> None:
+        self.k, self.delta = k, delta
+        self.rng = np.random.default_rng(seed)
+        self.slots = np.zeros(num_classes, dtype=np.int64)  # how often each class is a supporting class
+        self.rows = 0
+        self.correct = {"accuracy": 0, "accuracy_supporting_lowered": 0, "accuracy_random_lowered": 0}
+        self.true_in_top_k = 0
+
+    def add(self, net: nn.Module, logits: np.ndarray, labels: np.ndarray) -> None:
+        n, num_classes = logits.shape
+        k = self.k
+        scores = _scores(net, logits, labels)
+        supporting = top_supporting(scores, k, labels=labels)
+        self.slots += np.bincount(supporting.ravel(), minlength=num_classes)
+        true_rank = (scores > scores[np.arange(n), labels][:, None]).sum(axis=1)  # classes scoring above it
+        self.true_in_top_k += int((true_rank < k).sum())
+        del scores
+        draws = self.rng.random((n, num_classes))
+        draws[np.arange(n), labels] = np.inf  # never drawn: the k smallest of the rest are a uniform k-subset
+        random = np.argpartition(draws, k - 1, axis=1)[:, :k]
+        del draws
+        for name, lowered in (("accuracy", None), ("accuracy_supporting_lowered", supporting),
+                              ("accuracy_random_lowered", random)):
+            z = np.array(logits)
+            if lowered is not None:
+                np.put_along_axis(z, lowered, np.take_along_axis(z, lowered, axis=1) - self.delta, axis=1)
+            self.correct[name] += int((_forward(net, z).argmax(axis=1) == labels).sum())
+        self.rows += n
+
+    def frequencies(self) -> np.ndarray:
+        return self.slots / (self.rows * self.k)
+
+    def ablation(self, attack: str) -> dict[str, Any]:
+        n = self.rows
+        return {"attack": attack, "rows": int(n), "k": self.k, "delta": float(self.delta),
+                **{name: count / n for name, count in self.correct.items()},
+                "true_in_top_k": self.true_in_top_k / n}
+
+
+def explain_path(
+    corrector: LogitCorrector | nn.Module,
+    path: str | os.PathLike,
+    attacks: str | Sequence[str] | None = None,
+    *,
+    split: str | None = "test",
+    k: int | None = None,
+    delta: float = 20.0,
+    seed: int = 0,
+    batch_rows: int | None = None,
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """`supporting_frequencies` and one `ablation` per attack for the table at `path`, streamed in one pass.
+
+    Returns (frequencies: classes x attacks, ablations: one dict per attack, in the frequencies' column
+    order), equal to ``supporting_frequencies(corrector, read_table(path, split=split), attacks, split=None,
+    k=k)`` and ``[ablation(corrector, table, a, split=None, k=k, delta=delta, seed=seed) for a in …]``.
+    Memory depends on the batch size, not on the table.
+    """
+    from .stream import _stream
+    from .tables import read_keys
+
+    _check_delta(delta)
+    keys, attacks = select_attacks(read_keys(path, split=split), split,
+                                   [attacks] if isinstance(attacks, str) else attacks)
     net = _network(corrector)
-    scores = _scores(net, logits, labels)
-    supporting = top_supporting(scores, k, labels=labels)
-    true_rank = (scores > scores[np.arange(n), labels][:, None]).sum(axis=1)  # classes scoring above it
-
-    draws = np.random.default_rng(seed).random((n, num_classes))
-    draws[np.arange(n), labels] = np.inf  # never drawn: the k smallest of the rest are a uniform k-subset
-    random = np.argpartition(draws, k - 1, axis=1)[:, :k]
-
-    def accuracy(lowered: np.ndarray | None) -> float:
-        z = logits.copy()
-        if lowered is not None:
-            np.put_along_axis(z, lowered, np.take_along_axis(z, lowered, axis=1) - delta, axis=1)
-        return float((_forward(net, z).argmax(axis=1) == labels).mean())
-
-    return {
-        "attack": attack, "rows": int(n), "k": k, "delta": float(delta),
-        "accuracy": accuracy(None),
-        "accuracy_supporting_lowered": accuracy(supporting),
-        "accuracy_random_lowered": accuracy(random),
-        "true_in_top_k": float((true_rank < k).mean()),
-    }
+    num_classes = keys.num_classes
+    k = _check_k(k, num_classes, exclude_true=True)
+    tallies = {attack: _Tally(num_classes, k, delta, seed) for attack in attacks}
+    for batch in _stream(path, split=split, attacks=attacks, batch_rows=batch_rows):
+        for attack in dict.fromkeys(batch.attack):
+            rows = batch.attack == attack
+            every = rows.all()
+            tallies[attack].add(net, batch.logits if every else batch.logits[rows],
+                                batch.labels if every else batch.labels[rows])
+    frame = pd.DataFrame({a: t.frequencies() for a, t in tallies.items()},
+                         index=pd.Index(keys.class_names, name="class"))
+    frame.columns.name = "attack"
+    return frame, [tallies[a].ablation(a) for a in frame.columns]
 
 
 # ---------------------------------------------------------------------------------------------

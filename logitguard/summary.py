@@ -5,12 +5,13 @@ Everything is recomputed from the logits: a producer's own `pred`/`success` colu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .tables import CLEAN, LogitTable
+from .tables import CLEAN, LogitTable, RowKeys
 
 # Metadata keys echoed by `summarize`; the rest (e.g. long per-class lists) stays in the table.
 _METADATA_KEYS = ("schema_version", "dataset", "model", "attacks", "threat", "noise", "producer", "seed")
@@ -28,16 +29,26 @@ def summarize(table: LogitTable) -> dict[str, Any]:
     correctly, the fraction whose attacked row is not; None for clean rows), and mean/median of the
     image-space perturbation norms ``linf``/``l2`` when the table has them. Undefined values are None.
     """
+    norms = {name: table.column(name) for name in ("linf", "l2") if name in table.columns}
+    noisy = table.noisy_logits
+    return summarize_rows(RowKeys.of(table, correct=table.logits.argmax(axis=1) == table.labels, **norms),
+                          noise_queries=None if noisy is None else noisy.shape[1:])
+
+
+def summarize_rows(rows: RowKeys, *, noise_queries: Sequence[int] | None = None) -> dict[str, Any]:
+    """`summarize` from per-row values (what a streamed pass keeps): ``rows.values`` holds ``correct`` (the
+    argmax equals the label, (N,) bool) and, when the table has them, ``linf`` and ``l2``; `noise_queries`
+    is (K, C) or None."""
     frame = pd.DataFrame({
-        "split": table.split,
-        "attack": table.attack,
-        "sample_id": table.sample_id,
-        "labelled": table.labels >= 0,
-        "correct": table.logits.argmax(axis=1) == table.labels,
+        "split": rows.split,
+        "attack": rows.attack,
+        "sample_id": rows.sample_id,
+        "labelled": rows.labels >= 0,
+        "correct": rows.values["correct"],
     })
-    norms = [n for n in ("linf", "l2") if n in table.columns]
+    norms = [n for n in ("linf", "l2") if n in rows.values]
     for name in norms:
-        frame[name] = table.column(name)
+        frame[name] = rows.values[name]
     clean = frame.loc[frame["attack"] == CLEAN, ["split", "sample_id", "correct", "labelled"]]
     frame = frame.merge(clean, on=["split", "sample_id"], how="left", suffixes=("", "_clean"))
     eligible = (frame["correct_clean"] == True) & frame["labelled"] & (frame["attack"] != CLEAN)  # noqa: E712
@@ -51,7 +62,7 @@ def summarize(table: LogitTable) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "split": split,
             "attack": attack,
-            "threat": None if attack == CLEAN else threat_of(table.metadata, attack)["model"],
+            "threat": None if attack == CLEAN else threat_of(rows.metadata, attack)["model"],
             "rows": len(group),
             "accuracy": _mean(labelled["correct"]),
             "attack_success_rate": None if attack == CLEAN else _mean(group["fooled"].dropna()),
@@ -63,14 +74,13 @@ def summarize(table: LogitTable) -> dict[str, Any]:
         conditions.append(entry)
     conditions.sort(key=lambda e: (e["split"], e["attack"] != CLEAN, e["attack"]))
 
-    noisy = table.noisy_logits
     return {
-        "num_rows": len(table),
-        "num_classes": table.num_classes,
-        "class_names": table.class_names,
-        "noise_queries": None if noisy is None else list(noisy.shape[1:]),
+        "num_rows": len(rows),
+        "num_classes": rows.num_classes,
+        "class_names": rows.class_names,
+        "noise_queries": None if noise_queries is None else [int(n) for n in noise_queries],
         "conditions": conditions,
-        "metadata": {k: table.metadata[k] for k in _METADATA_KEYS if k in table.metadata},
+        "metadata": {k: rows.metadata[k] for k in _METADATA_KEYS if k in rows.metadata},
     }
 
 

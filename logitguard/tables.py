@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +51,9 @@ _TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-
 # (Files written without checksums, by older versions or other tools, are read as before.)
 _PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+# Streaming reads one row group's column chunks at a time instead of pre-buffering several (less memory,
+# and on a local disk no slower).
+_STREAM_SCAN = ds.ParquetFragmentScanOptions(page_checksum_verification=True, pre_buffer=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,18 +226,152 @@ class LogitTable:
 
     def select(self, *, split: str | None = None, attacks: str | Sequence[str] | None = None) -> LogitTable:
         """Rows of one split and/or some attacks; raises `TableError` when nothing matches."""
-        mask = np.ones(len(self), dtype=bool)
-        if split is not None:
-            mask &= self.split == split
-        if attacks is not None:
-            attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-            mask &= np.isin(self.attack, attacks)
-        if not mask.any():
+        return self.take(_selection(self, split, attacks))
+
+
+def _selection(table: LogitTable | RowKeys, split: str | None, attacks: str | Sequence[str] | None) -> np.ndarray:
+    """The (N,) mask of `select`; raises `TableError` when nothing matches."""
+    mask = np.ones(len(table), dtype=bool)
+    if split is not None:
+        mask &= table.split == split
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+        mask &= np.isin(table.attack, attacks)
+    if not mask.any():
+        raise TableError(
+            f"no rows match split={split!r}, attacks={attacks!r}; "
+            f"the table has splits {table.splits} and attacks {table.attacks}"
+        )
+    return mask
+
+
+@dataclass(frozen=True, eq=False)
+class RowKeys:
+    """A table's rows without their logits: keys, labels and per-row `values` of shape (N,).
+
+    What pairing (`pair_rows`), `select` and per-attack metrics need, tens of bytes per row, so it can be
+    held for any table while the logits stream past (`RowCollector` builds one batch by batch; `of` takes
+    one from a `LogitTable`). `values` holds per-row results such as predictions or scores.
+    """
+
+    split: np.ndarray  # object (N,)
+    attack: np.ndarray  # object (N,)
+    sample_id: np.ndarray  # int64 (N,)
+    labels: np.ndarray  # int64 (N,), -1 where unknown
+    metadata: dict[str, Any]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, table: LogitTable, **values: np.ndarray) -> RowKeys:
+        """The keys of `table`'s rows (views, no copy) with `values` attached."""
+        return cls(table.split, table.attack, table.sample_id, table.labels, table.metadata, dict(values))
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata["class_names"])
+
+    @cached_property
+    def attacks(self) -> list[str]:
+        """Distinct attack names, ``clean`` first, then in sorted order."""
+        return _distinct(self.attack, first=CLEAN)
+
+    @cached_property
+    def splits(self) -> list[str]:
+        return _distinct(self.split)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+    def take(self, indices: np.ndarray) -> RowKeys:
+        """Rows at `indices` (int array or boolean mask), values included."""
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        return RowKeys(self.split[indices], self.attack[indices], self.sample_id[indices], self.labels[indices],
+                       self.metadata, {k: v[indices] for k, v in self.values.items()})
+
+    def select(self, *, split: str | None = None, attacks: str | Sequence[str] | None = None) -> RowKeys:
+        """As `LogitTable.select`: rows of one split and/or some attacks; `TableError` when nothing matches."""
+        return self.take(_selection(self, split, attacks))
+
+
+class RowCollector:
+    """Builds `RowKeys` from streamed batches: ``add(batch, name=array, …)`` per batch, then `finish`.
+
+    Split and attack names are kept as small integer codes while collecting. `finish` checks that the
+    keys are unique over the whole stream (each batch was only checked on its own).
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[str, dict[str, int]] = {"split": {}, "attack": {}}
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self.metadata: dict[str, Any] | None = None
+        self.rows = 0
+        self._finished: RowKeys | None = None
+
+    def add(self, batch: LogitTable, **values: np.ndarray) -> None:
+        parts = {"split": _codes(batch.arrow.column("split"), self._names["split"]),
+                 "attack": _codes(batch.arrow.column("attack"), self._names["attack"]),
+                 "sample_id": np.array(batch.sample_id), "labels": np.array(batch.labels),
+                 **{f"value:{k}": np.asarray(v) for k, v in values.items()}}
+        if self.rows and set(parts) != set(self._parts):
+            raise ValueError(f"every batch needs the same values; got {sorted(values)}")
+        for name, part in parts.items():
+            if len(part) != len(batch):
+                raise ValueError(f"value {name!r} has {len(part)} entries for a batch of {len(batch)} rows")
+            self._parts.setdefault(name, []).append(part)
+        self.metadata = batch.metadata
+        self.rows += len(batch)
+
+    def finish(self) -> RowKeys:
+        """The collected rows (the same object on every call once no batch was added since)."""
+        if self._finished is not None and len(self._finished) == self.rows:
+            return self._finished
+        if self.metadata is None:
+            raise TableError("no rows were read")
+        whole = {name: np.concatenate(parts) for name, parts in self._parts.items()}
+        self._parts = {name: [part] for name, part in whole.items()}  # one copy, and more batches may follow
+        names = {c: np.array(list(lookup), dtype=object) for c, lookup in self._names.items()}
+        dup = _duplicate_rows(whole["split"], whole["attack"], whole["sample_id"])
+        if dup is not None:
+            first, second = dup
             raise TableError(
-                f"no rows match split={split!r}, attacks={attacks!r}; "
-                f"the table has splits {self.splits} and attacks {self.attacks}"
+                f"duplicate row for (split={names['split'][whole['split'][first]]!r}, "
+                f"attack={names['attack'][whole['attack'][first]]!r}, sample_id={int(whole['sample_id'][first])}) "
+                f"at rows {first} and {second}"
             )
-        return self.take(mask)
+        self._finished = RowKeys(names["split"][whole["split"]], names["attack"][whole["attack"]], whole["sample_id"],
+                                 whole["labels"], self.metadata,
+                                 {name[6:]: part for name, part in whole.items() if name.startswith("value:")})
+        return self._finished
+
+
+def _codes(column: pa.ChunkedArray, lookup: dict[str, int]) -> np.ndarray:
+    """Integer codes (int32) of a string column's values, extending `lookup` (name -> code) as names appear."""
+    encoded = pc.dictionary_encode(_single(column))
+    mapping = np.array([lookup.setdefault(name, len(lookup)) for name in encoded.dictionary.to_pylist()],
+                       dtype=np.int32)
+    return mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else \
+        np.zeros(len(encoded), dtype=np.int32)
+
+
+def _duplicate_rows(*keys: np.ndarray) -> tuple[int, int] | None:
+    """The first two row numbers sharing all `keys` (integer arrays), or None."""
+    frame = pd.DataFrame({str(i): k for i, k in enumerate(keys)})
+    dup = frame.duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return None
+    first = int(np.flatnonzero(dup)[0])
+    same = np.flatnonzero(dup & (frame == frame.iloc[first]).all(axis=1).to_numpy())
+    return int(same[0]), int(same[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,25 +416,30 @@ def read_table(
         wanted = list(columns)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    expr = _filter(split, attacks)
     _check_columns(present)
     try:
-        arrow = dataset.to_table(columns=[*REQUIRED_COLUMNS, *wanted], filter=expr)
+        batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, exc) from None
-    if arrow.num_rows == 0:
-        if expr is None:
-            raise TableError(f"{path}: the table has no rows")
-        try:
-            keys = dataset.to_table(columns=["split", "attack"])
-        except (pa.ArrowException, OSError) as exc:
-            raise _unreadable(path, exc) from None
-        raise TableError(
-            f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
-            f"{_distinct(keys.column('split').to_numpy())} and attacks "
-            f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
-        )
+    arrow = pa.Table.from_batches(batches) if batches else None
+    if arrow is None or arrow.num_rows == 0:
+        raise _no_rows(dataset, path, split, attacks)
     return conform(arrow, metadata=metadata)
+
+
+def _no_rows(dataset: ds.Dataset, path: Path, split: str | None, attacks: list[str] | None) -> TableError:
+    """The error for a read that matched no row: the table is empty, or says which splits and attacks it has."""
+    if split is None and attacks is None:
+        return TableError(f"{path}: the table has no rows")
+    try:
+        keys = dataset.to_table(columns=["split", "attack"])
+    except (pa.ArrowException, OSError) as exc:
+        return _unreadable(path, exc)
+    return TableError(
+        f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
+        f"{_distinct(keys.column('split').to_numpy())} and attacks "
+        f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
+    )
 
 
 def iter_batches(
@@ -307,28 +449,43 @@ def iter_batches(
     attacks: str | Sequence[str] | None = None,
     columns: Sequence[str] = (),
     batch_rows: int = 16384,
+    require_rows: bool = False,
 ) -> Iterator[LogitTable]:
     """Stream a table as validated `LogitTable` batches of at most `batch_rows` rows, in file order.
 
-    For tables larger than memory: only one batch is held at a time. `columns` lists the optional
-    columns to read (default none: keys, labels and logits only). Filters as in `read_table`; a filter
-    that matches nothing yields nothing.
+    For tables larger than memory: only one batch is held at a time (the reader decodes at most a couple
+    of batches ahead). `columns` lists the optional columns to read (default none: keys, labels and
+    logits only). Filters as in `read_table`; a filter that matches nothing yields nothing, or with
+    `require_rows` raises `read_table`'s `TableError`. The same arguments give the same rows in the same
+    order every time, so a table can be streamed in several passes. Each batch is validated on its own:
+    a key repeated in two batches is only found by a check over all keys (`RowCollector`).
     """
     path = Path(path)
+    if batch_rows < 1:
+        raise TableError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     dataset, file_schemas = _open_dataset(path)
     metadata = _dataset_metadata(file_schemas, path)
     _check_columns(dataset.schema.names)
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
-    expr = _filter(split, attacks)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    empty, count = True, 0
     try:
-        for batch in dataset.to_batches(columns=[*REQUIRED_COLUMNS, *columns], filter=expr,
-                                        batch_size=batch_rows):
+        # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
+        for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
+                           batch_readahead=1, fragment_readahead=1, fragment_scan_options=_STREAM_SCAN):
             if batch.num_rows:
+                empty = False
                 yield conform(pa.Table.from_batches([batch]), metadata=metadata)
+                count += 1
+                if count % 8 == 0:  # the allocator keeps freed batches' memory otherwise (~100 MiB at C=1000)
+                    pa.default_memory_pool().release_unused()
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, exc) from None
+    if empty and require_rows:
+        raise _no_rows(dataset, path, split, attacks)
 
 
 def table_columns(path: str | os.PathLike) -> list[str]:
@@ -347,6 +504,137 @@ def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str
         raise _unreadable(path, exc) from None
     counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
     return {name: int(counts[name]) for name in _distinct(counts.index.to_numpy(), first=CLEAN)}
+
+
+def read_keys(path: str | os.PathLike, *, split: str | None = None,
+              attacks: str | Sequence[str] | None = None) -> RowKeys:
+    """The keys and labels of the matching rows (reading only those columns, never the logits), in the
+    order `read_table` and `iter_batches` give them. Raises `read_table`'s `TableError` when nothing matches."""
+    path = Path(path)
+    dataset, file_schemas = _open_dataset(path)
+    metadata = _dataset_metadata(file_schemas, path)
+    _check_columns(dataset.schema.names)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    try:
+        batches = list(_scan(dataset, ["split", "attack", "sample_id", "label"], split, attacks))
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    keys = pa.Table.from_batches(batches) if batches else None
+    if keys is None or keys.num_rows == 0:
+        raise _no_rows(dataset, path, split, attacks)
+    names = {}
+    for c in ("split", "attack"):
+        lookup: dict[str, int] = {}
+        codes = _codes(keys.column(c), lookup)
+        names[c] = np.array(list(lookup), dtype=object)[codes]
+    if "num_classes" not in metadata:  # as `conform` fills it in: from the logits' list size
+        kind = dataset.schema.field("logits").type
+        if pa.types.is_fixed_size_list(kind):
+            metadata["num_classes"] = kind.list_size
+        else:
+            for batch in iter_batches(path, batch_rows=1):
+                metadata["num_classes"] = batch.num_classes
+                break
+    metadata.setdefault("class_names", [str(i) for i in range(int(metadata["num_classes"]))])
+    label = _single(keys.column("label"))
+    labels = label.cast(pa.int64()).fill_null(-1).to_numpy() if not pa.types.is_null(label.type) else \
+        np.full(keys.num_rows, -1, dtype=np.int64)
+    return RowKeys(names["split"], names["attack"], _single(keys.column("sample_id")).cast(pa.int64()).to_numpy(),
+                   labels, metadata)
+
+
+# Streamed commands read batches of about this many bytes of float32 tensors (logits, noise queries, features).
+STREAM_BATCH_BYTES = 8 << 20
+BATCH_ROWS_ENV = "LOGITGUARD_BATCH_ROWS"
+
+
+def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> int:
+    """Rows per batch for streaming `path` with optional `columns`: about `STREAM_BATCH_BYTES` of tensors per
+    batch (2097 rows of 1000 logits), between 256 and 65536 rows. The environment variable
+    ``LOGITGUARD_BATCH_ROWS`` overrides it (tests use it to force many batches)."""
+    override = os.environ.get(BATCH_ROWS_ENV)
+    if override:
+        try:
+            rows = int(override)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise TableError(f"{BATCH_ROWS_ENV} must be an integer >= 1, got {override!r}")
+        return rows
+    dataset, file_schemas = _open_dataset(Path(path))
+    num_classes = _dataset_metadata(file_schemas, Path(path)).get("num_classes")
+    floats = 0
+    for name in ("logits", *columns):
+        if name not in dataset.schema.names:
+            continue
+        size, kind = 1, dataset.schema.field(name).type
+        while pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            # variable-length lists: assume C per level (the inner level of noisy_logits is C; K is unknown)
+            size *= kind.list_size if pa.types.is_fixed_size_list(kind) else int(num_classes or 1000)
+            kind = kind.value_type
+        floats += size
+    return int(min(65536, max(256, STREAM_BATCH_BYTES // (4 * max(floats, 1)))))
+
+
+def noise_queries(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(K, C) of the table's noise queries, or None when it has none; read from the schema (one batch of the
+    column when its lists are not fixed-size)."""
+    dataset, _ = _open_dataset(Path(path))
+    if "noisy_logits" not in dataset.schema.names:
+        return None
+    kind = dataset.schema.field("noisy_logits").type
+    if pa.types.is_fixed_size_list(kind) and pa.types.is_fixed_size_list(kind.value_type):
+        return kind.list_size, kind.value_type.list_size
+    for batch in iter_batches(path, columns=["noisy_logits"], batch_rows=1):
+        return tuple(batch.noisy_logits.shape[1:])
+    return None
+
+
+def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: list[str] | None,
+          **options: Any) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns` for the rows of `split` and `attacks`, in file order.
+
+    pyarrow prunes files and partitions with the filter, but rows are filtered here: pyarrow's filter and
+    take kernels (pyarrow 26) misread a fixed_size_list of fixed_size_list (``noisy_logits``) whose batch
+    is a slice of a larger one (a row group larger than the batch), returning other rows' noise queries.
+    Such columns are rebuilt from their values (no copy) before the rows are filtered.
+    """
+    expr = _filter(split, attacks)
+    if expr is None:
+        yield from dataset.to_batches(columns=columns, **options)
+        return
+    source = ds.FileSystemDataset(list(dataset.get_fragments(filter=expr)), dataset.schema, dataset.format,
+                                  dataset.filesystem)
+    read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
+    for batch in source.to_batches(columns=read, **options):
+        keep = None
+        if split is not None:
+            keep = pc.equal(_names(batch.column("split")), split)
+        if attacks is not None:
+            chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
+            keep = chosen if keep is None else pc.and_(keep, chosen)
+        keep = keep.fill_null(False)
+        if not pc.all(keep).as_py():
+            batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns], schema=batch.schema).filter(keep)
+        yield batch.select(columns)
+
+
+def _names(column: pa.Array) -> pa.Array:
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def _unsliced(column: pa.Array) -> pa.Array:
+    """A fixed_size_list of fixed_size_list rebuilt from its own values (children without offsets)."""
+    kind = column.type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_fixed_size_list(kind.value_type)):
+        return column
+    inner = column.flatten()
+    if column.null_count or inner.null_count:
+        return column  # null entries are refused by `conform` anyway
+    values = inner.flatten()
+    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, type=kind.value_type),
+                                             type=kind)
 
 
 def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expression | None:
@@ -713,15 +1001,126 @@ def _partitions(table: LogitTable, by: list[str]):
 
 def _write_parquet(arrow: pa.Table, target: Path) -> None:
     """One Parquet file with the table's encodings and a CRC32 on every page (verified by the reader)."""
-    bytes_per_row = max(1, arrow.nbytes // max(1, arrow.num_rows))
-    pq.write_table(
-        arrow, target,
+    pq.write_table(arrow, target, row_group_size=_row_group_rows(arrow), **_parquet_options(arrow.column_names))
+
+
+def _open_writer(target: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """A Parquet file written row group by row group, with `_write_parquet`'s encodings and checksums."""
+    return pq.ParquetWriter(target, schema, **_parquet_options(schema.names))
+
+
+def _parquet_options(columns: Sequence[str]) -> dict[str, Any]:
+    return dict(
         compression="zstd",
-        use_dictionary=[c for c in PARTITION_COLUMNS if c in arrow.column_names],
-        use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in arrow.column_names],
-        row_group_size=max(1024, _TARGET_ROW_GROUP_BYTES // bytes_per_row),
+        use_dictionary=[c for c in PARTITION_COLUMNS if c in columns],
+        use_byte_stream_split=[leaf for c, leaf in _FLOAT_LEAVES.items() if c in columns],
         write_page_checksum=True,
     )
+
+
+def _row_group_rows(arrow: pa.Table) -> int:
+    """Rows per row group: about `_TARGET_ROW_GROUP_BYTES` (64 MiB), at least 1024."""
+    return max(1024, _TARGET_ROW_GROUP_BYTES // max(1, arrow.nbytes // max(1, arrow.num_rows)))
+
+
+def write_batches(
+    batches: Iterable[LogitTable],
+    path: str | os.PathLike,
+    *,
+    partition_by: Sequence[str] | None = None,
+    basename: str = "part-0",
+    overwrite: bool = False,
+) -> list[Path]:
+    """`write_table` for a table that arrives in batches (e.g. from `iter_batches`), holding only about one
+    row group per output file in memory.
+
+    Same layout, encodings, checksums and guarantees as `write_table`: a file goes to a temporary sibling
+    and a directory into a staging directory, committed whole only once `batches` is exhausted without
+    error (an exception, or a kill, leaves the old output as it was). Every batch must have the same
+    columns; the first batch's metadata is written. Rows keep their order within each output file. Row
+    groups hold about 64 MiB whatever the batch size, so the files do not depend on how the input was cut
+    (unless batches interleave many output files: beyond 128 MiB buffered, the largest buffer is written
+    as a shorter row group). Raises `TableError` when `batches` yields no rows.
+    """
+    path = Path(path)
+    if partition_by is not None:
+        bad = [c for c in partition_by if c not in PARTITION_COLUMNS]
+        if bad:
+            raise TableError(f"can only partition by {list(PARTITION_COLUMNS)}, not {bad}")
+        partition_by = list(partition_by)
+        output = staged_output(path, overwrite=overwrite, replace=True, error=TableError)
+    else:
+        output = atomic_output(path, overwrite=overwrite, error=TableError)
+    with output as root:
+        sink = _BatchSink(root, partition_by, basename)
+        try:
+            for batch in batches:
+                sink.write(batch)
+            sink.finish()
+        finally:
+            sink.close()
+    return [path] if partition_by is None else [path / rel for _, rel in sorted(sink.files)]  # as write_table
+
+
+class _BatchSink:
+    """The Parquet writers of `write_batches`: one per output file, each buffering up to one row group."""
+
+    _MAX_BUFFERED_BYTES = 2 * _TARGET_ROW_GROUP_BYTES  # over all files; the largest buffer is flushed beyond
+
+    def __init__(self, root: Path, partition_by: list[str] | None, basename: str) -> None:
+        self.root, self.partition_by, self.basename = root, partition_by, basename
+        self.metadata: dict[str, Any] | None = None
+        self.files: list[tuple[tuple[str, ...], Path]] = []  # (partition values, path relative to root)
+        self._writers: dict[Path, pq.ParquetWriter] = {}
+        self._buffers: dict[Path, list[pa.Table]] = {}
+        self._group_rows: dict[Path, int] = {}
+
+    def write(self, table: LogitTable) -> None:
+        if self.metadata is None:
+            self.metadata = table.metadata
+        if self.partition_by is None:
+            self._add(Path(), table.arrow, ())
+            return
+        for values, part in _partitions(table, self.partition_by):
+            rel = Path(*(f"{c}={v}" for c, v in zip(self.partition_by, values)), f"{self.basename}.parquet")
+            self._add(rel, part.drop_columns(self.partition_by), values)
+
+    def _add(self, rel: Path, arrow: pa.Table, values: tuple[str, ...]) -> None:
+        if rel not in self._writers:
+            target = self.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._writers[rel] = _open_writer(target, _with_metadata(arrow.schema.empty_table(), self.metadata).schema)
+            self._buffers[rel], self._group_rows[rel] = [], _row_group_rows(arrow)
+            self.files.append((tuple(values), rel))
+        elif not arrow.schema.equals(self._writers[rel].schema, check_metadata=False):
+            raise TableError(f"a batch has columns {arrow.schema} but earlier ones had {self._writers[rel].schema}")
+        self._buffers[rel].append(arrow)
+        if sum(t.num_rows for t in self._buffers[rel]) >= self._group_rows[rel]:
+            self._flush(rel, final=False)
+        if sum(t.nbytes for parts in self._buffers.values() for t in parts) > self._MAX_BUFFERED_BYTES:
+            self._flush(max(self._buffers, key=lambda r: sum(t.nbytes for t in self._buffers[r])), final=True)
+
+    def _flush(self, rel: Path, *, final: bool) -> None:
+        parts = self._buffers[rel]
+        if not parts:
+            return
+        whole = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        rows = self._group_rows[rel]
+        cut = whole.num_rows if final else whole.num_rows - whole.num_rows % rows
+        if cut:
+            self._writers[rel].write_table(whole.slice(0, cut), row_group_size=rows)
+        self._buffers[rel] = [whole.slice(cut)] if cut < whole.num_rows else []
+
+    def finish(self) -> None:
+        if not self._writers:
+            raise TableError("nothing to write: no rows")
+        for rel in self._writers:
+            self._flush(rel, final=True)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,13 +1140,20 @@ def pair(table: LogitTable, attack: str) -> Pair:
     Samples present in only one of the two are dropped. Raises `TableError` if there is no clean or no
     `attack` row, nothing aligns, or a sample's label differs between its clean and attacked rows.
     """
+    clean_rows, attacked_rows = pair_rows(table, attack)
+    return Pair(table.take(clean_rows), table.take(attacked_rows))
+
+
+def pair_rows(table: LogitTable | RowKeys, attack: str) -> tuple[np.ndarray, np.ndarray]:
+    """`pair` as row numbers: (clean rows, attacked rows), int arrays of the same length, aligned."""
     for name in (CLEAN, attack):
         if name not in table.attacks:
             raise TableError(f"no {name!r} rows in the table; it has attacks {table.attacks}")
     frames = []
+    split = pd.factorize(table.split)[0]  # merging on integer codes: far less memory than on string objects
     for name in (CLEAN, attack):
         rows = np.flatnonzero(table.attack == name)
-        frames.append(pd.DataFrame({"split": table.split[rows], "sample_id": table.sample_id[rows], "row": rows}))
+        frames.append(pd.DataFrame({"split": split[rows], "sample_id": table.sample_id[rows], "row": rows}))
     merged = frames[1].merge(frames[0], on=["split", "sample_id"], suffixes=("_attacked", "_clean"), sort=False)
     if merged.empty:
         raise TableError(f"no {attack!r} row shares a (split, sample_id) with a clean row")
@@ -759,7 +1165,7 @@ def pair(table: LogitTable, attack: str) -> Pair:
             f"sample_id {table.sample_id[clean_rows[i]]} (split {table.split[clean_rows[i]]!r}) has label "
             f"{table.labels[clean_rows[i]]} in clean rows but {table.labels[attacked_rows[i]]} in {attack!r} rows"
         )
-    return Pair(table.take(clean_rows), table.take(attacked_rows))
+    return clean_rows, attacked_rows
 
 
 def holdout_mask(sample_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:

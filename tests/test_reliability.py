@@ -321,10 +321,11 @@ def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_fil
     assert CliRunner().invoke(main, ["fit-detector", str(table_file), "--kind", "msp", "--out",
                                      str(detector)]).exit_code == 0
 
-    def full(arrow, target):
+    def full(target, *_):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(tables, "_write_parquet", full)
+    monkeypatch.setattr(tables, "_write_parquet", lambda arrow, target: full(target))
+    monkeypatch.setattr(tables, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
     out = tmp_path / "defended"
     result = CliRunner().invoke(main, ["defend", str(table_file), "--detector", str(detector), "--on-flag", "reject",
                                        "--out", str(out)])

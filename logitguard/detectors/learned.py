@@ -40,9 +40,14 @@ class LearnedDetector(Detector):
             raise LogitguardError("the learned detector needs successfully attacked rows to learn from; got none")
         x = self._raw_features(logits, noisy)
         self.center_, self.scale_ = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+        x -= self.center_  # in place: the feature matrix is the largest thing a fit holds
+        x /= self.scale_
         mlp = MLPClassifier(hidden_layer_sizes=(int(self.hidden),), max_iter=int(self.max_iter), early_stopping=True,
-                            random_state=int(self.seed)).fit((x - self.center_) / self.scale_, attacked.astype(int))
+                            random_state=int(self.seed)).fit(x, attacked.astype(int))
         (self.w1_, self.w2_), (self.b1_, self.b2_) = mlp.coefs_, mlp.intercepts_
+
+    def _fit_row_bytes(self, num_classes: int) -> int:
+        return 8 * num_classes * (5 if self.noise else 3)  # float64 features: logits, softmax, sorted (+ 2 noise)
 
     def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""

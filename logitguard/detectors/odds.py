@@ -122,25 +122,10 @@ class OddsTest(Detector):
         Sums are scattered by class (`index_add_`) batch by batch; classes with fewer than `min_rows`
         rows get the pooled moments of all rows.
         """
-        n, c = logits.shape
         noisy = noisy if self.noise else None
-        k = 1 if noisy is None else noisy.shape[1]
-        sums, squares = torch.zeros(c, k * c, dtype=torch.float64), torch.zeros(c, k * c, dtype=torch.float64)
-        counts = np.zeros(c)
-        for rows in _row_batches(n, k * c):
-            y, g = self.log_odds_changes(logits[rows], None if noisy is None else noisy[rows])
-            flat, index = torch.from_numpy(g.reshape(len(y), k * c)), torch.from_numpy(y)
-            sums.index_add_(0, index, flat)
-            squares.index_add_(0, index, flat.square_())
-            counts += np.bincount(y, minlength=c)
-        sums, squares, counts = sums.numpy(), squares.numpy(), counts[:, None]
-        pooled_mean = sums.sum(axis=0) / n
-        pooled_var = squares.sum(axis=0) / n - pooled_mean**2
-        enough = counts >= self.min_rows
-        mean = np.where(enough, sums / np.maximum(counts, 1), pooled_mean)
-        var = np.where(enough, squares / np.maximum(counts, 1) - mean**2, pooled_var)
-        std = np.maximum(np.sqrt(np.maximum(var, 0.0)), _MIN_STD)
-        return mean.reshape(c, k, c), std.reshape(c, k, c)
+        moments = _Moments(logits.shape[1], 1 if noisy is None else noisy.shape[1])
+        moments.add(self, logits, noisy)
+        return moments.result(self.min_rows)
 
     # -- fit, score, correct -----------------------------------------------------------------
 
@@ -160,6 +145,40 @@ class OddsTest(Detector):
                 raise LogitguardError("correction='logistic' learns from attacked rows and their true labels; "
                                       "pass attacked= and labels=")
             self._fit_logistic(logits[attacked], None if noisy is None else noisy[attacked], labels[attacked])
+
+    def _fit_stream(self, stream, rows: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
+                    max_rows: int | None) -> None:
+        """`_fit` from streamed batches (`Detector.fit_path`): the class moments are sums over every clean row;
+        per-pair thresholds and the logistic rule learn from the features of the rows (or a sample)."""
+        from .base import _float64
+
+        c = stream.keys.num_classes
+        if self.correction == "logistic":
+            if c > MAX_LOGISTIC_CLASSES:
+                raise LogitguardError(f"correction='logistic' stores a {c} x {c} matrix per class; use 'argmax' "
+                                      f"above {MAX_LOGISTIC_CLASSES} classes")
+            if labels is None or not attacked.any():
+                raise LogitguardError("correction='logistic' learns from attacked rows and their true labels; "
+                                      "pass attacked= and labels=")
+        moments = _Moments(c, self.n_queries_ if self.noise else 1)
+        stream.each(rows[~attacked], lambda _, z, q: moments.add(self, *_float64(z, q)), noise=self.noise)
+        self.mean_, self.std_ = moments.result(self.min_rows)
+        self.__dict__.pop("_inverse_scale", None)  # derived from mean_ and std_
+
+        def features(z: np.ndarray, q: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            return self.features(*_float64(z, q))
+
+        self.pair_threshold_ = np.zeros((c, c))
+        if self.thresholds == "pair":
+            clean = rows[~attacked]
+            take = self._stream_sample(len(clean), max_rows, 8 * c)
+            y, z = stream.collect(clean[take], features, noise=self.noise)
+            self.pair_threshold_ = _class_quantiles(y, z, 1.0 - self.fpr, self.min_rows)
+        if self.correction == "logistic":
+            hit = np.flatnonzero(attacked)
+            take = self._stream_sample(len(hit), max_rows, 8 * c)
+            y, z = stream.collect(rows[hit[take]], features, noise=self.noise)
+            self._fit_logistic_features(y, z, labels[hit[take]])
 
     def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         y, z = self.features(logits, noisy if self.noise else None)
@@ -186,13 +205,17 @@ class OddsTest(Detector):
         return self.correct(table.logits, self._table_noise(table))
 
     def _fit_logistic(self, logits: np.ndarray, noisy: np.ndarray | None, labels: np.ndarray) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         c = logits.shape[1]
         if c > MAX_LOGISTIC_CLASSES:
             raise LogitguardError(f"correction='logistic' stores a {c} x {c} matrix per class; use 'argmax' "
                                   f"above {MAX_LOGISTIC_CLASSES} classes")
-        y, z = self.features(logits, noisy)
+        self._fit_logistic_features(*self.features(logits, noisy), labels)
+
+    def _fit_logistic_features(self, y: np.ndarray, z: np.ndarray, labels: np.ndarray) -> None:
+        """The logistic rule from predicted classes y (N,), features z (N, C) and true labels (N,)."""
+        from sklearn.linear_model import LogisticRegression
+
+        c = z.shape[1]
         z = np.where(np.isfinite(z), z, 0.0)
         self.logistic_weights_ = np.zeros((c, c, c))
         self.logistic_bias_ = np.full((c, c), -np.inf)
@@ -260,6 +283,44 @@ class SingleShotOddsTest(OddsTest):
     kind = "odds-single"
     needs_noise = False
     noise = False
+
+
+class _Moments:
+    """Running per-class sums of the raw features (and their squares) of clean rows grouped by predicted class:
+    `add` batch after batch, then `result`. Sums are scattered by class (`index_add_`)."""
+
+    def __init__(self, num_classes: int, queries: int) -> None:
+        self.c, self.k = num_classes, queries
+        self.sums = torch.zeros(num_classes, queries * num_classes, dtype=torch.float64)
+        self.squares = torch.zeros(num_classes, queries * num_classes, dtype=torch.float64)
+        self.counts = np.zeros(num_classes)
+        self.n = 0
+
+    def add(self, odds: OddsTest, logits: np.ndarray, noisy: np.ndarray | None) -> None:
+        for rows in _row_batches(len(logits), self.k * self.c):
+            y, g = odds.log_odds_changes(logits[rows], None if noisy is None else noisy[rows])
+            if g.shape[1:] != (self.k, self.c):
+                raise LogitguardError(f"rows have {g.shape[1]} queries x {g.shape[2]} classes; earlier ones had "
+                                      f"{self.k} x {self.c}")
+            flat, index = torch.from_numpy(g.reshape(len(y), self.k * self.c)), torch.from_numpy(y)
+            self.sums.index_add_(0, index, flat)
+            self.squares.index_add_(0, index, flat.square_())
+            self.counts += np.bincount(y, minlength=self.c)
+            self.n += len(y)
+
+    def result(self, min_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (C, K, C); classes with fewer than `min_rows` rows get the pooled moments of all rows."""
+        if not self.n:
+            raise LogitguardError("no clean rows to learn the odds statistics from")
+        c, k, n = self.c, self.k, self.n
+        sums, squares, counts = self.sums.numpy(), self.squares.numpy(), self.counts[:, None]
+        pooled_mean = sums.sum(axis=0) / n
+        pooled_var = squares.sum(axis=0) / n - pooled_mean**2
+        enough = counts >= min_rows
+        mean = np.where(enough, sums / np.maximum(counts, 1), pooled_mean)
+        var = np.where(enough, squares / np.maximum(counts, 1) - mean**2, pooled_var)
+        std = np.maximum(np.sqrt(np.maximum(var, 0.0)), _MIN_STD)
+        return mean.reshape(c, k, c), std.reshape(c, k, c)
 
 
 def _row_batches(rows: int, per_row: int, budget: int = 1 << 20) -> Iterator[slice]:
