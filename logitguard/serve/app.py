@@ -70,7 +70,9 @@ class _Service:
                                     f"per row, shape (N, {guard.num_queries}, {guard.num_classes})")
         for name, values in (("logits", logits), ("noisy_logits", noisy)):
             # max/min need no temporary array; NaN compares False and is refused by Guard.check
-            if values is not None and values.size and (values.max() > MAX_ABS or values.min() < -MAX_ABS):
+            if values is None or not values.size:
+                continue
+            if float(values.max()) > MAX_ABS or float(values.min()) < -MAX_ABS:  # float(): no cast overflow
                 row = int(np.argwhere(np.abs(values) > MAX_ABS)[0][0])
                 raise RequestError(422, f"{name} row {row} holds a value beyond ±{MAX_ABS:.4g} (float32's range); "
                                         "no model's logits are that large")
