@@ -67,6 +67,7 @@ from .tables import (
     _with_metadata,
     _write_parquet,
     conform,
+    wanted_columns,
 )
 
 __all__ = ["KINDS", "DefenseSpec", "apply_ray", "init_ray", "read_ray", "table_metadata", "write_ray"]
@@ -175,16 +176,7 @@ class LogitTableDatasource(Datasource):
         self.metadata = _dataset_metadata(file_schemas, path)
         present = list(dataset.schema.names)
         _check_columns(present)
-        if columns is None:
-            wanted = [c for c in OPTIONAL_COLUMNS if c in present]
-        else:
-            unknown = [c for c in columns if c not in OPTIONAL_COLUMNS]
-            if unknown:
-                raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
-            missing = [c for c in columns if c not in present]
-            if missing:
-                raise TableError(f"{path}: requested column(s) {missing} not in the table")
-            wanted = list(columns)
+        wanted = wanted_columns(path, present, columns)
         self.path = str(path)
         self.split = split
         self.batch_rows = batch_rows

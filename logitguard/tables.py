@@ -404,16 +404,7 @@ def read_table(
     dataset, file_schemas = _open_dataset(path)
     metadata = _dataset_metadata(file_schemas, path)
     present = set(dataset.schema.names)
-    if columns is None:
-        wanted = [c for c in OPTIONAL_COLUMNS if c in present]
-    else:
-        unknown = [c for c in columns if c not in OPTIONAL_COLUMNS]
-        if unknown:
-            raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
-        missing = [c for c in columns if c not in present]
-        if missing:
-            raise TableError(f"{path}: requested column(s) {missing} not in the table")
-        wanted = list(columns)
+    wanted = wanted_columns(path, present, columns)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     _check_columns(present)
@@ -440,6 +431,19 @@ def _no_rows(dataset: ds.Dataset, path: Path, split: str | None, attacks: list[s
         f"{_distinct(keys.column('split').to_numpy())} and attacks "
         f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
     )
+
+
+def wanted_columns(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> list[str]:
+    """The optional columns to read: all `present` ones when `columns` is None, else `columns`, each checked."""
+    if columns is None:
+        return [c for c in OPTIONAL_COLUMNS if c in present]
+    unknown = [c for c in columns if c not in OPTIONAL_COLUMNS]
+    if unknown:
+        raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise TableError(f"{path}: requested column(s) {missing} not in the table")
+    return list(columns)
 
 
 def iter_batches(
