@@ -18,7 +18,6 @@ This module stays free of torch at import: detectors and correctors are loaded l
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np

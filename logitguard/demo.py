@@ -63,7 +63,6 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
               defenses: str | os.PathLike | None) -> dict[str, Any]:
     """`run_demo`, writing into the staging directory `stage` (`out` names the result in messages)."""
     from . import explain
-    from .corrector import LogitCorrector
     from .defense import GatedDefense
     from .detectors import KINDS, make_detector
     from .evaluate import detection_table, evaluate, sweep_p_clean, train_per_attack, transfer_matrix

@@ -60,8 +60,31 @@ _STREAM_SCAN = ds.ParquetFragmentScanOptions(page_checksum_verification=True, pr
 # The in-memory table
 
 
+class _Rows:
+    """What a table and its logit-free keys (`RowKeys`) both derive from ``metadata``, ``attack``, ``split``."""
+
+    metadata: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata["class_names"])
+
+    @cached_property
+    def attacks(self) -> list[str]:
+        """Distinct attack names, ``clean`` first, then in sorted order."""
+        return _distinct(self.attack, first=CLEAN)
+
+    @cached_property
+    def splits(self) -> list[str]:
+        return _distinct(self.split)
+
+
 @dataclass(frozen=True, eq=False)
-class LogitTable:
+class LogitTable(_Rows):
     """A validated logit table held as one Arrow table, with NumPy views of its columns.
 
     Build one with `read_table` or `LogitTable.from_arrays`; the constructor assumes `arrow` already
@@ -134,25 +157,8 @@ class LogitTable:
         return self.arrow.num_rows
 
     @property
-    def num_classes(self) -> int:
-        return int(self.metadata["num_classes"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.metadata["class_names"])
-
-    @property
     def columns(self) -> list[str]:
         return list(self.arrow.column_names)
-
-    @cached_property
-    def attacks(self) -> list[str]:
-        """Distinct attack names, ``clean`` first, then in sorted order."""
-        return _distinct(self.attack, first=CLEAN)
-
-    @cached_property
-    def splits(self) -> list[str]:
-        return _distinct(self.split)
 
     # -- column views --------------------------------------------------------------------------
 
@@ -246,7 +252,7 @@ def _selection(table: LogitTable | RowKeys, split: str | None, attacks: str | Se
 
 
 @dataclass(frozen=True, eq=False)
-class RowKeys:
+class RowKeys(_Rows):
     """A table's rows without their logits: keys, labels and per-row `values` of shape (N,).
 
     What pairing (`pair_rows`), `select` and per-attack metrics need, tens of bytes per row, so it can be
@@ -268,23 +274,6 @@ class RowKeys:
 
     def __len__(self) -> int:
         return len(self.sample_id)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.metadata["num_classes"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.metadata["class_names"])
-
-    @cached_property
-    def attacks(self) -> list[str]:
-        """Distinct attack names, ``clean`` first, then in sorted order."""
-        return _distinct(self.attack, first=CLEAN)
-
-    @cached_property
-    def splits(self) -> list[str]:
-        return _distinct(self.split)
 
     @property
     def has_labels(self) -> bool:

@@ -128,14 +128,7 @@ class Detector(Estimator):
         (default all; only successful ones where `successful_attacks_only`), grouped by sample id."""
         if split is not None:
             table = table.select(split=split)
-        if self.needs_noise and table.noisy_logits is None:
-            raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
-        if CLEAN not in table.attacks:
-            raise LogitguardError(f"fitting a detector needs clean rows; the table has {table.attacks}")
-        chosen = [a for a in table.attacks if a != CLEAN] if attacks is None else list(attacks)
-        missing = [a for a in chosen if a not in table.attacks]
-        if missing:
-            raise LogitguardError(f"no rows for attack(s) {missing}; the table has {table.attacks}")
+        chosen = self._attacks_to_fit(table.attacks, attacks, has_noise=table.noisy_logits is not None)
         parts = [table.select(attacks=CLEAN)]
         for attack in chosen:
             if self.successful_attacks_only:
@@ -171,14 +164,7 @@ class Detector(Estimator):
 
         self._check_params()
         keys = read_keys(path, split=split)
-        if self.needs_noise and "noisy_logits" not in table_columns(path):
-            raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
-        if CLEAN not in keys.attacks:
-            raise LogitguardError(f"fitting a detector needs clean rows; the table has {keys.attacks}")
-        chosen = [a for a in keys.attacks if a != CLEAN] if attacks is None else list(attacks)
-        missing = [a for a in chosen if a not in keys.attacks]
-        if missing:
-            raise LogitguardError(f"no rows for attack(s) {missing}; the table has {keys.attacks}")
+        chosen = self._attacks_to_fit(keys.attacks, attacks, has_noise="noisy_logits" in table_columns(path))
         wanted = [CLEAN, *dict.fromkeys(chosen)]
         stream = TableStream(path, split=split, attacks=wanted, columns=["noisy_logits"] if self.needs_noise else [],
                              batch_rows=batch_rows, keys=keys.select(attacks=wanted))
@@ -235,6 +221,19 @@ class Detector(Estimator):
             np.random.default_rng(int(getattr(self, "seed", 0))).choice(rows, size=cap, replace=False))
         self.stream_fit_rows_ = (len(kept), rows)
         return kept
+
+    def _attacks_to_fit(self, available: list[str], attacks: list[str] | None, *, has_noise: bool) -> list[str]:
+        """The attacked partitions `fit_table` / `fit_path` learn from (default: all of `available`), after
+        checking that the table has the noise queries, clean rows and attacks the fit needs."""
+        if self.needs_noise and not has_noise:
+            raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
+        if CLEAN not in available:
+            raise LogitguardError(f"fitting a detector needs clean rows; the table has {available}")
+        chosen = [a for a in available if a != CLEAN] if attacks is None else list(attacks)
+        missing = [a for a in chosen if a not in available]
+        if missing:
+            raise LogitguardError(f"no rows for attack(s) {missing}; the table has {available}")
+        return chosen
 
     def score_table(self, table: LogitTable) -> np.ndarray:
         """`score_samples` of every row of `table`."""
