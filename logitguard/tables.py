@@ -30,15 +30,20 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"logitguard"
 CLEAN = "clean"
 REQUIRED_COLUMNS = ("sample_id", "split", "attack", "label", "logits")
-OPTIONAL_COLUMNS = ("noisy_logits", "pred", "success", "linf", "l2", "features", "flagged")
+OPTIONAL_COLUMNS = ("noisy_logits", "pred", "success", "linf", "l2", "features", "insen", "external_score",
+                    "external_label", "flagged")
 PARTITION_COLUMNS = ("split", "attack")
 # Columns that may hold nulls; all others must be complete.
 NULLABLE_COLUMNS = frozenset({"label", "pred", "success", "linf", "l2"})
+# Per-row float vectors of a free length (F), besides the logits and noise queries.
+VECTOR_COLUMNS = ("features", "insen")
 # Float columns stored with BYTE_STREAM_SPLIT (+zstd): it compresses float32 noticeably better.
 _FLOAT_LEAVES = {
     "logits": "logits.list.element",
     "noisy_logits": "noisy_logits.list.element.list.element",
     "features": "features.list.element",
+    "insen": "insen.list.element",
+    "external_score": "external_score",
     "linf": "linf",
     "l2": "l2",
 }
@@ -46,7 +51,7 @@ _TARGET_ROW_GROUP_BYTES = 64 << 20
 # Metadata keys holding one entry per attack partition: each file describes its own partitions, so a
 # dataset's files are united on these keys rather than required to agree.
 _UNITED_METADATA = ("attacks", "threat")
-_TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F"}  # per-row shapes, for messages
+_TENSOR_DIMS = {"logits": "C", "noisy_logits": "K x C", "features": "F", "insen": "S"}  # per-row shapes, for messages
 # Every data page is written with a CRC32 and verified on read: a damaged page is an error, not other logits.
 # (Files written without checksums, by older versions or other tools, are read as before.)
 _PARQUET = ds.ParquetFileFormat(
@@ -124,7 +129,8 @@ class LogitTable(_Rows):
         label : int array of shape (N,), optional; negative values mean "unknown" (stored as null).
         metadata : dict, optional; ``num_classes`` and ``class_names`` are filled in when absent.
         **optional : optional columns: ``noisy_logits`` (N, K, C), ``pred`` (N,), ``success`` (N,),
-            ``linf`` (N,), ``l2`` (N,), ``features`` (N, F).
+            ``linf`` (N,), ``l2`` (N,), ``features`` (N, F), ``insen`` (N, S), ``external_score`` (N,),
+            ``external_label`` (N,), ``flagged`` (N,).
         """
         logits = np.asarray(logits)
         if logits.ndim != 2:
@@ -177,10 +183,18 @@ class LogitTable(_Rows):
 
     @cached_property
     def features(self) -> np.ndarray | None:
-        """float32 array of shape (N, F), or None."""
-        if "features" not in self.arrow.column_names:
+        """float32 array of shape (N, F): penultimate-layer activations, or None."""
+        return self._vector("features")
+
+    @cached_property
+    def insen(self) -> np.ndarray | None:
+        """float32 array of shape (N, S): input-sensitivity statistics (docs/tables.md), or None."""
+        return self._vector("insen")
+
+    def _vector(self, name: str) -> np.ndarray | None:
+        if name not in self.arrow.column_names:
             return None
-        col = self.arrow.column("features")
+        col = self.arrow.column(name)
         return _tensor_view(col, (col.type.list_size,))
 
     @cached_property
@@ -203,7 +217,7 @@ class LogitTable(_Rows):
         return self.arrow.column("attack").to_numpy()
 
     def column(self, name: str) -> np.ndarray | None:
-        """A scalar optional column (``pred``, ``success``, ``linf``, ``l2``) as NumPy, or None.
+        """A scalar optional column (``pred``, ``success``, ``linf``, ``l2``, ``external_*``) as NumPy, or None.
 
         Integer nulls become -1 and float nulls NaN; boolean nulls become False.
         """
@@ -769,11 +783,11 @@ def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> Lo
             continue
         if name == "noisy_logits":
             out[name], _ = _tensor(_array(table, name), name, (None, num_classes), out)
-        elif name == "features":
+        elif name in VECTOR_COLUMNS:
             out[name], _ = _tensor(_array(table, name), name, (None,), out)
         else:
             out[name] = _scalar(table, name, out)
-    for name in ("label", "pred"):
+    for name in ("label", "pred", "external_label"):
         if name in out:
             _check_class_range(out, name, num_classes)
     _check_unique_keys(out)
@@ -793,6 +807,8 @@ _SCALAR_KINDS = {
     "flagged": ("bool", pa.types.is_boolean, pa.bool_()),
     "linf": ("float32", pa.types.is_floating, pa.float32()),
     "l2": ("float32", pa.types.is_floating, pa.float32()),
+    "external_score": ("float32", pa.types.is_floating, pa.float32()),
+    "external_label": ("int64", pa.types.is_integer, pa.int64()),
 }
 
 
@@ -838,7 +854,7 @@ def _tensor(
         row = _first(arr.is_null()) // row_stride
         raise TableError(f"column {name!r}: row {row}{_where(keys, row)} is null")
     expected = shape[0]
-    suffix = " (num_classes)" if len(shape) == 1 and name != "features" else ""
+    suffix = " (num_classes)" if len(shape) == 1 and name not in VECTOR_COLUMNS else ""
     if pa.types.is_fixed_size_list(arr.type):
         size = arr.type.list_size
         if expected is not None and size != expected:
