@@ -192,7 +192,7 @@ _BAD_TABLES = {
     "extra column": (
         _GOOD.append_column("image_path", pa.array(["a"] * 4)),
         "unexpected column(s) ['image_path']; allowed: ['sample_id', 'split', 'attack', 'label', 'logits', "
-        "'noisy_logits', 'pred', 'success', 'linf', 'l2', 'features', 'flagged']",
+        "'noisy_logits', 'pred', 'success', 'linf', 'l2', 'features', 'insen', 'external_score', 'external_label', 'flagged']",
     ),
     "sample_id dtype": (
         _replace(_GOOD, "sample_id", pa.array(["0", "1", "0", "1"])),
