@@ -490,6 +490,32 @@ def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -
          format_threat_models(results) + "\n\n" + format_detector_misses(misses))
 
 
+@main.command("compare-models")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--pipeline", default="ln-reject", show_default=True,
+              help="The logit pipeline (a name in each model's manifest) measured beside each bare model.")
+@click.option("--budgets", "--budget", "budgets", default="8/255,16/255", show_default=True,
+              help="L-inf budgets, comma-separated numbers or fractions.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="JSON file for the results (the demo reads data/models/comparison.json).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@json_option
+def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: str, force: bool,
+                   as_json: bool) -> None:
+    """Model-side defenses beside a logit pipeline: MODELS are NAME=TABLE:MANIFEST, one per trained model
+    (docs/model-side.md). Robust accuracy per threat model with and without the pipeline, detector AUROCs."""
+    from ._io import atomic_output
+    from .modelside import compare_models as compare, format_model_side, parse_model_specs
+    from .threat import parse_budgets
+
+    specs, eps = parse_model_specs(models), parse_budgets(budgets)
+    claim_output(out, force, directory=False)
+    results = compare(specs, pipeline=pipeline, budgets=eps)
+    with atomic_output(out, overwrite=force) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=float) + "\n")
+    emit(results, as_json, "\n".join(format_model_side(results)) + f"\nwrote {out}")
+
+
 # -- guard -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,179 @@
+"""Model-side and logit-side defenses side by side (seeds 001–004 beside the logit pipelines).
+
+Each compared model (one training objective: CE, RCE, PGD-AT, AT+ALP, JumpReLU, …) has its own logit table
+(train split: what the logit pipelines and the feature detectors are fitted on; test split: clean, oblivious,
+transfer, surrogate and adaptive partitions) and its own fitted pipelines (`logitguard fit-pipelines`). For
+each model `compare_models` measures
+
+* clean accuracy and, per threat model and budget, per-sample worst-case robust accuracy of the bare model
+  and of the recommended logit pipeline (`logitguard.threat.threat_model_table`, one definition for both);
+* detector AUROCs in seed 001's Table 2 setting: positives are attacked rows of samples the model gets right
+  clean and wrong attacked, negatives their clean rows; detectors ``msp`` (confidence), ``nonme``,
+  ``kdensity`` (needs ``features``), ``insen`` (needs ``insen``) and an image-space system's
+  ``external_score`` (GRED) where the table has it.
+
+Torch-free: it reads tables and saved defenses only. `format_model_side` renders the report section.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import LogitguardError
+from .metrics import auroc
+from .summary import percent
+from .tables import CLEAN, LogitTable, pair_rows, read_table
+from .threat import DEFAULT_BUDGETS, NO_DEFENSE, format_budget, threat_model_table, threat_of, to_records
+
+RECOMMENDED_PIPELINE = "ln-reject"  # the pipeline that did no harm under adaptive attack (docs/threat-models.md)
+DETECTORS = ("msp", "nonme", "kdensity", "insen", "external")
+_NEEDS = {"kdensity": "features", "insen": "insen", "external": "external_score"}
+
+
+def compare_models(
+    models: Mapping[str, tuple[str | os.PathLike, str | os.PathLike]],
+    *,
+    pipeline: str = RECOMMENDED_PIPELINE,
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+) -> dict[str, Any]:
+    """``{name: (table, manifest)}`` → a JSON-ready dict: ``models`` (one entry per model: what it is,
+    clean accuracy), ``threat`` (records: model, pipeline, threat_model, eps, robust_accuracy, …) and
+    ``detection`` (records: model, detector, attack, threat_model, auroc, positives)."""
+    from .pipelines import load_pipelines
+
+    if not models:
+        raise LogitguardError("give at least one model (NAME=TABLE:MANIFEST)")
+    described, threat, detection = [], [], []
+    for name, (table_path, manifest) in models.items():
+        table = read_table(table_path)
+        if "test" not in table.splits or "train" not in table.splits:
+            raise LogitguardError(f"{table_path}: a compared model's table needs a train and a test split, "
+                                  f"it has {table.splits}")
+        specs = load_pipelines(manifest)
+        if pipeline not in specs:
+            raise LogitguardError(f"{manifest} has no pipeline {pipeline!r}; it has {sorted(specs)}")
+        described.append(_describe(name, table))
+        frame = threat_model_table(table, {pipeline: specs[pipeline].build()}, budgets=budgets, split="test")
+        frame.insert(0, "model", name)
+        threat += to_records(frame.assign(attacks=frame["attacks"].map(list)))
+        detection += detection_aurocs(table, name)
+    return {"pipeline": pipeline, "budgets": list(budgets), "models": described, "threat": threat,
+            "detection": detection}
+
+
+def _describe(name: str, table: LogitTable) -> dict[str, Any]:
+    model = dict(table.metadata.get("model") or {})
+    train = dict(model.get("train") or {})
+    test = table.select(split="test", attacks=CLEAN)
+    return {"model": name, "objective": train.get("objective", "ce"), "activation": train.get("activation", "relu"),
+            "train": train, "test_accuracy_full": model.get("test_accuracy"),
+            "train_seconds": model.get("train_seconds", train.get("seconds")),
+            "clean_accuracy": float((test.logits.argmax(1) == test.labels).mean()), "test_samples": len(test)}
+
+
+def detection_aurocs(table: LogitTable, name: str = "") -> list[dict[str, Any]]:
+    """AUROC per detector x test attack (seed 001's Table 2 setting; see the module). Detectors that need a
+    column the table lacks are left out; ``kdensity`` and ``insen`` are fitted on the train split."""
+    from .detectors import KINDS, make_detector
+
+    train, test = table.select(split="train"), table.select(split="test")
+    scorers = {}
+    for detector in DETECTORS:
+        column = _NEEDS.get(detector)
+        if column is not None and column not in table.columns:
+            continue
+        if detector == "external":
+            scorers[detector] = lambda t: t.column("external_score")
+            continue
+        if detector not in KINDS:
+            continue
+        fitted = make_detector(detector).fit_table(train, attacks=[a for a in train.attacks if a != CLEAN] or None)
+        scorers[detector] = fitted.score_table
+    records = []
+    for attack in test.attacks:
+        if attack == CLEAN:
+            continue
+        clean_rows, attacked_rows = pair_rows(test, attack)
+        labels = test.labels[clean_rows]
+        fooled = (test.logits[clean_rows].argmax(1) == labels) & (test.logits[attacked_rows].argmax(1) != labels)
+        if fooled.sum() < 5:
+            continue  # too few successful attacks for an AUROC
+        negatives, positives = test.take(clean_rows[fooled]), test.take(attacked_rows[fooled])
+        entry = threat_of(test.metadata, attack)
+        for detector, score in scorers.items():
+            value = auroc(np.asarray(score(negatives)), np.asarray(score(positives)))
+            records.append({"model": name, "detector": detector, "attack": attack, "threat_model": entry["model"],
+                            "auroc": None if np.isnan(value) else float(value), "positives": int(fooled.sum())})
+    return records
+
+
+def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ()) -> list[str]:
+    """Markdown lines of the report section "Model-side and logit-side defenses"."""
+    models = pd.DataFrame(results["models"])
+    threat = pd.DataFrame(results["threat"])
+    pipeline = results["pipeline"]
+    lines = ["## Model-side and logit-side defenses (ours)", "",
+             "One small CNN per training objective on Fashion-MNIST, each with its own logit table and its own "
+             f"copy of the recommended logit pipeline (`{pipeline}`: learned-noisy detector at 1% FPR, reject), "
+             "fitted on that model's train split. Robust accuracy is the per-sample worst case over every attack "
+             "of the threat model within the L∞ budget, on the test samples the model gets right clean; a "
+             "rejected attacked row counts as defended, a rejected clean row as an error. `none` = the model "
+             "alone; its *adaptive* attacks are white-box attacks on the model (no defense to know).", ""]
+    header = ["model", "objective", "clean (10k test)", "train s"]
+    rows = [[r.model, r.objective + ("" if r.activation == "relu" else f" + {r.activation}"),
+             percent(r.test_accuracy_full) if r.test_accuracy_full is not None else percent(r.clean_accuracy),
+             "–" if pd.isna(r.train_seconds) else f"{r.train_seconds:.0f}"] for r in models.itertuples()]
+    columns: list[tuple[str, str, float]] = []
+    for eps in sorted(set(threat["eps"])):
+        for defense in (NO_DEFENSE, pipeline):
+            for tier in ("oblivious", "transfer", "surrogate", "adaptive"):
+                hit = threat[(threat["pipeline"] == defense) & (threat["threat_model"] == tier) & (threat["eps"] == eps)]
+                if not hit.empty:
+                    columns.append((defense, tier, eps))
+    header += [f"{d} · {t} {format_budget(e)}" for d, t, e in columns]
+    for row, name in zip(rows, models["model"]):
+        for defense, tier, eps in columns:
+            hit = threat[(threat["model"] == name) & (threat["pipeline"] == defense)
+                         & (threat["threat_model"] == tier) & (threat["eps"] == eps)]
+            row.append(percent(float(hit["robust_accuracy"].iloc[0])) if len(hit) else "–")
+    lines += _markdown(header, rows) + [""]
+    detection = pd.DataFrame(results["detection"])
+    if not detection.empty:
+        view = detection.pivot_table(index=["attack", "model"], columns="detector", values="auroc", sort=False)
+        view = view[[d for d in DETECTORS if d in view.columns]]
+        lines += ["**Detector AUROC** (seed 001's Table 2 setting: attacked rows of samples the model gets right "
+                  "clean and wrong attacked, against their clean rows; ×100). `msp` = confidence, `kdensity` = "
+                  "kernel density of the penultimate layer at the predicted class, `insen` = the logistic "
+                  "detector on the exported input-sensitivity statistics, `external` = GRED's image-space "
+                  "detector where exported.", ""]
+        lines += _markdown(["attack", "model", *view.columns],
+                           [[a, m, *("–" if pd.isna(v) else f"{100 * v:.1f}" for v in values)]
+                            for (a, m), values in zip(view.index, view.to_numpy())]) + [""]
+    for curve in curves:
+        lines += [f"![robustness curve]({curve})", ""]
+    return lines
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
+
+
+def parse_model_specs(items: Sequence[str]) -> dict[str, tuple[Path, Path]]:
+    """``["ce=work/ce-table:work/ce-defenses/defenses.json", …]`` → ``{"ce": (table, manifest)}``."""
+    out: dict[str, tuple[Path, Path]] = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        table, colon, manifest = rest.rpartition(":")
+        if not sep or not name or not colon or not table or not manifest:
+            raise LogitguardError(f"model {item!r} must look like NAME=TABLE:MANIFEST")
+        if name in out:
+            raise LogitguardError(f"model name {name!r} given twice")
+        out[name] = (Path(table), Path(manifest))
+    return out
