@@ -185,6 +185,9 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
               help="Test samples (the first of the table's seeded selection).")
 @click.option("--attacker-samples", type=int, default=5000, show_default=True,
               help="surrogate: training samples the attacker uses (never the defender's).")
+@click.option("--attacker-attacks", default="clean,fgsm,bim,pgd,mim,deepfool,cw", show_default=True,
+              help="surrogate: the attacks of the attacker's own table (its copy of the pipelines learns from "
+                   "them, as the defender's did from the table's train split).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="surrogate: where the attacker's table and copy go (default: OUT/../surrogate-work).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
@@ -192,8 +195,8 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
 @json_option
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
                     defenses: str, pipelines: str | None, tier: str, attacks: str, budgets: str,
-                    params: tuple[str, ...], test_samples: int, attacker_samples: int, workdir: str | None,
-                    out: str, as_json: bool) -> None:
+                    params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
+                    workdir: str | None, out: str, as_json: bool) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
 
     Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
@@ -255,8 +258,19 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
         work = Path(workdir) if workdir else Path(out).parent / "surrogate-work"
         report = export_surrogate(model, load_dataset(dataset, "train", root=root), test, specs, out=out,
                                   workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
-                                  **common)
+                                  attacker_attacks=_attacker_attacks(attacker_attacks), **common)
     _echo_report(report, out, as_json)
+
+
+def _attacker_attacks(spec: str) -> list[str]:
+    """--attacker-attacks: the oblivious attacks of the surrogate attacker's own table, clean included."""
+    from .export import plan_attacks
+
+    chosen = [a.strip() for a in spec.split(",") if a.strip()]
+    if "clean" not in chosen:
+        raise ProducerError(f"--attacker-attacks must include clean (the copy calibrates on clean rows), got {spec!r}")
+    plan_attacks(chosen, {}, {})
+    return chosen
 
 
 def _echo_report(report, out: str, as_json: bool) -> None:
