@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,10 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     if threat is not None:
         summary["threat_models"] = to_records(threat)
 
+    model_side = _model_side(Path(data).parent / "models", stage)
+    if model_side is not None:
+        summary["model_side"] = model_side["results"]
+
     step(f"training one corrector per attack ({', '.join(attacks)})")
     correctors = train_per_attack(table, attacks, progress=False, **DEMO_CORRECTOR)
     main_attack = "pgd" if "pgd" in attacks else attacks[0]
@@ -151,7 +156,7 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
         "figures": figures,
     }
     report = _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement,
-                     ablations, instance, main_attack, figures, threat)
+                     ablations, instance, main_attack, figures, threat, model_side)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     report += f"\n---\nMade by `logitguard demo` in {summary['seconds']:.0f} s.\n"
     _write_text(stage / "report.md", report)
@@ -222,6 +227,36 @@ def _markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+def _model_side(folder: Path, stage: Path) -> dict[str, Any] | None:
+    """The model-side comparison stored beside the table (``models/comparison.json``, from `data/models.sh`)
+    and its curves, copied into the report (None when absent)."""
+    results_file = folder / "comparison.json"
+    if not results_file.is_file():
+        return None
+    results = json.loads(results_file.read_text())
+    curves = []
+    for png in sorted(folder.glob("curves/*/curve.png")):
+        name = f"model-curve-{png.parent.name}.png"
+        shutil.copyfile(png, stage / name)
+        curves.append(name)
+    return {"results": results, "curves": curves, "source": str(results_file)}
+
+
+def _model_side_section(model_side: dict[str, Any] | None, published: dict[str, dict]) -> list[str]:
+    from .modelside import format_model_side
+
+    if model_side is None:
+        return []
+    lines = format_model_side(model_side["results"], curves=model_side["curves"])
+    lines[0] = "## 8. " + lines[0].removeprefix("## ")
+    lines.insert(2, f"From `{model_side['source']}` (made by `data/models.sh`, which trains the models and runs "
+                    "every attack; `logitguard compare-models` computed these figures from the tables and saved "
+                    "pipelines it left in its work folder).\n")
+    for key in ("rce_kdensity", "adversarial_training", "gred"):
+        lines += [_published_block(published.get(key)), ""]
+    return lines
 
 
 def _threat_models(table: LogitTable, manifest: Path) -> pd.DataFrame | None:
@@ -311,7 +346,7 @@ def _threat_section(threat: pd.DataFrame | None) -> list[str]:
 
 
 def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, freqs, bc, agreement, ablations,
-            instance, attack, figures, threat=None) -> str:
+            instance, attack, figures, threat=None, model_side=None) -> str:
     from .published import PUBLISHED
 
     pct = lambda frame: frame.map(percent)  # noqa: E731
@@ -378,6 +413,7 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
               "Spearman rank correlation between BC and measured transfer over ordered attack pairs "
               "(relative: transfer divided by the target attack's own-corrector accuracy):", "",
               _markdown(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", _published_block(PUBLISHED.get("bhattacharyya")), ""]
+    lines += _model_side_section(model_side, PUBLISHED)
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     lines += ["## Seed claims on our data", "",

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Rebuild the model-side comparison (docs/model-side.md; provenance in data/README.md): one SmallCNN per
+# training objective on Fashion-MNIST, each exported, attacked under the four threat models and defended with
+# its own copy of the recommended logit pipeline; then `logitguard compare-models` writes
+# data/models/comparison.json and `logitguard curve` the robustness curves in data/models/curves/.
+#   data/models.sh [DEVICE]      DEVICE: cpu (default) or cuda
+# Environment: WORK (models, tables, defenses; default models-work/, not in git), MODELS (default all five),
+# TRAIN_SAMPLES (train rows per table, default 3000), TEST_SAMPLES (default 500), STEPS (adaptive, default 50),
+# ROOT (Fashion-MNIST IDX folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${1:-cpu}
+BIN=${BIN:-.venv/bin}
+WORK=${WORK:-models-work}
+N_TRAIN=${TRAIN_SAMPLES:-3000}
+N_TEST=${TEST_SAMPLES:-500}
+MODELS=${MODELS:-"ce rce pgd-at at-alp jumprelu"}
+ROOTARG=${ROOT:+--root $ROOT}
+COMMON="--dataset fashion-mnist $ROOTARG --device $DEVICE --seed 0"
+COLUMNS="--noise-queries 8 --features --insen"
+E8="--param pgd-e8.eps=8/255 --param pgd-e8.alpha=1/255"
+mkdir -p "$WORK" data/models/curves
+
+train_args() {  # the objective's settings on the 2-core CPU budget (docs/producers.md, "Training objectives")
+    case $1 in
+        rce) echo "--objective rce --epochs 6" ;;
+        pgd-at) echo "--objective pgd-at --epochs 3 --train-samples 20000 --at-steps 5" ;;
+        at-alp) echo "--objective at-alp --epochs 3 --train-samples 20000 --at-steps 5" ;;
+        jumprelu) echo "--activation jumprelu --epochs 6" ;;
+        *) echo "unknown model $1" >&2; exit 2 ;;
+    esac
+}
+
+SPECS=()
+for M in $MODELS; do
+    STEM=$WORK/$M TABLE=$WORK/$M-table DEFENSES=$WORK/$M-defenses
+    if [ "$M" = ce ]; then
+        STEM=data/fashion-mnist-cnn  # the embedded model (data/README.md)
+    else
+        test -f "$STEM.pt" || $BIN/logitguard-produce train $COMMON $(train_args "$M") --out "$STEM"
+    fi
+    # Train split: what the logit pipeline and the feature detectors learn from.
+    $BIN/logitguard-produce export $COMMON --model "$STEM" --splits train --train-samples "$N_TRAIN" \
+        --attacks clean,pgd $COLUMNS --out "$TABLE"
+    # Test split, oblivious: PGD at 16/255 and 8/255, C&W-hc (kappa = 10, seed 001), a sweep for the curves.
+    $BIN/logitguard-produce export $COMMON --model "$STEM" --splits test --test-samples "$N_TEST" \
+        --attacks clean,pgd,pgd-e8=pgd,cw-hc=cw $E8 --param cw-hc.confidence=10 \
+        --sweep pgd.eps=2/255,4/255,8/255,16/255 $COLUMNS --out "$TABLE"
+    # Transfer: the same PGD computed through the substitute (a CE model of another seed and width).
+    $BIN/logitguard-produce export $COMMON --model "$STEM" --splits test --test-samples "$N_TEST" \
+        --attacks pgd,pgd-e8=pgd $E8 --substitute data/fashion-mnist-substitute $COLUMNS --out "$TABLE"
+    test -f "$DEFENSES/defenses.json" || $BIN/logitguard fit-pipelines "$TABLE" --out "$DEFENSES"
+    THROUGH="$COMMON --model $STEM --defenses $DEFENSES/defenses.json --budgets 16/255,8/255
+             --test-samples $N_TEST --param steps=${STEPS:-50} --batch-size 500"
+    # Adaptive: white-box on the bare model, and through the pipeline's own files.
+    $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines none,ln-reject \
+        --attacks routes,defended-pgd --out "$TABLE"
+    # Surrogate: the attacker's own copy of ln-reject, fitted on training samples the defender never used.
+    $BIN/logitguard-produce attack-defenses $THROUGH --tier surrogate --pipelines ln-reject --attacks routes \
+        --attacker-samples "$N_TRAIN" --attacker-attacks clean,pgd --workdir "$WORK/$M-surrogate" --out "$TABLE"
+    SPECS+=("$M=$TABLE:$DEFENSES/defenses.json")
+    $BIN/logitguard curve "$TABLE" --defense "$DEFENSES/defenses.json:ln-reject" --out "data/models/curves/$M" --force
+done
+$BIN/logitguard compare-models "${SPECS[@]}" --out data/models/comparison.json --force
