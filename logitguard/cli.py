@@ -515,6 +515,31 @@ def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: st
         tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=float) + "\n")
     emit(results, as_json, "\n".join(format_model_side(results)) + f"\nwrote {out}")
 
+@main.command()
+@table_argument
+@click.option("--sweep", "sweeps", multiple=True, metavar="ATTACK.PARAM",
+              help="Sweep(s) to draw, e.g. pgd.eps (repeatable; default: every sweep in the table).")
+@click.option("--defense", "defenses", multiple=True, metavar="PATH",
+              help="A guard file, MANIFEST.json:NAME (one pipeline) or MANIFEST.json (all of it); repeatable.")
+@click.option("--x", "x_axis", type=click.Choice(["param", "eps", "linf", "l2"]), default="param", show_default=True,
+              help="x axis: the swept parameter's value (eps: it must be eps), or the rows' mean measured L∞ / L2.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for curve.json and curve.png.")
+@click.option("--force", is_flag=True, help="Replace curve.json / curve.png in --out.")
+@json_option
+def curve(table: str, sweeps: tuple[str, ...], defenses: tuple[str, ...], x_axis: str, split: str, out: str,
+          force: bool, as_json: bool) -> None:
+    """Robustness curves: accuracy (and detection rate) per value of each swept attack, without and with
+    defenses; the clean rows are the value-0 point (docs/curves.md)."""
+    from .curves import FILES, curve_path, format_curves, load_defenses, write_curves
+
+    claim_output(out, force, directory=True, merge=True, extra=tuple(str(Path(out) / f) for f in FILES))
+    result = curve_path(table, load_defenses(defenses), sweeps=list(sweeps) or None, split=split, x=x_axis)
+    written = write_curves(result, out, overwrite=force)
+    emit({**result, **written}, as_json, "\n".join(
+        [format_curves(result), "", f"wrote {', '.join(written['files'])}"]
+        + ([f"curve.png {written['plot']}"] if written["plot"] else [])))
+
 
 # -- guard -------------------------------------------------------------------------------------
 

@@ -110,3 +110,37 @@ def mean_logit_histogram(hist: pd.DataFrame, path: str | os.PathLike) -> Path:
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+CURVE_AXES = {"linf": "mean L∞ of the attacked rows", "l2": "mean L2 of the attacked rows"}
+
+
+def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
+    """Accuracy (solid) and detection rate (dashed) against the sweep's x axis, one panel per curve of
+    `logitguard.curves.robustness_curves`' result (seed 003, Fig. 14); the value-0 point is the clean rows."""
+    plt = _pyplot()
+    curves = result["curves"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(7.4 * len(curves), 4.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, curve in zip(axes.flat, curves):
+        points = curve["points"]
+        key = "value" if result["x"] in ("param", "eps") else result["x"]
+        xs = np.array([np.nan if p[key] is None else float(p[key]) for p in points])
+        for i, name in enumerate(points[0]["accuracy"]):
+            colour = "black" if i == 0 else colours[(i - 1) % len(colours)]
+            acc = [np.nan if p["accuracy"][name] is None else p["accuracy"][name] for p in points]
+            ax.plot(xs, acc, marker="o", color=colour, label=f"accuracy ({'model' if i == 0 else name})")
+            if name in points[0]["detection_rate"]:
+                rate = [np.nan if p["detection_rate"][name] is None else p["detection_rate"][name] for p in points]
+                ax.plot(xs, rate, marker="x", linestyle="--", color=colour, label=f"detected ({name})")
+        ax.set_xlabel(CURVE_AXES.get(result["x"], curve["param"]))
+        ax.set_ylabel("share of rows")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{curve['sweep']} — {curve['threat_model']}")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    threats = "; ".join(dict.fromkeys(c["threat"] for c in curves))
+    fig.suptitle(f"Accuracy vs perturbation ({threats})", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -6,7 +6,7 @@ import json
 import time
 from fractions import Fraction
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,6 +14,9 @@ from logitguard.cli import ErrorReportingGroup, claim_output, echo_json, emit, e
 from logitguard.summary import render_table
 
 from .errors import ProducerError
+
+if TYPE_CHECKING:
+    from .export import Sweep
 
 
 @click.group(cls=ErrorReportingGroup)
@@ -96,6 +99,10 @@ def _positive(**values: int | None) -> None:
 @click.option("--param", "params", multiple=True, metavar="ATTACK.NAME=VALUE",
               help="Override an attack parameter, e.g. pgd.eps=8/255, cw.steps=50 or pgd-eps8.eps=8/255 "
                    "(an alias; repeatable).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="ATTACK.NAME=V1,V2,…",
+              help="Run ATTACK once per value of one parameter, e.g. pgd.eps=2/255,4/255,8/255: partitions "
+                   "pgd-eps-2of255, … with the sweep in their metadata (for `logitguard curve`; repeatable). "
+                   "With --sweep, --attacks defaults to clean.")
 @click.option("--train-samples", type=int, default=None, help="Train samples to select (default: all).")
 @click.option("--test-samples", type=int, default=None, help="Test samples to select (default: all).")
 @click.option("--max-samples", "caps", default="", metavar="ATTACK=N,…",
@@ -119,7 +126,8 @@ def _positive(**values: int | None) -> None:
               help="With --engine ray on CPUs: CPUs (and torch threads) per actor.")
 @json_option
 def export(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
-           weights: str | None, attacks: str, params: tuple[str, ...], train_samples: int | None,
+           weights: str | None, attacks: str, params: tuple[str, ...], sweeps: tuple[str, ...],
+           train_samples: int | None,
            test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
            shard: str, splits: str, substitute: str | None, out: str, engine: str, workers: int | None,
            cpus_per_worker: float, as_json: bool) -> None:
@@ -132,7 +140,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     from logitguard._io import check_writable
 
     from .datasets import load_dataset
-    from .export import Shard, export as run_export, plan_attacks
+    from .export import Shard, expand_sweeps, export as run_export, plan_attacks
     from .models import resolve_model
     from .noise import DEFAULT_NOISE, NoiseRecipe
 
@@ -140,8 +148,12 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     _positive(train_samples=train_samples, test_samples=test_samples, batch_size=batch_size)
     if noise_queries < 0:
         raise ProducerError(f"--noise-queries must be 0 (none) or more, got {noise_queries}")
+    if sweeps and click.get_current_context().get_parameter_source("attacks").name == "DEFAULT":
+        attacks = "clean"  # a sweep's table: the clean rows and the swept attack only
     attack_names = [a.strip() for a in attacks.split(",") if a.strip()]
     attack_params, attack_samples = parse_params(params), _sample_caps(caps)
+    attack_names, attack_params, attack_samples, sweep_entries = expand_sweeps(
+        attack_names, attack_params, attack_samples, parse_sweeps(sweeps))
     plan_attacks(attack_names, attack_params, attack_samples)
     shard_spec = Shard.parse(shard)
     if engine == "ray" and shard_spec != Shard():
@@ -154,7 +166,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     options = dict(
         attacks=attack_names, samples={"train": train_samples, "test": test_samples},
         attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, seed=seed,
-        batch_size=batch_size, substitute=substitute,
+        batch_size=batch_size, substitute=substitute, sweeps=sweep_entries,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
     if scale:  # each actor loads the dataset as this process would
@@ -302,7 +314,25 @@ def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]
     return out
 
 
-def _value(raw: str, item: str) -> Any:
+def parse_sweeps(items: tuple[str, ...] | list[str]) -> list[Sweep]:
+    """``["pgd.eps=2/255,4/255"]`` → ``[Sweep("pgd", "eps", (("2/255", 0.0078…), ("4/255", 0.0156…)))]``.
+
+    ATTACK.NAME as in `parse_params`; the values are comma-separated, each read as ``--param`` reads one.
+    """
+    from .export import Sweep
+
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        attack, dot, name = key.rpartition(".")
+        texts = [t.strip() for t in raw.split(",") if t.strip()]
+        if not sep or not dot or not attack or not name or not texts:
+            raise ProducerError(f"--sweep {item!r} must look like ATTACK.NAME=V1,V2,…, e.g. pgd.eps=2/255,4/255")
+        out.append(Sweep(attack, name, tuple((t, _value(t, item, option="--sweep")) for t in texts)))
+    return out
+
+
+def _value(raw: str, item: str, option: str = "--param") -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
@@ -310,7 +340,7 @@ def _value(raw: str, item: str) -> Any:
     try:
         return float(Fraction(raw))
     except (ValueError, ZeroDivisionError):
-        raise ProducerError(f"--param {item!r}: cannot read {raw!r} as a number, true/false or JSON") from None
+        raise ProducerError(f"{option} {item!r}: cannot read {raw!r} as a number, true/false or JSON") from None
 
 
 def _splits(spec: str) -> list[str]:

@@ -7,9 +7,11 @@ interrupted run staged with the same settings; several processes (or GPUs) given
 fill one dataset without overlap. Deterministic given the seed and the shard layout.
 
 An attack may be run under an alias (``pgd-eps8=pgd``), so one table can hold the same attack at two
-budgets. With a `substitute` model the attacks are computed through it (the transfer threat model) while
-every exported column is the target model's: partitions ``transfer-<alias>``. Every attack partition
-records its threat model in the table metadata under ``threat``.
+budgets; a sweep (`Sweep`, ``--sweep pgd.eps=2/255,4/255``) runs it once per value of one parameter,
+each under its own alias, and records ``sweep`` in its metadata. With a `substitute` model the attacks
+are computed through it (the transfer threat model) while every exported column is the target model's:
+partitions ``transfer-<alias>``. Every attack partition records its threat model in the table metadata
+under ``threat``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,83 @@ def plan_attacks(
             continue
         _check_attack_params(spec, params)
     return specs
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One attack run once per value of one parameter (``--sweep pgd.eps=2/255,4/255,8/255``).
+
+    `attack` is an attack name or an alias from ``--attacks``; `values` holds (text as given, value) pairs,
+    the text naming the partition (`sweep_alias`) and the value going to the attack.
+    """
+
+    attack: str
+    param: str
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        """``ATTACK.PARAM``: what the core calls the curve (``logitguard curve --sweep pgd.eps``)."""
+        return f"{self.attack}.{self.param}"
+
+
+def sweep_alias(attack: str, param: str, text: str) -> str:
+    """The partition name of one sweep value: ``pgd-eps-2of255`` for ``pgd.eps=2/255``, ``pgd-steps-20``,
+    ``art-squareattack-eps-0.05`` (lowercased; ``/`` reads ``of``; other characters a path or a hive key
+    cannot hold become ``-``)."""
+    def safe(part: str) -> str:
+        return re.sub(r"[^a-z0-9._-]+", "-", part.strip().strip('"').lower().replace("/", "of")).strip("-")
+
+    alias = f"{safe(attack)}-{safe(param)}-{safe(text)}"
+    if not ALIAS_PATTERN.fullmatch(alias) or not safe(text):
+        raise ProducerError(f"sweep value {text!r} of {attack}.{param} makes no usable partition name ({alias!r})")
+    return alias
+
+
+def expand_sweeps(
+    attacks: Sequence[str],
+    attack_params: Mapping[str, Mapping[str, Any]] | None,
+    attack_samples: Mapping[str, int] | None,
+    sweeps: Sequence[Sweep],
+) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, int], dict[str, dict[str, Any]]]:
+    """`export`'s attacks, parameters, caps and ``sweeps`` with every sweep value added as an alias.
+
+    A value's alias (`sweep_alias`) runs the swept attack with that attack's own ``--param`` values and the
+    swept one replaced, under that attack's ``--max-samples`` cap. An attack that is only swept (not in
+    `attacks`) lends its parameters to the sweep and is not run itself. Returns (attacks, attack_params,
+    attack_samples, {alias: {"name", "attack", "param", "value"}}), the last for `export`'s ``sweeps``.
+    """
+    attacks = list(attacks)
+    params = {k: dict(v) for k, v in (attack_params or {}).items()}
+    caps = dict(attack_samples or {})
+    specs = {s.name: s.attack for s in (AttackSpec.parse(a) for a in attacks)}
+    entries: dict[str, dict[str, Any]] = {}
+    lent: set[str] = set()
+    for sweep in sweeps:
+        if sweep.attack == CLEAN:
+            raise ProducerError(f"--sweep {sweep.name}: '{CLEAN}' (the unattacked images) takes no parameters")
+        if not sweep.values:
+            raise ProducerError(f"--sweep {sweep.name} has no values; write e.g. {sweep.name}=2/255,4/255")
+        values = [v for _, v in sweep.values]
+        if len({json.dumps(v) for v in values}) < len(values):
+            raise ProducerError(f"--sweep {sweep.name} repeats a value: {[t for t, _ in sweep.values]}")
+        base = params.get(sweep.attack, {})
+        if sweep.attack not in specs:
+            lent.add(sweep.attack)
+            if sweep.param in base:
+                raise ProducerError(f"--param {sweep.name} is not used: --sweep {sweep.name} sets it (and "
+                                    f"{sweep.attack} itself is not in --attacks)")
+        for text, value in sweep.values:
+            alias = sweep_alias(sweep.attack, sweep.param, text)
+            attacks.append(f"{alias}={specs.get(sweep.attack, sweep.attack)}")
+            params[alias] = {**{k: v for k, v in base.items() if k != sweep.param}, sweep.param: value}
+            if sweep.attack in caps and alias not in caps:
+                caps[alias] = caps[sweep.attack]
+            entries[alias] = {"name": sweep.name, "attack": specs.get(sweep.attack, sweep.attack),
+                              "param": sweep.param, "value": value}
+    for name in lent:
+        params.pop(name, None)
+    return attacks, params, caps, entries
 
 
 def _check_attack_params(spec: AttackSpec, params: dict[str, Any]) -> None:
@@ -248,6 +327,7 @@ def export(
     progress: bool = True,
     substitute: str | Path | None = None,
     commit: bool = True,
+    sweeps: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ExportReport:
     """Attack each split of `data` with each of `attacks` and write one table partition per pair.
 
@@ -267,6 +347,8 @@ def export(
         computed through it and written as partition ``transfer-<alias>`` with threat model ``transfer``;
         ``clean`` is written as usual (the same rows as without a substitute).
 
+    sweeps : per alias, the ``sweep`` entry its partition's ``attacks`` metadata records (``{"name": "pgd.eps",
+        "attack": "pgd", "param": "eps", "value": 0.0078}``), as `expand_sweeps` returns it with the aliases.
     commit : False leaves this shard's partitions staged (``report.staged``, relative to its staging
         directory) for a caller that commits several shards in one step (`producers.scale`).
 
@@ -275,6 +357,10 @@ def export(
     """
     out = Path(out)
     specs = plan_attacks(attacks, attack_params, attack_samples)
+    sweeps = {k: dict(v) for k, v in (sweeps or {}).items()}
+    unplanned = sorted(set(sweeps) - {s.name for s in specs if s.attack != CLEAN})
+    if unplanned:
+        raise ProducerError(f"sweep entries for attack(s) {unplanned} that are not being run")
     check_sample_counts(samples)
     if batch_size < 1:
         raise ProducerError(f"batch size must be at least 1, got {batch_size}")
@@ -313,8 +399,11 @@ def export(
                   "eps": params.get("eps")}
         if substitute_meta is not None:
             threat["substitute"] = substitute_meta
+        entry = params if name == spec.attack else {**params, "attack": spec.attack}
+        if spec.name in sweeps:
+            entry = {**entry, "attack": spec.attack, "sweep": sweeps[spec.name]}
         partitions.append((name, spec, {
-            "attacks": {name: params if name == spec.attack else {**params, "attack": spec.attack}},
+            "attacks": {name: entry},
             "threat": {name: threat},
         }))
     existing = {n: m for n, _, m in partitions}
