@@ -515,6 +515,7 @@ def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: st
         tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=float) + "\n")
     emit(results, as_json, "\n".join(format_model_side(results)) + f"\nwrote {out}")
 
+
 @main.command()
 @table_argument
 @click.option("--sweep", "sweeps", multiple=True, metavar="ATTACK.PARAM",
