@@ -215,7 +215,8 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
     check_settings(train_samples=train_samples, epochs=epochs, eps=budget, alpha=None, steps=steps, width=width,
                     lr=1e-3, rectifier_lr=5e-4, mask_threshold=mask_threshold, mask_prob=mask_prob,
                     batch_size=batch_size)
-    claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
+    stem = Path(out)
+    claim_output(str(stem.with_suffix(".pt")), force, directory=False, extra=(str(stem.with_suffix(".json")),))
     model = load_model(model_spec, device=device)
     train_set = load_dataset(dataset, "train", root=root)
     started = time.perf_counter()

@@ -352,7 +352,8 @@ def export(
             started = time.perf_counter()
             table = export_partition(
                 model, data[split], rows, attack=name, attacker=built.get(spec.name), noise=noise,
-                features=features, insen=insen, external=external_system, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
+                features=features, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
+                insen=insen, external=external_system,
                 batch_size=batch_size, device=device, metadata=meta, progress=progress,
             )
             stage.write(rel, table)

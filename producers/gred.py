@@ -211,7 +211,7 @@ def train_gred(
     config = {
         "system": SYSTEM,
         "target": dict(target.config),
-        "detector": {"arch": "small-cnn", "width": width},
+        "detector": {"arch": "small-cnn", "width": width, "image_shape": [channels, h, w]},
         "settings": {"mask_threshold": mask_threshold, "mask_prob": mask_prob},
         "train": {"dataset": data.name, "split": data.split, "samples": len(rows), "epochs": epochs,
                   "attack": "pgd", "eps": eps, "alpha": alpha, "steps": steps, "random_start": True, "lr": lr,
@@ -280,7 +280,7 @@ def load_gred(path: str | Path, *, device: str | torch.device = "cpu") -> GRED:
                             f"system {SYSTEM!r} and {weights} a state dict")
     try:
         target_config = config["target"]
-        channels, (h, w) = target_config["in_channels"], target_config["image_size"]
+        channels, h, w = (int(v) for v in config["detector"]["image_shape"])
         width = int(config["detector"]["width"])
         configs = {"target": target_config, "rectifier": target_config,
                    "det_image": _detector_config(target_config, channels, h, w, width, normalised=True),
