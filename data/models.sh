@@ -18,7 +18,7 @@ MODELS=${MODELS:-"ce rce pgd-at at-alp jumprelu"}
 ROOTARG=${ROOT:+--root $ROOT}
 COMMON="--dataset fashion-mnist $ROOTARG --device $DEVICE --seed 0"
 COLUMNS="--noise-queries 8 --features --insen"
-E8="--param pgd-e8.eps=8/255 --param pgd-e8.alpha=1/255"
+SWEEP=${SWEEP:-2/255,4/255,8/255,16/255}
 mkdir -p "$WORK" data/models/curves
 
 train_args() {  # the objective's settings on the 2-core CPU budget (docs/producers.md, "Training objectives")
@@ -42,13 +42,13 @@ for M in $MODELS; do
     # Train split: what the logit pipeline and the feature detectors learn from.
     $BIN/logitguard-produce export $COMMON --model "$STEM" --splits train --train-samples "$N_TRAIN" \
         --attacks clean,pgd $COLUMNS --out "$TABLE"
-    # Test split, oblivious: PGD at 16/255 and 8/255, C&W-hc (kappa = 10, seed 001), a sweep for the curves.
+    # Test split, oblivious: PGD swept over the L-inf budget (the curves; 8/255 and 16/255 are the threat
+    # budgets) and C&W-hc (kappa = 10, seed 001's high-confidence C&W).
     $BIN/logitguard-produce export $COMMON --model "$STEM" --splits test --test-samples "$N_TEST" \
-        --attacks clean,pgd,pgd-e8=pgd,cw-hc=cw $E8 --param cw-hc.confidence=10 \
-        --sweep pgd.eps=2/255,4/255,8/255,16/255 $COLUMNS --out "$TABLE"
+        --attacks clean,cw-hc=cw --param cw-hc.confidence=10 --sweep "pgd.eps=$SWEEP" $COLUMNS --out "$TABLE"
     # Transfer: the same PGD computed through the substitute (a CE model of another seed and width).
     $BIN/logitguard-produce export $COMMON --model "$STEM" --splits test --test-samples "$N_TEST" \
-        --attacks pgd,pgd-e8=pgd $E8 --substitute data/fashion-mnist-substitute $COLUMNS --out "$TABLE"
+        --sweep pgd.eps=8/255,16/255 --substitute data/fashion-mnist-substitute $COLUMNS --out "$TABLE"
     test -f "$DEFENSES/defenses.json" || $BIN/logitguard fit-pipelines "$TABLE" --out "$DEFENSES"
     THROUGH="$COMMON --model $STEM --defenses $DEFENSES/defenses.json --budgets 16/255,8/255
              --test-samples $N_TEST --param steps=${STEPS:-50} --batch-size 500"

@@ -114,6 +114,10 @@ def _positive(**values: int | None) -> None:
               "gaussian:0.05,gaussian:0.1,uniform:0.1,sign:0.05]")
 @click.option("--features/--no-features", default=False, show_default=True,
               help="Also store penultimate-layer features.")
+@click.option("--insen/--no-insen", default=False, show_default=True,
+              help="Also store the 5 input-sensitivity statistics of each stored input (column insen).")
+@click.option("--external", default=None, metavar="gred:STEM",
+              help="Also store a saved GRED's verdict on each stored input (external_score, external_label).")
 @click.option("--shard", default="0/1", show_default=True, help="Export only slice I of N (I/N).")
 @click.option("--splits", default="train,test", show_default=True,
               help="Comma-separated splits to export (e.g. test, to add partitions to the test split only).")
@@ -129,7 +133,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
            weights: str | None, attacks: str, params: tuple[str, ...], sweeps: tuple[str, ...],
            train_samples: int | None,
            test_samples: int | None, caps: str, noise_queries: int, noise: str | None, features: bool,
-           shard: str, splits: str, substitute: str | None, out: str, engine: str, workers: int | None,
+           insen: bool, external: str | None, shard: str, splits: str, substitute: str | None, out: str, engine: str, workers: int | None,
            cpus_per_worker: float, as_json: bool) -> None:
     """Run attacks on a dataset and write clean/adversarial logits as a partitioned table.
 
@@ -156,6 +160,10 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
         attack_names, attack_params, attack_samples, parse_sweeps(sweeps))
     plan_attacks(attack_names, attack_params, attack_samples)
     shard_spec = Shard.parse(shard)
+    if external is not None:
+        from .gred import parse_external
+
+        parse_external(external)
     if engine == "ray" and shard_spec != Shard():
         raise ProducerError("--shard is for single-process runs; --engine ray runs every shard of --workers N")
     chosen_splits = _splits(splits)
@@ -165,8 +173,8 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     model = resolve_model(model_spec, weights=weights, device="cpu" if scale else device)
     options = dict(
         attacks=attack_names, samples={"train": train_samples, "test": test_samples},
-        attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, seed=seed,
-        batch_size=batch_size, substitute=substitute, sweeps=sweep_entries,
+        attack_samples=attack_samples, attack_params=attack_params, noise=recipe, features=features, insen=insen,
+        external=external, seed=seed, batch_size=batch_size, substitute=substitute, sweeps=sweep_entries,
         metadata={"dataset": {"name": dataset}, "model": _model_metadata(model, model_spec)},
     )
     if scale:  # each actor loads the dataset as this process would
@@ -176,6 +184,62 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
         data = {s: load_dataset(dataset, s, root=root) for s in chosen_splits}
         report = run_export(model, data, out=out, shard=shard_spec, device=device, **options)
     _echo_report(report, out, as_json)
+
+
+@main.command()
+@dataset_options
+@device_options
+@click.option("--model", "model_spec", required=True, help="Path stem of the model GRED protects (from `train`).")
+@click.option("--train-samples", type=int, default=2000, show_default=True,
+              help="Training images (a seeded choice); each gets a PGD twin, so the networks see twice as many.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs for the detectors and the rectifier.")
+@click.option("--eps", default="16/255", show_default=True, help="L-inf budget of the training PGD, pixels in [0, 1].")
+@click.option("--steps", type=int, default=10, show_default=True, help="Steps of the training PGD (step eps/4).")
+@click.option("--width", type=int, default=16, show_default=True, help="Width of the two detector CNNs.")
+@click.option("--mask-threshold", type=float, default=0.5, show_default=True,
+              help="Suspect pixels: InSen above min + T (max - min) of their image (the paper's alpha).")
+@click.option("--mask-prob", type=float, default=0.5, show_default=True,
+              help="Chance that a suspect pixel is replaced by a random value.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Path stem: writes OUT.pt (weights) and OUT.json (config).")
+@click.option("--force", is_flag=True, help="Overwrite existing GRED files.")
+@json_option
+def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
+         train_samples: int, epochs: int, eps: str, steps: int, width: int, mask_threshold: float, mask_prob: float,
+         out: str, force: bool, as_json: bool) -> None:
+    """Train GRED (seed 002) for a saved model: InSen-guided detector and rectifier, saved without pickle.
+
+    `export --external gred:OUT` then writes its score and rectified label on every row (docs/producers.md).
+    """
+    from pathlib import Path
+
+    from .datasets import load_dataset
+    from logitguard.threat import file_sha256
+
+    from .gred import check_settings, save_gred, train_gred
+    from .models import load_model
+
+    try:
+        budget = float(Fraction(eps))
+    except (ValueError, ZeroDivisionError):
+        raise ProducerError(f"--eps must be a number or a fraction such as 16/255, got {eps!r}") from None
+    check_settings(train_samples=train_samples, epochs=epochs, eps=budget, alpha=None, steps=steps, width=width,
+                    lr=1e-3, rectifier_lr=5e-4, mask_threshold=mask_threshold, mask_prob=mask_prob,
+                    batch_size=batch_size)
+    stem = Path(out)
+    claim_output(str(stem.with_suffix(".pt")), force, directory=False, extra=(str(stem.with_suffix(".json")),))
+    model = load_model(model_spec, device=device)
+    train_set = load_dataset(dataset, "train", root=root)
+    started = time.perf_counter()
+    system = train_gred(model, train_set, train_samples=train_samples, epochs=epochs, eps=budget, steps=steps,
+                        width=width, mask_threshold=mask_threshold, mask_prob=mask_prob, seed=seed,
+                        batch_size=batch_size, device=device)
+    system.config["model"] = {"spec": model_spec, "sha256": file_sha256(Path(model_spec).with_suffix(".pt"))}
+    system.config["train"]["seconds"] = round(time.perf_counter() - started, 1)
+    weights, config = save_gred(system, out, overwrite=force)
+    result = {"weights": str(weights), "config": str(config), "train": system.config["train"]}
+    emit(result, as_json, f"trained GRED on {system.config['train']['samples']} clean + PGD images "
+                          f"({result['train']['seconds']} s); wrote {weights} and {config}")
 
 
 @main.command("attack-defenses")

@@ -41,6 +41,7 @@ from . import __version__
 from .attacks import attack_class, make_attack
 from .datasets import ImageSet
 from .errors import ProducerError
+from .insen import insen_stats
 from .models import ImageClassifier, load_model
 from .noise import NoiseRecipe, noise_queries
 
@@ -319,6 +320,8 @@ def export(
     attack_params: Mapping[str, Mapping[str, Any]] | None = None,
     noise: NoiseRecipe | None = None,
     features: bool = False,
+    insen: bool = False,
+    external: str | None = None,
     seed: int = 0,
     shard: Shard = Shard(),
     batch_size: int = 256,
@@ -342,6 +345,9 @@ def export(
     attack_params : per attack (alias), parameters overriding the attack's defaults.
     noise : the noise recipe; None stores no ``noisy_logits``.
     features : also store penultimate-layer features.
+    insen : also store the InSen statistics of each stored input (``insen``, `producers.insen.insen_stats`).
+    external : ``gred:STEM``: also store a saved GRED's verdict on each stored input (``external_score``,
+        ``external_label``; metadata key ``external``), `producers.gred.load_external`.
     metadata : extra table metadata (``dataset``, ``model``, …).
     substitute : path stem of a saved model (`producers.models.save_model`). When given, every attack is
         computed through it and written as partition ``transfer-<alias>`` with threat model ``transfer``;
@@ -376,6 +382,11 @@ def export(
     attacker_model, substitute_meta = model, None
     if substitute is not None:
         attacker_model, substitute_meta = _load_substitute(substitute, next(iter(data.values())), device)
+    external_system, external_meta = None, None
+    if external is not None:
+        from .gred import load_external
+
+        external_system, external_meta = load_external(external, model, device=device)
     # Build every attack up front so a bad name or parameter fails before hours of work.
     built = {s.name: make_attack(s.attack, attacker_model, batch_size=batch_size, device=device,
                                  **attack_params.get(s.name, {}))
@@ -387,6 +398,7 @@ def export(
         "noise": None if noise is None else {**noise.to_metadata(), "seed": seed},
         "producer": {"name": "logitguard-produce", "version": __version__},
         "seed": seed,
+        **({} if external_meta is None else {"external": external_meta}),
     }
     partitions = []  # (partition name, spec, per-partition metadata)
     for spec in specs:
@@ -419,7 +431,8 @@ def export(
         todo = []
         for split, name, spec, meta, rows in plan:
             rel = f"split={split}/attack={name}/{shard.basename}.parquet"
-            state = stage.classify(rel, meta, name, rows, features=features)
+            state = stage.classify(rel, meta, name, rows, features=features, insen=insen,
+                                   external=external is not None)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
@@ -429,6 +442,7 @@ def export(
             table = export_partition(
                 model, data[split], rows, attack=name, attacker=built.get(spec.name), noise=noise,
                 features=features, generator_seed=[seed, zlib.crc32(f"{split}/{name}".encode()), shard.index],
+                insen=insen, external=external_system,
                 batch_size=batch_size, device=device, metadata=meta, progress=progress,
             )
             stage.write(rel, table)
@@ -457,18 +471,20 @@ class ExportStage:
         self.files: list[str] = []
 
     def classify(self, rel: str, metadata: dict[str, Any], name: str, rows: np.ndarray, *,
-                 features: bool | None = None) -> str:
+                 features: bool | None = None, insen: bool | None = None, external: bool | None = None) -> str:
         """``done``: `out` holds the partition (raises when it was made differently); ``staged``: an
         interrupted run staged it with the same settings; ``todo``: it must be (re)computed."""
         final = self.out / rel
         if final.exists():
-            problem = partition_mismatch(final, metadata, name, rows, features=features, strict=False)
+            problem = partition_mismatch(final, metadata, name, rows, features=features, insen=insen,
+                                         external=external, strict=False)
             if problem:
                 raise ProducerError(f"{final} already exists and {problem}; use another --out (or alias)")
             return "done"
         staged = self.stage.path / rel
         if staged.exists():
-            if partition_mismatch(staged, metadata, name, rows, features=features) is None:
+            if partition_mismatch(staged, metadata, name, rows, features=features, insen=insen,
+                                  external=external) is None:
                 self.files.append(rel)
                 return "staged"
             staged.unlink()  # an interrupted run with other settings: redo it
@@ -496,11 +512,13 @@ class ExportStage:
 
 
 def partition_mismatch(file: Path, metadata: dict[str, Any], name: str, rows: np.ndarray, *,
-                       features: bool | None = None, strict: bool = True) -> str | None:
+                       features: bool | None = None, insen: bool | None = None, external: bool | None = None,
+                       strict: bool = True) -> str | None:
     """How the partition file `file` differs from what an export would write there, or None.
 
     Compared: the table metadata this export writes (``attacks`` and ``threat`` by the partition `name`),
-    the sample ids (`rows`) and, when given, whether it has ``features``. Without `strict`, a key the file
+    the sample ids (`rows`) and, when given, whether it has ``features``, ``insen`` and the ``external_*``
+    columns. Without `strict`, a key the file
     lacks is not a difference (files from earlier versions).
     """
     try:
@@ -516,8 +534,10 @@ def partition_mismatch(file: Path, metadata: dict[str, Any], name: str, rows: np
             value, old = (value or {}).get(name), (old or {}).get(name)
         if (old is not None or strict) and old != value:
             return f"was written with {key} {old!r}; this export would write {value!r}"
-    if features is not None and ("features" in names) != features:
-        return f"was written {'with' if 'features' in names else 'without'} features"
+    for wanted, column, what in ((features, "features", "features"), (insen, "insen", "insen statistics"),
+                                 (external, "external_score", "an external system's columns")):
+        if wanted is not None and (column in names) != wanted:
+            return f"was written {'with' if column in names else 'without'} {what}"
     if not np.array_equal(np.sort(ids), np.sort(rows)):
         return f"holds {len(ids)} rows of other samples than the {len(rows)} this export selects " \
                "(another --seed, sample count or --max-samples)"
@@ -583,6 +603,8 @@ def export_partition(
     noise: NoiseRecipe | None,
     features: bool,
     generator_seed: list[int],
+    insen: bool = False,
+    external=None,
     batch_size: int,
     device: torch.device,
     metadata: dict[str, Any],
@@ -590,6 +612,9 @@ def export_partition(
 ) -> LogitTable:
     generator = torch.Generator(device=device)
     generator.manual_seed(int(np.random.SeedSequence(generator_seed).generate_state(1)[0]))
+    # The external system's own draws (GRED's masks), so adding it changes no other column.
+    external_generator = torch.Generator(device=device)
+    external_generator.manual_seed(int(np.random.SeedSequence([*generator_seed, 1]).generate_state(1)[0]))
     columns: dict[str, list[np.ndarray]] = {}
     chunk = max(batch_size, 1024)  # images loaded at a time; the attack batches within a chunk
     bar = tqdm(total=len(rows), desc=f"{data.split}/{attack}", unit="img", disable=not progress)
@@ -624,6 +649,12 @@ def export_partition(
             with torch.no_grad():
                 feats = _batched(model.penultimate, x_adv, batch_size, device)
             part["features"] = feats.numpy()
+        if insen:  # of the stored (attacked) input, as the model sees it
+            part["insen"] = torch.cat([insen_stats(model, x_adv[i:i + batch_size].to(device)).float().cpu()
+                                       for i in range(0, len(x_adv), batch_size)]).numpy()
+        if external is not None:
+            part["external_score"], part["external_label"] = external.verdict(
+                x_adv, generator=external_generator, batch_size=batch_size, device=device)
         for name, values in part.items():
             columns.setdefault(name, []).append(values)
     bar.close()
