@@ -281,7 +281,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     from pathlib import Path
 
     from logitguard.pipelines import load_pipelines
-    from logitguard.tables import read_table
+    from logitguard.tables import read_table, table_columns
     from logitguard.threat import parse_budgets
 
     from logitguard._io import check_writable
@@ -326,8 +326,14 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     recipe = NoiseRecipe.from_metadata(meta.get("noise"))
     model = load_model(model_spec, device=device)
     test = load_dataset(dataset, "test", root=root)
+    # The new partitions carry the per-row columns the table has, so they join it.
+    columns = set(table_columns(out))
+    if "external_score" in columns:
+        raise ProducerError(f"{out} has an external system's columns (external_score): attack-defenses does not "
+                            "run that system; export it into a table of its own")
     common = dict(attacks=chosen, budgets=eps, samples=test_samples, noise=recipe, attack_params=attack_params,
-                  seed=seed, batch_size=batch_size, device=device, metadata=meta)
+                  seed=seed, batch_size=batch_size, device=device, metadata=meta,
+                  features="features" in columns, insen="insen" in columns)
     if tier == "adaptive":
         report = export_through(model, test, specs, out=out, **common)
     else:

@@ -62,6 +62,8 @@ def export_through(
     metadata: Mapping[str, Any] | None = None,  # table metadata to write (e.g. the joined table's own)
     target_names: Mapping[str, str] | None = None,
     defense_files: Mapping[str, Mapping[str, str]] | None = None,
+    features: bool = False,
+    insen: bool = False,
     progress: bool = True,
 ) -> ExportReport:
     """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
@@ -70,7 +72,8 @@ def export_through(
     same samples as the oblivious partitions of an export with the same seed. `attack_params` apply to
     every attack (``steps``, ``restarts``, ``eot``, …). `target_names` maps a pipeline key to the name
     recorded as its target (surrogate copies are named after the real pipeline they stand in for);
-    `defense_files` overrides the fingerprints recorded (default: the files of each spec).
+    `defense_files` overrides the fingerprints recorded (default: the files of each spec). `features` and
+    `insen` add those columns (as `export` does), so the partitions join a table that has them.
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
     """
@@ -109,7 +112,7 @@ def export_through(
         todo = []
         for name, attacker, meta in plan:
             rel = f"split={data.split}/attack={name}/shard-0-of-1.parquet"
-            state = stage.classify(rel, meta, name, rows)
+            state = stage.classify(rel, meta, name, rows, features=features, insen=insen)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
@@ -117,7 +120,7 @@ def export_through(
         for rel, name, attacker, meta in todo:
             started = time.perf_counter()
             table = export_partition(
-                model, data, rows, attack=name, attacker=attacker, noise=noise, features=False,
+                model, data, rows, attack=name, attacker=attacker, noise=noise, features=features, insen=insen,
                 generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
                 batch_size=batch_size, device=device, metadata=meta, progress=progress)
             stage.write(rel, table)
