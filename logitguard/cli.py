@@ -292,7 +292,8 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
 
 def _detector_kinds() -> list[str]:
     # Mirrors logitguard.detectors.KINDS without importing it (keeps `--help` fast); a test checks they agree.
-    return ["msp", "maxlogit", "energy", "nonme", "learned", "learned-noisy", "odds", "odds-single"]
+    return ["msp", "maxlogit", "energy", "nonme", "insen", "kdensity", "learned", "learned-noisy", "odds",
+            "odds-single"]
 
 
 @main.command("fit-detector")
@@ -305,15 +306,23 @@ def _detector_kinds() -> list[str]:
 @click.option("--split", default="train", show_default=True, help="Split to fit on.")
 @click.option("--correction", type=click.Choice(["argmax", "logistic"]), default=None,
               help="Odds tests: how flagged rows are corrected (default argmax).")
+@click.option("--sigma2", type=float, default=None,
+              help="kdensity: the Gaussian kernel's bandwidth sigma^2 (default 1/0.26, Pang et al.'s for CE networks).")
+@click.option("--max-per-class", type=int, default=None,
+              help="kdensity: clean training rows kept per class (default 1000).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @json_option
 def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str] | None, split: str,
-                 correction: str | None, force: bool, as_json: bool) -> None:
-    """Fit a detector and calibrate its threshold on clean rows to the target FPR."""
+                 correction: str | None, sigma2: float | None, max_per_class: int | None, force: bool,
+                 as_json: bool) -> None:
+    """Fit a detector and calibrate its threshold on clean rows to the target FPR.
+
+    kdensity reads the table's features column and insen its insen column (docs/detectors.md)."""
     from .detectors import make_detector
 
     claim_output(out, force, directory=False)
-    params = {"fpr": fpr} if correction is None else {"fpr": fpr, "correction": correction}
+    options = {"correction": correction, "sigma2": sigma2, "max_per_class": max_per_class}
+    params = {"fpr": fpr, **{k: v for k, v in options.items() if v is not None}}
     detector = make_detector(kind, **params)
     detector.fit_path(table, attacks=attacks, split=split).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,

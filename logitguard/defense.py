@@ -85,6 +85,11 @@ class GatedDefense:
 
     def __init__(self, detector: Detector | None, corrector: Corrector | None, *, on_flag: str = "correct") -> None:
         check_policy(detector is not None, corrector is not None, on_flag)
+        column = getattr(detector, "input_column", None)
+        if column is not None:
+            raise LogitguardError(f"a gated defense decides from logits (and noise queries) alone; the "
+                                  f"{detector.kind!r} detector also reads the {column!r} column, which a deployed "
+                                  f"remote model does not return: use it with `detect` / score_table instead")
         self.detector = detector
         self.corrector = as_corrector(corrector) if corrector is not None else None
         self.on_flag = on_flag

@@ -112,6 +112,7 @@ class Guard:
         if corrector is not None and corrector not in CORRECTORS:
             raise LogitguardError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
         check_policy(detector is not None, corrector is not None, on_flag)
+        _check_logit_detector(detector)
         if "train" not in table.splits:
             raise LogitguardError(f"fitting a guard needs a 'train' split; the table has {table.splits}")
         if attacks is None:
@@ -346,6 +347,17 @@ def _open(table: LogitTable | str | os.PathLike) -> tuple[dict[str, Any], LogitT
         digest = hashlib.sha256(np.ascontiguousarray(table.logits).tobytes()).hexdigest()
         return {"table": None, "logits_sha256": digest}, table
     return {"table": str(table), "table_sha256": table_fingerprint(table)}, read_table(table)
+
+
+def _check_logit_detector(kind: str | None) -> None:
+    """Refuse detector kinds that read more than logits: a guard sits in front of a remote model and sees
+    only the logits it returns (and noise queries), never its features or input gradients."""
+    from .detectors import KINDS, LOGIT_KINDS
+
+    if kind is not None and kind in KINDS and kind not in LOGIT_KINDS:
+        raise LogitguardError(f"a guard sees only the logits a remote model returns; the {kind!r} detector reads "
+                              f"the model's internals (a table column besides the logits). Choose from "
+                              f"{', '.join(LOGIT_KINDS)}")
 
 
 def _queries(table: LogitTable, detector: Any) -> int:

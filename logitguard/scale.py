@@ -301,8 +301,8 @@ class DefenseSpec:
         """The optional columns the local command reads for this kind."""
         if self.kind == "corrector":
             return [c for c in ("linf", "l2") if c in available]
-        if self.kind == "detector":
-            return [c for c in ("noisy_logits",) if c in available]
+        if self.kind == "detector":  # a detector with an input column ("features", "insen") reads it too
+            return [c for c in ("noisy_logits", "features", "insen") if c in available]
         return [c for c in OPTIONAL_COLUMNS if c in available]
 
     def transform(self, loaded: Any, table: LogitTable) -> LogitTable | pa.Table:

@@ -210,6 +210,9 @@ def detect_path(detector: Detector, path: str | os.PathLike, *, split: str | Non
     from .evaluate import detection_records
 
     _check_noise(detector, path, f"the {detector.kind!r} detector needs noise queries (column 'noisy_logits')")
+    column = getattr(detector, "input_column", None)
+    if column is not None and column not in table_columns(path):
+        raise LogitguardError(detector._missing_column())
     collector = RowCollector()
     for batch in _stream(path, split=split, columns=_noise_columns(detector), batch_rows=batch_rows):
         collector.add(batch, model_label=batch.logits.argmax(axis=1), score=detector.score_table(batch))
@@ -224,7 +227,9 @@ def detect_path(detector: Detector, path: str | os.PathLike, *, split: str | Non
 
 
 def _noise_columns(part: Any) -> list[str]:
-    return ["noisy_logits"] if getattr(part, "needs_noise", False) else []
+    """The optional columns `part` reads: the noise queries where it needs them, a detector's `input_column`."""
+    column = getattr(part, "input_column", None)
+    return (["noisy_logits"] if getattr(part, "needs_noise", False) else []) + ([column] if column else [])
 
 
 def _check_noise(part: Any, path: str | os.PathLike, message: str) -> None:

@@ -143,3 +143,30 @@ def digits_split_dir(digits_split_table, tmp_path_factory):
     path = tmp_path_factory.mktemp("digits-split") / "table"
     write_table(digits_split_table, path, partition_by=("split", "attack"))
     return path
+
+
+def linear_insen(model, x: np.ndarray) -> np.ndarray:
+    """The ``insen`` column (N, 5) of the logistic regression: its exact InSen map |W^T (softmax - onehot(ŷ))|,
+    summarised by `producers.insen.insen_summary`."""
+    import torch
+
+    from producers.insen import insen_summary
+
+    z = model.decision_function(x)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(x)), z.argmax(axis=1)] -= 1.0
+    return insen_summary(torch.from_numpy(np.abs(p @ model.coef_))).numpy()
+
+
+@pytest.fixture(scope="session")
+def digits_feature_table(digits_model, digits_split_table) -> LogitTable:
+    """`digits_split_table` plus the two columns feature detectors read: ``features`` (the 64 pixels, the
+    logistic regression's only "layer") and ``insen`` (`linear_insen`)."""
+    model, x, y = digits_model
+    images = np.concatenate([x, linear_fgsm(model, x, y, DIGITS_EPS), linear_bim(model, x, y, DIGITS_EPS)])
+    t = digits_split_table
+    return LogitTable.from_arrays(
+        logits=t.logits, sample_id=t.sample_id, split=t.split, attack=t.attack, label=t.labels,
+        noisy_logits=t.noisy_logits, linf=t.column("linf"), l2=t.column("l2"), features=images,
+        insen=linear_insen(model, images), metadata=t.metadata)

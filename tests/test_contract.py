@@ -41,19 +41,28 @@ def _fit(name, estimator, table):
         return estimator.fit(attacked.logits, attacked.labels)
     rows = train.select(attacks=["clean", "fgsm"])
     return estimator.fit(rows.logits, rows.attack != "clean", labels=rows.labels, noisy_logits=rows.noisy_logits,
-                         groups=rows.sample_id)
+                         groups=rows.sample_id, **_inputs(estimator, rows))
+
+
+def _inputs(estimator, rows):
+    """``features=`` for detectors that read a column besides the logits (kdensity, insen), else nothing."""
+    column = getattr(estimator, "input_column", None)
+    return {} if column is None else {"features": getattr(rows, column)}
 
 
 def _outputs(estimator, table):
     """What the estimator computes on test rows: scores and flags, or labels."""
     rows = table.select(split="test")
     if hasattr(estimator, "score_samples"):
-        return estimator.score_samples(rows.logits, rows.noisy_logits), estimator.predict(rows.logits, rows.noisy_logits)
+        extra = _inputs(estimator, rows)
+        return (estimator.score_samples(rows.logits, rows.noisy_logits, **extra),
+                estimator.predict(rows.logits, rows.noisy_logits, **extra))
     return (estimator.predict(rows.logits, rows.noisy_logits),)
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_every_estimator_keeps_the_contract(name, digits_split_table, tmp_path):
+def test_every_estimator_keeps_the_contract(name, digits_feature_table, tmp_path):
+    digits_split_table = digits_feature_table  # the digits rows with features and insen columns
     estimator = ESTIMATORS[name]()
     test = digits_split_table.select(split="test")
     # Not fitted: one error type, both logitguard's and scikit-learn's, and check_is_fitted agrees.
@@ -91,7 +100,24 @@ def test_every_estimator_keeps_the_contract(name, digits_split_table, tmp_path):
     bad = test.logits.copy()
     bad[1, 2] = np.nan
     with pytest.raises(LogitguardError, match=re.escape("logits contain NaN or infinite values (first in row 1)")):
-        loaded.predict(bad, test.noisy_logits)
+        loaded.predict(bad, test.noisy_logits, **_inputs(loaded, test))
+    column = getattr(loaded, "input_column", None)
+    if column is not None:  # the extra column: required, checked like the logits
+        with pytest.raises(LogitguardError, match=f"reads the '{column}' column: pass its rows as features="):
+            loaded.predict(test.logits, test.noisy_logits)
+        with pytest.raises(LogitguardError, match="values per row; this detector was fitted on"):
+            loaded.predict(test.logits, test.noisy_logits, features=getattr(test, column)[:, :-1])
+        holes = getattr(test, column).copy()
+        holes[3, 0] = np.inf
+        with pytest.raises(LogitguardError, match=re.escape("contain NaN or infinite values (first in row 3)")):
+            loaded.predict(test.logits, test.noisy_logits, features=holes)
+        bare = test.__class__.from_arrays(logits=test.logits, sample_id=test.sample_id, split="test",
+                                          attack=test.attack, noisy_logits=test.noisy_logits)
+        with pytest.raises(LogitguardError, match=f"reads the table column '{column}', which this table lacks"):
+            loaded.score_table(bare)
+    elif hasattr(loaded, "score_samples"):
+        with pytest.raises(LogitguardError, match="reads logits only"):
+            loaded.score_samples(test.logits, test.noisy_logits, features=np.zeros((len(test), 3)))
 
 
 def test_a_file_from_a_newer_logitguard_is_refused(tmp_path):

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from logitguard import read_table, write_table
 from logitguard.corrector import LogitCorrector
 from logitguard.defense import GatedDefense, as_corrector
-from logitguard.detectors import KINDS, make_detector
+from logitguard.detectors import LOGIT_KINDS, make_detector
 from logitguard.estimator import load_estimator
 from logitguard.guard import Guard
 from logitguard.pipelines import load_pipelines, save_pipelines
@@ -103,7 +103,7 @@ def test_tables_round_trip(table, partitioned):
 
 
 ESTIMATORS = {
-    **{kind: (lambda kind=kind: make_detector(kind)) for kind in KINDS},
+    **{kind: (lambda kind=kind: make_detector(kind)) for kind in LOGIT_KINDS},  # logits-only data
     "odds-logistic": lambda: make_detector("odds", correction="logistic"),
     "learned-seeded": lambda: make_detector("learned", hidden=8, max_iter=50, seed=7),
     "corrector": lambda: LogitCorrector(hidden=8, epochs=2, batch_size=32, progress=False),

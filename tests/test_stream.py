@@ -20,7 +20,7 @@ from logitguard import TableError, read_table, write_table
 from logitguard.cli import main
 from logitguard.corrector import LogitCorrector
 from logitguard.defense import GatedDefense
-from logitguard.detectors import KINDS, make_detector
+from logitguard.detectors import LOGIT_KINDS, make_detector
 from logitguard.evaluate import detection_table, evaluate
 from logitguard.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
 from logitguard.summary import summarize
@@ -94,7 +94,7 @@ def test_evaluate_streamed_equals_in_memory(source, corrector, attacks):
     pd.testing.assert_frame_equal(streamed, evaluate(read_table(source, split="test"), defenses, attacks=attacks))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOGIT_KINDS)  # the feature kinds: tests/test_feature_detectors.py
 def test_fit_detector_streamed_equals_in_memory(source, kind):
     fitted = make_detector(kind).fit_table(read_table(source, split="train"), split=None)
     streamed = make_detector(kind).fit_path(source, split="train", batch_rows=BATCH)

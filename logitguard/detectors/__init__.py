@@ -4,7 +4,10 @@ higher for more likely adversarial rows, `predict` flags rows above a threshold 
 to a target false-positive rate, and `save`/`load_detector` use plain arrays only.
 
 Kinds: ``msp``, ``maxlogit``, ``energy``, ``nonme`` (baselines, one logit vector), ``odds`` (noise
-queries) and ``odds-single`` (none), ``learned`` and ``learned-noisy``.
+queries) and ``odds-single`` (none), ``learned`` and ``learned-noisy``; and two that read another table
+column (`Detector.input_column`, passed as ``features=``): ``kdensity`` (penultimate features, K-density)
+and ``insen`` (input-sensitivity statistics). `LOGIT_KINDS` are the kinds that need logits (and noise
+queries) only: what a deployable guard accepts.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from ..errors import LogitguardError
 from ..estimator import REGISTRY
 from .base import Detector, load_detector
 from .baselines import EnergyDetector, MaxLogitDetector, MSPDetector, NonMEDetector
+from .insen import InsenDetector
+from .kdensity import KDensityDetector
 from .learned import LearnedDetector, NoisyLearnedDetector
 from .odds import OddsCorrector, OddsTest, SingleShotOddsTest
 
 KINDS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Detector))
+LOGIT_KINDS = tuple(kind for kind in KINDS if REGISTRY[kind].input_column is None)
 
 
 def make_detector(kind: str, **params: Any) -> Detector:
@@ -34,6 +40,7 @@ def make_detector(kind: str, **params: Any) -> Detector:
 
 
 __all__ = [
-    "KINDS", "Detector", "EnergyDetector", "LearnedDetector", "MSPDetector", "MaxLogitDetector", "NonMEDetector",
-    "NoisyLearnedDetector", "OddsCorrector", "OddsTest", "SingleShotOddsTest", "load_detector", "make_detector",
+    "KINDS", "LOGIT_KINDS", "Detector", "EnergyDetector", "InsenDetector", "KDensityDetector", "LearnedDetector",
+    "MSPDetector", "MaxLogitDetector", "NonMEDetector", "NoisyLearnedDetector", "OddsCorrector", "OddsTest",
+    "SingleShotOddsTest", "load_detector", "make_detector",
 ]

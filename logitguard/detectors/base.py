@@ -6,6 +6,12 @@ outlier detectors use the opposite sign). ``predict`` flags rows whose score exc
 calibrated on clean rows to the target false-positive rate ``fpr`` (default 5%); the FPR reached on
 the calibration rows is kept as ``achieved_fpr_``. ``fit_table`` / ``score_table`` / ``predict_table``
 do the same on the rows of a `LogitTable`.
+
+Detectors that read a table column besides the logits name it in `input_column` (``"features"``: the
+penultimate-layer activations, ``"insen"``: the input-sensitivity statistics). Their array methods take
+its rows as ``features=`` (N, F) and the table wrappers read it from the table; everything else (the
+threshold, the calibration, the file format) is shared. A deployable `GatedDefense` / `Guard` sees only
+logits and refuses them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class Detector(Estimator):
     calibration_fraction: ClassVar[float] = 0.0
     # Supervised detectors learn "attacked" from attacks that succeeded; failed ones look clean.
     successful_attacks_only: ClassVar[bool] = False
+    # A table column the score reads besides the logits ("features" or "insen"); None: logits (and noise) only.
+    input_column: ClassVar[str | None] = None
 
     def __init__(self, *, fpr: float = 0.05) -> None:
         self.fpr = fpr
@@ -50,7 +58,8 @@ class Detector(Estimator):
     # -- arrays ------------------------------------------------------------------------------
 
     def fit(self, logits: np.ndarray, attacked: np.ndarray | None = None, *, labels: np.ndarray | None = None,
-            noisy_logits: np.ndarray | None = None, groups: np.ndarray | None = None) -> Detector:
+            noisy_logits: np.ndarray | None = None, groups: np.ndarray | None = None,
+            features: np.ndarray | None = None) -> Detector:
         """Learn from logits (N, C) and calibrate the threshold on the clean rows.
 
         attacked : (N,) bool, True for adversarial rows (supervised detectors learn from them; pass only
@@ -59,9 +68,11 @@ class Detector(Estimator):
         noisy_logits : (N, K, C) noise queries, required by detectors with `needs_noise`.
         groups : (N,) sample ids: supervised detectors hold out a share ``calibration_fraction`` of the
             groups for calibration (all rows of a sample on one side). Default: one group per row.
+        features : (N, F) rows of the `input_column`, required by (and only by) detectors that have one.
         """
         self._check_params()
         logits, noisy = check_logits(logits, noisy_logits, needs_noise=self.needs_noise)
+        inputs = self._check_inputs(features, len(logits), fitting=True)
         n = len(logits)
         attacked = np.zeros(n, dtype=bool) if attacked is None else np.asarray(attacked, dtype=bool)
         if attacked.shape != (n,):
@@ -76,30 +87,64 @@ class Detector(Estimator):
             held[:] = False
         self.n_classes_ = logits.shape[1]
         self.n_queries_ = 0 if noisy is None else noisy.shape[1]
+        if inputs is not None:
+            self.n_features_ = inputs.shape[1]
         learn = ~held
         self._fit(logits[learn], attacked[learn], None if labels is None else labels[learn],
-                  None if noisy is None else noisy[learn])
+                  None if noisy is None else noisy[learn], **self._extra(inputs, learn))
         calibrate = (held if held.any() else np.ones(n, dtype=bool)) & ~attacked
-        return self.calibrate(self._scores(logits[calibrate], None if noisy is None else noisy[calibrate]))
+        return self.calibrate(self._scores(logits[calibrate], None if noisy is None else noisy[calibrate],
+                                           **self._extra(inputs, calibrate)))
+
+    def _extra(self, inputs: np.ndarray | None, rows: Any = slice(None)) -> dict[str, np.ndarray]:
+        """The keyword `_fit` and `_scores` of a detector with an `input_column` take: ``features=`` its rows."""
+        return {} if inputs is None else {"features": inputs[rows]}
+
+    def _check_inputs(self, features: Any, n: int, *, fitting: bool = False) -> np.ndarray | None:
+        """The `input_column` rows as float64 (N, F), checked; None for detectors without one."""
+        column = self.input_column
+        if column is None:
+            if features is not None:
+                raise LogitguardError(f"the {self.kind!r} detector reads logits only; it takes no features=")
+            return None
+        if features is None:
+            raise LogitguardError(f"the {self.kind!r} detector reads the {column!r} column: pass its rows as "
+                                  f"features= (an (N, F) array)")
+        try:
+            values = np.asarray(features, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise LogitguardError(f"features ({column!r}) must be numbers in an (N, F) array") from None
+        if values.ndim != 2 or values.shape[0] != n or values.shape[1] < 1:
+            raise LogitguardError(f"features ({column!r}) must have shape (N, F) = ({n}, F), got {values.shape}")
+        width = None if fitting else getattr(self, "n_features_", None)
+        if width is not None and values.shape[1] != width:
+            raise LogitguardError(f"features ({column!r}) have {values.shape[1]} values per row; this detector was "
+                                  f"fitted on {width}")
+        if not np.isfinite(values).all():
+            row = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise LogitguardError(f"features ({column!r}) contain NaN or infinite values (first in row {row})")
+        return values
 
     def _fit(self, logits: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
              noisy: np.ndarray | None) -> None:
         """Learn what the score needs (nothing for the fixed baselines)."""
 
-    def score_samples(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
-        """Scores (N,) float64, higher = more likely adversarial."""
+    def score_samples(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
+                      features: np.ndarray | None = None) -> np.ndarray:
+        """Scores (N,) float64, higher = more likely adversarial (`features`: (N, F) `input_column` rows)."""
         self._check_fitted()
         logits, noisy = check_logits(logits, noisy_logits, num_classes=getattr(self, "n_classes_", None),
                                      num_queries=getattr(self, "n_queries_", None), needs_noise=self.needs_noise)
-        return self._scores(logits, noisy)
+        return self._scores(logits, noisy, **self._extra(self._check_inputs(features, len(logits))))
 
     def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """`score_samples` on validated float64 arrays."""
         raise NotImplementedError
 
-    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
+                features: np.ndarray | None = None) -> np.ndarray:
         """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
-        return self.score_samples(logits, noisy_logits) > self.threshold_
+        return self.score_samples(logits, noisy_logits, features=features) > self.threshold_
 
     def calibrate(self, clean_scores: np.ndarray) -> Detector:
         """Set `threshold_` so that at most ``fpr`` of `clean_scores` exceed it."""
@@ -129,6 +174,7 @@ class Detector(Estimator):
         if split is not None:
             table = table.select(split=split)
         chosen = self._attacks_to_fit(table.attacks, attacks, has_noise=table.noisy_logits is not None)
+        self._table_inputs(table)  # a missing input column is refused before any work
         parts = [table.select(attacks=CLEAN)]
         for attack in chosen:
             if self.successful_attacks_only:
@@ -141,7 +187,8 @@ class Detector(Estimator):
         attacked = np.repeat([False] + [True] * len(chosen), [len(p) for p in parts])
         labels = np.concatenate([p.labels for p in parts]) if table.has_labels else None
         groups = np.concatenate([p.sample_id for p in parts])
-        return self.fit(logits, attacked, labels=labels, noisy_logits=noisy, groups=groups)
+        inputs = None if self.input_column is None else np.concatenate([self._table_inputs(p) for p in parts])
+        return self.fit(logits, attacked, labels=labels, noisy_logits=noisy, groups=groups, features=inputs)
 
     # A streamed fit holds the rows it learns from (`_fit_stream`) up to about this many bytes of features.
     stream_fit_bytes: ClassVar[int] = 256 << 20
@@ -158,12 +205,19 @@ class Detector(Estimator):
         are at most `max_rows` (default: about `stream_fit_bytes` of features; 11,184 rows at C=1000 for
         ``learned``), else a uniform sample of `max_rows` drawn with the detector's seed (0 if it has none),
         in table order. Up to that size the result is the in-memory one.
+
+        Detectors with an `input_column` read the rows they learn from with `read_table` (the clean rows, plus
+        the chosen attacks' rows for supervised ones; the logits, that column and, where needed, the noise
+        queries) and fit in memory: `batch_rows` and `max_rows` do not apply (``kdensity`` bounds its own
+        memory with ``max_per_class``).
         """
         from ..stream import TableStream
         from ..tables import noise_queries, pair_rows, read_keys, table_columns
 
         self._check_params()
         keys = read_keys(path, split=split)
+        if self.input_column is not None:
+            return self._fit_path_in_memory(path, keys, attacks, split)
         chosen = self._attacks_to_fit(keys.attacks, attacks, has_noise="noisy_logits" in table_columns(path))
         wanted = [CLEAN, *dict.fromkeys(chosen)]
         stream = TableStream(path, split=split, attacks=wanted, columns=["noisy_logits"] if self.needs_noise else [],
@@ -194,6 +248,21 @@ class Detector(Estimator):
         calibrate = order[(held if held.any() else np.ones(len(order), dtype=bool)) & ~attacked]
         (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*_float64(z, q)),), noise=self.needs_noise)
         return self.calibrate(scores)
+
+    def _fit_path_in_memory(self, path: str | os.PathLike, keys: Any, attacks: list[str] | None,
+                            split: str | None) -> Detector:
+        """`fit_path` for detectors with an `input_column`: read only the rows and columns the fit uses."""
+        from ..tables import read_table, table_columns
+
+        present = table_columns(path)
+        chosen = self._attacks_to_fit(keys.attacks, attacks, has_noise="noisy_logits" in present)
+        if self.input_column not in present:
+            raise LogitguardError(self._missing_column())
+        # Unsupervised detectors learn from clean rows only: reading the attacked ones would be wasted.
+        wanted = [CLEAN, *dict.fromkeys(chosen)] if self.successful_attacks_only else [CLEAN]
+        columns = [self.input_column, *(["noisy_logits"] if self.needs_noise else [])]
+        table = read_table(path, split=split, attacks=wanted, columns=columns)
+        return self.fit_table(table, attacks=wanted[1:], split=None)
 
     def _fit_stream(self, stream: Any, rows: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
                     max_rows: int | None) -> None:
@@ -237,11 +306,25 @@ class Detector(Estimator):
 
     def score_table(self, table: LogitTable) -> np.ndarray:
         """`score_samples` of every row of `table`."""
-        return self.score_samples(table.logits, self._table_noise(table))
+        return self.score_samples(table.logits, self._table_noise(table), features=self._table_inputs(table))
 
     def predict_table(self, table: LogitTable) -> np.ndarray:
         """`predict` for every row of `table`."""
-        return self.predict(table.logits, self._table_noise(table))
+        return self.predict(table.logits, self._table_noise(table), features=self._table_inputs(table))
+
+    def _table_inputs(self, table: LogitTable) -> np.ndarray | None:
+        """The `input_column` of `table` (N, F), or None for detectors without one."""
+        if self.input_column is None:
+            return None
+        values = getattr(table, self.input_column)
+        if values is None:
+            raise LogitguardError(self._missing_column())
+        return values
+
+    def _missing_column(self) -> str:
+        flag = {"features": "--features", "insen": "--insen"}.get(self.input_column, "")
+        return (f"the {self.kind!r} detector reads the table column {self.input_column!r}, which this table lacks "
+                f"(the producer writes it with `export {flag}`)")
 
     def _table_noise(self, table: LogitTable) -> np.ndarray | None:
         if self.needs_noise and table.noisy_logits is None:
@@ -260,6 +343,8 @@ class Detector(Estimator):
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         state = {"threshold": float(self.threshold_), "achieved_fpr": self.achieved_fpr_,
                  "n_classes": getattr(self, "n_classes_", None), "n_queries": getattr(self, "n_queries_", None)}
+        if getattr(self, "n_features_", None) is not None:
+            state["n_features"] = int(self.n_features_)
         return state, {**self._learned(), "calibration_scores": self.calibration_scores_}
 
     def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -269,6 +354,8 @@ class Detector(Estimator):
             self.n_classes_ = int(state["n_classes"])
         if state.get("n_queries") is not None:
             self.n_queries_ = int(state["n_queries"])
+        if state.get("n_features") is not None:
+            self.n_features_ = int(state["n_features"])
         self.threshold_, self.achieved_fpr_ = float(state["threshold"]), float(state["achieved_fpr"])
 
 

@@ -20,6 +20,13 @@ first objective it does not yet meet (and of the last once it meets them all). F
 at a time is scale-free, so no weight between a classification margin and a detector score has to be
 tuned per detector. The latest successful iterate of every sample is kept (checked with the exact
 pipeline decision on ``check_draws`` fresh noise draws), over ``restarts`` random starts.
+
+A detector that reads more than the logits (the mirror's ``input_column``) gets it from the model and the
+image at every step: ``features`` = ``model.penultimate(x)``, ``insen`` = `producers.insen.insen_stats`
+with ``create_graph=True`` while a gradient is taken (double backpropagation: the statistics are
+themselves made of an input gradient). Against ``kdensity``, the ``evade`` route is Carlini & Wagner's
+white-box attack on K-density (C&W-wb in Pang et al., seed 001 §4.4) in L-inf hinge form: misclassify,
+then push −log KD below the calibrated threshold (C&W-wb: below η, the median on training data).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 
 from logitguard.defense import ABSTAIN
 
+from ..insen import insen_stats
 from .base import Attack
 
 ROUTES = ("model", "corrector", "evade", "flag", "both")
@@ -92,6 +100,12 @@ class DefenseAttack(Attack):
         super().__init__(model, **runtime)
         if defense.needs_noise and noise is None:
             raise ValueError("this defense reads noise queries: pass the table's noise recipe (noise=)")
+        column = getattr(defense, "input_column", None)
+        if column not in (None, "features", "insen"):
+            raise ValueError(f"no way to compute the defense's input column {column!r} from the model")
+        if column == "features" and not callable(getattr(model, "penultimate", None)):
+            raise ValueError("this defense reads penultimate features: the model needs a penultimate(x) method "
+                             "(a producers.models.ImageClassifier)")
         for name, value in (("eps", eps), ("steps", steps), ("restarts", restarts), ("eot", eot)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -110,8 +124,10 @@ class DefenseAttack(Attack):
     # -- the defense, seen through the model -------------------------------------------------------
 
     def _forward(self, x: torch.Tensor, generator: torch.Generator | None, draws: int = 1):
-        """The mirror's outputs on `draws` noise draws of every image: each tensor has `draws * B` rows."""
+        """The mirror's inputs (logits, noise queries or None, input-column rows or None) on `draws` noise
+        draws of every image: each tensor has `draws * B` rows."""
         logits = self.model(x)
+        features = self._column(x)
         noisy = None
         if self.defense.needs_noise:
             reps = x.repeat(draws, *([1] * (x.ndim - 1)))
@@ -120,13 +136,25 @@ class DefenseAttack(Attack):
             noisy_images = (reps.unsqueeze(1) + eta).clamp_(0.0, 1.0).flatten(0, 1)
             noisy = self.model(noisy_images).view(len(reps), k, -1)
         logits = logits.repeat(draws, 1)
-        return logits, noisy
+        return logits, noisy, None if features is None else features.repeat(draws, 1)
+
+    def _column(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The rows (B, F) of the column the defense's detector reads besides the logits, from the model and x;
+        differentiable in x whenever a gradient is being taken."""
+        column = getattr(self.defense, "input_column", None)
+        if column is None:
+            return None
+        if column == "features":
+            features = self.model.penultimate(x)
+            if features is None:
+                raise ValueError("the model has no final linear layer to take penultimate features from")
+            return features
+        return insen_stats(self.model, x, create_graph=torch.is_grad_enabled())
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, generator: torch.Generator | None, draws: int = 1) -> torch.Tensor:
         """The pipeline's exact final labels (draws, B), -1 = abstain, each draw with fresh noise."""
-        logits, noisy = self._forward(x, generator, draws)
-        return self.defense.decide(logits, noisy).view(draws, len(x))
+        return self.defense.decide(*self._forward(x, generator, draws)).view(draws, len(x))
 
     def succeeded(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
                   draws: int = 1) -> torch.Tensor:
@@ -136,8 +164,7 @@ class DefenseAttack(Attack):
 
     def _state(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> _State:
         """Margins and flag excess on `x`, averaged over `eot` draws (differentiable)."""
-        logits, noisy = self._forward(x, generator, self.eot)
-        out = self.defense(logits, noisy)
+        out = self.defense(*self._forward(x, generator, self.eot))
         b = len(x)
         yy = y.repeat(self.eot)
         model_margin = _margin(out.logits, yy)
@@ -210,8 +237,7 @@ class DefenseAttack(Attack):
         if self.defense.detector is None:
             return torch.ones((), device=x.device)
         with torch.no_grad():
-            logits, noisy = self._forward(x, generator)
-            score = self.defense(logits, noisy).score
+            score = self.defense(*self._forward(x, generator)).score
         spread = score.std() if len(score) > 1 else score.abs().mean()
         return spread.clamp(min=1e-6).detach()
 

@@ -42,8 +42,7 @@ class DefendedPGD(DefenseAttack):
 
     def wrong_probability(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """P(the pipeline answers wrongly) (B,), averaged over `eot` noise draws (differentiable)."""
-        logits, noisy = self._forward(x, generator, self.eot)
-        out = self.defense(logits, noisy)
+        out = self.defense(*self._forward(x, generator, self.eot))
         yy = y.repeat(self.eot)
         p_model = F.softmax(out.logits.float(), dim=1)
         model_wrong = 1.0 - p_model.gather(1, yy[:, None])[:, 0]

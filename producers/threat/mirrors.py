@@ -3,7 +3,10 @@
 A mirror is a torch module built from a defense's saved file through the core loaders (nothing is
 unpickled); it returns the core's scores and labels and is differentiable w.r.t. its inputs:
 
-- `DetectorMirror`: ``forward(logits, noisy) -> scores (B,)`` (higher = adversarial), ``flags``;
+- `DetectorMirror`: ``forward(logits, noisy) -> scores (B,)`` (higher = adversarial), ``flags``; mirrors of
+  detectors that read another table column (``input_column``: ``features`` for `KDensityMirror`,
+  ``insen`` for `InsenMirror`) take its rows as a third input, ``forward(logits, noisy, features)``, and are
+  differentiable in them; `DetectorMirror.score` calls either kind;
 - `CorrectorMirror`: ``forward -> class scores (B, C)`` for gradients, ``labels -> (B,)`` exact;
 - `PipelineMirror`: a `GatedDefense` with its ``on_flag`` policy; ``decide -> (B,)``, ABSTAIN = -1.
 
@@ -26,7 +29,8 @@ from torch.nn import functional as F
 
 from logitguard.corrector import LogitCorrector
 from logitguard.defense import ABSTAIN, ON_FLAG, load_corrector
-from logitguard.detectors import Detector, LearnedDetector, OddsCorrector, OddsTest, load_detector
+from logitguard.detectors import (Detector, InsenDetector, KDensityDetector, LearnedDetector, OddsCorrector, OddsTest,
+                                  load_detector)
 from logitguard.svm import SVMCorrector
 
 from ..errors import ProducerError
@@ -114,7 +118,10 @@ class _Mirror(nn.Module):
 
 
 class DetectorMirror(_Mirror):
-    """A detector's score as a torch function. Attributes: ``kind``, ``needs_noise``, ``threshold``."""
+    """A detector's score as a torch function. Attributes: ``kind``, ``needs_noise``, ``threshold``,
+    ``input_column`` (None, or the table column whose rows `forward` takes as its third input)."""
+
+    input_column: str | None = None
 
     def __init__(self, kind: str, threshold: float, num_classes: int | None = None, *,
                  needs_noise: bool = False) -> None:
@@ -125,10 +132,24 @@ class DetectorMirror(_Mirror):
         """Scores (B,) float64, equal to the core detector's `score`; higher = more likely adversarial."""
         raise NotImplementedError
 
+    def score(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """`forward`, passing `features` (B, F) on to mirrors with an `input_column` (the others ignore it)."""
+        return self(logits, noisy) if self.input_column is None else self(logits, noisy, features)
+
     @torch.no_grad()
-    def flags(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
+    def flags(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
         """Flags (B,) bool: score > threshold, as the core's `predict`."""
-        return self(logits, noisy) > self.threshold
+        return self.score(logits, noisy, features) > self.threshold
+
+    def _check_features(self, logits: Tensor, features: Tensor | None, width: int) -> Tensor:
+        """`features` as float64 (B, width), checked against the logits' rows."""
+        if features is None:
+            raise ProducerError(f"{type(self).__name__} reads the {self.input_column!r} column: pass its rows "
+                                f"(B, {width}) as the third input")
+        if features.ndim != 2 or features.shape != (logits.shape[0], width):
+            raise ProducerError(f"{self.input_column!r} rows must have shape (B, F) = ({logits.shape[0]}, {width}), "
+                                f"got {tuple(features.shape)}")
+        return features.double()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, threshold={self.threshold:.6g}"
@@ -209,6 +230,56 @@ class OddsMirror(DetectorMirror):
         self._check(logits, noisy)
         y, features, _ = self.odds.odds_features(logits, noisy)
         return (features - self.pair_threshold[y]).max(dim=1).values
+
+
+class KDensityMirror(DetectorMirror):
+    """K-density (`logitguard.detectors.kdensity`): −log of the mean Gaussian kernel between the features and
+    the kept training features of the predicted class, differentiable in the features (the predicted class,
+    which picks the training rows, carries no gradient)."""
+
+    input_column = "features"
+
+    def __init__(self, detector: KDensityDetector) -> None:
+        super().__init__(detector.kind, detector.threshold_, getattr(detector, "n_classes_", None))
+        self.sigma2 = float(detector.sigma2)
+        train = np.asarray(detector.train_features_, dtype=np.float64)
+        self._arrays(train_features=train, train_square=(train ** 2).sum(axis=1),
+                     train_labels=np.asarray(detector.train_labels_, dtype=np.int64),
+                     counts=np.asarray(detector.class_counts_, dtype=np.int64))
+
+    def forward(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """Scores (B,) float64, equal to the core's `score_samples` up to float rounding."""
+        self._check(logits, noisy)
+        f = self._check_features(logits, features, self.train_features.shape[1])
+        y = logits.argmax(dim=1)
+        dist = (f * f).sum(dim=1)[:, None] + self.train_square[None, :] - 2.0 * f @ self.train_features.T
+        present = self.counts > 0
+        mine = (self.train_labels[None, :] == y[:, None]) | ~present[y][:, None]
+        logk = (-dist.clamp_min(0.0) / self.sigma2).masked_fill(~mine, -torch.inf)
+        count = torch.where(present[y], self.counts[y], len(self.train_features)).double()
+        return count.log() - torch.logsumexp(logk, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sigma2={self.sigma2:.6g}, train_rows={len(self.train_features)}"
+
+
+class InsenMirror(DetectorMirror):
+    """The insen detector's logistic regression on standardised InSen statistics (B, 5). An attack computes
+    the statistics with `producers.insen.insen_stats(model, x, create_graph=True)`, so that their gradient
+    with respect to the image (a second derivative of the model's loss) reaches it."""
+
+    input_column = "insen"
+
+    def __init__(self, detector: InsenDetector) -> None:
+        super().__init__(detector.kind, detector.threshold_, getattr(detector, "n_classes_", None))
+        self._arrays(center=detector.center_, scale=detector.scale_, coef=detector.coef_,
+                     intercept=detector.intercept_)
+
+    def forward(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """Scores (B,) float64: the regression's logit for "attacked", as the core's `score_samples`."""
+        self._check(logits, noisy)
+        s = self._check_features(logits, features, self.center.shape[0])
+        return (s - self.center) / self.scale @ self.coef + self.intercept[0]
 
 
 # -- correctors ----------------------------------------------------------------------------------------
@@ -377,27 +448,31 @@ class PipelineMirror(nn.Module):
             raise ProducerError(f"on_flag={on_flag!r} needs a corrector")
         self.detector, self.corrector, self.on_flag = detector, corrector, on_flag
         self.needs_noise = any(m is not None and m.needs_noise for m in (detector, corrector))
+        # The table column the detector reads besides the logits: an attack computes it from the model and x.
+        self.input_column = None if detector is None else detector.input_column
 
-    def forward(self, logits: Tensor, noisy: Tensor | None = None) -> PipelineOutput:
-        score = None if self.detector is None else self.detector(logits, noisy)
+    def forward(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> PipelineOutput:
+        """`features`: the detector's `input_column` rows (B, F), for detectors that read one."""
+        score = None if self.detector is None else self.detector.score(logits, noisy, features)
         corrected = None if self.corrector is None else self.corrector(logits, noisy)
         threshold = None if self.detector is None else self.detector.threshold
         return PipelineOutput(logits, score, threshold, corrected)
 
     @torch.no_grad()
-    def flagged(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
+    def flagged(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
         """Flags (B,) bool; all True without a detector."""
         if self.detector is None:
             return torch.ones(len(logits), dtype=torch.bool, device=logits.device)
-        return self.detector.flags(logits, noisy)
+        return self.detector.flags(logits, noisy, features)
 
     @torch.no_grad()
-    def decide(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """Final labels (B,) int64, `ABSTAIN` (-1) for rejected rows, equal to the core's `GatedDefense`."""
+    def decide(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """Final labels (B,) int64, `ABSTAIN` (-1) for rejected rows, equal to the core's `GatedDefense` (for
+        a detector with an `input_column`, which the core's gated defense refuses: the same rule)."""
         model = logits.argmax(dim=1)
         if self.detector is None and self.corrector is None:
             return model
-        flagged = self.flagged(logits, noisy)
+        flagged = self.flagged(logits, noisy, features)
         if self.on_flag == "reject":
             return torch.where(flagged, ABSTAIN, model)
         corrected = self.corrector.labels(logits, noisy)
@@ -420,6 +495,10 @@ def mirror_detector(detector: Detector) -> DetectorMirror:
         return OddsMirror(detector)
     if isinstance(detector, LearnedDetector):
         return LearnedMirror(detector)
+    if isinstance(detector, KDensityDetector):
+        return KDensityMirror(detector)
+    if isinstance(detector, InsenDetector):
+        return InsenMirror(detector)
     if detector.kind in BASELINES:
         return BaselineMirror(detector.kind, detector.threshold_)
     raise ProducerError(f"no mirror for detector kind {detector.kind!r}")
