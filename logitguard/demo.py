@@ -65,7 +65,7 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     """`run_demo`, writing into the staging directory `stage` (`out` names the result in messages)."""
     from . import explain
     from .defense import GatedDefense
-    from .detectors import KINDS, make_detector
+    from .detectors import LOGIT_KINDS, make_detector
     from .evaluate import detection_table, evaluate, sweep_p_clean, train_per_attack, transfer_matrix
     from .svm import SVMCorrector
 
@@ -104,9 +104,10 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     step(f"p_clean sweep on {main_attack}")
     sweep = sweep_p_clean(table, main_attack, P_CLEAN_VALUES, progress=False, **DEMO_CORRECTOR)
 
-    step("fitting detectors (" + ", ".join(KINDS) + ")")
+    # The logits-only detectors (kdensity and insen read other columns: section 8 compares them).
+    step("fitting detectors (" + ", ".join(LOGIT_KINDS) + ")")
     has_noise = table.noisy_logits is not None
-    detectors = {kind: make_detector(kind).fit_table(table) for kind in KINDS
+    detectors = {kind: make_detector(kind).fit_table(table) for kind in LOGIT_KINDS
                  if has_noise or not make_detector(kind).needs_noise}
     detection = detection_table(table, detectors)
 
