@@ -73,6 +73,8 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
     """
     from pathlib import Path
 
+    import torch
+
     from .datasets import load_dataset
     from .models import accuracy, parse_activation, save_model, small_cnn_for
     from .training import make_objective, objective_record, train_model, training_subset
@@ -88,6 +90,7 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
     claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
     train_set, test_set = (load_dataset(dataset, s, root=root) for s in ("train", "test"))
     started = time.perf_counter()
+    torch.manual_seed(seed)  # the initial weights too depend on --seed (a transfer substitute differs by it)
     model = small_cnn_for(train_set, width=width, activation=act, **goal.model_config())
     train_set = training_subset(train_set, train_samples, seed)
     model.config["train"] = objective_record(goal, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,

@@ -87,20 +87,21 @@ def make_objective(name: str, **params: Any) -> Objective:
     """A checked `Objective`; ProducerError naming the bad option otherwise."""
     if name not in OBJECTIVES:
         raise ProducerError(f"unknown --objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    objective = Objective(name, **{k: v for k, v in params.items() if v is not None})
-    checks = {
-        "at-eps": (objective.eps, 0 < objective.eps <= 1, "in (0, 1]"),
-        "at-steps": (objective.steps, isinstance(objective.steps, int) and objective.steps >= 1, "at least 1"),
-        "at-alpha": (objective.step_size, 0 < objective.step_size <= 1, "in (0, 1]"),
-        "clean-weight": (objective.clean_weight, 0 <= objective.clean_weight <= 1, "in [0, 1]"),
-        "alp-lambda": (objective.logit_weight, objective.logit_weight >= 0, "at least 0"),
-        "attention-beta": (objective.attention_weight, objective.attention_weight >= 0, "at least 0"),
-        "attention-p": (objective.attention_p, objective.attention_p > 0, "positive"),
-    }
-    for option, (value, ok, what) in checks.items():
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+    o = Objective(name, **{k: v for k, v in params.items() if v is not None})
+    checks = [  # in order: the step size needs a valid step count
+        ("at-eps", o.eps, lambda: 0 < o.eps <= 1, "in (0, 1]"),
+        ("at-steps", o.steps, lambda: isinstance(o.steps, int) and o.steps >= 1, "at least 1"),
+        ("at-alpha", o.alpha, lambda: 0 < o.step_size <= 1, "in (0, 1]"),
+        ("clean-weight", o.clean_weight, lambda: 0 <= o.clean_weight <= 1, "in [0, 1]"),
+        ("alp-lambda", o.logit_weight, lambda: 0 <= o.logit_weight < math.inf, "a finite number, at least 0"),
+        ("attention-beta", o.attention_weight, lambda: 0 <= o.attention_weight < math.inf,
+         "a finite number, at least 0"),
+        ("attention-p", o.attention_p, lambda: 0 < o.attention_p < math.inf, "a finite positive number"),
+    ]
+    for option, value, ok, what in checks:
+        if not ok():
             raise ProducerError(f"--{option} must be {what}, got {value}")
-    return objective
+    return o
 
 
 # -- losses -------------------------------------------------------------------------------------------
