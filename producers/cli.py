@@ -362,7 +362,7 @@ def _sample_caps(spec: str) -> dict[str, int]:
 
 
 def _model_metadata(model, spec: str) -> dict[str, Any]:
-    keep = ("arch", "dataset", "num_classes", "test_accuracy", "train")
+    keep = ("arch", "dataset", "num_classes", "test_accuracy", "train", "activation", "logit_sign")
     return {"spec": spec, **{k: model.config[k] for k in keep if k in model.config}}
 
 
