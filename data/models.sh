@@ -58,6 +58,16 @@ for M in $MODELS; do
     # Surrogate: the attacker's own copy of ln-reject, fitted on training samples the defender never used.
     $BIN/logitguard-produce attack-defenses $THROUGH --tier surrogate --pipelines ln-reject --attacks routes \
         --attacker-samples "$N_TRAIN" --attacker-attacks clean,pgd --workdir "$WORK/$M-surrogate" --out "$TABLE"
+    # White-box against K-density (seed 001's C&W-wb, as `evade`): the detector, fitted on the train split
+    # with seed 001's bandwidth (sigma^2 = 0.1/0.26 for RCE, 1/0.26 otherwise), joins the manifest as `kdensity`.
+    if [ ! -f "$DEFENSES/kdensity.npz" ]; then
+        $BIN/logitguard fit-detector "$TABLE" --kind kdensity --sigma2 "$([ "$M" = rce ] && echo 0.3846 || echo 3.846)" \
+            --out "$DEFENSES/kdensity.npz"
+        $BIN/python -c 'import sys; from logitguard.pipelines import load_pipelines as l, save_pipelines as s
+m, d = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": d, "on_flag": "reject"}}, overwrite=True)' \
+            "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz"
+    fi
+    $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines kdensity --attacks evade --out "$TABLE"
     SPECS+=("$M=$TABLE:$DEFENSES/defenses.json")
     $BIN/logitguard curve "$TABLE" --defense "$DEFENSES/defenses.json:ln-reject" --out "data/models/curves/$M" --force
 done

@@ -45,6 +45,7 @@ def compare_models(
     """``{name: (table, manifest)}`` → a JSON-ready dict: ``models`` (one entry per model: what it is,
     clean accuracy), ``threat`` (records: model, pipeline, threat_model, eps, robust_accuracy, …) and
     ``detection`` (records: model, detector, attack, threat_model, auroc, positives)."""
+    from .detectors import load_detector
     from .pipelines import load_pipelines
 
     if not models:
@@ -59,10 +60,13 @@ def compare_models(
         if pipeline not in specs:
             raise LogitguardError(f"{manifest} has no pipeline {pipeline!r}; it has {sorted(specs)}")
         described.append(_describe(name, table))
+        # A saved detector of a compared kind (e.g. the kdensity one the adaptive attack aimed at) is used as is.
+        saved = {n: load_detector(spec.detector) for n, spec in specs.items()
+                 if n in DETECTORS and spec.detector is not None}
         frame = threat_model_table(table, {pipeline: specs[pipeline].build()}, budgets=budgets, split="test")
         frame.insert(0, "model", name)
         threat += to_records(frame.assign(attacks=frame["attacks"].map(list)))
-        detection += detection_aurocs(table, name)
+        detection += detection_aurocs(table, name, saved)
     return {"pipeline": pipeline, "budgets": list(budgets), "models": described, "threat": threat,
             "detection": detection}
 
@@ -77,9 +81,10 @@ def _describe(name: str, table: LogitTable) -> dict[str, Any]:
             "clean_accuracy": float((test.logits.argmax(1) == test.labels).mean()), "test_samples": len(test)}
 
 
-def detection_aurocs(table: LogitTable, name: str = "") -> list[dict[str, Any]]:
+def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """AUROC per detector x test attack (seed 001's Table 2 setting; see the module). Detectors that need a
-    column the table lacks are left out; ``kdensity`` and ``insen`` are fitted on the train split."""
+    column the table lacks are left out; `saved` detectors (by kind) are used as they are, the others fitted
+    on the train split with their defaults."""
     from .detectors import KINDS, make_detector
 
     train, test = table.select(split="train"), table.select(split="test")
@@ -90,6 +95,9 @@ def detection_aurocs(table: LogitTable, name: str = "") -> list[dict[str, Any]]:
             continue
         if detector == "external":
             scorers[detector] = lambda t: t.column("external_score")
+            continue
+        if detector in (saved or {}):
+            scorers[detector] = saved[detector].score_table
             continue
         if detector not in KINDS:
             continue

@@ -45,38 +45,76 @@ def device_options(func):
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--width", type=int, default=32, show_default=True,
               help="SmallCNN width w (conv w, conv 2w); a transfer substitute can differ from the target.")
+@click.option("--objective", default="ce", show_default=True,
+              help="ce, rce (reverse cross-entropy; the model predicts from the negated logits), pgd-at (PGD "
+                   "adversarial training), alp (adversarial logit pairing) or at-alp (attention + logit pairing).")
+@click.option("--activation", default="relu", show_default=True,
+              help="relu, or jumprelu[:k][:random]: JumpReLU with jump k (default 0.0645) at inference; "
+                   ":random draws k' ~ U(0, 2k) per forward.")
+@click.option("--train-samples", type=int, default=None,
+              help="Train on a seeded subset of N images (the one `export --train-samples N` picks).")
+@click.option("--at-eps", default="16/255", show_default=True,
+              help="Adversarial objectives: L-inf budget of the training PGD (pixels in [0, 1]; 8/255 or 0.03).")
+@click.option("--at-steps", type=int, default=7, show_default=True, help="Adversarial objectives: PGD steps.")
+@click.option("--at-alpha", default=None, help="Adversarial objectives: PGD step size  [default: 2.5*eps/steps]")
+@click.option("--alp-lambda", type=float, default=0.5, show_default=True,
+              help="alp, at-alp: weight of the logit pairing ||Z(x) - Z(x_adv)||^2.")
+@click.option("--attention-beta", type=float, default=2.0, show_default=True,
+              help="at-alp: beta, the attention pairing term is beta/2 * sum over conv blocks of ||Q(x) - Q(x_adv)||_2.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Path stem: writes OUT.pt (weights) and OUT.json (config).")
 @click.option("--force", is_flag=True, help="Overwrite existing model files.")
 @json_option
 def train(dataset: str, root: str | None, batch_size: int, seed: int, device: str, epochs: int, lr: float,
-          width: int, out: str, force: bool, as_json: bool) -> None:
+          width: int, objective: str, activation: str, train_samples: int | None, at_eps: str, at_steps: int,
+          at_alpha: str | None, alp_lambda: float, attention_beta: float, out: str, force: bool,
+          as_json: bool) -> None:
     """Train the small CNN on a dataset's train split and save it (weights + JSON config, no pickle).
 
-    For a transfer substitute, train another with a different --seed (and --width).
+    For a transfer substitute, train another with a different --seed (and --width). --objective picks
+    the loss (docs/producers.md, "Training objectives"); --activation jumprelu retrofits JumpReLU.
     """
     from pathlib import Path
 
-    from .datasets import load_dataset
-    from .models import accuracy, save_model, small_cnn_for, train_classifier
+    import torch
 
-    _positive(epochs=epochs, width=width, batch_size=batch_size)
+    from .datasets import load_dataset
+    from .models import accuracy, parse_activation, save_model, small_cnn_for
+    from .training import make_objective, objective_record, train_model, training_subset
+
+    _positive(epochs=epochs, width=width, batch_size=batch_size, train_samples=train_samples)
     if not lr > 0:
         raise ProducerError(f"--lr must be positive, got {lr}")
+    goal = make_objective(objective, eps=_fraction(at_eps, "--at-eps"), steps=at_steps,
+                          alpha=None if at_alpha is None else _fraction(at_alpha, "--at-alpha"),
+                          logit_weight=alp_lambda, attention_weight=attention_beta)
+    act = parse_activation(activation)
     # Before training: both files writable, not being written by another run, not overwritten without --force.
     claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
     train_set, test_set = (load_dataset(dataset, s, root=root) for s in ("train", "test"))
     started = time.perf_counter()
-    model = small_cnn_for(train_set, width=width,
-                          train={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed})
-    train_classifier(model, train_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
-    model.config["test_accuracy"] = accuracy(model, test_set, device=device)
+    torch.manual_seed(seed)  # the initial weights too depend on --seed (a transfer substitute differs by it)
+    model = small_cnn_for(train_set, width=width, activation=act, **goal.model_config())
+    train_set = training_subset(train_set, train_samples, seed)
+    model.config["train"] = objective_record(goal, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                             samples=len(train_set))
+    train_model(model, train_set, goal, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     model.config["train_seconds"] = round(time.perf_counter() - started, 1)
+    model.config["test_accuracy"] = accuracy(model, test_set, device=device)
     weights, config = save_model(model.cpu(), out, overwrite=force)
     result = {"weights": str(weights), "config": str(config), "test_accuracy": model.config["test_accuracy"],
-              "train_seconds": model.config["train_seconds"]}
-    emit(result, as_json, f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs "
-                          f"({result['train_seconds']} s); wrote {weights} and {config}")
+              "train_seconds": model.config["train_seconds"], "objective": goal.name, "samples": len(train_set)}
+    emit(result, as_json, f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs of "
+                          f"{goal.name} on {len(train_set)} images ({result['train_seconds']} s); "
+                          f"wrote {weights} and {config}")
+
+
+def _fraction(raw: str, option: str) -> float:
+    """``"16/255"`` or ``"0.06"`` → float; ProducerError naming `option` otherwise."""
+    try:
+        return float(Fraction(raw.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ProducerError(f"{option} must be a number or a fraction such as 16/255, got {raw!r}") from None
 
 
 def _positive(**values: int | None) -> None:
@@ -438,7 +476,7 @@ def _sample_caps(spec: str) -> dict[str, int]:
 
 
 def _model_metadata(model, spec: str) -> dict[str, Any]:
-    keep = ("arch", "dataset", "num_classes", "test_accuracy", "train_seconds", "train")
+    keep = ("arch", "dataset", "num_classes", "test_accuracy", "train_seconds", "train", "activation", "logit_sign")
     return {"spec": spec, **{k: model.config[k] for k in keep if k in model.config}}
 
 

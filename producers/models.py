@@ -11,6 +11,7 @@ only when one is built, and their weights come from a local file, never a downlo
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import sys
@@ -19,11 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from logitguard._io import atomic_output, refuse_overwrite
 
@@ -47,19 +46,87 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+JUMPRELU_DEFAULT_K = 0.0645  # seed 003 §9.4: the jump its author chose by trial and error
+
+
+class JumpReLU(nn.Module):
+    """JumpReLU (Erichson et al. 2019, seed 003 §9.4): f(z) = z where z > k, else 0.
+
+    A retrofit defense: in training mode it is a plain ReLU (the network learns as usual) and the jump
+    applies only in eval mode, i.e. whenever the model is attacked or exported. With ``random=True``
+    each eval forward draws its own jump k' ~ U(0, 2k) (mean k) from torch's global generator, so
+    ``torch.manual_seed`` makes a run reproducible.
+    """
+
+    def __init__(self, k: float = JUMPRELU_DEFAULT_K, random: bool = False):
+        super().__init__()
+        self.k = float(k)
+        self.random = bool(random)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.relu(z)
+        k = 2.0 * self.k * float(torch.rand(())) if self.random else self.k
+        return z * (z > k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}" + (", random=True" if self.random else "")
+
+
+def parse_activation(spec: str) -> dict[str, Any]:
+    """``relu`` | ``jumprelu[:k][:random]`` → the JSON config entry, e.g. ``{"name": "jumprelu",
+    "k": 0.0645, "random": False}``; ProducerError for anything else."""
+    name, *rest = spec.strip().split(":")
+    usage = "--activation takes relu or jumprelu[:k][:random] (e.g. jumprelu:0.0645:random)"
+    if name == "relu" and not rest:
+        return {"name": "relu"}
+    if name != "jumprelu" or len(rest) > 2:
+        raise ProducerError(f"{usage}, got {spec!r}")
+    random = bool(rest) and rest[-1] == "random"
+    if random:
+        rest = rest[:-1]
+    if len(rest) > 1:
+        raise ProducerError(f"{usage}, got {spec!r}")
+    if not rest:
+        return {"name": "jumprelu", "k": JUMPRELU_DEFAULT_K, "random": random}
+    try:
+        k = float(rest[0])
+    except ValueError:
+        raise ProducerError(f"{usage}: the jump k must be a number, got {rest[0]!r}") from None
+    if not (math.isfinite(k) and k > 0):
+        raise ProducerError(f"{usage}: the jump k must be a positive finite number, got {rest[0]!r}")
+    return {"name": "jumprelu", "k": k, "random": random}
+
+
+def _activation(config: Mapping[str, Any] | None) -> nn.Module:
+    """The activation module a config entry (see `parse_activation`; None: ReLU) describes."""
+    if config is None or config.get("name") == "relu":
+        return nn.ReLU()
+    if config.get("name") == "jumprelu":
+        k = config.get("k", JUMPRELU_DEFAULT_K)
+        if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
+            raise ProducerError(f"jumprelu needs a positive jump k, got {k!r}")
+        return JumpReLU(k, bool(config.get("random", False)))
+    raise ProducerError(f"unknown activation {config!r}; known: relu, jumprelu")
+
+
 class SmallCNN(nn.Module):
     """conv(w)-pool-conv(2w)-pool-fc128-fc(C). With w=32, about 91% on Fashion-MNIST after a few CPU
     epochs, at ~8.5 MFLOPs per 28x28 image: cheap enough to attack tens of thousands of images on 2 cores.
+
+    `activation` (a `parse_activation` entry) replaces every ReLU, e.g. by `JumpReLU`; it has no weights,
+    so the state dict is the same whatever the activation.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32,
+                 activation: Mapping[str, Any] | None = None):
         super().__init__()
         h, w = image_size
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, width, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * width * (h // 4) * (w // 4), 128), nn.ReLU(),
+            nn.Linear(2 * width * (h // 4) * (w // 4), 128), _activation(activation),
         )
         self.head = nn.Linear(128, num_classes)
 
@@ -70,17 +137,24 @@ class SmallCNN(nn.Module):
 class ImageClassifier(nn.Module):
     """Normalisation + network: maps images (N, C, H, W) in [0, 1] to logits (N, num_classes).
 
-    `config` is the JSON-ready description `load_model` rebuilds it from.
+    `config` is the JSON-ready description `load_model` rebuilds it from. ``config["logit_sign"] == -1``
+    (an RCE-trained network, seed 001) makes `forward` return the negated network output, the logits RCE
+    predicts from at test time, so attacks and exports see an ordinary classifier.
     """
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float], config: dict[str, Any]):
         super().__init__()
+        sign = config.get("logit_sign", 1)
+        if sign not in (1, -1):
+            raise ProducerError(f"logit_sign must be 1 or -1, got {sign!r}")
         self.normalize = Normalize(mean, std)
         self.net = net
+        self.logit_sign = int(sign)
         self.config = dict(config, mean=list(mean), std=list(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        logits = self.net(self.normalize(x))
+        return -logits if self.logit_sign < 0 else logits
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor | None:
         """Penultimate-layer features (N, F): the input of the final linear layer; None without one."""
@@ -151,7 +225,7 @@ def _build_net(config: dict[str, Any]) -> nn.Module:
     arch = config.get("arch")
     if arch == "small-cnn":
         return SmallCNN(config["in_channels"], config["num_classes"], tuple(config["image_size"]),
-                        config.get("width", 32))
+                        config.get("width", 32), config.get("activation"))
     if arch in ZOO_ARCHS:
         return getattr(import_torchvision().models, arch)(weights=None, num_classes=config["num_classes"])
     raise ProducerError(f"unknown model architecture {arch!r}; known: {['small-cnn', *ZOO_ARCHS]}")
@@ -160,8 +234,8 @@ def _build_net(config: dict[str, Any]) -> nn.Module:
 def build_model(config: dict[str, Any]) -> ImageClassifier:
     """An untrained model from a config (``arch`` plus its arguments, ``mean``, ``std``).
 
-    ``arch`` is ``small-cnn`` (``in_channels``, ``num_classes``, ``image_size``, optional ``width``) or a
-    torchvision architecture in `ZOO_ARCHS` (``num_classes``; ImageNet's ``mean`` and ``std``).
+    ``arch`` is ``small-cnn`` (``in_channels``, ``num_classes``, ``image_size``, optional ``width`` and
+    ``activation``, see `parse_activation`) or a torchvision architecture in `ZOO_ARCHS` (``num_classes``; ImageNet's ``mean`` and ``std``).
     """
     return ImageClassifier(_build_net(config), config["mean"], config["std"], config)
 
@@ -261,24 +335,14 @@ def train_classifier(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> nn.Module:
-    """Train `model` with Adam and cross-entropy on `data`; deterministic given `seed` on the CPU."""
-    torch.manual_seed(seed)
-    order_rng = np.random.default_rng(seed)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    labels = torch.as_tensor(data.labels)
-    bar = tqdm(total=epochs * len(data), desc="train", unit="img", disable=not progress)
-    for _ in range(epochs):
-        order = order_rng.permutation(len(data))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            x, y = data.load(idx).to(device), labels[idx].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            bar.update(len(idx))
-    bar.close()
-    return model.eval()
+    """Train `model` with Adam and cross-entropy on `data`; deterministic given `seed` on the CPU.
+
+    The ``ce`` objective of `producers.training.train_model`, which has the others (RCE, PGD-AT, ALP, …).
+    """
+    from .training import train_model
+
+    return train_model(model, data, "ce", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       device=device, progress=progress)
 
 
 @torch.no_grad()
