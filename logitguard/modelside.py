@@ -75,7 +75,12 @@ def _describe(name: str, table: LogitTable) -> dict[str, Any]:
     model = dict(table.metadata.get("model") or {})
     train = dict(model.get("train") or {})
     test = table.select(split="test", attacks=CLEAN)
-    return {"model": name, "objective": train.get("objective", "ce"), "activation": train.get("activation", "relu"),
+    objective = train.get("objective") or {"name": "ce"}
+    activation = model.get("activation") or {"name": "relu"}
+    activation = ":".join(str(activation[k]) for k in ("name", "k") if k in activation) + (
+        ":random" if activation.get("random") else "")
+    return {"model": name, "objective": objective["name"] if isinstance(objective, dict) else str(objective),
+            "activation": activation,
             "train": train, "test_accuracy_full": model.get("test_accuracy"),
             "train_seconds": model.get("train_seconds", train.get("seconds")),
             "clean_accuracy": float((test.logits.argmax(1) == test.labels).mean()), "test_samples": len(test)}

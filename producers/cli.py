@@ -117,6 +117,44 @@ def _fraction(raw: str, option: str) -> float:
         raise ProducerError(f"{option} must be a number or a fraction such as 16/255, got {raw!r}") from None
 
 
+@main.command()
+@dataset_options
+@click.option("--model", "model_spec", required=True, help="Path stem of a saved small CNN (from `train`).")
+@click.option("--activation", required=True, help="relu or jumprelu[:k][:random] (e.g. jumprelu:0.0645).")
+@click.option("--device", default="cpu", show_default=True, help="For measuring the test accuracy.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Path stem for the new model.")
+@click.option("--force", is_flag=True, help="Overwrite existing model files.")
+@json_option
+def retrofit(dataset: str, root: str | None, model_spec: str, activation: str, device: str, out: str, force: bool,
+             as_json: bool) -> None:
+    """A saved model's weights with another activation, e.g. JumpReLU (seed 003: a retrofit, no training).
+
+    The activation has no weights, so the state dict is reused as it is; the new model's JSON records where
+    it came from and its own test accuracy.
+    """
+    from pathlib import Path
+
+    from .datasets import load_dataset
+    from .models import accuracy, build_model, load_model, parse_activation, save_model
+
+    entry = parse_activation(activation)
+    claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
+    source = load_model(model_spec)
+    if source.config.get("arch") != "small-cnn":
+        raise ProducerError(f"retrofit applies to the small CNN; {model_spec} is a {source.config.get('arch')!r}")
+    config = {k: v for k, v in source.config.items() if k not in ("test_accuracy",)}
+    model = build_model({**config, "activation": entry, "retrofit": {"from": model_spec, "activation": entry}})
+    model.load_state_dict(source.state_dict())
+    model.config["test_accuracy"] = accuracy(model.to(device).eval(), load_dataset(dataset, "test", root=root),
+                                             device=device)
+    weights, config_path = save_model(model.cpu(), out, overwrite=force)
+    result = {"weights": str(weights), "config": str(config_path), "test_accuracy": model.config["test_accuracy"],
+              "source_test_accuracy": source.config.get("test_accuracy")}
+    emit(result, as_json, f"test accuracy {100 * result['test_accuracy']:.2f}% with {activation} (was "
+                          f"{100 * (result['source_test_accuracy'] or float('nan')):.2f}%); wrote {weights} and "
+                          f"{config_path}")
+
+
 def _positive(**values: int | None) -> None:
     """ProducerError naming the option when a count is below 1 (None: not given)."""
     for name, value in values.items():

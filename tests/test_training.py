@@ -165,6 +165,32 @@ def test_cli_trains_an_adversarial_jumprelu_model_and_records_it(tmp_path):
     assert metadata["activation"] == config["activation"] and metadata["train"]["objective"]["name"] == "pgd-at"
 
 
+def test_retrofit_keeps_the_weights_and_applies_the_jump_at_inference(tmp_path):
+    source, out = tmp_path / "m", tmp_path / "j"
+    trained = CliRunner().invoke(main, ["train", "--dataset", "digits", "--epochs", "2", "--width", "4",
+                                        "--out", str(source)])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(main, ["retrofit", "--dataset", "digits", "--model", str(source),
+                                       "--activation", "jumprelu:0.5", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    before, after = load_model(source), load_model(out)
+    assert all(torch.equal(before.state_dict()[k], v) for k, v in after.state_dict().items())
+    assert after.config["retrofit"] == {"from": str(source), "activation": {"name": "jumprelu", "k": 0.5,
+                                                                           "random": False}}
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        h = before.normalize(x)
+        for layer in before.net.features:  # the CE model with every ReLU replaced by the jump, by hand
+            h = h * (h > 0.5) if isinstance(layer, torch.nn.ReLU) else layer(h)
+        expected = before.net.head(h)
+        assert not torch.allclose(before(x), expected, atol=1e-5)  # the jump changes the outputs
+        assert torch.allclose(after(x), expected, atol=1e-5)
+    assert json.loads(result.stdout)["test_accuracy"] == after.config["test_accuracy"]
+    again = CliRunner().invoke(main, ["retrofit", "--dataset", "digits", "--model", str(source),
+                                      "--activation", "jumprelu:0.5", "--out", str(out)])
+    assert again.exit_code != 0 and "Error: refusing to overwrite" in again.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--objective", "mixup"], "Error: unknown --objective 'mixup'; known: ce, rce, pgd-at, alp, at-alp"),
     (["--activation", "jumprelu:-0.1"], "Error: --activation takes relu or jumprelu[:k][:random] (e.g. "
