@@ -37,38 +37,45 @@ _NEEDS = {"kdensity": "features", "insen": "insen", "external": "external_score"
 
 
 def compare_models(
-    models: Mapping[str, tuple[str | os.PathLike, str | os.PathLike]],
+    models: Mapping[str, tuple[str | os.PathLike, str | os.PathLike | None]],
     *,
     pipeline: str = RECOMMENDED_PIPELINE,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
 ) -> dict[str, Any]:
     """``{name: (table, manifest)}`` → a JSON-ready dict: ``models`` (one entry per model: what it is,
-    clean accuracy), ``threat`` (records: model, pipeline, threat_model, eps, robust_accuracy, …) and
-    ``detection`` (records: model, detector, attack, threat_model, auroc, positives)."""
+    clean accuracy), ``threat`` (records: model, pipeline, threat_model, eps, robust_accuracy, …),
+    ``detection`` (records: model, detector, attack, threat_model, eps, auroc, positives) and ``external``
+    (an image-space system's rectified labels, where the table has them: `external_accuracy`).
+
+    A model without a manifest (None) gives detection figures only; its table needs no train split then.
+    """
     from .detectors import load_detector
     from .pipelines import load_pipelines
 
     if not models:
         raise LogitguardError("give at least one model (NAME=TABLE:MANIFEST)")
-    described, threat, detection = [], [], []
+    described, threat, detection, external = [], [], [], []
     for name, (table_path, manifest) in models.items():
         table = read_table(table_path)
-        if "test" not in table.splits or "train" not in table.splits:
-            raise LogitguardError(f"{table_path}: a compared model's table needs a train and a test split, "
-                                  f"it has {table.splits}")
-        specs = load_pipelines(manifest)
-        if pipeline not in specs:
-            raise LogitguardError(f"{manifest} has no pipeline {pipeline!r}; it has {sorted(specs)}")
+        if "test" not in table.splits or (manifest is not None and "train" not in table.splits):
+            raise LogitguardError(f"{table_path}: a compared model's table needs a test split (and a train split "
+                                  f"to fit on when a manifest is given), it has {table.splits}")
         described.append(_describe(name, table))
-        # A saved detector of a compared kind (e.g. the kdensity one the adaptive attack aimed at) is used as is.
-        saved = {n: load_detector(spec.detector) for n, spec in specs.items()
-                 if n in DETECTORS and spec.detector is not None}
-        frame = threat_model_table(table, {pipeline: specs[pipeline].build()}, budgets=budgets, split="test")
-        frame.insert(0, "model", name)
-        threat += to_records(frame.assign(attacks=frame["attacks"].map(list)))
+        saved = {}
+        if manifest is not None:
+            specs = load_pipelines(manifest)
+            if pipeline not in specs:
+                raise LogitguardError(f"{manifest} has no pipeline {pipeline!r}; it has {sorted(specs)}")
+            # A saved detector of a compared kind (the kdensity one the adaptive attack aimed at) is used as is.
+            saved = {n: load_detector(spec.detector) for n, spec in specs.items()
+                     if n in DETECTORS and spec.detector is not None}
+            frame = threat_model_table(table, {pipeline: specs[pipeline].build()}, budgets=budgets, split="test")
+            frame.insert(0, "model", name)
+            threat += to_records(frame.assign(attacks=frame["attacks"].map(list)))
         detection += detection_aurocs(table, name, saved)
+        external += external_accuracy(table, name)
     return {"pipeline": pipeline, "budgets": list(budgets), "models": described, "threat": threat,
-            "detection": detection}
+            "detection": detection, "external": external}
 
 
 def _describe(name: str, table: LogitTable) -> dict[str, Any]:
@@ -92,7 +99,8 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
     on the train split with their defaults."""
     from .detectors import KINDS, make_detector
 
-    train, test = table.select(split="train"), table.select(split="test")
+    test = table.select(split="test")
+    train = table.select(split="train") if "train" in table.splits else None
     scorers = {}
     for detector in DETECTORS:
         column = _NEEDS.get(detector)
@@ -104,9 +112,11 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
         if detector in (saved or {}):
             scorers[detector] = saved[detector].score_table
             continue
-        if detector not in KINDS:
-            continue
-        fitted = make_detector(detector).fit_table(train, attacks=[a for a in train.attacks if a != CLEAN] or None)
+        if detector not in KINDS or (train is None and detector in _NEEDS):
+            continue  # the learned detectors need a train split
+        fit_on = test if train is None else train  # the fixed scores only need clean rows to calibrate on
+        fitted = make_detector(detector).fit_table(fit_on, attacks=[a for a in fit_on.attacks if a != CLEAN] or None,
+                                                   split=None)
         scorers[detector] = fitted.score_table
     records = []
     for attack in test.attacks:
@@ -122,8 +132,43 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
         for detector, score in scorers.items():
             value = auroc(np.asarray(score(negatives)), np.asarray(score(positives)))
             records.append({"model": name, "detector": detector, "attack": attack, "threat_model": entry["model"],
+                            "target": entry.get("target"), "eps": _eps(test.metadata, attack),
                             "auroc": None if np.isnan(value) else float(value), "positives": int(fooled.sum())})
     return records
+
+
+def external_accuracy(table: LogitTable, name: str = "") -> list[dict[str, Any]]:
+    """Per test attack, for a table with an image-space system's columns (``external_score``,
+    ``external_label``; e.g. GRED): accuracy of the system's rectified label on every attacked row, and of
+    its pipeline (the rectified label where ``external_score`` > 0.5, else the model's) on attacked and
+    clean rows. Empty without those columns."""
+    if "external_label" not in table.columns:
+        return []
+    test = table.select(split="test")
+    records = []
+    for attack in test.attacks:
+        if attack == CLEAN:
+            continue
+        clean_rows, attacked_rows = pair_rows(test, attack)
+        labels = test.labels[attacked_rows]
+        rectified, score = test.column("external_label"), test.column("external_score")
+        pipeline = np.where(score > 0.5, rectified, test.logits.argmax(1))
+        records.append({
+            "model": name, "attack": attack, "threat_model": threat_of(test.metadata, attack)["model"],
+            "eps": _eps(test.metadata, attack), "rows": len(attacked_rows),
+            "model_accuracy": float((test.logits[attacked_rows].argmax(1) == labels).mean()),
+            "rectified_accuracy": float((rectified[attacked_rows] == labels).mean()),
+            "pipeline_accuracy": float((pipeline[attacked_rows] == labels).mean()),
+            "pipeline_clean_accuracy": float((pipeline[clean_rows] == test.labels[clean_rows]).mean()),
+            "detection_rate": float((score[attacked_rows] > 0.5).mean()),
+            "false_positive_rate": float((score[clean_rows] > 0.5).mean())})
+    return records
+
+
+def _eps(metadata: Mapping[str, Any], attack: str) -> float | None:
+    """The attack's L-inf budget from its threat entry or its parameters (None: unbounded)."""
+    eps = threat_of(metadata, attack).get("eps", (metadata.get("attacks") or {}).get(attack, {}).get("eps"))
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ()) -> list[str]:
@@ -143,39 +188,57 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
                          percent(r.test_accuracy_full if r.test_accuracy_full is not None else r.clean_accuracy),
                          "–" if pd.isna(r.train_seconds) else f"{r.train_seconds:.0f}"] for r in models.itertuples()])
     lines += [""]
-    tiers = [t for t in ("oblivious", "transfer", "surrogate", "adaptive") if t in set(threat["threat_model"])]
-    view = threat.pivot_table(index=["model", "pipeline"], columns=["eps", "threat_model"], values="robust_accuracy",
-                              sort=False)
-    header = ["model", "defense", "clean", "coverage"]
-    keys = [(eps, tier) for eps in sorted(set(threat["eps"])) for tier in tiers if (eps, tier) in view.columns]
-    header += [f"{tier} {format_budget(eps)}" for eps, tier in keys]
-    budgets = sorted(set(threat["eps"]))
-    header += [f"**lowest, all samples {format_budget(eps)}**" for eps in budgets]
-    share = dict(zip(models["model"], models["clean_accuracy"]))
-    base = threat.groupby(["model", "pipeline"], sort=False)[["clean_accuracy", "coverage"]].first()
-    rows = []
-    for (model, defense), values in view.iterrows():
-        rows.append([model, defense, percent(base.at[(model, defense), "clean_accuracy"]),
-                     percent(base.at[(model, defense), "coverage"]),
-                     *("–" if pd.isna(values[k]) else percent(values[k]) for k in keys),
-                     *(percent(share[model] * values[[k for k in keys if k[0] == eps]].min()) for eps in budgets)])
-    lines += [f"**Robust accuracy per threat model** (per-sample worst case; `{NO_DEFENSE}` = the model alone, "
-              f"`{pipeline}` = with the logit pipeline; on the test samples the model gets right clean. The last "
-              "columns are the headline: the lowest of those figures, as a share of *all* test samples "
-              "(so a robust model's lower clean accuracy counts against it)", ""]
-    lines += _markdown(header, rows) + [""]
+    if not threat.empty:
+        tiers = [t for t in ("oblivious", "transfer", "surrogate", "adaptive") if t in set(threat["threat_model"])]
+        view = threat.pivot_table(index=["model", "pipeline"], columns=["eps", "threat_model"], values="robust_accuracy",
+                                  sort=False)
+        header = ["model", "defense", "clean", "coverage"]
+        keys = [(eps, tier) for eps in sorted(set(threat["eps"])) for tier in tiers if (eps, tier) in view.columns]
+        header += [f"{tier} {format_budget(eps)}" for eps, tier in keys]
+        budgets = sorted(set(threat["eps"]))
+        header += [f"**lowest, all samples {format_budget(eps)}**" for eps in budgets]
+        share = dict(zip(models["model"], models["clean_accuracy"]))
+        base = threat.groupby(["model", "pipeline"], sort=False)[["clean_accuracy", "coverage"]].first()
+        rows = []
+        for (model, defense), values in view.iterrows():
+            rows.append([model, defense, percent(base.at[(model, defense), "clean_accuracy"]),
+                         percent(base.at[(model, defense), "coverage"]),
+                         *("–" if pd.isna(values[k]) else percent(values[k]) for k in keys),
+                         *(percent(share[model] * values[[k for k in keys if k[0] == eps]].min()) for eps in budgets)])
+        lines += [f"**Robust accuracy per threat model** (per-sample worst case; `{NO_DEFENSE}` = the model alone, "
+                  f"`{pipeline}` = with the logit pipeline; on the test samples the model gets right clean. The last "
+                  "columns are the headline: the lowest of those figures, as a share of *all* test samples "
+                  "(so a robust model's lower clean accuracy counts against it)", ""]
+        lines += _markdown(header, rows) + [""]
     detection = pd.DataFrame(results["detection"])
     if not detection.empty:
-        view = detection.pivot_table(index=["attack", "model"], columns="detector", values="auroc", sort=False)
+        # Seed 001's view: the oblivious and transfer attacks at the threat budgets (or unbounded), and the
+        # white-box attack aimed at K-density; not the small sweep points or attacks aimed at other pipelines.
+        keep = (detection["threat_model"].isin(["oblivious", "transfer"])
+                & (detection["eps"].isna() | (detection["eps"] >= min(results["budgets"]) - 1e-6)))
+        keep |= (detection["threat_model"] == "adaptive") & (detection["target"] == "kdensity")
+        view = detection[keep].pivot_table(index=["attack", "model"], columns="detector", values="auroc", sort=False)
         view = view[[d for d in DETECTORS if d in view.columns]]
         lines += ["**Detector AUROC** (seed 001's Table 2 setting: attacked rows of samples the model gets right "
                   "clean and wrong attacked, against their clean rows; ×100). `msp` = confidence, `kdensity` = "
                   "kernel density of the penultimate layer at the predicted class, `insen` = the logistic "
                   "detector on the exported input-sensitivity statistics, `external` = GRED's image-space "
-                  "detector where exported.", ""]
+                  "detector where exported. `adaptive.kdensity.evade.*` is the white-box attack on K-density "
+                  "(seed 001's C&W-wb).", ""]
         lines += _markdown(["attack", "model", *view.columns],
                            [[a, m, *("–" if pd.isna(v) else f"{100 * v:.1f}" for v in values)]
                             for (a, m), values in zip(view.index, view.to_numpy())]) + [""]
+    external = pd.DataFrame(results.get("external") or [])
+    if not external.empty:
+        lines += ["**GRED** (seed 002, image-space, trained in the producer; oblivious = grey-box: the attacker "
+                  "ignores GRED). Rectified: the rectifier's label on every attacked row; pipeline: the rectified "
+                  "label where GRED's detector fires (score > 0.5), else the model's.", ""]
+        lines += _markdown(["model", "attack", "threat model", "model", "rectified", "pipeline", "pipeline on clean",
+                            "detected", "clean flagged"],
+                           [[r.model, r.attack, r.threat_model, percent(r.model_accuracy),
+                             percent(r.rectified_accuracy), percent(r.pipeline_accuracy),
+                             percent(r.pipeline_clean_accuracy), percent(r.detection_rate),
+                             percent(r.false_positive_rate)] for r in external.itertuples()]) + [""]
     for curve in curves:
         lines += [f"![robustness curve]({curve})", ""]
     return lines
@@ -186,15 +249,16 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
 
 
-def parse_model_specs(items: Sequence[str]) -> dict[str, tuple[Path, Path]]:
-    """``["ce=work/ce-table:work/ce-defenses/defenses.json", …]`` → ``{"ce": (table, manifest)}``."""
-    out: dict[str, tuple[Path, Path]] = {}
+def parse_model_specs(items: Sequence[str]) -> dict[str, tuple[Path, Path | None]]:
+    """``["ce=work/ce-table:work/ce-defenses/defenses.json", "gred=work/gred-table", …]`` →
+    ``{"ce": (table, manifest), "gred": (table, None)}`` (no manifest: detection figures only)."""
+    out: dict[str, tuple[Path, Path | None]] = {}
     for item in items:
         name, sep, rest = item.partition("=")
-        table, colon, manifest = rest.rpartition(":")
-        if not sep or not name or not colon or not table or not manifest:
-            raise LogitguardError(f"model {item!r} must look like NAME=TABLE:MANIFEST")
+        table, colon, manifest = rest.rpartition(":") if ":" in rest else (rest, "", None)
+        if not sep or not name or not table or (colon and not manifest):
+            raise LogitguardError(f"model {item!r} must look like NAME=TABLE:MANIFEST or NAME=TABLE")
         if name in out:
             raise LogitguardError(f"model name {name!r} given twice")
-        out[name] = (Path(table), Path(manifest))
+        out[name] = (Path(table), None if manifest is None else Path(manifest))
     return out

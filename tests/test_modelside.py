@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from logitguard import LogitguardError
+from logitguard import LogitguardError, LogitTable
 from logitguard.cli import main
 from logitguard.detectors import make_detector
 from logitguard.metrics import auroc
@@ -71,8 +72,37 @@ def test_report_lines_and_cli(digits_split_dir, manifest, tmp_path):
 
 def test_model_specs_are_checked():
     assert parse_model_specs(["ce=a/t:b/d.json"]) == {"ce": (Path("a/t"), Path("b/d.json"))}
-    for bad in (["ce"], ["ce=table"], ["=t:m"], ["a=t:m", "a=u:n"]):
+    assert parse_model_specs(["g=t"]) == {"g": (Path("t"), None)}
+    for bad in (["ce"], ["ce=t:"], ["=t:m"], ["a=t:m", "a=u:n"]):
         with pytest.raises(LogitguardError):
             parse_model_specs(bad)
     with pytest.raises(LogitguardError, match="at least one"):
         compare_models({})
+
+
+def test_external_system_figures_by_hand(digits_split_table, tmp_path):
+    from logitguard import write_table
+    from logitguard.modelside import external_accuracy
+
+    test = digits_split_table.select(split="test")
+    rng = np.random.default_rng(0)
+    score = rng.random(len(test)).astype(np.float32)
+    rectified = np.where(rng.random(len(test)) < 0.7, test.labels, (test.labels + 1) % 10)
+    arrays = {c: getattr(test, c) for c in ("logits", "sample_id", "split", "attack", "noisy_logits")}
+    table = LogitTable.from_arrays(**arrays, label=test.labels, external_score=score, external_label=rectified,
+                                   metadata=test.metadata)
+    records = {r["attack"]: r for r in external_accuracy(table, "g")}
+    assert set(records) == {"fgsm", "bim"}
+    rows = table.attack == "bim"
+    defended = np.where(score > 0.5, rectified, table.logits.argmax(1))
+    assert records["bim"]["rectified_accuracy"] == pytest.approx((rectified[rows] == table.labels[rows]).mean())
+    assert records["bim"]["pipeline_accuracy"] == pytest.approx((defended[rows] == table.labels[rows]).mean())
+    assert records["bim"]["detection_rate"] == pytest.approx((score[rows] > 0.5).mean())
+    clean = table.attack == "clean"
+    assert records["bim"]["false_positive_rate"] == pytest.approx((score[clean] > 0.5).mean())
+    # A table without a manifest (and without a train split) gives detection and external figures only.
+    path = tmp_path / "g"
+    write_table(table, path, partition_by=("split", "attack"))
+    results = compare_models({"g": (path, None)}, budgets=(DIGITS_EPS,))
+    assert results["threat"] == [] and {r["detector"] for r in results["detection"]} == {"msp", "nonme", "external"}
+    assert "**GRED**" in "\n".join(format_model_side(results))
