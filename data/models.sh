@@ -76,4 +76,14 @@ m, d = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": d, "on_flag": "rejec
     SPECS+=("$M=$TABLE:$DEFENSES/defenses.json")
     $BIN/logitguard curve "$TABLE" --defense "$DEFENSES/defenses.json:ln-reject" --out "data/models/curves/$M" --force
 done
+# GRED (seed 002) protects the CE model in image space; its verdicts go into a table of their own (test split;
+# the attacker ignores GRED: grey-box, our "oblivious").
+if [[ " $MODELS " == *" ce "* ]]; then
+    GRED=$WORK/ce-gred
+    test -f "$GRED.pt" || $BIN/logitguard-produce gred $COMMON --model data/fashion-mnist-cnn --out "$GRED"
+    $BIN/logitguard-produce export $COMMON --model data/fashion-mnist-cnn --splits test --test-samples "$N_TEST" \
+        --attacks clean,cw-hc=cw --param cw-hc.confidence=10 --sweep pgd.eps=8/255,16/255 --external "gred:$GRED" \
+        --noise-queries 0 --out "$WORK/ce-gred-table"
+    SPECS+=("ce+gred=$WORK/ce-gred-table")
+fi
 $BIN/logitguard compare-models "${SPECS[@]}" --out data/models/comparison.json --force
