@@ -188,7 +188,12 @@ class Detector(Estimator):
         labels = np.concatenate([p.labels for p in parts]) if table.has_labels else None
         groups = np.concatenate([p.sample_id for p in parts])
         inputs = None if self.input_column is None else np.concatenate([self._table_inputs(p) for p in parts])
-        return self.fit(logits, attacked, labels=labels, noisy_logits=noisy, groups=groups, features=inputs)
+        return self.fit(logits, attacked, labels=labels, noisy_logits=noisy, groups=groups, features=inputs,
+                        **self._table_fit_options(table))
+
+    def _table_fit_options(self, table: LogitTable) -> dict[str, Any]:
+        """Extra keywords `fit_table` passes to `fit`, read from the table (the odds test: its noise kinds)."""
+        return {}
 
     # A streamed fit holds the rows it learns from (`_fit_stream`) up to about this many bytes of features.
     stream_fit_bytes: ClassVar[int] = 256 << 20

@@ -199,6 +199,8 @@ class _OddsFeatures(_Mirror):
 
     def __init__(self, odds: OddsTest) -> None:
         odds._check_moments()
+        if getattr(odds, "aggregation", "query") != "query" and odds.noise:
+            raise ProducerError(f"the odds mirror z-scores each query; aggregation={odds.aggregation!r} is not mirrored")
         super().__init__(odds.mean_.shape[0])
         self.needs_noise = odds.noise
         self.queries = odds.mean_.shape[1]
@@ -387,6 +389,8 @@ class OddsCorrectorMirror(CorrectorMirror):
     """
 
     def __init__(self, odds: OddsTest) -> None:
+        if odds.correction not in ("argmax", "logistic"):
+            raise ProducerError(f"correction={odds.correction!r} is not mirrored (only 'argmax' and 'logistic')")
         super().__init__(odds.mean_.shape[0])
         self.needs_noise, self.correction = odds.noise, odds.correction
         self.odds = _OddsFeatures(odds)
