@@ -5,8 +5,10 @@
 # data/models/comparison.json and `logitguard curve` the robustness curves in data/models/curves/.
 #   data/models.sh [DEVICE]      DEVICE: cpu (default) or cuda
 # Environment: WORK (models, tables, defenses; default models-work/, not in git), MODELS (default all five),
-# TRAIN_SAMPLES (train rows per table, default 3000), TEST_SAMPLES (default 500), STEPS (adaptive, default 50),
-# ROOT (Fashion-MNIST IDX folder).
+# TRAIN_SAMPLES (train rows per table, default 3000), TEST_SAMPLES (oblivious and transfer, default 500),
+# THREAT_SAMPLES (adaptive and surrogate, the first of those; default 200), STEPS and RESTARTS of the
+# defense-aware attacks (default 30 and 1: a CPU budget; data/threat.sh uses 100 and 2), COMPARE=0 to skip
+# GRED and the final comparison (when models run in parallel), ROOT (Fashion-MNIST IDX folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cpu}
@@ -56,7 +58,8 @@ for M in $MODELS; do
         --sweep pgd.eps=8/255,16/255 --substitute data/fashion-mnist-substitute $COLUMNS --out "$TABLE"
     test -f "$DEFENSES/defenses.json" || $BIN/logitguard fit-pipelines "$TABLE" --out "$DEFENSES"
     THROUGH="$COMMON --model $STEM --defenses $DEFENSES/defenses.json --budgets 16/255,8/255
-             --test-samples $N_TEST --param steps=${STEPS:-50} --batch-size 500"
+             --test-samples ${THREAT_SAMPLES:-200} --param steps=${STEPS:-30} --param restarts=${RESTARTS:-1}
+             --batch-size 200"
     # Adaptive: white-box on the bare model, and through the pipeline's own files.
     $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines none,ln-reject \
         --attacks routes,defended-pgd --out "$TABLE"
@@ -65,17 +68,22 @@ for M in $MODELS; do
         --attacker-samples "$N_TRAIN" --attacker-attacks clean,pgd --workdir "$WORK/$M-surrogate" --out "$TABLE"
     # White-box against K-density (seed 001's C&W-wb, as `evade`): the detector, fitted on the train split
     # with seed 001's bandwidth (sigma^2 = 0.1/0.26 for RCE, 1/0.26 otherwise), joins the manifest as `kdensity`.
+    # The insen detector likewise (its mirror differentiates the InSen statistics: double backpropagation).
     if [ ! -f "$DEFENSES/kdensity.npz" ]; then
         $BIN/logitguard fit-detector "$TABLE" --kind kdensity --sigma2 "$([ "$M" = rce ] && echo 0.3846 || echo 3.846)" \
             --out "$DEFENSES/kdensity.npz"
+        $BIN/logitguard fit-detector "$TABLE" --kind insen --out "$DEFENSES/insen.npz"
         $BIN/python -c 'import sys; from logitguard.pipelines import load_pipelines as l, save_pipelines as s
-m, d = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": d, "on_flag": "reject"}}, overwrite=True)' \
-            "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz"
+m, k, i = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": k, "on_flag": "reject"},
+                              "insen": {"detector": i, "on_flag": "reject"}}, overwrite=True)' \
+            "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz" "$DEFENSES/insen.npz"
     fi
-    $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines kdensity --attacks evade --out "$TABLE"
+    $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines kdensity,insen --attacks evade \
+        --out "$TABLE"
     SPECS+=("$M=$TABLE:$DEFENSES/defenses.json")
     $BIN/logitguard curve "$TABLE" --defense "$DEFENSES/defenses.json:ln-reject" --out "data/models/curves/$M" --force
 done
+test "${COMPARE:-1}" = 1 || exit 0
 # GRED (seed 002) protects the CE model in image space; its verdicts go into a table of their own (test split;
 # the attacker ignores GRED: grey-box, our "oblivious").
 if [[ " $MODELS " == *" ce "* ]]; then

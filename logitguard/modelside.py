@@ -213,10 +213,11 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
     detection = pd.DataFrame(results["detection"])
     if not detection.empty:
         # Seed 001's view: the oblivious and transfer attacks at the threat budgets (or unbounded), and the
-        # white-box attack aimed at K-density; not the small sweep points or attacks aimed at other pipelines.
+        # white-box attacks aimed at K-density and InSen; not the small sweep points or attacks aimed at the
+        # logit pipelines (their figures are in the robust-accuracy table).
         keep = (detection["threat_model"].isin(["oblivious", "transfer"])
                 & (detection["eps"].isna() | (detection["eps"] >= min(results["budgets"]) - 1e-6)))
-        keep |= (detection["threat_model"] == "adaptive") & (detection["target"] == "kdensity")
+        keep |= (detection["threat_model"] == "adaptive") & detection["target"].isin(["kdensity", "insen"])
         view = detection[keep].pivot_table(index=["attack", "model"], columns="detector", values="auroc", sort=False)
         view = view[[d for d in DETECTORS if d in view.columns]]
         lines += ["**Detector AUROC** (seed 001's Table 2 setting: attacked rows of samples the model gets right "
@@ -224,7 +225,8 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
                   "kernel density of the penultimate layer at the predicted class, `insen` = the logistic "
                   "detector on the exported input-sensitivity statistics, `external` = GRED's image-space "
                   "detector where exported. `adaptive.kdensity.evade.*` is the white-box attack on K-density "
-                  "(seed 001's C&W-wb).", ""]
+                  "(seed 001's C&W-wb), `adaptive.insen.evade.*` the one on the insen detector (double "
+                  "backpropagation through the InSen statistics); read their own detector's column.", ""]
         lines += _markdown(["attack", "model", *view.columns],
                            [[a, m, *("–" if pd.isna(v) else f"{100 * v:.1f}" for v in values)]
                             for (a, m), values in zip(view.index, view.to_numpy())]) + [""]
