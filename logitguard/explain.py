@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .corrector import LogitCorrector, _Dropout
+from ._corrector_net import _Dropout
+from .corrector import LogitCorrector
 from .errors import LogitguardError
 from .evaluate import select_attacks
 from .tables import CLEAN, LogitTable
