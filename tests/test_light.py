@@ -149,6 +149,7 @@ def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
         from logitguard.corrector import LogitCorrector
         from logitguard.errors import LogitguardError
         for action in (lambda: LogitCorrector(hidden=4, epochs=1).fit_table(read(), "fgsm", split="test"),
+                       lambda: __import__("logitguard.explain"),
                        lambda: LogitCorrector.load(sys.argv[1])):
             try:
                 action()
@@ -161,8 +162,8 @@ def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
     result = run_without_torch(code, str(REPO / "data/defenses/corrector-pgd.pt"), str(table))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 and all("needs torch" in line and "logitguard[train]" in line for line in lines)
-    assert "legacy torch .pt format" in lines[1] and ".npz" in lines[1]
+    assert len(lines) == 3 and all("needs torch" in line and "logitguard[train]" in line for line in lines)
+    assert "legacy torch .pt format" in lines[2] and ".npz" in lines[2]
     # produce needs torch for every command
     produce = run_without_torch("from producers.cli import main; main(['train', '--dataset', 'digits', '--out', "
                                 "'x'], prog_name='logitguard-produce')")
