@@ -1,7 +1,7 @@
 # Two entry points, both self-installing into ./.venv:
 #   make demo   the main job on the embedded default data in data/
 #   make test   the whole test suite
-# Install torch first so the project's "torch>=2.1" is already met: on this machine kind,
+# Install torch first so the "train" extra's "torch>=2.1" is already met: on this machine kind,
 # torch==2.13.0 is a local CPU build (a bare `torch` would pull a multi-GB CUDA build).
 # torchvision is pinned to the release made for that torch, in the same pip call: an unpinned
 # torchvision would pull a newer (CUDA) torch. Elsewhere: make test TORCH=torch TORCHVISION=torchvision
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" "$(TORCHVISION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,plot,vision,serve,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,plot,vision,serve,ray]"
 	touch $@
 
 # The demo's own output directory: rerunning `make demo` replaces its previous report (--force).

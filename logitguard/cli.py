@@ -123,11 +123,15 @@ def comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+# Mirrors LogitCorrector's defaults (the paper's) without importing it: `--help` stays free of
+# scikit-learn and torch. tests/test_light.py checks they agree.
+_CORRECTOR_DEFAULTS = {"hidden": 10_000, "p_clean": 0.3, "epochs": 50, "lr": 5e-5, "weight_decay": 1e-4,
+                       "batch_size": 256, "dropout": 0.5, "validation_fraction": 0.0, "patience": 5, "seed": 0}
+
+
 def corrector_options(func):
     """Hyperparameters of `LogitCorrector` (defaults are the paper's), collected into one dict."""
-    from .corrector import LogitCorrector
-
-    defaults = LogitCorrector.__init__.__kwdefaults__
+    defaults = _CORRECTOR_DEFAULTS
     options = [
         ("--hidden", int, "Hidden width D."),
         ("--p-clean", float, "Probability that a training sample shows its clean logits."),

@@ -16,6 +16,11 @@ Two ways to feed it:
 
 Saved files use the shared estimator format (`logitguard.estimator`: plain arrays + a JSON header);
 ``.pt`` files from earlier versions still load, through ``torch.load(weights_only=True)``.
+
+Torch is needed only to train, to run on a GPU and to read those ``.pt`` files: a corrector loaded from
+an ``.npz`` file (or a guard) corrects on the CPU with NumPy alone — two matrix products, equal to the
+torch forward to float32 rounding. Once a torch module is present (after `fit`, or after `model_` is
+read or set) it is the corrector's weights and `correct` runs it.
 """
 
 from __future__ import annotations
@@ -26,19 +31,46 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from .errors import LogitguardError
-from .estimator import Estimator, check_logits
+from .estimator import Estimator, NotFittedError, check_logits
 from .tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
 LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
 _INFERENCE_BATCH = 4096
 _GPU_INFERENCE_BATCH = 65536  # rows per chunk on a GPU: large enough to keep the matrix units busy
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+_NUMPY_BATCH = 1024  # rows per NumPy forward: the (rows, D) hidden layer stays ~40 MB at D=10,000
+# The fitted weights, named as in the torch module's state_dict: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
+WEIGHT_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _torch(purpose: str, hint: str = "applying a corrector saved as .npz on the CPU does not need it") -> Any:
+    """The torch module, imported on first use; a `LogitguardError` saying how to get it when it is missing."""
+    try:
+        import torch
+    except ImportError:
+        raise LogitguardError(f"{purpose} needs torch, which is not installed: pip install 'logitguard[train]' "
+                              f"({hint})") from None
+    return torch
+
+
+def __getattr__(name: str) -> Any:
+    # The torch network moved to `logitguard._corrector_net`; old imports of these names keep working.
+    if name in ("_mlp", "_Dropout"):
+        _torch(f"logitguard.corrector.{name}")
+        from . import _corrector_net
+
+        return getattr(_corrector_net, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LogitCorrector(Estimator):
@@ -60,7 +92,9 @@ class LogitCorrector(Estimator):
 
     Learned attributes
     ------------------
-    model_ : the torch module (eval mode after `fit`).
+    weights_ : the fitted weights as float32 arrays, keyed by `WEIGHT_KEYS`: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
+    model_ : the torch module (eval mode after `fit`); built from `weights_` on first use after `load`
+        (needs torch). Setting it replaces the weights.
     n_classes_ : C.   class_names_ : list of C names.   attacks_ : attacks trained on.
     history_ : one dict per epoch: ``epoch``, ``loss`` and, with validation, ``val_clean_accuracy``,
         ``val_robust_accuracy`` and ``val_score`` (their p_clean-weighted mean).
@@ -68,7 +102,7 @@ class LogitCorrector(Estimator):
     """
 
     estimator_name = "corrector"
-    fitted_attribute = "model_"
+    fitted_attribute = "weights_"
     describes = "corrector"
 
     def __init__(
@@ -271,6 +305,11 @@ class LogitCorrector(Estimator):
         """The shared loop: Adam on cross-entropy; with validation keep the best epoch and stop early."""
         from tqdm.auto import tqdm
 
+        torch = _torch("training a corrector")
+        from torch.nn import functional as F
+
+        from ._corrector_net import _mlp
+
         rng = np.random.default_rng(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -320,6 +359,8 @@ class LogitCorrector(Estimator):
     def _paired_batches(self, clean: np.ndarray, attacked: np.ndarray, labels: np.ndarray,
                         rng: np.random.Generator) -> Batches:
         """Algorithm 1: a random permutation; each sample shows clean logits with probability p_clean."""
+        import torch
+
         clean_t, attacked_t = torch.from_numpy(clean), torch.from_numpy(attacked)
         labels_t = torch.from_numpy(labels.astype(np.int64))
         order = torch.from_numpy(rng.permutation(len(labels)))
@@ -332,6 +373,8 @@ class LogitCorrector(Estimator):
         """Shuffle the buffer and emit full mini-batches; keep the remainder unless `drain`."""
         if not buffered:
             return
+        import torch
+
         x = np.concatenate([b[0] for b in buffered])
         y = np.concatenate([b[1] for b in buffered]).astype(np.int64)
         order = rng.permutation(len(y))
@@ -344,16 +387,38 @@ class LogitCorrector(Estimator):
     # -- inference ---------------------------------------------------------------------------
 
     def correct(self, logits: np.ndarray) -> np.ndarray:
-        """Corrected logits (N, C) float32 for logits (N, C); their argmax is the corrected label."""
+        """Corrected logits (N, C) float32 for logits (N, C); their argmax is the corrected label.
+
+        NumPy on the CPU for a loaded corrector; the torch module when one is present or `device` is not
+        the CPU (pipelined transfers on a GPU).
+        """
         self._check_fitted()
         logits = np.ascontiguousarray(check_logits(logits, num_classes=self.n_classes_, dtype=np.float32)[0])
+        if self.__dict__.get("_model") is None and str(self.device).split(":")[0] == "cpu":
+            return self._correct_numpy(logits)
+        model = self.model_
+        torch = _torch("running a corrector on a torch device")
         if torch.device(self.device).type == "cuda":
             return self._correct_pipelined(logits)
         out = np.empty_like(logits)
         with torch.inference_mode():
             for start in range(0, len(logits), _INFERENCE_BATCH):
                 x = torch.tensor(logits[start:start + _INFERENCE_BATCH], device=self.device)  # copy: views may be read-only
-                out[start:start + len(x)] = self.model_(x).float().cpu().numpy()
+                out[start:start + len(x)] = model(x).float().cpu().numpy()
+        return out
+
+    def _correct_numpy(self, logits: np.ndarray) -> np.ndarray:
+        """The eval-mode forward in NumPy: relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
+        w1, b1, w2, b2 = (self._weights[k] for k in WEIGHT_KEYS)
+        w1t, w2t = np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T)  # (C, D), (D, C)
+        out = np.empty_like(logits)
+        for start in range(0, len(logits), _NUMPY_BATCH):
+            hidden = logits[start:start + _NUMPY_BATCH] @ w1t
+            hidden += b1
+            np.maximum(hidden, 0.0, out=hidden)
+            rows = out[start:start + len(hidden)]
+            np.matmul(hidden, w2t, out=rows)
+            rows += b2
         return out
 
     def _correct_pipelined(self, logits: np.ndarray) -> np.ndarray:
@@ -363,6 +428,9 @@ class LogitCorrector(Estimator):
         in turn, so the transfers hide behind the matrix products. (Page-locking NumPy's own memory in
         place, ``cudaHostRegister``, measured slower: locking 8 GB took longer than the staging copies.)
         """
+        import torch
+
+        model = self.model_
         device = torch.device(self.device)
         n, c = logits.shape
         rows = min(n, _GPU_INFERENCE_BATCH)
@@ -389,7 +457,7 @@ class LogitCorrector(Estimator):
                 with torch.cuda.stream(up):
                     on_device[b][:stop - start].copy_(pinned_in[b][:stop - start], non_blocking=True)
                 compute.wait_stream(up)
-                result = self.model_(on_device[b][:stop - start])
+                result = model(on_device[b][:stop - start])
                 down.wait_stream(compute)
                 with torch.cuda.stream(down):
                     pinned_out[b][:stop - start].copy_(result, non_blocking=True)
@@ -436,17 +504,55 @@ class LogitCorrector(Estimator):
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         state = {"n_classes": self.n_classes_, "class_names": self.class_names_, "attacks": self.attacks_,
                  "history": self.history_, "best_epoch": self.best_epoch_}
-        return state, {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        return state, self.weights_
 
     def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self._start(state["n_classes"], state["class_names"], state["attacks"])
         self.history_, self.best_epoch_ = state["history"], state["best_epoch"]
-        model = _mlp(self.n_classes_, int(self.hidden), self.dropout)
-        try:
-            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-        except RuntimeError as exc:
-            raise ValueError(f"weights do not fit the stored shape ({exc})") from None
-        self.model_ = model.to(self.device).eval()
+        c, d = self.n_classes_, int(self.hidden)
+        shapes = dict(zip(WEIGHT_KEYS, [(d, c), (d,), (c, d), (c,)]))
+        if sorted(arrays) != sorted(WEIGHT_KEYS):
+            raise ValueError(f"weights do not fit the stored shape (arrays {sorted(arrays)}, expected {list(WEIGHT_KEYS)})")
+        weights = {k: np.ascontiguousarray(arrays[k], dtype=np.float32) for k in WEIGHT_KEYS}
+        wrong = {k: v.shape for k, v in weights.items() if v.shape != shapes[k]}
+        if wrong:
+            raise ValueError(f"weights do not fit the stored shape ({wrong}; expected {shapes})")
+        self.__dict__.pop("_model", None)
+        self._weights = weights
+
+    # -- the weights: NumPy arrays after `load`, a torch module after `fit` -------------------
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("_model") is not None or self.__dict__.get("_weights") is not None
+
+    @property
+    def weights_(self) -> dict[str, np.ndarray]:
+        """The fitted weights (float32 arrays keyed by `WEIGHT_KEYS`), read from the torch module if present."""
+        model = self.__dict__.get("_model")
+        if model is not None:
+            return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        if self.__dict__.get("_weights") is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+        return self._weights
+
+    @property
+    def model_(self) -> nn.Module:
+        """The torch module (eval mode), built from `weights_` on first use; needs torch."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            weights = self.weights_
+            torch = _torch("a corrector's torch module")
+            from ._corrector_net import _mlp
+
+            model = _mlp(self.n_classes_, int(self.hidden), self.dropout)
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            model = self._model = model.to(self.device).eval()
+        return model
+
+    @model_.setter
+    def model_(self, model: nn.Module) -> None:
+        self._model = model
+        self.__dict__.pop("_weights", None)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> LogitCorrector:
@@ -458,6 +564,9 @@ class LogitCorrector(Estimator):
                     what: str = "corrector") -> LogitCorrector:
         """A torch ``.pt`` corrector from before the shared format, read with ``weights_only=True``."""
         path = Path(path)
+        torch = _torch(f"{path}: reading a {what} in the legacy torch .pt format",
+                       "or, where torch is installed, resave it once as .npz, which loads without torch: "
+                       "LogitCorrector.load(old).save(new)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle, zip and torch errors all mean the same thing here
@@ -472,35 +581,6 @@ class LogitCorrector(Estimator):
         except ValueError as exc:
             raise LogitguardError(f"{path}: {exc}") from None
         return corrector
-
-
-class _Dropout(nn.Module):
-    """Inverted dropout like `nn.Dropout`, drawing its mask from 16-bit random words.
-
-    CPU `bernoulli_` draws one random number per element and took 65% of a training step at D=10,000;
-    16-bit words (four per 64-bit draw) make the step about 3x faster. The drop probability is
-    rounded to a multiple of 1/65536. No parameters, so saved weights match `nn.Dropout`'s layout.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        self._threshold = round(p * 65536) - 32768  # keep where the signed 16-bit word >= threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        words = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64,
-                              device=x.device).view(torch.int16)[: x.numel()].view(x.shape)
-        return x * (words >= self._threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _mlp(num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
-    """C → D → C with ReLU and dropout after the hidden layer (Algorithm 1's network)."""
-    return nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(), _Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 def _as_logits(values: np.ndarray, name: str) -> np.ndarray:

@@ -30,11 +30,18 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-from .corrector import LogitCorrector, _Dropout
 from .errors import LogitguardError
+
+try:  # explaining a corrector differentiates its network: torch is needed here (the `train` extra)
+    import torch
+    from torch import nn
+except ImportError:
+    raise LogitguardError("explaining a corrector needs torch, which is not installed: "
+                          "pip install 'logitguard[train]'") from None
+
+from ._corrector_net import _Dropout
+from .corrector import LogitCorrector
 from .evaluate import select_attacks
 from .tables import CLEAN, LogitTable
 

@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 @click.version_option(package_name="logitguard")
 def main() -> None:
     """Train classifiers, run attacks and export clean/adversarial logit tables."""
+    _require_torch()
+
+
+def _require_torch() -> None:
+    """Every producer command runs a torch model: refuse early, and say how to install it, without torch."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked torch
+        found = False
+    if not found:
+        raise ProducerError("logitguard-produce needs torch, which is not installed: "
+                            "pip install 'logitguard[train,vision]' (the logitguard core does not)")
 
 
 def dataset_options(func):

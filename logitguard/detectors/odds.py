@@ -38,7 +38,8 @@ It learns from successful attacks only (true label ≠ y), so it never answers y
 answers that label, and a class with no rows uses ``argmax``. ``logistic`` and ``reference`` store a C × C
 (× E) matrix per class and are refused above 100 classes.
 
-Statistics are sums scattered by class in one pass (`index_add_`): no loop over samples or class pairs.
+Statistics are sums grouped by class in one pass (sorted rows, `np.add.reduceat`): no loop over samples
+or class pairs, and no torch.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..errors import LogitguardError
 from ..estimator import NotFittedError, check_logits
@@ -474,13 +474,13 @@ class SingleShotOddsTest(OddsTest):
 
 class _Moments:
     """Running per-class sums of the group-averaged raw features (and their squares) of clean rows grouped by
-    predicted class (`queries`: the number of query groups G):
-    `add` batch after batch, then `result`. Sums are scattered by class (`index_add_`)."""
+    predicted class (`queries`: the number of query groups G): `add` batch after batch, then `result`. Rows
+    are sorted by class and summed per run (`np.add.reduceat`)."""
 
     def __init__(self, num_classes: int, queries: int) -> None:
         self.c, self.k = num_classes, queries
-        self.sums = torch.zeros(num_classes, queries * num_classes, dtype=torch.float64)
-        self.squares = torch.zeros(num_classes, queries * num_classes, dtype=torch.float64)
+        self.sums = np.zeros((num_classes, queries * num_classes))
+        self.squares = np.zeros((num_classes, queries * num_classes))
         self.counts = np.zeros(num_classes)
         self.n = 0
 
@@ -490,9 +490,13 @@ class _Moments:
             if g.shape[1:] != (self.k, self.c):
                 raise LogitguardError(f"rows have {g.shape[1]} query groups x {g.shape[2]} classes; earlier ones had "
                                       f"{self.k} x {self.c}")
-            flat, index = torch.from_numpy(g.reshape(len(y), self.k * self.c)), torch.from_numpy(y)
-            self.sums.index_add_(0, index, flat)
-            self.squares.index_add_(0, index, flat.square_())
+            order = np.argsort(y, kind="stable")
+            sorted_y = y[order]
+            flat = g.reshape(len(y), self.k * self.c)[order].astype(np.float64, copy=False)
+            starts = np.flatnonzero(np.r_[True, sorted_y[1:] != sorted_y[:-1]])  # first row of each class run
+            present = sorted_y[starts]  # distinct classes, so += below adds each run once
+            self.sums[present] += np.add.reduceat(flat, starts, axis=0)
+            self.squares[present] += np.add.reduceat(np.square(flat, out=flat), starts, axis=0)
             self.counts += np.bincount(y, minlength=self.c)
             self.n += len(y)
 
@@ -501,7 +505,7 @@ class _Moments:
         if not self.n:
             raise LogitguardError("no clean rows to learn the odds statistics from")
         c, k, n = self.c, self.k, self.n
-        sums, squares, counts = self.sums.numpy(), self.squares.numpy(), self.counts[:, None]
+        sums, squares, counts = self.sums, self.squares, self.counts[:, None]
         pooled_mean = sums.sum(axis=0) / n
         pooled_var = squares.sum(axis=0) / n - pooled_mean**2
         enough = counts >= min_rows
