@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -79,6 +80,31 @@ def on_ray(engine: str, workers: int | None, module: str = "logitguard.scale") -
         raise
 
 
+def old_spelling(old: str, param: str, new: str, *, type: Any = None, required: bool = False):
+    """A hidden option `old`, the earlier spelling of `new` (same meaning, same values), kept working with a
+    warning on stderr; its value goes to the command's `param`. Apply it above `new`'s option. `required`:
+    one of the two must be given (`new` itself is then declared without ``required``)."""
+    legacy = f"legacy_{param}"
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(legacy)
+            ctx = click.get_current_context()
+            if value is not None:
+                if ctx.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE:
+                    raise click.UsageError(f"give {new} only ({old} is its old spelling)")
+                click.echo(f"Warning: {old} is deprecated; use {new} (same values)", err=True)
+                kwargs[param] = value
+            elif required and kwargs.get(param) is None:
+                raise click.UsageError(f"Missing option '{new}'.")
+            return func(*args, **kwargs)
+
+        return click.option(old, legacy, type=type, default=None, hidden=True,
+                            help=f"Deprecated spelling of {new}.")(wrapper)
+    return decorate
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, allow_nan=False))
 
@@ -147,8 +173,12 @@ def corrector_options(func):
     for flag, kind, text in reversed(options):
         name = flag[2:].replace("-", "_")
         func = click.option(flag, name, type=kind, default=defaults[name], show_default=True, help=text)(func)
-    func = click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, …")(func)
-    return func
+    return device_option(func)
+
+
+def device_option(func):
+    """--device: where torch runs (training, and a corrector's forward pass)."""
+    return click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, …")(func)
 
 
 def _corrector_params(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +194,8 @@ def _progress() -> bool:
 
 @main.command("train-corrector")
 @table_argument
-@click.option("--attack", "attacks", required=True, type=comma_list, help="Attack(s) to train on: pgd or pgd,mim.")
+@old_spelling("--attack", "attacks", "--attacks", type=comma_list, required=True)
+@click.option("--attacks", type=comma_list, default=None, help="Attack(s) to train on: pgd or pgd,mim.  [required]")
 @click.option("--split", default="train", show_default=True, help="Split to train on.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Corrector file to write (.npz).")
 @click.option("--stream", is_flag=True, help="Stream mini-batches from disk (tables larger than memory).")
@@ -192,9 +223,10 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
 @click.option("--out", required=True, type=click.Path(),
               help="Output: a .parquet file, or a directory (partitioned by split and attack).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@device_option
 @engine_option
 @json_option
-def correct(table: str, corrector_path: str, out: str, force: bool, engine: str, workers: int | None,
+def correct(table: str, corrector_path: str, out: str, force: bool, device: str, engine: str, workers: int | None,
             as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
     from .corrector import LogitCorrector
@@ -203,8 +235,10 @@ def correct(table: str, corrector_path: str, out: str, force: bool, engine: str,
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
+        if device != "cpu":
+            raise click.UsageError("--device applies to --engine local (Ray actors pick their own devices)")
         return scale.cli_correct(table, corrector_path, out, force=force, as_json=as_json, workers=workers)
-    corrector = LogitCorrector.load(corrector_path)
+    corrector = LogitCorrector.load(corrector_path, device=device)
     written, summary = correct_path(corrector, table, out, partition_by=_partition(out), overwrite=force)
     if as_json:
         echo_json({"written": [str(p) for p in written], "summary": summary})
@@ -218,14 +252,16 @@ def correct(table: str, corrector_path: str, out: str, force: bool, engine: str,
 @corrector_file_option
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
 @click.option("--attacks", type=comma_list, default=None, help="Attacks to evaluate (default: all).")
+@device_option
 @json_option
-def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | None, as_json: bool) -> None:
+def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | None, device: str,
+             as_json: bool) -> None:
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
     from .corrector import LogitCorrector
     from .evaluate import format_evaluation
     from .stream import evaluate_path
 
-    corrector = LogitCorrector.load(corrector_path)
+    corrector = LogitCorrector.load(corrector_path, device=device)
     results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)
     if as_json:
         echo_json(results.to_dict(orient="records"))
@@ -261,7 +297,8 @@ def transfer(table: str, attacks: list[str] | None, train_split: str, split: str
 
 @main.command("sweep-p-clean")
 @table_argument
-@click.option("--attack", "attacks", required=True, type=comma_list, help="Attack(s) to train on.")
+@old_spelling("--attack", "attacks", "--attacks", type=comma_list, required=True)
+@click.option("--attacks", type=comma_list, default=None, help="Attack(s) to train on.  [required]")
 @click.option("--values", type=comma_list, default="0,0.1,0.3,0.5,0.7,0.9", show_default=True,
               help="p_clean values to try.")
 @click.option("--train-split", default="train", show_default=True)
@@ -300,34 +337,74 @@ def _detector_kinds() -> list[str]:
             "odds-single"]
 
 
+# Detector parameters the command exposes (beyond --fpr), as (flag, parameter, type, help). Which kinds take
+# which is read from the classes at run time; a flag the chosen kind does not take is an Error. Defaults are
+# the classes' own (not repeated here, so `--help` imports no detector).
+_DETECTOR_OPTIONS = [
+    ("--correction", "correction", click.Choice(["argmax", "logistic", "reference"]),
+     "odds, odds-single: how flagged rows are corrected (default argmax; reference: Roth et al.'s classifier)."),
+    ("--thresholds", "thresholds", click.Choice(["global", "pair"]),
+     "odds, odds-single: one cutoff for every class pair, or per-pair clean quantiles (default global)."),
+    ("--aggregation", "aggregation", click.Choice(["query", "per-kind", "mean"]),
+     "odds, odds-single: how the noise queries are z-scored (default query; docs/detectors.md)."),
+    ("--min-rows", "min_rows", int, "odds, odds-single: classes with fewer rows borrow pooled statistics (default 10)."),
+    ("--sigma2", "sigma2", float,
+     "kdensity: the Gaussian kernel's bandwidth sigma^2 (default 1/0.26, Pang et al.'s for CE networks)."),
+    ("--max-per-class", "max_per_class", int, "kdensity: clean training rows kept per class (default 1000)."),
+    ("--hidden", "hidden", int, "learned, learned-noisy: hidden width of the MLP (default 64)."),
+    ("--max-iter", "max_iter", int, "learned, learned-noisy: most MLP training iterations (default 200)."),
+    ("--c", "C", float, "insen: inverse L2 strength of the logistic regression (default 1.0)."),
+    ("--seed", "seed", int, "learned, learned-noisy, kdensity: seed of the MLP / the per-class sample (default 0)."),
+]
+
+
+def detector_options(func):
+    for flag, name, kind, text in reversed(_DETECTOR_OPTIONS):
+        func = click.option(flag, f"opt_{name}", type=kind, default=None, help=text)(func)
+    return func
+
+
+def _detector_params(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The detector's parameters from the given fit-detector options; an option `kind` does not take is refused."""
+    from .estimator import REGISTRY
+
+    takes = set(REGISTRY[kind]._get_param_names())
+    params = {}
+    for flag, name, _, _ in _DETECTOR_OPTIONS:
+        value = given.pop(f"opt_{name}")
+        if value is None:
+            continue
+        if name not in takes:
+            accepted = [f for f, n, _, _ in _DETECTOR_OPTIONS if n in takes]
+            raise LogitguardError(f"{flag} does not apply to --kind {kind} (it takes "
+                                  f"{', '.join(['--fpr', *accepted])})")
+        params[name] = value
+    return params
+
+
 @main.command("fit-detector")
 @table_argument
 @click.option("--kind", required=True, type=click.Choice(_detector_kinds()), help="Which detector.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (.npz).")
 @click.option("--fpr", type=float, default=0.05, show_default=True, help="Target false-positive rate on clean rows.")
 @click.option("--attacks", type=comma_list, default=None,
-              help="Attacks a supervised detector (learned, odds with logistic correction) learns from (default: all).")
+              help="Attacks a supervised detector (learned, insen, odds with reference correction) learns from, "
+                   "and the odds test's logistic rule (default: all).")
 @click.option("--split", default="train", show_default=True, help="Split to fit on.")
-@click.option("--correction", type=click.Choice(["argmax", "logistic"]), default=None,
-              help="Odds tests: how flagged rows are corrected (default argmax).")
-@click.option("--sigma2", type=float, default=None,
-              help="kdensity: the Gaussian kernel's bandwidth sigma^2 (default 1/0.26, Pang et al.'s for CE networks).")
-@click.option("--max-per-class", type=int, default=None,
-              help="kdensity: clean training rows kept per class (default 1000).")
+@detector_options
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @json_option
-def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str] | None, split: str,
-                 correction: str | None, sigma2: float | None, max_per_class: int | None, force: bool,
-                 as_json: bool) -> None:
+def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str] | None, split: str, force: bool,
+                 as_json: bool, **options: Any) -> None:
     """Fit a detector and calibrate its threshold on clean rows to the target FPR.
 
-    kdensity reads the table's features column and insen its insen column (docs/detectors.md)."""
+    Each kind takes --fpr and the options that name it; every other parameter of a detector is fixed at
+    its default (docs/detectors.md). kdensity reads the table's features column and insen its insen column."""
     from .detectors import make_detector
 
-    claim_output(out, force, directory=False)
-    options = {"correction": correction, "sigma2": sigma2, "max_per_class": max_per_class}
-    params = {"fpr": fpr, **{k: v for k, v in options.items() if v is not None}}
+    params = {"fpr": fpr, **_detector_params(kind, options)}  # refused before claiming --out or reading the table
     detector = make_detector(kind, **params)
+    claim_output(out, force, directory=False)
     detector.fit_path(table, attacks=attacks, split=split).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
@@ -364,7 +441,8 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
 
 @main.command("train-svm")
 @table_argument
-@click.option("--attack", "attacks", type=comma_list, default="fgsm", show_default=True,
+@old_spelling("--attack", "attacks", "--attacks", type=comma_list)
+@click.option("--attacks", type=comma_list, default="fgsm", show_default=True,
               help="Attack(s) whose logits train the SVM.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="SVM file to write (.npz).")
@@ -375,16 +453,26 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
 @click.option("--landmarks", type=int, default=1000, show_default=True, help="Nyström landmarks (nystroem).")
 @click.option("--max-rows", type=int, default=None,
               help="Cap on training rows (default: 20000 for exact, 200000 for nystroem).")
+@click.option("--gamma", default="scale", show_default=True,
+              help="RBF kernel width: scale, auto (scikit-learn's rules) or a number > 0.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the row sample (above --max-rows) and of the Nystroem landmarks.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @json_option
 def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, method: str, landmarks: int,
-              max_rows: int | None, force: bool, as_json: bool) -> None:
+              max_rows: int | None, gamma: str, seed: int, force: bool, as_json: bool) -> None:
     """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
     from .svm import SVMCorrector
     from .tables import read_table
 
+    if gamma not in ("scale", "auto"):
+        try:
+            gamma = float(gamma)
+        except ValueError:
+            raise click.BadParameter(f"expected scale, auto or a number, got {gamma!r}", param_hint="--gamma") from None
     claim_output(out, force, directory=False)
-    svm = SVMCorrector(C=c_value, method=method, landmarks=landmarks, max_rows=max_rows).fit_table(
+    svm = SVMCorrector(C=c_value, gamma=gamma, method=method, landmarks=landmarks, max_rows=max_rows,
+                       seed=seed).fit_table(
         read_table(table, split=split, columns=[]), attacks, split=None)
     svm.save(out, overwrite=force)
     vectors = "landmarks" if svm.method_ == "nystroem" else "support vectors"
@@ -480,7 +568,8 @@ def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, fo
 @table_argument
 @click.option("--defenses", "manifest", required=True, type=click.Path(dir_okay=False),
               help="A pipeline manifest (defenses.json): named detector / corrector / on_flag pipelines.")
-@click.option("--budgets", "--budget", "budgets", default="8/255,16/255", show_default=True,
+@old_spelling("--budget", "budgets", "--budgets")
+@click.option("--budgets", default="8/255,16/255", show_default=True,
               help="L-inf budgets, comma-separated numbers or fractions.")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
 @json_option
@@ -507,7 +596,8 @@ def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -
 @click.argument("models", nargs=-1, required=True)
 @click.option("--pipeline", default="ln-reject", show_default=True,
               help="The logit pipeline (a name in each model's manifest) measured beside each bare model.")
-@click.option("--budgets", "--budget", "budgets", default="8/255,16/255", show_default=True,
+@old_spelling("--budget", "budgets", "--budgets")
+@click.option("--budgets", default="8/255,16/255", show_default=True,
               help="L-inf budgets, comma-separated numbers or fractions.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="JSON file for the results (the demo reads data/models/comparison.json).")
@@ -649,16 +739,17 @@ def guard_info(guard_path: str, as_json: bool) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--k", type=int, default=None, help="Supporting classes per row (default: a third of C, at most 10).")
 @click.option("--top", type=int, default=3, show_default=True, help="Classes to list per attack.")
+@device_option
 @json_option
 def explain(table: str, corrector_path: str, attacks: list[str] | None, split: str, k: int | None, top: int,
-            as_json: bool) -> None:
+            device: str, as_json: bool) -> None:
     """Supporting classes of a corrector per attack, their Bhattacharyya similarity, and an ablation."""
     from . import explain as ex
     from .corrector import LogitCorrector
 
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="--top")
-    corrector = LogitCorrector.load(corrector_path)
+    corrector = LogitCorrector.load(corrector_path, device=device)
     freqs, ablations = ex.explain_path(corrector, table, attacks, split=split, k=k)
     bc = ex.bhattacharyya_matrix(freqs)
     if as_json:
@@ -677,8 +768,9 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
 
 
 @main.command()
-@click.option("--data", default="data/fashion-mnist", show_default=True, type=click.Path(),
-              help="The logit table to analyse (needs train and test splits, clean rows and attacks).")
+@click.option("--data", default=None, type=click.Path(),
+              help="The logit table to analyse (needs train and test splits, clean rows and attacks).  [default: "
+                   "data/fashion-mnist in the current directory, else in the logitguard checkout]")
 @click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
               help="Directory for report.md, summary.json and the figures.")
 @click.option("--defenses", default=None, type=click.Path(dir_okay=False),
@@ -687,10 +779,11 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
 @click.option("--no-plots", is_flag=True, help="Skip the figures (no matplotlib needed).")
 @click.option("--force", is_flag=True, help="Replace an existing report in --out.")
 @json_option
-def demo(data: str, out: str, defenses: str | None, no_plots: bool, force: bool, as_json: bool) -> None:
+def demo(data: str | None, out: str, defenses: str | None, no_plots: bool, force: bool, as_json: bool) -> None:
     """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
     from .demo import run_demo
 
+    data = str(default_demo_data()) if data is None else data
     claim_output(out, force, directory=True, merge=True)
     log = (lambda message: click.echo(message, err=True))
     summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots, defenses=defenses)
@@ -698,6 +791,20 @@ def demo(data: str, out: str, defenses: str | None, no_plots: bool, force: bool,
         echo_json(json.loads(json.dumps(summary, default=str)))
     else:
         click.echo(f"report: {Path(out) / 'report.md'} ({summary['seconds']:.0f} s)")
+
+
+DEMO_DATA = Path("data") / "fashion-mnist"
+
+
+def default_demo_data() -> Path:
+    """The demo's table when --data is not given: data/fashion-mnist under the current directory, else under
+    the checkout this package runs from (so the demo works from any directory), else an Error naming --data."""
+    checkout = Path(__file__).resolve().parents[1]
+    for candidate in (DEMO_DATA, checkout / DEMO_DATA):
+        if candidate.exists():
+            return candidate
+    raise LogitguardError(f"no logit table at {DEMO_DATA} (the default) here or in {checkout}; pass --data PATH "
+                          f"(a table from `logitguard-produce export`)")
 
 
 # -- serve -------------------------------------------------------------------------------------

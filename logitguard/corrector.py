@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import LogitguardError
-from .estimator import Estimator, NotFittedError, check_logits
+from .estimator import Estimator, check_logits, not_fitted
 from .tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
 LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
@@ -532,7 +532,7 @@ class LogitCorrector(Estimator):
         if model is not None:
             return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
         if self.__dict__.get("_weights") is None:
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+            raise not_fitted(self)
         return self._weights
 
     @property

@@ -45,6 +45,11 @@ class NotFittedError(LogitguardError, _SklearnNotFittedError):
     """An estimator was used before `fit` (or `load`)."""
 
 
+def not_fitted(estimator: object) -> NotFittedError:
+    """The error every estimator raises when used before `fit` (one message for all)."""
+    return NotFittedError(f"this {type(estimator).__name__} is not fitted yet; call fit() or load() first")
+
+
 class Estimator(BaseEstimator):
     """Base of every fitted logitguard object.
 
@@ -65,9 +70,11 @@ class Estimator(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, self.fitted_attribute)
 
-    def _check_fitted(self) -> None:
-        if not self.__sklearn_is_fitted__():
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+    def _check_fitted(self, attribute: str | None = None) -> None:
+        """The one fitted check: `NotFittedError` unless fitted (or, mid-fit, unless `attribute` is set)."""
+        fitted = self.__sklearn_is_fitted__() if attribute is None else attribute in self.__dict__
+        if not fitted:
+            raise not_fitted(self)
 
     # -- persistence -------------------------------------------------------------------------
 

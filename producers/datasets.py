@@ -166,7 +166,10 @@ def load_image_folder(split: str, root: str | os.PathLike | None, *, resize_size
                       crop_size: int = 224) -> ImageSet:
     """A class-per-folder tree (``root/<class>/<image>``, ImageNet's validation layout), read lazily.
 
-    ``root/<split>`` is used when it exists, else `root`. Class names are the sorted folder names, so
+    ``root/train`` and ``root/test`` are the splits. A tree without split folders (``root/<class>/…``, as
+    ImageNet's validation set ships) is the **test split only**: serving the same images as ``train`` too
+    would let a detector calibrate on the rows it is evaluated on, so ``train`` is refused there (export
+    such a tree with ``--splits test``). A tree with one split folder but not the other is refused. Class names are the sorted folder names, so
     ImageNet's folders (wnids) map to the usual 1000 class indices. Each image is converted to RGB, its
     shorter side resized to `resize_size` (bilinear, antialiased), then centre-cropped to `crop_size`.
 
@@ -185,8 +188,7 @@ def load_image_folder(split: str, root: str | os.PathLike | None, *, resize_size
     root = Path(root)
     if not root.is_dir():
         raise ProducerError(f"image folder {root} does not exist")
-    if (root / split).is_dir():
-        root = root / split
+    root = _split_folder(root, split)
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not class_names:
         raise ProducerError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
@@ -225,6 +227,21 @@ def load_image_folder(split: str, root: str | os.PathLike | None, *, resize_size
 
     return ImageSet("imagefolder", split, np.asarray(labels, dtype=np.int64), class_names,
                     (3, crop_size, crop_size), load)
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """The folder holding `split`'s class folders (see `load_image_folder`); ProducerError where it has none."""
+    present = [name for name in ("train", "test") if (root / name).is_dir()]
+    if split in present:
+        return root / split
+    if present:
+        raise ProducerError(f"image folder {root} has {root / present[0]} but no {root / split}: give each split "
+                            f"its own folder ({root}/train/<class>/…, {root}/test/<class>/…)")
+    if split == "test":
+        return root
+    raise ProducerError(f"image folder {root} has no split folders, so it is the test split only (the same images "
+                        f"as train would put the evaluated rows in the training ones): export it with --splits test, "
+                        f"or make {root}/train and {root}/test")
 
 
 # name -> loader(split, root) ; root is None for datasets that need no files (or have a default).

@@ -102,7 +102,7 @@ FAST_ARGS = ["--hidden", "128", "--epochs", "30", "--lr", "1e-3"]
 @pytest.fixture(scope="module")
 def corrector_path(digits_split_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("corrector") / "fgsm.pt"
-    result = CliRunner().invoke(main, ["train-corrector", str(digits_split_dir), "--attack", "fgsm",
+    result = CliRunner().invoke(main, ["train-corrector", str(digits_split_dir), "--attacks", "fgsm",
                                        "--out", str(out), *FAST_ARGS, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -147,21 +147,21 @@ def test_transfer_and_sweep_print_their_tables(digits_split_dir):
     assert result.exit_code == 0, result.output
     matrix = json.loads(result.output)
     assert set(matrix) == {"clean", "fgsm", "bim"} and set(matrix["bim"]) == {"fgsm", "bim"}
-    result = CliRunner().invoke(main, ["sweep-p-clean", str(digits_split_dir), "--attack", "fgsm",
+    result = CliRunner().invoke(main, ["sweep-p-clean", str(digits_split_dir), "--attacks", "fgsm",
                                        "--values", "0,1", *FAST_ARGS])
     assert result.exit_code == 0, result.output
     assert result.output.split()[:3] == ["clean_accuracy", "robust_accuracy", "p_clean"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train-corrector", "{table}", "--attack", "pgd", "--out", "{tmp}/c.pt"],
+    (["train-corrector", "{table}", "--attacks", "pgd", "--out", "{tmp}/c.pt"],
      "Error: no ['pgd'] rows in split 'train'"),
-    (["train-corrector", "{table}", "--attack", "fgsm", "--out", "{tmp}/c.pt", "--p-clean", "2"],
+    (["train-corrector", "{table}", "--attacks", "fgsm", "--out", "{tmp}/c.pt", "--p-clean", "2"],
      "Error: p_clean must be in [0, 1], got 2.0\n"),
     (["evaluate", "{table}", "--corrector", "{tmp}/none.pt"], "Error: no such corrector file: {tmp}/none.pt\n"),
     (["evaluate", "{table}", "--corrector", "{table}/split=test/attack=clean/part-0.parquet"],
      "Error: {table}/split=test/attack=clean/part-0.parquet: not a logitguard corrector file"),
-    (["sweep-p-clean", "{table}", "--attack", "fgsm", "--values", "0,x"],
+    (["sweep-p-clean", "{table}", "--attacks", "fgsm", "--values", "0,x"],
      "Error: Invalid value for --values: expected numbers, got 0,x\n"),
 ])
 def test_corrector_command_errors_are_exact(digits_split_dir, tmp_path, args, message):
@@ -223,3 +223,117 @@ def test_detector_command_errors_are_exact(table_path, digits_split_dir, tmp_pat
     result = runner.invoke(main, ["fit-detector", str(table_path), "--kind", "msp", "--out", str(tmp_path / "d.npz")])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {table_path}: no rows match split='train'")
+
+
+# -- one spelling per option, every parameter exposed ---------------------------------------------
+
+
+def _options(group: click.Group) -> dict[str, dict[str, click.Option]]:
+    """Visible options of every command (nested groups too): command -> {--flag: option}."""
+    out = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            out.update({f"{name} {k}": v for k, v in _options(command).items()})
+            continue
+        out[name] = {flag: p for p in command.params if isinstance(p, click.Option) and not p.hidden
+                     for flag in p.opts}
+    return out
+
+
+@pytest.mark.parametrize("group", [main, produce_main], ids=["logitguard", "logitguard-produce"])
+def test_no_command_shows_the_singular_spellings(group):
+    """--attacks / --budgets are the spellings (comma lists) everywhere; --attack / --budget are hidden aliases."""
+    for command, options in _options(group).items():
+        assert "--attack" not in options and "--budget" not in options, command
+
+
+def test_the_old_attack_spelling_still_works_with_a_warning(digits_split_dir, tmp_path):
+    runner = CliRunner()
+    table, out = str(digits_split_dir), tmp_path / "svm.npz"
+    result = runner.invoke(main, ["train-svm", table, "--attack", "bim", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: --attack is deprecated; use --attacks (same values)" in result.stderr
+    assert json.loads(result.stdout)["attacks"] == ["bim"]
+    both = runner.invoke(main, ["train-svm", table, "--attack", "bim", "--attacks", "fgsm", "--out", "x.npz"])
+    assert both.exit_code == 2 and "give --attacks only (--attack is its old spelling)" in both.output
+    missing = runner.invoke(main, ["train-corrector", table, "--out", str(tmp_path / "c.npz")])
+    assert missing.exit_code == 2 and "Missing option '--attacks'." in missing.output
+
+
+def test_fit_commands_expose_every_estimator_parameter():
+    """Every constructor parameter is an option of its fit command (device/progress: runtime, not learned)."""
+    from logitguard.cli import _DETECTOR_OPTIONS
+    from logitguard.corrector import LogitCorrector
+    from logitguard.detectors import KINDS, make_detector
+    from logitguard.svm import SVMCorrector
+
+    options = _options(main)
+    exposed = {name for _, name, _, _ in _DETECTOR_OPTIONS} | {"fpr"}
+    for kind in KINDS:
+        assert set(make_detector(kind).get_params()) <= exposed, kind
+    svm_flags = {"C": "--c", "gamma": "--gamma", "method": "--method", "landmarks": "--landmarks",
+                 "max_rows": "--max-rows", "seed": "--seed"}
+    assert set(SVMCorrector().get_params()) == set(svm_flags)
+    assert set(svm_flags.values()) <= set(options["train-svm"])
+    flags = {f"--{name.replace('_', '-')}" for name in LogitCorrector().get_params() if name != "progress"}
+    for command in ("train-corrector", "transfer", "sweep-p-clean"):
+        assert flags <= set(options[command]), command
+    for command in ("correct", "evaluate", "explain"):  # load a corrector: torch may run it
+        assert "--device" in options[command], command
+    for command, params in _options(produce_main).items():
+        assert "--device" in params, command  # every producer command runs a torch model
+
+
+def test_fit_detector_takes_each_kinds_parameters_and_refuses_the_others(digits_split_dir, tmp_path):
+    runner = CliRunner()
+    table, out = str(digits_split_dir), tmp_path / "d.npz"
+    result = runner.invoke(main, ["fit-detector", table, "--kind", "msp", "--correction", "logistic",
+                                  "--out", str(out)])
+    assert result.exit_code == 1 and result.output == "Error: --correction does not apply to --kind msp (it takes --fpr)\n"
+    assert not out.exists()
+    result = runner.invoke(main, ["fit-detector", table, "--kind", "learned", "--hidden", "8", "--max-iter", "30",
+                                  "--seed", "3", "--c", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "Error: --c does not apply to --kind learned (it takes --fpr, --hidden, " \
+                                      "--max-iter, --seed)" in result.output
+    result = runner.invoke(main, ["fit-detector", table, "--kind", "learned", "--hidden", "8", "--max-iter", "30",
+                                  "--seed", "3", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    from logitguard.detectors import load_detector
+
+    detector = load_detector(out)
+    assert detector.get_params() == {"fpr": 0.05, "hidden": 8, "max_iter": 30, "seed": 3}
+    assert detector.w1_.shape[1] == 8
+    result = runner.invoke(main, ["fit-detector", table, "--kind", "odds-single", "--thresholds", "pair",
+                                  "--min-rows", "5", "--out", str(tmp_path / "o.npz")])
+    assert result.exit_code == 0, result.output
+    assert load_detector(tmp_path / "o.npz").get_params()["thresholds"] == "pair"
+
+
+def test_train_svm_takes_gamma_and_seed(digits_split_dir, tmp_path):
+    from logitguard.svm import SVMCorrector
+
+    runner = CliRunner()
+    out = tmp_path / "svm.npz"
+    result = runner.invoke(main, ["train-svm", str(digits_split_dir), "--gamma", "0.5", "--seed", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    svm = SVMCorrector.load(out)
+    assert (svm.gamma, svm.seed, svm.gamma_) == (0.5, 2, 0.5)
+    bad = runner.invoke(main, ["train-svm", str(digits_split_dir), "--gamma", "wide", "--out", str(tmp_path / "b.npz")])
+    assert bad.exit_code == 2 and "expected scale, auto or a number, got 'wide'" in bad.output
+
+
+def test_demo_finds_its_default_table_from_any_directory(tmp_path, monkeypatch):
+    import logitguard.cli as cli
+
+    checkout = cli.Path(cli.__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # outside the repository: the relative default does not exist here
+    if (checkout / cli.DEMO_DATA).exists():
+        assert cli.default_demo_data() == checkout / cli.DEMO_DATA
+    monkeypatch.setattr(cli, "DEMO_DATA", cli.Path("data") / "absent-table")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: no logit table at data/absent-table (the default) here or in {checkout}; "
+                             "pass --data PATH (a table from `logitguard-produce export`)\n")
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "data" / "absent-table").mkdir(parents=True)  # the current directory comes first
+    assert cli.default_demo_data() == cli.Path("data") / "absent-table"

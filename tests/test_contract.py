@@ -1,4 +1,27 @@
-"""One contract over every estimator: scikit-learn's shape, arrays first, one file format."""
+"""One contract over every estimator: scikit-learn's shape, arrays first, one file format.
+
+scikit-learn's own estimator checks run here where they apply (`test_sklearn_checks_*`):
+
+- on every estimator (detectors, `LogitCorrector`, `SVMCorrector`, `OddsCorrector`): the parameter protocol
+  and the unfitted state — check_get_params_invariance, check_set_params, check_no_attributes_set_in_init,
+  check_parameters_default_constructible, check_estimator_cloneable, check_estimator_repr,
+  check_do_not_raise_errors_in_init_or_set_params, check_estimators_unfitted, check_mixin_order,
+  check_valid_tag_types, check_estimator_tags_renamed;
+- on the estimators whose `fit` takes one (N, C) array and one (N,) vector, so that sklearn's X and y can
+  stand in for logits and attacked flags / labels (the logit baselines, ``learned``, ``odds-single``, the
+  SVM): check_dont_overwrite_parameters, check_estimators_overwrite_params, check_fit_check_is_fitted,
+  check_estimators_fit_returns_self, check_fit_idempotent.
+
+Not run, and why: those fit checks on ``odds``, ``learned-noisy`` and `OddsCorrector` (they need noise queries
+(N, K, C), which sklearn's X does not carry), ``kdensity`` and ``insen`` (they need ``features=``) and
+`LogitCorrector` (it fits paired clean and attacked logits plus labels); `test_every_estimator_keeps_the_contract`
+covers the same properties for them on real tables. check_n_features_in (our width is ``n_classes_``, the
+logits' C; ``n_features_`` is an input column's width). check_estimators_pickle (files are plain arrays and
+never pickled: `save` / `load_estimator`). The classifier, regressor, outlier and transformer checks (a
+detector's output is a flag from logits, not a class of X; sklearn's outlier detectors flag with -1/1 and
+the opposite score sign), the sample-weight, sparse, dtype-object, pandas and array-API checks (logits are
+dense float arrays; no sample weights).
+"""
 
 from __future__ import annotations
 
@@ -55,8 +78,11 @@ def _outputs(estimator, table):
     rows = table.select(split="test")
     if hasattr(estimator, "score_samples"):
         extra = _inputs(estimator, rows)
-        return (estimator.score_samples(rows.logits, rows.noisy_logits, **extra),
-                estimator.predict(rows.logits, rows.noisy_logits, **extra))
+        flags = estimator.flag(rows.logits, rows.noisy_logits, **extra)
+        assert flags.dtype == bool  # detectors flag; `predict` stays as the alias of `flag`
+        np.testing.assert_array_equal(estimator.predict(rows.logits, rows.noisy_logits, **extra), flags)
+        np.testing.assert_array_equal(estimator.flag_table(rows), flags)
+        return estimator.score_samples(rows.logits, rows.noisy_logits, **extra), flags
     return (estimator.predict(rows.logits, rows.noisy_logits),)
 
 
@@ -79,6 +105,11 @@ def test_every_estimator_keeps_the_contract(name, digits_feature_table, tmp_path
         assert _fit(name, estimator, digits_split_table) is estimator  # fit returns self
     check_is_fitted(estimator)
     assert estimator.get_params() == params  # fitting never rewrites a parameter
+    if hasattr(estimator, "calibrate"):  # nor does calibrating, or recalibrating a copy
+        other = estimator.with_fpr(0.2)
+        assert other.fpr == 0.2 and other.get_params() == {**params, "fpr": 0.2}
+        estimator.calibrate(estimator.calibration_scores_)
+        assert estimator.get_params() == params
     learned = [k for k in vars(estimator) if k.endswith("_") and not k.startswith("_")]
     assert learned and not [k for k in vars(twin) if k.endswith("_") and not k.startswith("_")]
     before = _outputs(estimator, digits_split_table)
@@ -156,3 +187,91 @@ def test_a_guard_file_loads_in_a_fresh_interpreter(digits_split_table, tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "detector='msp'" in out.stdout and "corrector='svm'" in out.stdout
+
+
+def _every_estimator():
+    from logitguard.detectors import OddsCorrector, OddsTest
+
+    return {**{name: make() for name, make in ESTIMATORS.items()}, "odds-corrector": OddsCorrector(OddsTest())}
+
+
+PROTOCOL_CHECKS = ("check_get_params_invariance", "check_set_params", "check_no_attributes_set_in_init",
+                   "check_parameters_default_constructible", "check_estimator_cloneable", "check_estimator_repr",
+                   "check_do_not_raise_errors_in_init_or_set_params", "check_estimators_unfitted",
+                   "check_mixin_order", "check_valid_tag_types", "check_estimator_tags_renamed")
+FIT_CHECKS = ("check_dont_overwrite_parameters", "check_estimators_overwrite_params", "check_fit_check_is_fitted",
+              "check_estimators_fit_returns_self", "check_fit_idempotent")
+XY_ESTIMATORS = ("msp", "maxlogit", "energy", "nonme", "odds-single", "svm")
+
+
+@pytest.mark.parametrize("check", PROTOCOL_CHECKS)
+def test_sklearn_checks_of_the_parameter_protocol(check):
+    from sklearn.utils import estimator_checks
+
+    for name, estimator in _every_estimator().items():
+        getattr(estimator_checks, check)(name, estimator)
+
+
+@pytest.mark.parametrize("check", FIT_CHECKS)
+def test_sklearn_checks_of_fit_where_x_and_y_fit(check):
+    from sklearn.utils import estimator_checks
+
+    estimators = {**{name: ESTIMATORS[name]() for name in XY_ESTIMATORS},
+                  "learned": make_detector("learned", hidden=8, max_iter=20)}
+    for name, estimator in estimators.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            getattr(estimator_checks, check)(name, estimator)
+
+
+def test_init_only_stores_and_fit_validates():
+    """Bad parameters construct (scikit-learn's rule: __init__ only stores) and `fit` refuses them."""
+    from logitguard.detectors import MSPDetector, SingleShotOddsTest
+
+    logits = np.random.default_rng(0).normal(size=(20, 4))
+    labels = np.arange(20) % 4
+    cases = [(MSPDetector(fpr=2.0), "fpr", lambda e: e.fit(logits), "fpr must be in"),
+             (SingleShotOddsTest(thresholds="bogus"), "thresholds", lambda e: e.fit(logits), "thresholds must be"),
+             (SVMCorrector(C=-1.0), "C", lambda e: e.fit(logits, labels), "C must be > 0"),
+             (LogitCorrector(hidden=0), "hidden", lambda e: e.fit(logits, logits, labels), "hidden")]
+    for estimator, name, fit, message in cases:
+        value = estimator.get_params()[name]
+        with pytest.raises(LogitguardError, match=message):
+            fit(estimator)
+        assert estimator.get_params()[name] == value and not estimator.__sklearn_is_fitted__()
+
+
+def test_the_odds_corrector_is_a_meta_estimator(digits_split_table):
+    """`OddsCorrector` stores its odds test as given; clone gives an unfitted copy; fit fits the odds test."""
+    from logitguard.detectors import OddsCorrector, OddsTest
+
+    train = digits_split_table.select(split="train", attacks=["clean", "fgsm"])
+    test = digits_split_table.select(split="test", attacks="fgsm")
+    corrector = OddsCorrector(OddsTest())  # an unfitted odds test is accepted: __init__ only stores
+    with pytest.raises(NotFittedError):
+        corrector.predict(test.logits, test.noisy_logits)
+    assert corrector.fit(train.logits, train.attack != "clean", noisy_logits=train.noisy_logits) is corrector
+    check_is_fitted(corrector)
+    labels = corrector.predict(test.logits, test.noisy_logits)
+    np.testing.assert_array_equal(labels, corrector.odds.correct(test.logits, test.noisy_logits))
+    twin = clone(corrector)
+    assert twin.odds is not corrector.odds and twin.odds.get_params() == corrector.odds.get_params()
+    with pytest.raises(SklearnNotFittedError):
+        check_is_fitted(twin)
+    with pytest.raises(LogitguardError, match="wraps an odds test"):
+        OddsCorrector("odds").predict(test.logits)
+
+
+def test_one_fitted_check_and_one_message():
+    """Every way of asking "fitted?" raises the same error: the detectors' mid-fit moments check too."""
+    from logitguard.detectors import OddsTest
+
+    messages = set()
+    for estimator, call in [(OddsTest(), lambda e: e.features(np.zeros((2, 3)), np.zeros((2, 1, 3)))),
+                            (LogitCorrector(), lambda e: e.weights_),
+                            (SVMCorrector(), lambda e: e.predict(np.zeros((2, 3)))),
+                            (make_detector("msp"), lambda e: e.flag(np.zeros((2, 3))))]:
+        with pytest.raises(NotFittedError) as info:
+            call(estimator)
+        messages.add(str(info.value).replace(type(estimator).__name__, "X"))
+    assert messages == {"this X is not fitted yet; call fit() or load() first"}

@@ -208,8 +208,23 @@ def test_imagefolder_prefers_the_split_folder_and_defaults_to_224(image_tree):
     image = data.all_images()
     assert image.shape == (1, 3, 224, 224)
     torch.testing.assert_close(image, torch.full((1, 3, 224, 224), 77 / 255), rtol=0, atol=0)
-    test = load_dataset("imagefolder", "test", root=str(image_tree))  # no test/ folder: the root itself
-    assert test.class_names == ["cat", "dog", "emu", "train"]
+    # train/ but no test/: the root's other folders are not a test split (nor is train/ a class of it).
+    with raises_exactly(f"image folder {image_tree} has {image_tree / 'train'} but no {image_tree / 'test'}: give "
+                        f"each split its own folder ({image_tree}/train/<class>/…, {image_tree}/test/<class>/…)"):
+        load_dataset("imagefolder", "test", root=str(image_tree))
+    (image_tree / "test" / "yak").mkdir(parents=True)
+    pil.new("L", (30, 30), 5).save(image_tree / "test" / "yak" / "y.png")
+    assert load_dataset("imagefolder", "test", root=str(image_tree)).class_names == ["yak"]
+
+
+def test_imagefolder_without_split_folders_is_the_test_split_only(image_tree):
+    """A flat class-per-folder tree must not serve the same images as train and test."""
+    test = load_dataset("imagefolder", "test", root=str(image_tree))
+    assert test.class_names == ["cat", "dog", "emu"] and len(test) == 6
+    with raises_exactly(f"image folder {image_tree} has no split folders, so it is the test split only (the same "
+                        f"images as train would put the evaluated rows in the training ones): export it with "
+                        f"--splits test, or make {image_tree}/train and {image_tree}/test"):
+        load_dataset("imagefolder", "train", root=str(image_tree))
 
 
 def test_imagefolder_matches_torchvision_transforms(image_tree):

@@ -64,7 +64,7 @@ def test_demo_and_explain_commands(digits_split_dir, tmp_path):
     assert f"report: {tmp_path / 'r' / 'report.md'}" in result.output
     assert not (tmp_path / "r" / "transfer.png").exists()
     corrector = tmp_path / "c.pt"
-    assert runner.invoke(main, ["train-corrector", str(digits_split_dir), "--attack", "fgsm", "--out", str(corrector),
+    assert runner.invoke(main, ["train-corrector", str(digits_split_dir), "--attacks", "fgsm", "--out", str(corrector),
                                 "--hidden", "128", "--epochs", "30", "--lr", "1e-3"]).exit_code == 0
     result = runner.invoke(main, ["explain", str(digits_split_dir), "--corrector", str(corrector), "--json"])
     assert result.exit_code == 0, result.output

@@ -166,3 +166,34 @@ def test_bad_locations_and_parameters_fail_before_the_model_is_loaded(tmp_path):
         result = runner.invoke(main, base + extra)
         assert result.exit_code == 1, (extra, result.output)
         assert result.output.startswith(f"Error: {message}"), (extra, result.output)
+
+
+def test_a_finished_partition_made_with_other_attack_parameters_is_refused_before_any_attack(
+        digits_cnn, digits_sets, tmp_path, monkeypatch):
+    """Resume skips finished partitions only when their attack parameters match (`partition_mismatch`)."""
+    out = tmp_path / "table"
+    _run(digits_cnn, digits_sets, out)  # fgsm at eps=0.1
+    calls = _count_partitions(monkeypatch)
+    with pytest.raises(ProducerError, match=r"table already holds attack 'fgsm' with attacks \{'eps': 0\.1\} \(.*"
+                                            r"attack=fgsm/shard-0-of-1\.parquet\); this export would write "
+                                            r"\{'eps': 0\.05\}; use another alias or --out"):
+        _run(digits_cnn, digits_sets, out, attack_params={"fgsm": {"eps": 0.05}})
+    assert calls == []
+    _run(digits_cnn, digits_sets, out)  # the same parameters: everything is skipped
+    assert calls == [] and read_table(out).metadata["attacks"]["fgsm"] == {"eps": 0.1}
+
+
+def test_existing_outputs_are_refused_before_data_or_models_are_read(tmp_path):
+    """Without --force, a command whose --out exists stops at once: the dataset (mnist without --root) and
+    the model (a missing file) that it would read next would fail with another message."""
+    runner = CliRunner()
+    stem = tmp_path / "cnn"
+    stem.with_suffix(".pt").write_bytes(b"")
+    missing = str(tmp_path / "no-model")
+    for args in (["train", "--dataset", "mnist"],
+                 ["retrofit", "--dataset", "mnist", "--model", missing, "--activation", "jumprelu"],
+                 ["gred", "--dataset", "mnist", "--model", missing]):
+        result = runner.invoke(main, [*args, "--out", str(stem)])
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith(f"Error: refusing to overwrite existing file(s): {stem.with_suffix('.pt')}"), \
+            (args, result.output)

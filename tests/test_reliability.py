@@ -281,7 +281,7 @@ def test_an_output_under_a_regular_file_fails_before_training(table_file, tmp_pa
     monkeypatch.setattr(LogitCorrector, "fit_table", never)
     blocker = tmp_path / "plain-file"
     blocker.write_text("")
-    for args in (["train-corrector", str(table_file), "--attack", "fgsm", "--out", f"{blocker}/sub/c.npz"],
+    for args in (["train-corrector", str(table_file), "--attacks", "fgsm", "--out", f"{blocker}/sub/c.npz"],
                  ["fit-detector", str(table_file), "--kind", "msp", "--out", f"{blocker}/d.npz"],
                  ["correct", str(table_file), "--corrector", "none.npz", "--out", f"{blocker}/dir"]):
         result = CliRunner().invoke(main, args)
@@ -335,5 +335,5 @@ def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_fil
 
 
 def test_bad_values_are_refused_up_front(table_file):
-    result = CliRunner().invoke(main, ["sweep-p-clean", str(table_file), "--attack", "fgsm", "--values", ""])
+    result = CliRunner().invoke(main, ["sweep-p-clean", str(table_file), "--attacks", "fgsm", "--values", ""])
     assert result.exit_code == 2 and "give at least one p_clean value" in result.output

@@ -58,7 +58,7 @@ def defenses(digits_split_dir, tmp_path_factory):
     from logitguard.guard import Guard
 
     root = tmp_path_factory.mktemp("defenses")
-    run("train-corrector", digits_split_dir, "--attack", "fgsm", "--out", root / "corrector.npz",
+    run("train-corrector", digits_split_dir, "--attacks", "fgsm", "--out", root / "corrector.npz",
         "--hidden", "64", "--epochs", "10")
     run("fit-detector", digits_split_dir, "--kind", "learned-noisy", "--out", root / "detector.npz")
     Guard.fit(digits_split_dir, corrector="svm", on_flag="agree", fpr=0.05, budgets=(0.15,)).save(root / "guard.npz")

@@ -426,7 +426,7 @@ def test_threat_cli_errors_are_exact(digits_split_dir, defense_files, tmp_path):
     result = runner.invoke(main, ["threat", str(digits_split_dir), "--defenses", str(missing)])
     assert result.exit_code == 1 and result.output == f"Error: no such pipeline manifest: {missing}\n"
     manifest = save_pipelines(tmp_path / "d.json", {"none": {}})
-    result = runner.invoke(main, ["threat", str(digits_split_dir), "--defenses", str(manifest), "--budget", "8/0"])
+    result = runner.invoke(main, ["threat", str(digits_split_dir), "--defenses", str(manifest), "--budgets", "8/0"])
     assert result.output == "Error: budgets must be numbers or fractions such as 8/255, got '8/0'\n"
 
 

@@ -50,9 +50,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 
 from ..errors import LogitguardError
-from ..estimator import NotFittedError, check_logits
+from ..estimator import check_logits
 from ..tables import LogitTable
 from .base import Detector
 
@@ -330,8 +331,8 @@ class OddsTest(Detector):
         self._check_query_kinds(noise_kinds)
         return super().score_samples(logits, noisy_logits, features=features)
 
-    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
-                features: np.ndarray | None = None, noise_kinds: np.ndarray | None = None) -> np.ndarray:
+    def flag(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
+             features: np.ndarray | None = None, noise_kinds: np.ndarray | None = None) -> np.ndarray:
         """Flags (N,) bool at the calibrated threshold (see `score_samples`)."""
         return self.score_samples(logits, noisy_logits, features=features, noise_kinds=noise_kinds) > self.threshold_
 
@@ -340,10 +341,10 @@ class OddsTest(Detector):
         self._check_table_kinds(table)
         return super().score_table(table)
 
-    def predict_table(self, table: LogitTable) -> np.ndarray:
+    def flag_table(self, table: LogitTable) -> np.ndarray:
         self._check_fitted()
         self._check_table_kinds(table)
-        return super().predict_table(table)
+        return super().flag_table(table)
 
     def correct(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
                 noise_kinds: np.ndarray | None = None) -> np.ndarray:
@@ -438,30 +439,45 @@ class OddsTest(Detector):
         self.__dict__.pop("_inverse_scale", None)
 
     def _check_moments(self) -> None:
-        if not hasattr(self, "mean_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first")
+        """The class moments exist: set by `fit` before the threshold is (`features` runs mid-fit)."""
+        self._check_fitted("mean_")
 
 
-class OddsCorrector:
+class OddsCorrector(BaseEstimator):
     """A fitted odds test used as a corrector: ``predict`` is its correction rule (`OddsTest.correct`).
 
     `GatedDefense` and manifests accept an odds detector file as a corrector; this adapter gives it the
     corrector protocol (``predict(logits, noisy_logits)`` → labels) without overloading the detector's
-    own ``predict`` (flags).
+    own ``flag``. A scikit-learn meta-estimator: `odds` is its one parameter (stored as given; `clone`
+    clones it, unfitted), `fit` fits it, and it is fitted exactly when `odds` is.
     """
 
-    needs_noise: bool
-
-    def __init__(self, odds: OddsTest) -> None:
-        odds._check_fitted()
+    def __init__(self, odds: OddsTest | None = None) -> None:
         self.odds = odds
-        self.needs_noise = odds.needs_noise
+
+    @property
+    def needs_noise(self) -> bool:
+        return bool(self._odds().needs_noise)
+
+    def _odds(self) -> OddsTest:
+        if not isinstance(self.odds, OddsTest):
+            raise LogitguardError(f"OddsCorrector wraps an odds test (OddsTest), got {type(self.odds).__name__}")
+        return self.odds
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return isinstance(self.odds, OddsTest) and self.odds.__sklearn_is_fitted__()
+
+    def fit(self, *args: Any, **kwargs: Any) -> OddsCorrector:
+        """`OddsTest.fit` on the wrapped odds test (same arguments); returns self."""
+        self._odds().fit(*args, **kwargs)
+        return self
 
     def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
-        return self.odds.correct(logits, noisy_logits)
+        """Corrected labels (N,) by the odds test's correction rule."""
+        return self._odds().correct(logits, noisy_logits)
 
     def predict_table(self, table: LogitTable) -> np.ndarray:
-        return self.odds.correct_table(table)
+        return self._odds().correct_table(table)
 
 
 class SingleShotOddsTest(OddsTest):
