@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from logitguard import LogitguardError, pair
-from logitguard.corrector import LogitCorrector
 from logitguard.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
 from logitguard.metrics import attack_success_rate
 
