@@ -25,6 +25,7 @@ import pandas as pd
 
 from ._io import atomic_output, refuse_overwrite, staged_output
 from .errors import LogitguardError
+from .metrics import successful_attack
 from .shipped import MANIFEST
 from .summary import percent, summarize
 from .tables import CLEAN, LogitTable, pair, read_table
@@ -195,7 +196,7 @@ def _figures(out: Path, freqs, transfer, bc, table, detectors, attack, histogram
     plots.heatmap(bc, out / "bhattacharyya.png", title="Bhattacharyya coefficient of supporting classes")
     test = table.select(split="test")
     clean, attacked = pair(test, attack)
-    hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
+    hit = successful_attack(clean.logits.argmax(1), attacked.logits.argmax(1), clean.labels)
     clean_rows, attacked_rows = test.select(attacks=CLEAN), attacked.take(hit)
     curves = {}
     for name, detector in detectors.items():

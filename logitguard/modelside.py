@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import LogitguardError
-from .metrics import auroc
+from .metrics import auroc, successful_attack
 from .summary import percent
 from .tables import CLEAN, LogitTable, pair_rows, read_table
 from .threat import DEFAULT_BUDGETS, NO_DEFENSE, format_budget, threat_model_table, threat_of, to_records
@@ -124,7 +124,7 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
             continue
         clean_rows, attacked_rows = pair_rows(test, attack)
         labels = test.labels[clean_rows]
-        fooled = (test.logits[clean_rows].argmax(1) == labels) & (test.logits[attacked_rows].argmax(1) != labels)
+        fooled = successful_attack(test.logits[clean_rows].argmax(1), test.logits[attacked_rows].argmax(1), labels)
         if fooled.sum() < 5:
             continue  # too few successful attacks for an AUROC
         negatives, positives = test.take(clean_rows[fooled]), test.take(attacked_rows[fooled])

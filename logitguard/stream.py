@@ -145,7 +145,7 @@ def summarize_path(path: str | os.PathLike, *, batch_rows: int | None = None) ->
     collector = RowCollector()
     noise = None
     for batch in _stream(path, columns=all_columns(path), batch_rows=batch_rows):
-        collector.add(batch, correct=batch.logits.argmax(axis=1) == batch.labels, **_norms(batch))
+        collector.add(batch, model_label=batch.logits.argmax(axis=1), **_norms(batch))
         if batch.noisy_logits is not None:
             noise = batch.noisy_logits.shape[1:]
     return summarize_rows(collector.finish(), noise_queries=noise)
@@ -166,7 +166,7 @@ def correct_path(corrector: LogitCorrector, path: str | os.PathLike, out: str | 
     def corrected() -> Iterator[LogitTable]:
         for batch in _stream(path, columns=columns, batch_rows=batch_rows):
             fixed = corrector.correct_table(batch)
-            collector.add(fixed, correct=fixed.logits.argmax(axis=1) == fixed.labels, **_norms(fixed))
+            collector.add(fixed, model_label=fixed.logits.argmax(axis=1), **_norms(fixed))
             yield fixed
         collector.finish()  # duplicate keys: an error before anything is committed
 

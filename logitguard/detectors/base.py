@@ -26,7 +26,7 @@ from sklearn.base import clone
 from .._io import load_arrays
 from ..errors import LogitguardError
 from ..estimator import Estimator, check_logits
-from ..metrics import threshold_at_fpr
+from ..metrics import successful_attack, threshold_at_fpr
 from ..tables import CLEAN, LogitTable, holdout_mask, pair
 
 LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
@@ -179,7 +179,7 @@ class Detector(Estimator):
         for attack in chosen:
             if self.successful_attacks_only:
                 clean, rows = pair(table, attack)
-                parts.append(rows.take((clean.logits.argmax(1) == clean.labels) & (rows.logits.argmax(1) != rows.labels)))
+                parts.append(rows.take(successful_attack(clean.logits.argmax(1), rows.logits.argmax(1), clean.labels)))
             else:
                 parts.append(table.select(attacks=attack))
         logits = np.concatenate([p.logits for p in parts])
@@ -234,8 +234,7 @@ class Detector(Estimator):
             parts = [np.flatnonzero(rows.attack == CLEAN)]
             for attack in chosen:
                 clean, attacked = pair_rows(rows, attack)
-                parts.append(attacked[(model_label[clean] == rows.labels[clean])
-                                      & (model_label[attacked] != rows.labels[attacked])])
+                parts.append(attacked[successful_attack(model_label[clean], model_label[attacked], rows.labels[clean])])
         else:
             parts = [np.flatnonzero(rows.attack == name) for name in [CLEAN, *chosen]]
         order = np.concatenate(parts)
