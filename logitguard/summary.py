@@ -126,14 +126,32 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Plain-text table lines: the first `left` columns left-aligned (names), the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+def render_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], left: int = 1, *,
+                 markdown: bool = False) -> list[str]:
+    """The lines of a text table, cells given as strings (others are passed through `str`).
+
+    Plain text (default): columns padded, the first `left` left-aligned (names), the rest right-aligned,
+    a rule of dashes under the header. ``markdown=True``: a GitHub Markdown table, cells unpadded (`left`
+    does not apply). The one table renderer of the core (reports, CLI output, the producer's CLI).
+    """
+    headers = [str(h) for h in headers]
+    rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+                *("| " + " | ".join(r) + " |" for r in rows)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def markdown_frame(frame: pd.DataFrame, *, index: bool = True) -> str:
+    """A DataFrame whose cells are already formatted as a Markdown table (`render_table`), its index as the
+    first columns when `index`; one string."""
+    frame = frame.reset_index() if index else frame
+    return "\n".join(render_table(list(frame.columns), list(frame.itertuples(index=False)), markdown=True))
 
 
 def _nan_to_none(value: float) -> float | None:

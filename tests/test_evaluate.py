@@ -108,3 +108,18 @@ def test_evaluate_refuses_unknown_attacks_and_unlabelled_rows(digits_split_table
         split=digits_split_table.split, attack=digits_split_table.attack)
     with pytest.raises(LogitguardError, match="evaluation needs ground-truth labels"):
         evaluate(unlabelled)
+
+
+def test_render_table_plain_and_markdown_modes():
+    import pandas as pd
+
+    from logitguard.summary import markdown_frame, render_table
+
+    rows = [["pgd", "12.5%"], ["fgsm-e8", "3.0%"]]
+    assert render_table(["attack", "acc"], rows) == ["attack     acc", "-------  -----", "pgd      12.5%",
+                                                     "fgsm-e8   3.0%"]
+    assert render_table(["attack", "acc"], [], left=2) == ["attack  acc", "------  ---"]
+    assert render_table(["a", "b"], [[1, "x"]], markdown=True) == ["| a | b |", "|---|---|", "| 1 | x |"]
+    frame = pd.DataFrame({"acc": ["1%", "2%"]}, index=pd.Index(["pgd", "cw"], name="attack"))
+    assert markdown_frame(frame) == "| attack | acc |\n|---|---|\n| pgd | 1% |\n| cw | 2% |"
+    assert markdown_frame(frame, index=False) == "| acc |\n|---|\n| 1% |\n| 2% |"
