@@ -136,7 +136,7 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     example = pair(table.select(split="test"), main_attack).attacked
     row = int(np.flatnonzero(example.logits.argmax(1) != example.labels)[0])
     instance = explain.instance_view(correctors[main_attack], example.logits[row], int(example.labels[row]))
-    histogram = explain.mean_logit_histogram(table)
+    histogram = explain.mean_logit_counts(table)
 
     figures: list[str] = []
     if plots:

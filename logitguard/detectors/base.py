@@ -250,7 +250,7 @@ class Detector(Estimator):
         self.stream_fit_rows_ = (0, int(learn.sum()))
         self._fit_stream(stream, order[learn], attacked[learn], None if labels is None else labels[learn], max_rows)
         calibrate = order[(held if held.any() else np.ones(len(order), dtype=bool)) & ~attacked]
-        (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*_float64(z, q)),), noise=self.needs_noise)
+        (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*as_float64(z, q)),), noise=self.needs_noise)
         return self.calibrate(scores)
 
     def _fit_path_in_memory(self, path: str | os.PathLike, keys: Any, attacks: list[str] | None,
@@ -277,7 +277,7 @@ class Detector(Estimator):
         take = self._stream_sample(len(rows), max_rows, self._fit_row_bytes(stream.keys.num_classes))
         noise = self.needs_noise
         arrays = stream.collect(rows[take], lambda z, q: (z,) if q is None else (z, q), noise=noise)
-        logits, noisy = _float64(arrays[0], arrays[1] if noise else None)
+        logits, noisy = as_float64(arrays[0], arrays[1] if noise else None)
         del arrays  # the float32 copies
         self._fit(logits, attacked[take], None if labels is None else labels[take], noisy)
 
@@ -383,6 +383,6 @@ def load_legacy(path: Path) -> Detector:
     return detector
 
 
-def _float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def as_float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """float64 copies, as `check_logits` makes for `fit` and `score_samples`."""
     return logits.astype(np.float64), None if noisy is None else noisy.astype(np.float64)
