@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from .detector_kinds import DETECTOR_KINDS
 from .errors import LogitguardError
 
 
@@ -294,15 +295,9 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
 # -- detectors ---------------------------------------------------------------------------------
 
 
-def _detector_kinds() -> list[str]:
-    # Mirrors logitguard.detectors.KINDS without importing it (keeps `--help` fast); a test checks they agree.
-    return ["msp", "maxlogit", "energy", "nonme", "insen", "kdensity", "learned", "learned-noisy", "odds",
-            "odds-single"]
-
-
 @main.command("fit-detector")
 @table_argument
-@click.option("--kind", required=True, type=click.Choice(_detector_kinds()), help="Which detector.")
+@click.option("--kind", required=True, type=click.Choice(DETECTOR_KINDS), help="Which detector.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (.npz).")
 @click.option("--fpr", type=float, default=0.05, show_default=True, help="Target false-positive rate on clean rows.")
 @click.option("--attacks", type=comma_list, default=None,
