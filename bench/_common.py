@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from logitguard.corrector import LogitCorrector, _mlp  # noqa: E402
+from logitguard.corrector import LogitCorrector, build_mlp  # noqa: E402
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -27,5 +27,5 @@ def untrained_corrector(classes: int, hidden: int) -> LogitCorrector:
     """A corrector with random weights: inference and supporting-score costs do not depend on training."""
     corrector = LogitCorrector(hidden=hidden, progress=False)
     corrector._start(classes, None, ["synthetic"])
-    corrector.model_ = _mlp(classes, hidden, corrector.dropout).eval()
+    corrector.model_ = build_mlp(classes, hidden, corrector.dropout).eval()
     return corrector

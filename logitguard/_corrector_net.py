@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-class _Dropout(nn.Module):
+class FastDropout(nn.Module):
     """Inverted dropout like `nn.Dropout`, drawing its mask from 16-bit random words.
 
     CPU `bernoulli_` draws one random number per element and took 65% of a training step at D=10,000;
@@ -35,9 +35,9 @@ class _Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def _mlp(num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
+def build_mlp(num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
     """C → D → C with ReLU and dropout after the hidden layer (Algorithm 1's network).
 
     Its ``state_dict`` keys are those of `logitguard.corrector.WEIGHT_KEYS`.
     """
-    return nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(), _Dropout(dropout), nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(), FastDropout(dropout), nn.Linear(hidden, num_classes))

@@ -51,6 +51,17 @@ _FOREIGN_STALE_SECONDS = 24 * 3600
 COMMIT_WAIT_SECONDS = 600.0  # how long a commit waits for another run's commit to the same target
 
 
+def check_format_version(version: Any, reads: int, where: str) -> int:
+    """A saved file's ``format_version``: refused (`LogitguardError`, naming `where`) unless a positive integer
+    no newer than `reads`, the version this logitguard reads."""
+    if not isinstance(version, int) or version < 1:
+        raise LogitguardError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > reads:
+        raise LogitguardError(f"{where}: written by a newer logitguard (format_version {version}, this one "
+                              f"reads {reads}); upgrade logitguard")
+    return version
+
+
 def refuse_overwrite(paths: list[Path], overwrite: bool, *,
                      error: type[LogitguardError] = LogitguardError) -> None:
     """Raise `error` unless `overwrite` when any of `paths` exists: a user's file is never replaced silently."""

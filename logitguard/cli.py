@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .detector_kinds import DETECTOR_KINDS
 from .errors import LogitguardError
 
 
@@ -331,12 +332,6 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
 # -- detectors ---------------------------------------------------------------------------------
 
 
-def _detector_kinds() -> list[str]:
-    # Mirrors logitguard.detectors.KINDS without importing it (keeps `--help` fast); a test checks they agree.
-    return ["msp", "maxlogit", "energy", "nonme", "insen", "kdensity", "learned", "learned-noisy", "odds",
-            "odds-single"]
-
-
 # Detector parameters the command exposes (beyond --fpr), as (flag, parameter, type, help). Which kinds take
 # which is read from the classes at run time; a flag the chosen kind does not take is an Error. Defaults are
 # the classes' own (not repeated here, so `--help` imports no detector).
@@ -384,7 +379,7 @@ def _detector_params(kind: str, given: dict[str, Any]) -> dict[str, Any]:
 
 @main.command("fit-detector")
 @table_argument
-@click.option("--kind", required=True, type=click.Choice(_detector_kinds()), help="Which detector.")
+@click.option("--kind", required=True, type=click.Choice(DETECTOR_KINDS), help="Which detector.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (.npz).")
 @click.option("--fpr", type=float, default=0.05, show_default=True, help="Target false-positive rate on clean rows.")
 @click.option("--attacks", type=comma_list, default=None,

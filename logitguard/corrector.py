@@ -64,12 +64,14 @@ def _torch(purpose: str, hint: str = "applying a corrector saved as .npz on the 
 
 
 def __getattr__(name: str) -> Any:
-    # The torch network moved to `logitguard._corrector_net`; old imports of these names keep working.
-    if name in ("_mlp", "_Dropout"):
+    # The torch network (`logitguard._corrector_net`), imported on first use so that applying a saved corrector
+    # needs no torch. ``_mlp`` and ``_Dropout`` are their names before they were made public (old imports work).
+    public = {"_mlp": "build_mlp", "_Dropout": "FastDropout"}.get(name, name)
+    if public in ("build_mlp", "FastDropout"):
         _torch(f"logitguard.corrector.{name}")
         from . import _corrector_net
 
-        return getattr(_corrector_net, name)
+        return getattr(_corrector_net, public)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -308,12 +310,12 @@ class LogitCorrector(Estimator):
         torch = _torch("training a corrector")
         from torch.nn import functional as F
 
-        from ._corrector_net import _mlp
+        from ._corrector_net import build_mlp
 
         rng = np.random.default_rng(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = _mlp(self.n_classes_, int(self.hidden), self.dropout).to(self.device)
+            model = build_mlp(self.n_classes_, int(self.hidden), self.dropout).to(self.device)
             optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             self.history_: list[dict[str, float]] = []
             best_score, best_state, self.best_epoch_, stale = -np.inf, None, self.epochs, 0
@@ -542,9 +544,9 @@ class LogitCorrector(Estimator):
         if model is None:
             weights = self.weights_
             torch = _torch("a corrector's torch module")
-            from ._corrector_net import _mlp
+            from ._corrector_net import build_mlp
 
-            model = _mlp(self.n_classes_, int(self.hidden), self.dropout)
+            model = build_mlp(self.n_classes_, int(self.hidden), self.dropout)
             model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
             model = self._model = model.to(self.device).eval()
         return model

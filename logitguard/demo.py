@@ -25,8 +25,9 @@ import pandas as pd
 
 from ._io import atomic_output, refuse_overwrite, staged_output
 from .errors import LogitguardError
+from .metrics import successful_attack
 from .shipped import MANIFEST
-from .summary import percent, summarize
+from .summary import markdown_frame, percent, summarize
 from .tables import CLEAN, LogitTable, pair, read_table
 from .threat import NO_DEFENSE, format_budget, threat_of, to_records
 
@@ -135,7 +136,7 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     example = pair(table.select(split="test"), main_attack).attacked
     row = int(np.flatnonzero(example.logits.argmax(1) != example.labels)[0])
     instance = explain.instance_view(correctors[main_attack], example.logits[row], int(example.labels[row]))
-    histogram = explain.mean_logit_histogram(table)
+    histogram = explain.mean_logit_counts(table)
 
     figures: list[str] = []
     if plots:
@@ -195,7 +196,7 @@ def _figures(out: Path, freqs, transfer, bc, table, detectors, attack, histogram
     plots.heatmap(bc, out / "bhattacharyya.png", title="Bhattacharyya coefficient of supporting classes")
     test = table.select(split="test")
     clean, attacked = pair(test, attack)
-    hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
+    hit = successful_attack(clean.logits.argmax(1), attacked.logits.argmax(1), clean.labels)
     clean_rows, attacked_rows = test.select(attacks=CLEAN), attacked.take(hit)
     curves = {}
     for name, detector in detectors.items():
@@ -219,15 +220,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
-    """A DataFrame as a GitHub Markdown table (cells already formatted as strings)."""
-    frame = frame.reset_index() if index else frame
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def _model_side(folder: Path, stage: Path) -> dict[str, Any] | None:
@@ -304,7 +296,7 @@ def _threat_section(threat: pd.DataFrame | None) -> list[str]:
         "An attacked row the pipeline rejects counts as defended; a rejected clean row counts as an error "
         "(coverage). Pipelines: `ln` = learned-noisy detector at 1% FPR, `odds` = odds test at 5% FPR with its "
         "logistic correction, `corrector` = the logit corrector trained on PGD (docs/threat-models.md).", "",
-        _markdown(table), ""]
+        markdown_frame(table), ""]
     if bare is not None:
         safe, harmful = [], []
         for name in adaptive.index.drop(NO_DEFENSE):
@@ -342,7 +334,7 @@ def _threat_section(threat: pd.DataFrame | None) -> list[str]:
         view.columns = [f"missed @{m[-1]}% · {t} {b}" for m, t, b in view.columns]
         lines += ["**Detectors alone**: share of successful attacks (the model is fooled) the detector does not "
                   "flag, recalibrated to 1% and 5% FPR on its clean calibration rows; adaptive rows are the "
-                  "attacks aimed at that pipeline.", "", _markdown(view.map(percent)), ""]
+                  "attacks aimed at that pipeline.", "", markdown_frame(view.map(percent)), ""]
     return lines
 
 
@@ -380,40 +372,40 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
         defenses = list(dict.fromkeys(accuracy["defense"]))  # "none" first
         part = part[[(m, d) for m in ("clean_accuracy", "robust_accuracy") for d in defenses]]
         part.columns = [f"{'clean' if m == 'clean_accuracy' else 'attacked'} · {d}" for m, d in part.columns]
-        lines += [f"**{title}, ours**", "", _markdown(pct(part)), ""]
+        lines += [f"**{title}, ours**", "", markdown_frame(pct(part)), ""]
     lines += [_published_block(PUBLISHED.get("correction")), ""]
     lines += ["## 2. Transfer between attacks (seed Table 3; oblivious)", "",
               "Accuracy after correction; rows: evaluated on, columns: corrector trained on (ours).", "",
-              _markdown(pct(transfer)), "", _published_block(PUBLISHED.get("transfer")), ""]
-    lines += [f"## 3. Clean vs robust accuracy over p_clean ({attack}, oblivious, ours)", "", _markdown(pct(sweep)), ""]
+              markdown_frame(pct(transfer)), "", _published_block(PUBLISHED.get("transfer")), ""]
+    lines += [f"## 3. Clean vs robust accuracy over p_clean ({attack}, oblivious, ours)", "", markdown_frame(pct(sweep)), ""]
     lines += ["## 4. Detectors × attacks (oblivious attacks, ours)", "",
               "Negatives: clean test rows; positives: successful attacks. Scores: higher = more adversarial.", "",
-              "**AUROC**", "", _markdown(_detection_view(detection, "auroc", lambda v: f"{v:.3f}")), "",
-              "**TPR at 1% FPR**", "", _markdown(_detection_view(detection, "tpr_at_1", percent)), "",
-              "**TPR at 5% FPR**", "", _markdown(_detection_view(detection, "tpr_at_5", percent)), "",
+              "**AUROC**", "", markdown_frame(_detection_view(detection, "auroc", lambda v: f"{v:.3f}")), "",
+              "**TPR at 1% FPR**", "", markdown_frame(_detection_view(detection, "tpr_at_1", percent)), "",
+              "**TPR at 5% FPR**", "", markdown_frame(_detection_view(detection, "tpr_at_5", percent)), "",
               "False-positive rate of each detector's own calibrated threshold (target 5%) on clean test rows: "
               + ", ".join(f"{d} {percent(f)}" for d, f in
                           detection.groupby("detector", sort=False)["threshold_fpr"].first().items()) + ".", "",
               _published_block(PUBLISHED.get("detection")), ""]
     lines += ["## 5. Gated pipelines: detect, then correct flagged rows (oblivious, ours)", "",
               "`detector@FPR → corrector`: rows the detector flags get the corrector's label; others keep the "
-              "model's argmax. Selected set.", "", _markdown(_gated_view(gated, attack)), ""]
+              "model's argmax. Selected set.", "", markdown_frame(_gated_view(gated, attack)), ""]
     lines += ["## 6. Supporting classes (seed §5, Fig. 2–3, App. B)", "",
               "Each attack's own corrector; k = " + str(int(ablations["k"].iloc[0])) + " classes per row, the true "
               "class left out (it is the top supporting class of most rows).", "",
-              _markdown(pd.DataFrame({a: ", ".join(v) for a, v in summary["supporting_top3"].items()},
+              markdown_frame(pd.DataFrame({a: ", ".join(v) for a, v in summary["supporting_top3"].items()},
                                      index=["top-3 supporting classes"]).T.rename_axis("attack")), "",
               f"Instance view (seed App. B): one misclassified {attack} row, its top supporting scores:", "",
-              _markdown(instance.map(lambda v: f"{v:.4f}").to_frame()), "",
+              markdown_frame(instance.map(lambda v: f"{v:.4f}").to_frame()), "",
               "**Ablation (seed §5.2)**: lower each row's supporting classes' logits by δ, or as many random "
               "classes (control), and re-run the corrector.", "",
-              _markdown(_ablation_view(ablations)), "", _published_block(PUBLISHED.get("supporting")), ""]
+              markdown_frame(_ablation_view(ablations)), "", _published_block(PUBLISHED.get("supporting")), ""]
     lines += ["## 7. Does supporting-class similarity predict transfer?", "",
               "Bhattacharyya coefficient BC(p, q) = Σ√(p_k q_k) between attacks' supporting-class distributions "
-              "(ours):", "", _markdown(bc.map(lambda v: f"{v:.3f}")), "",
+              "(ours):", "", markdown_frame(bc.map(lambda v: f"{v:.3f}")), "",
               "Spearman rank correlation between BC and measured transfer over ordered attack pairs "
               "(relative: transfer divided by the target attack's own-corrector accuracy):", "",
-              _markdown(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", _published_block(PUBLISHED.get("bhattacharyya")), ""]
+              markdown_frame(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", _published_block(PUBLISHED.get("bhattacharyya")), ""]
     lines += _model_side_section(model_side, PUBLISHED)
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]

@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
-from ._io import load_arrays, read_header, save_arrays
+from ._io import check_format_version, load_arrays, read_header, save_arrays
 from .errors import LogitguardError
 from .tables import LogitTable
 
@@ -122,12 +122,7 @@ _RUNTIME_PARAMS = frozenset({"device", "progress"})
 
 def from_arrays(header: dict[str, Any], arrays: dict[str, np.ndarray], where: str, **runtime: Any) -> Estimator:
     """Rebuild an estimator from `to_arrays` output; `where` names the source in error messages."""
-    version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise LogitguardError(f"{where}: format_version must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise LogitguardError(f"{where}: written by a newer logitguard (format_version {version}, this one "
-                              f"reads {FORMAT_VERSION}); upgrade logitguard")
+    check_format_version(header.get("format_version"), FORMAT_VERSION, where)
     name = header.get("estimator", "")
     if name not in REGISTRY and isinstance(name, str):
         importlib.import_module(_HOME.get(name, "logitguard.detectors"))  # registers the class on import

@@ -24,7 +24,8 @@ from .corrector import LogitCorrector
 from .detectors import Detector
 from .defense import GatedDefense
 from .errors import LogitguardError
-from .metrics import attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, tpr_at_fpr
+from .metrics import (attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, successful_attack,
+                      tpr_at_fpr)
 from .summary import percent, render_table
 from .tables import CLEAN, LogitTable, RowKeys, pair_rows
 from .threat import NO_DEFENSE
@@ -158,7 +159,7 @@ def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], threshold
         clean_fpr = float((clean_scores > threshold).mean())
         for attack in attacks:
             clean, attacked = pair_rows(rows, attack)
-            hit = (model_label[clean] == rows.labels[clean]) & (model_label[attacked] != rows.labels[attacked])
+            hit = successful_attack(model_label[clean], model_label[attacked], rows.labels[clean])
             scores_ = row_scores[attacked][hit]
             tpr1, fpr1 = tpr_at_fpr(clean_scores, scores_, 0.01)
             tpr5, fpr5 = tpr_at_fpr(clean_scores, scores_, 0.05)

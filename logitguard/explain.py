@@ -40,7 +40,7 @@ except ImportError:
     raise LogitguardError("explaining a corrector needs torch, which is not installed: "
                           "pip install 'logitguard[train]'") from None
 
-from ._corrector_net import _Dropout
+from ._corrector_net import FastDropout
 from .corrector import LogitCorrector
 from .evaluate import select_attacks
 from .tables import CLEAN, LogitTable
@@ -321,7 +321,7 @@ def explain_path(
     k=k)`` and ``[ablation(corrector, table, a, split=None, k=k, delta=delta, seed=seed) for a in …]``.
     Memory depends on the batch size, not on the table.
     """
-    from .stream import _stream
+    from .stream import stream_batches
     from .tables import read_keys
 
     _check_delta(delta)
@@ -331,7 +331,7 @@ def explain_path(
     num_classes = keys.num_classes
     k = _check_k(k, num_classes, exclude_true=True)
     tallies = {attack: _Tally(num_classes, k, delta, seed) for attack in attacks}
-    for batch in _stream(path, split=split, attacks=attacks, batch_rows=batch_rows):
+    for batch in stream_batches(path, split=split, attacks=attacks, batch_rows=batch_rows):
         for attack in dict.fromkeys(batch.attack):
             rows = batch.attack == attack
             every = rows.all()
@@ -419,9 +419,10 @@ def rank_agreement(bc: pd.DataFrame, transfer: pd.DataFrame, *, relative: bool =
 # Mean-logit histogram
 
 
-def mean_logit_histogram(table: LogitTable, *, split: str | None = "test", bins: int | Sequence[float] = 30
-                         ) -> pd.DataFrame:
-    """Histogram counts of each row's mean logit per attack, clean included (seed Figure 1).
+def mean_logit_counts(table: LogitTable, *, split: str | None = "test", bins: int | Sequence[float] = 30
+                      ) -> pd.DataFrame:
+    """Histogram counts of each row's mean logit per attack, clean included (seed Figure 1; drawn by
+    `logitguard.plots.mean_logit_histogram`).
 
     All attacks share one set of bin edges (`numpy.histogram_bin_edges` over the split's rows; or the
     edges given as `bins`). Returns a DataFrame indexed by bin centre (``mean_logit``), one column of
@@ -461,7 +462,7 @@ def _two_layer(net: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
     """(first, second) Linear layers when `net` is Linear → ReLU → Linear, C → D → C (dropout ignored)."""
     if not isinstance(net, nn.Sequential):
         return None
-    layers = [m for m in net if not isinstance(m, (nn.Dropout, _Dropout, nn.Identity))]
+    layers = [m for m in net if not isinstance(m, (nn.Dropout, FastDropout, nn.Identity))]
     if (len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[1], nn.ReLU)
             and isinstance(layers[2], nn.Linear) and layers[0].in_features == layers[2].out_features):
         return layers[0], layers[2]

@@ -35,10 +35,17 @@ def robust_accuracy(pred_attacked: np.ndarray, labels: np.ndarray) -> float:
     return _mean(defended(pred_attacked, labels))
 
 
+def successful_attack(pred_clean: np.ndarray, pred_attacked: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per aligned clean/attacked pair (N,) bool: the clean row is predicted correctly and the attacked row
+    is neither predicted correctly nor rejected. The one definition of a successful attack in the project
+    (detector positives, attack success rates, the producer's ``success`` column)."""
+    return (np.asarray(pred_clean) == np.asarray(labels)) & ~defended(pred_attacked, labels)
+
+
 def attack_success_rate(pred_clean: np.ndarray, pred_attacked: np.ndarray, labels: np.ndarray) -> float:
-    """Among rows predicted correctly when clean, the share neither predicted correctly nor rejected once attacked."""
+    """Among rows predicted correctly when clean, the share of `successful_attack`s."""
     right = np.asarray(pred_clean) == np.asarray(labels)
-    return _mean(~defended(np.asarray(pred_attacked)[right], np.asarray(labels)[right]))
+    return _mean(successful_attack(pred_clean, pred_attacked, labels)[right])
 
 
 def _mean(hits: np.ndarray) -> float:

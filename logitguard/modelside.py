@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import LogitguardError
-from .metrics import auroc
-from .summary import percent
+from .metrics import auroc, successful_attack
+from .summary import percent, render_table
 from .tables import CLEAN, LogitTable, pair_rows, read_table
 from .threat import DEFAULT_BUDGETS, NO_DEFENSE, format_budget, threat_model_table, threat_of, to_records
 
@@ -124,7 +124,7 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
             continue
         clean_rows, attacked_rows = pair_rows(test, attack)
         labels = test.labels[clean_rows]
-        fooled = (test.logits[clean_rows].argmax(1) == labels) & (test.logits[attacked_rows].argmax(1) != labels)
+        fooled = successful_attack(test.logits[clean_rows].argmax(1), test.logits[attacked_rows].argmax(1), labels)
         if fooled.sum() < 5:
             continue  # too few successful attacks for an AUROC
         negatives, positives = test.take(clean_rows[fooled]), test.take(attacked_rows[fooled])
@@ -183,10 +183,11 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
              "of the threat model within the L∞ budget, on the test samples the model gets right clean; a "
              "rejected attacked row counts as defended, a rejected clean row as an error. `none` = the model "
              "alone; its *adaptive* attacks are white-box attacks on the model (no defense to know).", ""]
-    lines += _markdown(["model", "objective", "clean accuracy (full test split)", "train seconds"],
-                       [[r.model, r.objective + ("" if r.activation == "relu" else f" + {r.activation}"),
-                         percent(r.test_accuracy_full if r.test_accuracy_full is not None else r.clean_accuracy),
-                         "–" if pd.isna(r.train_seconds) else f"{r.train_seconds:.0f}"] for r in models.itertuples()])
+    lines += render_table(["model", "objective", "clean accuracy (full test split)", "train seconds"],
+                          [[r.model, r.objective + ("" if r.activation == "relu" else f" + {r.activation}"),
+                            percent(r.test_accuracy_full if r.test_accuracy_full is not None else r.clean_accuracy),
+                            "–" if pd.isna(r.train_seconds) else f"{r.train_seconds:.0f}"]
+                           for r in models.itertuples()], markdown=True)
     lines += [""]
     if not threat.empty:
         tiers = [t for t in ("oblivious", "transfer", "surrogate", "adaptive") if t in set(threat["threat_model"])]
@@ -209,7 +210,7 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
                   f"`{pipeline}` = with the logit pipeline; on the test samples the model gets right clean. The last "
                   "columns are the headline: the lowest of those figures, as a share of *all* test samples "
                   "(so a robust model's lower clean accuracy counts against it)", ""]
-        lines += _markdown(header, rows) + [""]
+        lines += render_table(header, rows, markdown=True) + [""]
     detection = pd.DataFrame(results["detection"])
     if not detection.empty:
         # Seed 001's view: the oblivious and transfer attacks at the threat budgets (or unbounded), and the
@@ -227,28 +228,23 @@ def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ())
                   "detector where exported. `adaptive.kdensity.evade.*` is the white-box attack on K-density "
                   "(seed 001's C&W-wb), `adaptive.insen.evade.*` the one on the insen detector (double "
                   "backpropagation through the InSen statistics); read their own detector's column.", ""]
-        lines += _markdown(["attack", "model", *view.columns],
-                           [[a, m, *("–" if pd.isna(v) else f"{100 * v:.1f}" for v in values)]
-                            for (a, m), values in zip(view.index, view.to_numpy())]) + [""]
+        lines += render_table(["attack", "model", *view.columns],
+                              [[a, m, *("–" if pd.isna(v) else f"{100 * v:.1f}" for v in values)]
+                               for (a, m), values in zip(view.index, view.to_numpy())], markdown=True) + [""]
     external = pd.DataFrame(results.get("external") or [])
     if not external.empty:
         lines += ["**GRED** (seed 002, image-space, trained in the producer; oblivious = grey-box: the attacker "
                   "ignores GRED). Rectified: the rectifier's label on every attacked row; pipeline: the rectified "
                   "label where GRED's detector fires (score > 0.5), else the model's.", ""]
-        lines += _markdown(["model", "attack", "threat model", "model", "rectified", "pipeline", "pipeline on clean",
-                            "detected", "clean flagged"],
-                           [[r.model, r.attack, r.threat_model, percent(r.model_accuracy),
-                             percent(r.rectified_accuracy), percent(r.pipeline_accuracy),
-                             percent(r.pipeline_clean_accuracy), percent(r.detection_rate),
-                             percent(r.false_positive_rate)] for r in external.itertuples()]) + [""]
+        lines += render_table(["model", "attack", "threat model", "model", "rectified", "pipeline",
+                               "pipeline on clean", "detected", "clean flagged"],
+                              [[r.model, r.attack, r.threat_model, percent(r.model_accuracy),
+                                percent(r.rectified_accuracy), percent(r.pipeline_accuracy),
+                                percent(r.pipeline_clean_accuracy), percent(r.detection_rate),
+                                percent(r.false_positive_rate)] for r in external.itertuples()], markdown=True) + [""]
     for curve in curves:
         lines += [f"![robustness curve]({curve})", ""]
     return lines
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
 
 
 def parse_model_specs(items: Sequence[str]) -> dict[str, tuple[Path, Path | None]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_output, refuse_overwrite
+from ._io import atomic_output, check_format_version, refuse_overwrite
 from .defense import ON_FLAG, GatedDefense, check_policy
 from .errors import LogitguardError
 from .threat import file_sha256
@@ -85,12 +85,7 @@ def load_pipelines(path: str | os.PathLike) -> dict[str, PipelineSpec]:
         raise LogitguardError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise LogitguardError(f"{path}: not a logitguard pipeline manifest (expected \"format\": \"{FORMAT}\")")
-    version = doc.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise LogitguardError(f"{path}: format_version must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise LogitguardError(f"{path}: format_version {version} is newer than this logitguard reads "
-                              f"({FORMAT_VERSION}); upgrade logitguard")
+    check_format_version(doc.get("format_version"), FORMAT_VERSION, str(path))
     entries = doc.get("pipelines")
     if not isinstance(entries, dict) or not entries:
         raise LogitguardError(f"{path}: \"pipelines\" must be a non-empty object of name: pipeline")

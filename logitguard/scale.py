@@ -57,17 +57,17 @@ from .tables import (
     PARTITION_COLUMNS,
     REQUIRED_COLUMNS,
     LogitTable,
-    _check_columns,
-    _dataset_metadata,
-    _distinct,
-    _open_dataset,
-    _parse_metadata,
-    _partitions,
-    _unreadable,
-    _with_metadata,
-    _write_parquet,
+    check_columns,
     conform,
+    dataset_metadata,
+    distinct_values,
+    open_dataset,
+    parse_metadata,
+    table_partitions,
+    unreadable_error,
     wanted_columns,
+    with_metadata,
+    write_parquet,
 )
 
 __all__ = ["KINDS", "DefenseSpec", "apply_ray", "init_ray", "read_ray", "table_metadata", "write_ray"]
@@ -146,8 +146,8 @@ class _RayErrors:
 def table_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of the table at `path`, merged from its files' footers as `read_table` does."""
     path = Path(path)
-    _, file_schemas = _open_dataset(path)
-    return _dataset_metadata(file_schemas, path)
+    _, file_schemas = open_dataset(path)
+    return dataset_metadata(file_schemas, path)
 
 
 @dataclass(frozen=True)
@@ -172,10 +172,10 @@ class LogitTableDatasource(Datasource):
                  columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS) -> None:
         super().__init__()
         path = Path(path)
-        dataset, file_schemas = _open_dataset(path)
-        self.metadata = _dataset_metadata(file_schemas, path)
+        dataset, file_schemas = open_dataset(path)
+        self.metadata = dataset_metadata(file_schemas, path)
         present = list(dataset.schema.names)
-        _check_columns(present)
+        check_columns(present)
         wanted = wanted_columns(path, present, columns)
         self.path = str(path)
         self.split = split
@@ -195,7 +195,7 @@ class LogitTableDatasource(Datasource):
                         self.units.append(_Unit(fragment.path, group, info.num_rows, info.total_byte_size,
                                                 tuple(sorted(keys.items()))))
         except (pa.ArrowException, OSError) as exc:
-            raise _unreadable(path, exc) from None
+            raise unreadable_error(path, exc) from None
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(u.size for u in self.units)
@@ -241,7 +241,7 @@ def _read_units(units: list[_Unit], schema: pa.Schema, split: str | None, batch_
                 if table.num_rows:
                     yield table
         except (pa.ArrowException, OSError) as exc:
-            raise _unreadable(Path(unit.file), exc) from None
+            raise unreadable_error(Path(unit.file), exc) from None
 
 
 def read_ray(path: str | os.PathLike, *, split: str | None = None, columns: Sequence[str] | None = None,
@@ -333,14 +333,14 @@ class _ApplyActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         metadata = self.metadata
         if metadata is None:
-            metadata = _parse_metadata((batch.schema.metadata or {}).get(METADATA_KEY), "batch")
+            metadata = parse_metadata((batch.schema.metadata or {}).get(METADATA_KEY), "batch")
         batch = _plain_tensors(batch)
         if self.split is not None:
             batch = batch.filter(pc.equal(batch.column("split"), self.split))
         if batch.num_rows == 0:
             return pa.table({})
         out = self.spec.transform(self.loaded, conform(batch.replace_schema_metadata(None), metadata=metadata))
-        return _with_metadata(out.arrow, out.metadata) if isinstance(out, LogitTable) else out
+        return with_metadata(out.arrow, out.metadata) if isinstance(out, LogitTable) else out
 
 
 def _plain_tensors(batch: pa.Table) -> pa.Table:
@@ -430,16 +430,16 @@ class _TableSink(Datasink):
                 raw = (block.schema.metadata or {}).get(METADATA_KEY)
                 if raw is None:
                     raise TableError("rows without table metadata: pass metadata= to write_ray")
-                metadata = _parse_metadata(raw, "block")
+                metadata = parse_metadata(raw, "block")
             table = conform(block.replace_schema_metadata(None), metadata=metadata)
-            for values, part in _partitions(table, list(PARTITION_COLUMNS)):
+            for values, part in table_partitions(table, list(PARTITION_COLUMNS)):
                 rel = str(Path(*(f"{c}={v}" for c, v in zip(PARTITION_COLUMNS, values)),
                                f"{self.basename}-{ctx.task_idx:05d}-{count:04d}.parquet"))
                 count += 1
                 target = Path(self.stage) / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_output(target, overwrite=True, error=TableError) as tmp:
-                    _write_parquet(_with_metadata(part.drop_columns(list(PARTITION_COLUMNS)), table.metadata), tmp)
+                    write_parquet(with_metadata(part.drop_columns(list(PARTITION_COLUMNS)), table.metadata), tmp)
                 files.append((rel, part.num_rows))
             narrow.append(_narrow(table))
         return {"files": files, "rows": narrow}
@@ -640,7 +640,7 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
     narrow = pa.concat_tables([p for p in parts if p.num_rows])
     _check_unique(narrow)
     frame = _frame(narrow)
-    attacks = _distinct(frame["attack"].to_numpy(), first=CLEAN)
+    attacks = distinct_values(frame["attack"].to_numpy(), first=CLEAN)
     rates = {a: float(frame["flagged"][frame["attack"] == a].mean()) for a in attacks}
     metrics = None
     if (frame["label"] >= 0).all() and CLEAN in attacks and len(attacks) > 1:
@@ -667,10 +667,10 @@ def cli_defend(table: str, spec: DefenseSpec, out: str, *, split: str | None, fo
     written, narrow = _write(result, out, metadata=metadata, basename="defended", overwrite=force)
     frame = _frame(narrow)
     on_flag = (loaded.defense if spec.kind == "guard" else loaded).on_flag
-    attacks = _distinct(frame["attack"].to_numpy(), first=CLEAN)
+    attacks = distinct_values(frame["attack"].to_numpy(), first=CLEAN)
     results = None
     if (frame["label"] >= 0).all() and CLEAN in attacks and len(attacks) > 1:
-        splits = _distinct(frame["split"].to_numpy())
+        splits = distinct_values(frame["split"].to_numpy())
         test = split or ("test" if "test" in splits else None)
         _check_labels(frame if test is None else frame[frame["split"] == test])
         results = evaluate(_agreement_table(frame, metadata, pred=True), {"gated": _PredColumn()}, split=test)

@@ -124,8 +124,10 @@ def all_columns(path: str | os.PathLike) -> list[str]:
     return [c for c in OPTIONAL_COLUMNS if c in present]
 
 
-def _stream(path: str | os.PathLike, *, split: str | None = None, attacks: Sequence[str] | None = None,
-            columns: Sequence[str] = (), batch_rows: int | None = None) -> Iterator[LogitTable]:
+def stream_batches(path: str | os.PathLike, *, split: str | None = None, attacks: Sequence[str] | None = None,
+                   columns: Sequence[str] = (), batch_rows: int | None = None) -> Iterator[LogitTable]:
+    """`iter_batches` of the rows the streamed passes read (refusing a selection with no rows), `batch_rows`
+    defaulting to `stream_batch_rows` for the table and `columns`."""
     return iter_batches(path, split=split, attacks=attacks, columns=columns,
                         batch_rows=batch_rows or stream_batch_rows(path, columns), require_rows=True)
 
@@ -144,8 +146,8 @@ def summarize_path(path: str | os.PathLike, *, batch_rows: int | None = None) ->
 
     collector = RowCollector()
     noise = None
-    for batch in _stream(path, columns=all_columns(path), batch_rows=batch_rows):
-        collector.add(batch, correct=batch.logits.argmax(axis=1) == batch.labels, **_norms(batch))
+    for batch in stream_batches(path, columns=all_columns(path), batch_rows=batch_rows):
+        collector.add(batch, model_label=batch.logits.argmax(axis=1), **_norms(batch))
         if batch.noisy_logits is not None:
             noise = batch.noisy_logits.shape[1:]
     return summarize_rows(collector.finish(), noise_queries=noise)
@@ -164,9 +166,9 @@ def correct_path(corrector: LogitCorrector, path: str | os.PathLike, out: str | 
     columns = [c for c in ("linf", "l2") if c in table_columns(path)]
 
     def corrected() -> Iterator[LogitTable]:
-        for batch in _stream(path, columns=columns, batch_rows=batch_rows):
+        for batch in stream_batches(path, columns=columns, batch_rows=batch_rows):
             fixed = corrector.correct_table(batch)
-            collector.add(fixed, correct=fixed.logits.argmax(axis=1) == fixed.labels, **_norms(fixed))
+            collector.add(fixed, model_label=fixed.logits.argmax(axis=1), **_norms(fixed))
             yield fixed
         collector.finish()  # duplicate keys: an error before anything is committed
 
@@ -192,7 +194,7 @@ def evaluate_path(path: str | os.PathLike, defenses: Mapping[str, Any] | None = 
     columns = ["noisy_logits"] if any(getattr(d, "needs_noise", False) for d in defenses.values()) else []
     wanted = None if CLEAN not in keys.attacks or set(keys.attacks) == {CLEAN, *attacks} else [CLEAN, *attacks]
     collector = RowCollector()
-    for batch in _stream(path, split=split, attacks=wanted, columns=columns, batch_rows=batch_rows):
+    for batch in stream_batches(path, split=split, attacks=wanted, columns=columns, batch_rows=batch_rows):
         labels = {f"defense{i}": np.asarray(defenses[name].predict_table(batch)) for i, name in enumerate(names)}
         collector.add(batch, model_label=batch.logits.argmax(axis=1), **labels)
     rows = collector.finish()
@@ -214,7 +216,7 @@ def detect_path(detector: Detector, path: str | os.PathLike, *, split: str | Non
     if column is not None and column not in table_columns(path):
         raise LogitguardError(detector._missing_column())
     collector = RowCollector()
-    for batch in _stream(path, split=split, columns=_noise_columns(detector), batch_rows=batch_rows):
+    for batch in stream_batches(path, split=split, columns=_noise_columns(detector), batch_rows=batch_rows):
         collector.add(batch, model_label=batch.logits.argmax(axis=1), score=detector.score_table(batch))
     rows = collector.finish()
     flagged = rows.values["score"] > detector.threshold_
@@ -258,7 +260,7 @@ def defend_path(defense: GatedDefense, path: str | os.PathLike, out: str | os.Pa
     collector = RowCollector()
 
     def defended() -> Iterator[LogitTable]:
-        for batch in _stream(path, split=split, columns=all_columns(path), batch_rows=batch_rows):
+        for batch in stream_batches(path, split=split, columns=all_columns(path), batch_rows=batch_rows):
             if check is not None:
                 check(batch)
             decision: Decision = defense.check_table(batch)

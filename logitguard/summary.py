@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .metrics import attack_success_rate
 from .tables import CLEAN, LogitTable, RowKeys
 
 # Metadata keys echoed by `summarize`; the rest (e.g. long per-class lists) stays in the table.
@@ -31,28 +32,30 @@ def summarize(table: LogitTable) -> dict[str, Any]:
     """
     norms = {name: table.column(name) for name in ("linf", "l2") if name in table.columns}
     noisy = table.noisy_logits
-    return summarize_rows(RowKeys.of(table, correct=table.logits.argmax(axis=1) == table.labels, **norms),
+    return summarize_rows(RowKeys.of(table, model_label=table.logits.argmax(axis=1), **norms),
                           noise_queries=None if noisy is None else noisy.shape[1:])
 
 
 def summarize_rows(rows: RowKeys, *, noise_queries: Sequence[int] | None = None) -> dict[str, Any]:
-    """`summarize` from per-row values (what a streamed pass keeps): ``rows.values`` holds ``correct`` (the
-    argmax equals the label, (N,) bool) and, when the table has them, ``linf`` and ``l2``; `noise_queries`
+    """`summarize` from per-row values (what a streamed pass keeps): ``rows.values`` holds ``model_label`` (the
+    argmax of the logits, (N,) int) and, when the table has them, ``linf`` and ``l2``; `noise_queries`
     is (K, C) or None."""
+    model_label = np.asarray(rows.values["model_label"])
     frame = pd.DataFrame({
         "split": rows.split,
         "attack": rows.attack,
         "sample_id": rows.sample_id,
+        "label": rows.labels,
         "labelled": rows.labels >= 0,
-        "correct": rows.values["correct"],
+        "correct": model_label == rows.labels,
+        "model_label": model_label,
     })
     norms = [n for n in ("linf", "l2") if n in rows.values]
     for name in norms:
         frame[name] = rows.values[name]
-    clean = frame.loc[frame["attack"] == CLEAN, ["split", "sample_id", "correct", "labelled"]]
+    clean = frame.loc[frame["attack"] == CLEAN, ["split", "sample_id", "model_label"]]
+    # Each row's clean row's model label (NaN without a clean row: never a successful attack).
     frame = frame.merge(clean, on=["split", "sample_id"], how="left", suffixes=("", "_clean"))
-    eligible = (frame["correct_clean"] == True) & frame["labelled"] & (frame["attack"] != CLEAN)  # noqa: E712
-    frame["fooled"] = (~frame["correct"]).where(eligible)
 
     from .threat import threat_of
 
@@ -65,7 +68,8 @@ def summarize_rows(rows: RowKeys, *, noise_queries: Sequence[int] | None = None)
             "threat": None if attack == CLEAN else threat_of(rows.metadata, attack)["model"],
             "rows": len(group),
             "accuracy": _mean(labelled["correct"]),
-            "attack_success_rate": None if attack == CLEAN else _mean(group["fooled"].dropna()),
+            "attack_success_rate": None if attack == CLEAN else _nan_to_none(attack_success_rate(
+                group["model_label_clean"].to_numpy(), group["model_label"].to_numpy(), group["label"].to_numpy())),
         }
         for name in norms:
             values = group[name].dropna()
@@ -122,14 +126,36 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Plain-text table lines: the first `left` columns left-aligned (names), the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+def render_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], left: int = 1, *,
+                 markdown: bool = False) -> list[str]:
+    """The lines of a text table, cells given as strings (others are passed through `str`).
+
+    Plain text (default): columns padded, the first `left` left-aligned (names), the rest right-aligned,
+    a rule of dashes under the header. ``markdown=True``: a GitHub Markdown table, cells unpadded (`left`
+    does not apply). The one table renderer of the core (reports, CLI output, the producer's CLI).
+    """
+    headers = [str(h) for h in headers]
+    rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+                *("| " + " | ".join(r) + " |" for r in rows)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def markdown_frame(frame: pd.DataFrame, *, index: bool = True) -> str:
+    """A DataFrame whose cells are already formatted as a Markdown table (`render_table`), its index as the
+    first columns when `index`; one string."""
+    frame = frame.reset_index() if index else frame
+    return "\n".join(render_table(list(frame.columns), list(frame.itertuples(index=False)), markdown=True))
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value != value else value
 
 
 def _mean(values: pd.Series) -> float | None:

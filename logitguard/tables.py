@@ -81,11 +81,11 @@ class _Rows:
     @cached_property
     def attacks(self) -> list[str]:
         """Distinct attack names, ``clean`` first, then in sorted order."""
-        return _distinct(self.attack, first=CLEAN)
+        return distinct_values(self.attack, first=CLEAN)
 
     @cached_property
     def splits(self) -> list[str]:
-        return _distinct(self.split)
+        return distinct_values(self.split)
 
 
 @dataclass(frozen=True, eq=False)
@@ -404,17 +404,17 @@ def read_table(
         matches the filters, or the table breaks the contract.
     """
     path = Path(path)
-    dataset, file_schemas = _open_dataset(path)
-    metadata = _dataset_metadata(file_schemas, path)
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
     present = set(dataset.schema.names)
     wanted = wanted_columns(path, present, columns)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    _check_columns(present)
+    check_columns(present)
     try:
         batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
     arrow = pa.Table.from_batches(batches) if batches else None
     if arrow is None or arrow.num_rows == 0:
         raise _no_rows(dataset, path, split, attacks)
@@ -428,11 +428,11 @@ def _no_rows(dataset: ds.Dataset, path: Path, split: str | None, attacks: list[s
     try:
         keys = dataset.to_table(columns=["split", "attack"])
     except (pa.ArrowException, OSError) as exc:
-        return _unreadable(path, exc)
+        return unreadable_error(path, exc)
     return TableError(
         f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
-        f"{_distinct(keys.column('split').to_numpy())} and attacks "
-        f"{_distinct(keys.column('attack').to_numpy(), first=CLEAN)}"
+        f"{distinct_values(keys.column('split').to_numpy())} and attacks "
+        f"{distinct_values(keys.column('attack').to_numpy(), first=CLEAN)}"
     )
 
 
@@ -470,9 +470,9 @@ def iter_batches(
     path = Path(path)
     if batch_rows < 1:
         raise TableError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
-    dataset, file_schemas = _open_dataset(path)
-    metadata = _dataset_metadata(file_schemas, path)
-    _check_columns(dataset.schema.names)
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
+    check_columns(dataset.schema.names)
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
@@ -490,27 +490,27 @@ def iter_batches(
                 if count % 8 == 0:  # the allocator keeps freed batches' memory otherwise (~100 MiB at C=1000)
                     pa.default_memory_pool().release_unused()
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
     if empty and require_rows:
         raise _no_rows(dataset, path, split, attacks)
 
 
 def table_columns(path: str | os.PathLike) -> list[str]:
     """The column names of the table at `path`, read from the file footers only."""
-    dataset, _ = _open_dataset(Path(path))
+    dataset, _ = open_dataset(Path(path))
     return list(dataset.schema.names)
 
 
 def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str, int]:
     """Rows per attack (reading only the key columns), e.g. ``{"clean": 10000, "pgd": 10000}``."""
     path = Path(path)
-    dataset, _ = _open_dataset(path)
+    dataset, _ = open_dataset(path)
     try:
         keys = dataset.to_table(columns=["attack"], filter=_filter(split, None)).column("attack")
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
     counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
-    return {name: int(counts[name]) for name in _distinct(counts.index.to_numpy(), first=CLEAN)}
+    return {name: int(counts[name]) for name in distinct_values(counts.index.to_numpy(), first=CLEAN)}
 
 
 def read_keys(path: str | os.PathLike, *, split: str | None = None,
@@ -518,15 +518,15 @@ def read_keys(path: str | os.PathLike, *, split: str | None = None,
     """The keys and labels of the matching rows (reading only those columns, never the logits), in the
     order `read_table` and `iter_batches` give them. Raises `read_table`'s `TableError` when nothing matches."""
     path = Path(path)
-    dataset, file_schemas = _open_dataset(path)
-    metadata = _dataset_metadata(file_schemas, path)
-    _check_columns(dataset.schema.names)
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
+    check_columns(dataset.schema.names)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     try:
         batches = list(_scan(dataset, ["split", "attack", "sample_id", "label"], split, attacks))
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
     keys = pa.Table.from_batches(batches) if batches else None
     if keys is None or keys.num_rows == 0:
         raise _no_rows(dataset, path, split, attacks)
@@ -569,8 +569,8 @@ def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> i
         if rows < 1:
             raise TableError(f"{BATCH_ROWS_ENV} must be an integer >= 1, got {override!r}")
         return rows
-    dataset, file_schemas = _open_dataset(Path(path))
-    num_classes = _dataset_metadata(file_schemas, Path(path)).get("num_classes")
+    dataset, file_schemas = open_dataset(Path(path))
+    num_classes = dataset_metadata(file_schemas, Path(path)).get("num_classes")
     floats = 0
     for name in ("logits", *columns):
         if name not in dataset.schema.names:
@@ -587,7 +587,7 @@ def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> i
 def noise_queries(path: str | os.PathLike) -> tuple[int, int] | None:
     """(K, C) of the table's noise queries, or None when it has none; read from the schema (one batch of the
     column when its lists are not fixed-size)."""
-    dataset, _ = _open_dataset(Path(path))
+    dataset, _ = open_dataset(Path(path))
     if "noisy_logits" not in dataset.schema.names:
         return None
     kind = dataset.schema.field("noisy_logits").type
@@ -654,7 +654,7 @@ def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expres
     return expr
 
 
-def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema]]:
+def open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema]]:
     """The Parquet dataset at `path` and each file's own schema (read once, from the footers).
 
     A directory's dataset gets one schema unified over all its files: pyarrow would otherwise take the
@@ -683,10 +683,10 @@ def _open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema
             raise TableError(f"{path}: files have incompatible schemas ({exc})") from None
         return ds.dataset(files, schema=schema, **options), schemas
     except (pa.ArrowException, OSError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
 
 
-def _unreadable(path: Path, exc: Exception) -> TableError:
+def unreadable_error(path: Path, exc: Exception) -> TableError:
     """The error for a table pyarrow cannot read; a failed page checksum says the file is damaged."""
     if "checksum" in str(exc).lower():
         return TableError(f"{path}: a data page is damaged (its checksum does not match: {exc}); "
@@ -702,12 +702,12 @@ def table_files(path: str | os.PathLike) -> list[str]:
                   if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
 
 
-def _dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[str, Any]:
+def dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[str, Any]:
     """Merge every file's metadata: ``attacks`` and ``threat`` entries are united; every other key must agree."""
     merged: dict[str, Any] = {}
     source: dict[str, str] = {}
     for file, schema in file_schemas.items():
-        meta = _parse_metadata((schema.metadata or {}).get(METADATA_KEY), file)
+        meta = parse_metadata((schema.metadata or {}).get(METADATA_KEY), file)
         for key, value in meta.items():
             if key in _UNITED_METADATA:
                 merged.setdefault(key, {}).update(value)
@@ -721,7 +721,9 @@ def _dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[st
     return merged
 
 
-def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
+def parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
+    """The table metadata dict stored as JSON bytes under `METADATA_KEY` ({} when absent); `where` names the
+    file in the error for bytes that are not a JSON object."""
     if raw is None:
         return {}
     try:
@@ -737,7 +739,8 @@ def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
 # Validation
 
 
-def _check_columns(names: set[str] | list[str]) -> None:
+def check_columns(names: set[str] | list[str]) -> None:
+    """Refuse (`TableError`) a set of column names that lacks a required column or has an unknown one."""
     names = set(names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
@@ -757,9 +760,9 @@ def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> Lo
     own schema metadata. Raises `TableError` naming the column, the row and what was expected.
     """
     if metadata is None:
-        metadata = _parse_metadata((table.schema.metadata or {}).get(METADATA_KEY), "table")
+        metadata = parse_metadata((table.schema.metadata or {}).get(METADATA_KEY), "table")
     metadata = dict(metadata)
-    _check_columns(table.column_names)
+    check_columns(table.column_names)
     if table.num_rows == 0:
         raise TableError("the table has no rows")
     version = metadata.setdefault("schema_version", SCHEMA_VERSION)
@@ -977,28 +980,31 @@ def write_table(
     path = Path(path)
     if partition_by is None:
         with atomic_output(path, overwrite=overwrite, error=TableError) as tmp:
-            _write_parquet(_with_metadata(table.arrow, table.metadata), tmp)
+            write_parquet(with_metadata(table.arrow, table.metadata), tmp)
         return [path]
     bad = [c for c in partition_by if c not in PARTITION_COLUMNS]
     if bad:
         raise TableError(f"can only partition by {list(PARTITION_COLUMNS)}, not {bad}")
     parts = [(Path(*(f"{c}={v}" for c, v in zip(partition_by, values)), f"{basename}.parquet"),
               part.drop_columns(list(partition_by)))
-             for values, part in _partitions(table, list(partition_by))]
+             for values, part in table_partitions(table, list(partition_by))]
     with staged_output(path, overwrite=overwrite, replace=True, error=TableError) as stage:
         for rel, part in parts:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            _write_parquet(_with_metadata(part, table.metadata), stage / rel)
+            write_parquet(with_metadata(part, table.metadata), stage / rel)
     return [path / rel for rel, _ in parts]
 
 
-def _with_metadata(arrow: pa.Table, metadata: dict[str, Any]) -> pa.Table:
+def with_metadata(arrow: pa.Table, metadata: dict[str, Any]) -> pa.Table:
+    """`arrow` with `metadata` as its schema metadata (JSON under `METADATA_KEY`, keys sorted)."""
     return arrow.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
-def _partitions(table: LogitTable, by: list[str]):
+def table_partitions(table: LogitTable, by: list[str]) -> Iterator[tuple[tuple[Any, ...], pa.Table]]:
+    """(values of the `by` columns, their rows as Arrow) per partition, in sorted order; refuses values that
+    cannot be directory names."""
     for c in by:
-        for value in _distinct(getattr(table, c)):
+        for value in distinct_values(getattr(table, c)):
             if not value or any(ch in value for ch in "/\\=%") or value.startswith("."):
                 raise TableError(f"{c} name {value!r} cannot be a directory name; avoid '/', '\\', '=', '%' and a "
                                  "leading '.'")
@@ -1008,13 +1014,13 @@ def _partitions(table: LogitTable, by: list[str]):
         yield values, table.arrow.take(pa.array(index, pa.int64()))
 
 
-def _write_parquet(arrow: pa.Table, target: Path) -> None:
+def write_parquet(arrow: pa.Table, target: Path) -> None:
     """One Parquet file with the table's encodings and a CRC32 on every page (verified by the reader)."""
     pq.write_table(arrow, target, row_group_size=_row_group_rows(arrow), **_parquet_options(arrow.column_names))
 
 
 def _open_writer(target: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """A Parquet file written row group by row group, with `_write_parquet`'s encodings and checksums."""
+    """A Parquet file written row group by row group, with `write_parquet`'s encodings and checksums."""
     return pq.ParquetWriter(target, schema, **_parquet_options(schema.names))
 
 
@@ -1090,7 +1096,7 @@ class _BatchSink:
         if self.partition_by is None:
             self._add(Path(), table.arrow, ())
             return
-        for values, part in _partitions(table, self.partition_by):
+        for values, part in table_partitions(table, self.partition_by):
             rel = Path(*(f"{c}={v}" for c, v in zip(self.partition_by, values)), f"{self.basename}.parquet")
             self._add(rel, part.drop_columns(self.partition_by), values)
 
@@ -1098,7 +1104,7 @@ class _BatchSink:
         if rel not in self._writers:
             target = self.root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._writers[rel] = _open_writer(target, _with_metadata(arrow.schema.empty_table(), self.metadata).schema)
+            self._writers[rel] = _open_writer(target, with_metadata(arrow.schema.empty_table(), self.metadata).schema)
             self._buffers[rel], self._group_rows[rel] = [], _row_group_rows(arrow)
             self.files.append((tuple(values), rel))
         elif not arrow.schema.equals(self._writers[rel].schema, check_metadata=False):
@@ -1226,7 +1232,8 @@ def _int_view(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return col.to_numpy(zero_copy_only=True)
 
 
-def _distinct(values: np.ndarray, first: str | None = None) -> list[str]:
+def distinct_values(values: np.ndarray, first: str | None = None) -> list[str]:
+    """The distinct names in `values` (N,), sorted, with `first` (when present) moved to the front."""
     names = sorted(set(values.tolist()))
     if first in names:
         names.remove(first)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from .defense import GatedDefense
 from .errors import LogitguardError, TableError
-from .metrics import ABSTAIN
+from .metrics import ABSTAIN, successful_attack
 from .summary import percent, render_table
 from .tables import CLEAN, LogitTable
 
@@ -184,6 +184,7 @@ class _Rows:
         self.attack = table.attack[self.rows]
         self.labels = labels
         self.bare_right = argmax[self.rows] == labels[self.rows]
+        self.successful = successful_attack(argmax[self.clean_rows][self.sample], argmax[self.rows], labels[self.rows])
         size = self._size()
         self.in_budget = {eps: size <= eps + BUDGET_TOLERANCE for eps in self.budgets}
 
@@ -297,14 +298,13 @@ def detector_miss_table(
     one column per entry of `fprs`) and ``attacks``. Shares are NaN when no attack succeeded.
     """
     rows = _Rows(table, split, budgets)
-    success = ~rows.bare_right  # rows are of selected samples: the clean row is right
     records = []
     for name, detector in detectors.items():
         scores = np.asarray(detector.score_table(rows.table))[rows.rows]
         thresholds = {"missed": detector.threshold_,
                       **{_miss_column(f): detector.with_fpr(f).threshold_ for f in fprs}}
         for tier, eps, mask in rows.tiers(name):
-            hit = scores[mask & success]
+            hit = scores[mask & rows.successful]
             records.append({"detector": name, "kind": detector.kind, "threat_model": tier, "eps": eps,
                             "successful": int(hit.size), "fpr": detector.fpr,
                             **{col: _share(hit <= th) for col, th in thresholds.items()},

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from logitguard._io import StagedDirectory
+from logitguard.metrics import successful_attack
 from logitguard.tables import CLEAN, METADATA_KEY, LogitTable, write_table
 from logitguard.threat import file_sha256
 
@@ -641,7 +642,7 @@ def export_partition(
             "l2": delta.norm(dim=1).numpy(),
         }
         # Recomputed, never the attack's own flag; always False on clean rows.
-        part["success"] = ((clean_pred == y) & (pred != y)).numpy()
+        part["success"] = successful_attack(clean_pred.numpy(), pred.numpy(), y.numpy())
         if noise is not None:
             part["noisy_logits"] = noise_queries(model, x_adv, noise, generator=generator,
                                                  batch_size=8 * batch_size, device=device).numpy()

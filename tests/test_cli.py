@@ -177,10 +177,13 @@ def test_corrector_command_errors_are_exact(digits_split_dir, tmp_path, args, me
 
 
 def test_the_cli_lists_every_detector_kind():
-    from logitguard.cli import _detector_kinds
-    from logitguard.detectors import KINDS
+    from logitguard.cli import main
+    from logitguard.detectors import KINDS, Detector
+    from logitguard.estimator import REGISTRY
 
-    assert sorted(_detector_kinds()) == sorted(KINDS)
+    kind = next(p for p in main.commands["fit-detector"].params if p.name == "kind")
+    assert tuple(kind.type.choices) == KINDS
+    assert tuple(k for k, cls in REGISTRY.items() if issubclass(cls, Detector)) == KINDS
 
 
 def test_fit_detector_detect_train_svm_and_defend(digits_split_dir, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from logitguard import LogitguardError, pair
 from logitguard.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
-from logitguard.metrics import attack_success_rate
+from logitguard.metrics import ABSTAIN, attack_success_rate, successful_attack
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3)
 
@@ -23,6 +23,35 @@ def test_metrics_follow_their_definitions():
     attacked = np.array([0, 2, 1, 3])  # 2 of the 3 clean-correct flipped
     assert attack_success_rate(clean, attacked, labels) == pytest.approx(2 / 3)
     assert np.isnan(attack_success_rate(clean[3:], attacked[3:], labels[3:]))
+
+
+def test_successful_attack_needs_a_right_clean_row_and_a_wrong_unrejected_attacked_one():
+    labels = np.array([0, 1, 2, 3, 4])
+    clean = np.array([0, 1, 2, 0, 4])
+    attacked = np.array([0, 2, ABSTAIN, 1, 1])
+    np.testing.assert_array_equal(successful_attack(clean, attacked, labels), [False, True, False, False, True])
+
+
+def test_summary_success_rate_skips_samples_without_a_right_clean_row(digits_split_table):
+    from logitguard.summary import summarize
+
+    table = digits_split_table.select(split="test")
+    clean, attacked = pair(table, "fgsm")
+    right = clean.logits.argmax(1) == clean.labels
+    expected = float((attacked.logits.argmax(1)[right] != attacked.labels[right]).mean())
+    # Drop one clean row whose model is right: its attacked row no longer counts.
+    drop = np.flatnonzero((table.attack == "clean") & np.isin(table.sample_id, clean.sample_id[right]))[0]
+    keep = np.ones(len(table), dtype=bool)
+    keep[drop] = False
+    entry = {(c["split"], c["attack"]): c for c in summarize(table)["conditions"]}[("test", "fgsm")]
+    assert entry["attack_success_rate"] == pytest.approx(expected)
+    sample = table.sample_id[drop]
+    gone = np.flatnonzero(clean.sample_id[right] == sample)[0]
+    mask = np.ones(int(right.sum()), dtype=bool)
+    mask[gone] = False
+    fooled = attacked.logits.argmax(1)[right] != attacked.labels[right]
+    entry = {(c["split"], c["attack"]): c for c in summarize(table.take(keep))["conditions"]}[("test", "fgsm")]
+    assert entry["attack_success_rate"] == pytest.approx(float(fooled[mask].mean()))
 
 
 def test_evaluate_matches_hand_computed_accuracy(digits_split_table, correctors):
@@ -78,3 +107,18 @@ def test_evaluate_refuses_unknown_attacks_and_unlabelled_rows(digits_split_table
         split=digits_split_table.split, attack=digits_split_table.attack)
     with pytest.raises(LogitguardError, match="evaluation needs ground-truth labels"):
         evaluate(unlabelled)
+
+
+def test_render_table_plain_and_markdown_modes():
+    import pandas as pd
+
+    from logitguard.summary import markdown_frame, render_table
+
+    rows = [["pgd", "12.5%"], ["fgsm-e8", "3.0%"]]
+    assert render_table(["attack", "acc"], rows) == ["attack     acc", "-------  -----", "pgd      12.5%",
+                                                     "fgsm-e8   3.0%"]
+    assert render_table(["attack", "acc"], [], left=2) == ["attack  acc", "------  ---"]
+    assert render_table(["a", "b"], [[1, "x"]], markdown=True) == ["| a | b |", "|---|---|", "| 1 | x |"]
+    frame = pd.DataFrame({"acc": ["1%", "2%"]}, index=pd.Index(["pgd", "cw"], name="attack"))
+    assert markdown_frame(frame) == "| attack | acc |\n|---|---|\n| pgd | 1% |\n| cw | 2% |"
+    assert markdown_frame(frame, index=False) == "| acc |\n|---|\n| 1% |\n| 2% |"

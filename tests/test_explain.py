@@ -19,7 +19,7 @@ from logitguard.explain import (
     bhattacharyya_matrix,
     default_k,
     instance_view,
-    mean_logit_histogram,
+    mean_logit_counts,
     rank_agreement,
     supporting_frequencies,
     supporting_scores,
@@ -171,8 +171,8 @@ def test_rank_agreement_on_known_answers():
         rank_agreement(bc.loc[["a", "b"], ["a", "b"]], transfer)
 
 
-def test_mean_logit_histogram_counts_every_row(table):
-    hist = mean_logit_histogram(table, bins=12)
+def test_mean_logit_counts_count_every_row(table):
+    hist = mean_logit_counts(table, bins=12)
     assert list(hist.columns) == ["clean", "bim", "fgsm"] and len(hist) == 12
     assert (hist.sum(axis=0) == 397).all()
     edges = hist.attrs["bin_edges"]

@@ -61,13 +61,13 @@ def _hidden(directory: Path) -> list[str]:
 KILL_WHILE_WRITING = """
     import os, signal, sys
     from logitguard import tables
-    real, calls = tables._write_parquet, []
+    real, calls = tables.write_parquet, []
     def dying(arrow, target):
         calls.append(target)
         if len(calls) == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
         real(arrow, target)
-    tables._write_parquet = dying
+    tables.write_parquet = dying
     tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"), overwrite=True)
 """
 
@@ -137,13 +137,13 @@ def test_two_runs_to_one_target_one_writes_the_other_refuses(source, digits_spli
         import sys, time
         from pathlib import Path
         from logitguard import tables
-        real = tables._write_parquet
+        real = tables.write_parquet
         def slow(arrow, target):
             Path(sys.argv[3]).touch()
             while not Path(sys.argv[4]).exists():
                 time.sleep(0.02)
             real(arrow, target)
-        tables._write_parquet = slow
+        tables.write_parquet = slow
         tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"))
     """, source, target, ready, go, wait=False)
     try:
@@ -324,7 +324,7 @@ def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_fil
     def full(target, *_):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(tables, "_write_parquet", lambda arrow, target: full(target))
+    monkeypatch.setattr(tables, "write_parquet", lambda arrow, target: full(target))
     monkeypatch.setattr(tables, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
     out = tmp_path / "defended"
     result = CliRunner().invoke(main, ["defend", str(table_file), "--detector", str(detector), "--on-flag", "reject",

@@ -366,7 +366,7 @@ def _loaders(msp, svm):
     ("{", "not valid JSON (Expecting property name enclosed in double quotes"),
     ('{"format": "other"}', 'not a logitguard pipeline manifest (expected "format": "logitguard.Pipelines")'),
     ('{"format": "logitguard.Pipelines", "format_version": 2, "pipelines": {}}',
-     "format_version 2 is newer than this logitguard reads (1); upgrade logitguard"),
+     "written by a newer logitguard (format_version 2, this one reads 1); upgrade logitguard"),
     ('{"format": "logitguard.Pipelines", "format_version": 1, "pipelines": {"x": {"detector": "msp.npz", '
      '"on_flag": "drop"}}}', "pipeline 'x': unknown on_flag 'drop'; choose from correct, reject, agree"),
     ('{"format": "logitguard.Pipelines", "format_version": 1, "pipelines": {"x": {"detector": "gone.npz"}}}',

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..detector_kinds import DETECTOR_KINDS
 from ..errors import LogitguardError
 from ..estimator import REGISTRY
 from .base import Detector, load_detector
@@ -23,7 +24,10 @@ from .kdensity import KDensityDetector
 from .learned import LearnedDetector, NoisyLearnedDetector
 from .odds import OddsCorrector, OddsTest, SingleShotOddsTest
 
-KINDS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Detector))
+KINDS = DETECTOR_KINDS
+if tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Detector)) != KINDS:
+    raise RuntimeError("logitguard.detector_kinds.DETECTOR_KINDS must list every registered detector kind, in "
+                       "registration order")
 LOGIT_KINDS = tuple(kind for kind in KINDS if REGISTRY[kind].input_column is None)
 
 

@@ -27,7 +27,7 @@ from sklearn.base import clone
 from .._io import load_arrays
 from ..errors import LogitguardError
 from ..estimator import Estimator, check_logits
-from ..metrics import threshold_at_fpr
+from ..metrics import successful_attack, threshold_at_fpr
 from ..tables import CLEAN, LogitTable, holdout_mask, pair
 
 LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
@@ -187,7 +187,7 @@ class Detector(Estimator):
         for attack in chosen:
             if self.successful_attacks_only:
                 clean, rows = pair(table, attack)
-                parts.append(rows.take((clean.logits.argmax(1) == clean.labels) & (rows.logits.argmax(1) != rows.labels)))
+                parts.append(rows.take(successful_attack(clean.logits.argmax(1), rows.logits.argmax(1), clean.labels)))
             else:
                 parts.append(table.select(attacks=attack))
         logits = np.concatenate([p.logits for p in parts])
@@ -242,8 +242,7 @@ class Detector(Estimator):
             parts = [np.flatnonzero(rows.attack == CLEAN)]
             for attack in chosen:
                 clean, attacked = pair_rows(rows, attack)
-                parts.append(attacked[(model_label[clean] == rows.labels[clean])
-                                      & (model_label[attacked] != rows.labels[attacked])])
+                parts.append(attacked[successful_attack(model_label[clean], model_label[attacked], rows.labels[clean])])
         else:
             parts = [np.flatnonzero(rows.attack == name) for name in [CLEAN, *chosen]]
         order = np.concatenate(parts)
@@ -259,7 +258,7 @@ class Detector(Estimator):
         self.stream_fit_rows_ = (0, int(learn.sum()))
         self._fit_stream(stream, order[learn], attacked[learn], None if labels is None else labels[learn], max_rows)
         calibrate = order[(held if held.any() else np.ones(len(order), dtype=bool)) & ~attacked]
-        (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*_float64(z, q)),), noise=self.needs_noise)
+        (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*as_float64(z, q)),), noise=self.needs_noise)
         return self.calibrate(scores)
 
     def _fit_path_in_memory(self, path: str | os.PathLike, keys: Any, attacks: list[str] | None,
@@ -286,7 +285,7 @@ class Detector(Estimator):
         take = self._stream_sample(len(rows), max_rows, self._fit_row_bytes(stream.keys.num_classes))
         noise = self.needs_noise
         arrays = stream.collect(rows[take], lambda z, q: (z,) if q is None else (z, q), noise=noise)
-        logits, noisy = _float64(arrays[0], arrays[1] if noise else None)
+        logits, noisy = as_float64(arrays[0], arrays[1] if noise else None)
         del arrays  # the float32 copies
         self._fit(logits, attacked[take], None if labels is None else labels[take], noisy)
 
@@ -396,6 +395,6 @@ def load_legacy(path: Path) -> Detector:
     return detector
 
 
-def _float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def as_float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """float64 copies, as `check_logits` makes for `fit` and `score_samples`."""
     return logits.astype(np.float64), None if noisy is None else noisy.astype(np.float64)

@@ -10,7 +10,8 @@ import numpy as np
 from .base import Detector
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (N, C) float64 of logits (N, C), shifted by each row's maximum so it cannot overflow."""
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z, dtype=np.float64)
     return e / e.sum(axis=1, keepdims=True)
@@ -18,7 +19,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def msp_score(logits: np.ndarray) -> np.ndarray:
     """Negated maximum softmax probability (Hendrycks & Gimpel): low confidence looks adversarial."""
-    return -_softmax(logits).max(axis=1)
+    return -softmax(logits).max(axis=1)
 
 
 def max_logit_score(logits: np.ndarray) -> np.ndarray:
@@ -35,7 +36,7 @@ def energy_score(logits: np.ndarray) -> np.ndarray:
 def nonme_score(logits: np.ndarray) -> np.ndarray:
     """Negated non-maximal entropy (Pang et al. 2018, seed 001): the entropy of the softmax entries other
     than the largest, renormalised to sum to 1. Adversarial rows have *lower* non-ME, hence the sign."""
-    p = _softmax(logits)
+    p = softmax(logits)
     p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
     p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
     return (p * np.log(np.maximum(p, 1e-300))).sum(axis=1)  # = -entropy

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import LogitguardError
 from .base import Detector
+from .baselines import softmax
 
 
 class LearnedDetector(Detector):
@@ -51,8 +52,7 @@ class LearnedDetector(Detector):
 
     def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        parts = [logits, p / p.sum(axis=1, keepdims=True), -np.sort(-logits, axis=1)]
+        parts = [logits, softmax(logits), -np.sort(-logits, axis=1)]
         if self.noise:
             change = noisy - logits[:, None, :]
             parts += [change.mean(axis=1), change.std(axis=1)]

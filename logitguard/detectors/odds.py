@@ -289,7 +289,7 @@ class OddsTest(Detector):
                     max_rows: int | None) -> None:
         """`_fit` from streamed batches (`Detector.fit_path`): the class moments are sums over every clean row;
         per-pair thresholds and the correction classifiers learn from the features of the rows (or a sample)."""
-        from .base import _float64
+        from .base import as_float64
 
         c = stream.keys.num_classes
         self._adopt_kinds(noise_kinds_from_metadata(stream.keys.metadata) if self.noise else None,
@@ -297,15 +297,15 @@ class OddsTest(Detector):
         if self.correction != "argmax":
             self._check_correction_data(c, labels, attacked)
         moments = _Moments(c, int(self.query_group_.max()) + 1)
-        stream.each(rows[~attacked], lambda _, z, q: moments.add(self, *_float64(z, q)), noise=self.noise)
+        stream.each(rows[~attacked], lambda _, z, q: moments.add(self, *as_float64(z, q)), noise=self.noise)
         self.mean_, self.std_ = moments.result(self.min_rows)
         self.__dict__.pop("_inverse_scale", None)  # derived from mean_ and std_
 
         def features(z: np.ndarray, q: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            return self.features(*_float64(z, q))
+            return self.features(*as_float64(z, q))
 
         def kind_features(z: np.ndarray, q: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            return self.kind_features(*_float64(z, q))
+            return self.kind_features(*as_float64(z, q))
 
         self.pair_threshold_ = np.zeros((c, c))
         if self.thresholds == "pair":
