@@ -237,6 +237,8 @@ class DocRun:
         self.prepare()
         timeout = float(block.directive("timeout")[-1]) if block.directive("timeout") else 60.0
         log = self.workdir / f".doc-test-server-{block.line}.log"
+        if answers(url):
+            return Result(1, "", f"something already answers at {url} before this block started", 0.0)
         started = time.perf_counter()
         with open(log, "w") as sink:
             proc = subprocess.Popen(self.command(block, code), cwd=self.workdir, env=self.env(block),
@@ -246,17 +248,14 @@ class DocRun:
         while time.perf_counter() - started < timeout:
             if proc.poll() is not None:
                 return Result(proc.returncode, "", log.read_text(), time.perf_counter() - started)
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return Result(0, "", "", time.perf_counter() - started)
-            except OSError:
-                pass
+            if answers(url):
+                return Result(0, "", "", time.perf_counter() - started)
             time.sleep(0.3)
         return Result(None, "", log.read_text(), time.perf_counter() - started)
 
     def stop(self) -> None:
-        for proc in self.servers:
+        servers, self.servers = self.servers, []
+        for proc in servers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -264,6 +263,15 @@ class DocRun:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def skip_reason(block: Block) -> str | None:
@@ -283,6 +291,9 @@ def doc_runs(tmp_path_factory):
     runs: dict[str, DocRun] = {}
 
     def get(doc: str) -> DocRun:
+        for other, run in runs.items():   # a document's servers stop when another document starts
+            if other != doc:
+                run.stop()
         if doc not in runs:
             runs[doc] = DocRun(tmp_path_factory.mktemp(doc.replace("/", "_").removesuffix(".md")))
         return runs[doc]
