@@ -72,15 +72,13 @@ for M in $MODELS; do
     # White-box against K-density (seed 001's C&W-wb, as `evade`): the detector, fitted on the train split
     # with seed 001's bandwidth (sigma^2 = 0.1/0.26 for RCE, 1/0.26 otherwise), joins the manifest as `kdensity`.
     # The insen detector likewise (its mirror differentiates the InSen statistics: double backpropagation).
-    if [ ! -f "$DEFENSES/kdensity.npz" ]; then
-        $BIN/logitguard fit-detector "$TABLE" --kind kdensity --sigma2 "$([ "$M" = rce ] && echo 0.3846 || echo 3.846)" \
-            --out "$DEFENSES/kdensity.npz"
-        $BIN/logitguard fit-detector "$TABLE" --kind insen --out "$DEFENSES/insen.npz"
-        $BIN/python -c 'import sys; from logitguard.pipelines import load_pipelines as l, save_pipelines as s
+    test -f "$DEFENSES/kdensity.npz" || $BIN/logitguard fit-detector "$TABLE" --kind kdensity \
+        --sigma2 "$([ "$M" = rce ] && echo 0.3846 || echo 3.846)" --out "$DEFENSES/kdensity.npz"
+    test -f "$DEFENSES/insen.npz" || $BIN/logitguard fit-detector "$TABLE" --kind insen --out "$DEFENSES/insen.npz"
+    $BIN/python -c 'import sys; from logitguard.pipelines import load_pipelines as l, save_pipelines as s
 m, k, i = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": k, "on_flag": "reject"},
                               "insen": {"detector": i, "on_flag": "reject"}}, overwrite=True)' \
-            "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz" "$DEFENSES/insen.npz"
-    fi
+        "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz" "$DEFENSES/insen.npz"
     $BIN/logitguard-produce attack-defenses $THROUGH --tier adaptive --pipelines kdensity,insen --attacks evade \
         --out "$TABLE"
     SPECS+=("$M=$TABLE:$DEFENSES/defenses.json")
