@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from logitguard import TableError, read_table, write_table
 from logitguard import _io
 from logitguard.cli import main
-from logitguard.detectors import make_detector
+from logitguard.defenses.detectors import make_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = ["split", "attack", "sample_id"]
@@ -245,7 +245,7 @@ def test_same_inputs_give_byte_identical_outputs(digits_split_table, tmp_path):
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert write_table(digits_split_table, tmp_path / "a.parquet")[0].read_bytes() == \
         write_table(digits_split_table, tmp_path / "b.parquet")[0].read_bytes()
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     train = digits_split_table.select(split="train")
     clean, attacked = train.select(attacks="clean"), train.select(attacks="fgsm")
@@ -273,7 +273,7 @@ def table_file(digits_split_table, tmp_path):
 
 
 def test_an_output_under_a_regular_file_fails_before_training(table_file, tmp_path, monkeypatch):
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
