@@ -315,7 +315,7 @@ def test_a_read_only_location_fails_before_work(table_file, tmp_path):
 
 
 def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_file, tmp_path, monkeypatch):
-    from logitguard import tables
+    from logitguard.tables import write as table_writer
 
     detector = tmp_path / "msp.npz"
     assert CliRunner().invoke(main, ["fit-detector", str(table_file), "--kind", "msp", "--out",
@@ -324,8 +324,8 @@ def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_fil
     def full(target, *_):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(tables, "write_parquet", lambda arrow, target: full(target))
-    monkeypatch.setattr(tables, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
+    monkeypatch.setattr(table_writer, "write_parquet", lambda arrow, target: full(target))
+    monkeypatch.setattr(table_writer, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
     out = tmp_path / "defended"
     result = CliRunner().invoke(main, ["defend", str(table_file), "--detector", str(detector), "--on-flag", "reject",
                                        "--out", str(out)])
