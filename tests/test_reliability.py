@@ -61,13 +61,14 @@ def _hidden(directory: Path) -> list[str]:
 KILL_WHILE_WRITING = """
     import os, signal, sys
     from logitguard import tables
-    real, calls = tables.write_parquet, []
+    from logitguard.tables import write as writer  # where write_table finds write_parquet
+    real, calls = writer.write_parquet, []
     def dying(arrow, target):
         calls.append(target)
         if len(calls) == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
         real(arrow, target)
-    tables.write_parquet = dying
+    writer.write_parquet = dying
     tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"), overwrite=True)
 """
 
@@ -137,13 +138,14 @@ def test_two_runs_to_one_target_one_writes_the_other_refuses(source, digits_spli
         import sys, time
         from pathlib import Path
         from logitguard import tables
-        real = tables.write_parquet
+        from logitguard.tables import write as writer
+        real = writer.write_parquet
         def slow(arrow, target):
             Path(sys.argv[3]).touch()
             while not Path(sys.argv[4]).exists():
                 time.sleep(0.02)
             real(arrow, target)
-        tables.write_parquet = slow
+        writer.write_parquet = slow
         tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"))
     """, source, target, ready, go, wait=False)
     try:
