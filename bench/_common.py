@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from logitguard.corrector import LogitCorrector, build_mlp  # noqa: E402
+from logitguard.defenses.corrector import LogitCorrector, build_mlp  # noqa: E402
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:

@@ -25,13 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from logitguard.pipelines import load_pipelines  # noqa: E402
+from logitguard.defenses.pipelines import load_pipelines  # noqa: E402
 from logitguard.tables import read_table  # noqa: E402
 from producers.attacks import make_attack  # noqa: E402
-from producers.datasets import load_dataset  # noqa: E402
-from producers.export import select_samples  # noqa: E402
-from producers.models import load_model  # noqa: E402
-from producers.noise import NoiseRecipe  # noqa: E402
+from producers.data.datasets import load_dataset  # noqa: E402
+from producers.export.logits import select_samples  # noqa: E402
+from producers.models.classifiers import load_model  # noqa: E402
+from producers.data.noise import NoiseRecipe  # noqa: E402
 from producers.threat.export import BARE_ATTACKS, DEFAULT_ATTACKS  # noqa: E402
 from producers.threat.mirrors import load_pipeline_mirror  # noqa: E402
 

@@ -37,9 +37,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from producers.attacks import ATTACK_NAMES, make_attack  # noqa: E402
-from producers.datasets import ImageSet, load_dataset  # noqa: E402
+from producers.data.datasets import ImageSet, load_dataset  # noqa: E402
 from producers.errors import ProducerError  # noqa: E402
-from producers.models import accuracy, load_model, save_model, small_cnn_for, train_classifier  # noqa: E402
+from producers.models.classifiers import accuracy, load_model, save_model, small_cnn_for, train_classifier  # noqa: E402
 
 EPOCHS = {"digits": 12, "fashion-mnist": 2}
 # Our parameters per attack; the ART attack gets the same values under its own names (see `art_attack`).
@@ -252,7 +252,7 @@ IMAGENET_EXPORT = {"pgd": 1_281_167 + 50_000, "mim": 50_000, "deepfool": 50_000,
 
 def zoo_main(args) -> None:
     """Every attack x precision on a random-weight zoo model and random images (see the module docstring)."""
-    from producers.models import resolve_model
+    from producers.models.classifiers import resolve_model
 
     torch.manual_seed(0)
     if args.device.startswith("cuda"):

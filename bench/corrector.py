@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import best_time, untrained_corrector  # noqa: E402
 
 from logitguard import pair, read_table  # noqa: E402
-from logitguard.corrector import LogitCorrector  # noqa: E402
+from logitguard.defenses.corrector import LogitCorrector  # noqa: E402
 
 
 def reduced(corrector: LogitCorrector, kind: str) -> LogitCorrector:

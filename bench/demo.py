@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from logitguard.demo import run_demo  # noqa: E402
+from logitguard.report.demo import run_demo  # noqa: E402
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def startup(runs: int, ref: str | None) -> None:
 def forward(rows: int, c: int, hidden: int) -> None:
     import torch
 
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     rng = np.random.default_rng(0)
     corrector = LogitCorrector(hidden=hidden, progress=False)

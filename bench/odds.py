@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from logitguard import LogitTable, read_table  # noqa: E402
-from logitguard.detectors import OddsTest  # noqa: E402
-from logitguard.evaluate import detection_table  # noqa: E402
+from logitguard.defenses.detectors import OddsTest  # noqa: E402
+from logitguard.evaluation.evaluate import detection_table  # noqa: E402
 from logitguard.tables import pair  # noqa: E402
 
 ATTACKS = ("pgd", "bim", "mim", "fgsm", "deepfool", "cw")

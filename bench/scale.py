@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import untrained_corrector  # noqa: E402
 
 from logitguard import LogitTable, read_table, write_table  # noqa: E402
-from logitguard.detectors import make_detector  # noqa: E402
+from logitguard.defenses.detectors import make_detector  # noqa: E402
 
 
 def synthetic(rows: int, classes: int, queries: int, seed: int = 0) -> LogitTable:

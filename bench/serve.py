@@ -42,10 +42,10 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from logitguard.corrector import LogitCorrector  # noqa: E402
-from logitguard.defense import GatedDefense  # noqa: E402
-from logitguard.detectors import make_detector  # noqa: E402
-from logitguard.guard import Guard  # noqa: E402
+from logitguard.defenses.corrector import LogitCorrector  # noqa: E402
+from logitguard.defenses.gated import GatedDefense  # noqa: E402
+from logitguard.defenses.detectors import make_detector  # noqa: E402
+from logitguard.defenses.guard import Guard  # noqa: E402
 from logitguard.serve.codec import ARROW_STREAM, JSON  # noqa: E402
 from logitguard.tables import read_table  # noqa: E402
 

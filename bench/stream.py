@@ -103,9 +103,9 @@ def write_artifacts(where: Path, classes: int, hidden: int) -> Path:
 
 
 def write_guard(detector: Path, out: Path, classes: int) -> None:
-    from logitguard.defense import GatedDefense
-    from logitguard.detectors import load_detector
-    from logitguard.guard import Guard
+    from logitguard.defenses.gated import GatedDefense
+    from logitguard.defenses.detectors import load_detector
+    from logitguard.defenses.guard import Guard
 
     Guard(GatedDefense(load_detector(detector), None, on_flag="reject"),
           class_names=[f"class-{i}" for i in range(classes)]).save(out, overwrite=True)
@@ -229,7 +229,7 @@ def in_memory(argv: list[str]) -> None:
     report: object = None
 
     def defended_report(defense, defended, data, out):
-        from logitguard.evaluate import evaluate
+        from logitguard.evaluation.evaluate import evaluate
 
         partition = None if out.endswith(".parquet") else ("split", "attack")
         written = write_table(defended, out, partition_by=partition, basename="defended", overwrite=True)
@@ -241,18 +241,18 @@ def in_memory(argv: list[str]) -> None:
                 "evaluation": None if results is None else results.to_dict(orient="records")}
 
     if command == "inspect":
-        from logitguard.summary import summarize
+        from logitguard.report.summary import summarize
 
         report = summarize(read_table(table))
     elif command == "fit-detector":
-        from logitguard.detectors import make_detector
+        from logitguard.defenses.detectors import make_detector
 
         detector = make_detector(options["kind"]).fit_table(read_table(table, split=options["split"]), split=None)
         detector.save(options["out"], overwrite=True)
         report = {"threshold": detector.threshold_}
     elif command == "detect":
-        from logitguard.detectors import load_detector
-        from logitguard.evaluate import detection_table
+        from logitguard.defenses.detectors import load_detector
+        from logitguard.evaluation.evaluate import detection_table
 
         detector = load_detector(options["detector"])
         data = read_table(table, split="test")
@@ -260,11 +260,11 @@ def in_memory(argv: list[str]) -> None:
         report = {"flagged_rate": {a: float(flagged[data.attack == a].mean()) for a in data.attacks},
                   "metrics": detection_table(data, {detector.kind: detector}, split=None).to_dict(orient="records")}
     elif command in ("correct", "evaluate", "explain"):
-        from logitguard.corrector import LogitCorrector
+        from logitguard.defenses.corrector import LogitCorrector
 
         corrector = LogitCorrector.load(options["corrector"])
         if command == "correct":
-            from logitguard.summary import summarize
+            from logitguard.report.summary import summarize
 
             source = read_table(table, columns=[c for c in ("linf", "l2") if c in table_columns(table)])
             corrected = corrector.correct_table(source)
@@ -272,7 +272,7 @@ def in_memory(argv: list[str]) -> None:
                         overwrite=True)
             report = summarize(corrected)
         elif command == "evaluate":
-            from logitguard.evaluate import evaluate
+            from logitguard.evaluation.evaluate import evaluate
 
             report = evaluate(read_table(table, split="test", columns=[]), {"corrector": corrector}).to_dict("records")
         else:
@@ -283,8 +283,8 @@ def in_memory(argv: list[str]) -> None:
             report = {"bhattacharyya": ex.bhattacharyya_matrix(freqs).to_dict(),
                       "ablation": [ex.ablation(corrector, data, a, split=None) for a in freqs.columns]}
     elif command == "defend":
-        from logitguard.defense import GatedDefense, load_corrector
-        from logitguard.detectors import load_detector
+        from logitguard.defenses.gated import GatedDefense, load_corrector
+        from logitguard.defenses.detectors import load_detector
 
         corrector = load_corrector(options["corrector"]) if "corrector" in options else None
         defense = GatedDefense(load_detector(options["detector"]), corrector,
@@ -292,7 +292,7 @@ def in_memory(argv: list[str]) -> None:
         data = read_table(table)
         report = defended_report(defense, defense.defend_table(data), data, options["out"])
     elif command == "guard apply":
-        from logitguard.guard import Guard
+        from logitguard.defenses.guard import Guard
 
         guard = Guard.load(options["guard"])
         data = read_table(table)

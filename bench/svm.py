@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import best_time  # noqa: E402
 
 from logitguard import LogitguardError, read_table  # noqa: E402
-from logitguard.svm import SVMCorrector  # noqa: E402
+from logitguard.defenses.svm import SVMCorrector  # noqa: E402
 
 ATTACKS = ["clean", "fgsm", "pgd", "bim", "mim", "deepfool", "cw"]
 

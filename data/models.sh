@@ -75,7 +75,7 @@ for M in $MODELS; do
     test -f "$DEFENSES/kdensity.npz" || $BIN/logitguard fit-detector "$TABLE" --kind kdensity \
         --sigma2 "$([ "$M" = rce ] && echo 0.3846 || echo 3.846)" --out "$DEFENSES/kdensity.npz"
     test -f "$DEFENSES/insen.npz" || $BIN/logitguard fit-detector "$TABLE" --kind insen --out "$DEFENSES/insen.npz"
-    $BIN/python -c 'import sys; from logitguard.pipelines import load_pipelines as l, save_pipelines as s
+    $BIN/python -c 'import sys; from logitguard.defenses.pipelines import load_pipelines as l, save_pipelines as s
 m, k, i = sys.argv[1:]; s(m, {**l(m), "kdensity": {"detector": k, "on_flag": "reject"},
                               "insen": {"detector": i, "on_flag": "reject"}}, overwrite=True)' \
         "$DEFENSES/defenses.json" "$DEFENSES/kdensity.npz" "$DEFENSES/insen.npz"

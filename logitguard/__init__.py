@@ -5,14 +5,19 @@ models or attacks, and imports neither torchvision nor the `producers` package. 
 train correctors (the ``train`` extra); applying saved defenses needs NumPy, pandas and pyarrow.
 
 The table names below are imported on first use (PEP 562), so ``import logitguard`` and
-``logitguard --help`` stay fast.
+``logitguard --help`` stay fast. The packages and what each holds: docs/architecture.md. The module names
+from before that layout (``logitguard.corrector``, ``logitguard.detectors``, …) still import, as the very
+same modules (`logitguard._compat`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ._compat import CORE_ALIASES, install
 from .errors import LogitguardError, TableError
+
+install(CORE_ALIASES)
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .detector_kinds import DETECTOR_KINDS
+from .defenses.detector_kinds import DETECTOR_KINDS
 from .errors import LogitguardError
 
 
@@ -129,8 +129,8 @@ def main() -> None:
 @json_option
 def inspect(table: str, as_json: bool) -> None:
     """Summarise a logit table: rows, accuracy and attack success per split x attack."""
-    from .stream import summarize_path
-    from .summary import format_summary
+    from .tables.stream import summarize_path
+    from .report.summary import format_summary
 
     summary = summarize_path(table)
     if as_json:
@@ -183,7 +183,7 @@ def device_option(func):
 
 
 def _corrector_params(kwargs: dict[str, Any]) -> dict[str, Any]:
-    from .corrector import LogitCorrector
+    from .defenses.corrector import LogitCorrector
 
     return {k: kwargs.pop(k) for k in list(kwargs) if k in LogitCorrector._get_param_names()}
 
@@ -206,7 +206,7 @@ def _progress() -> bool:
 def train_corrector(table: str, attacks: list[str], split: str, out: str, stream: bool, force: bool,
                     as_json: bool, **kwargs: Any) -> None:
     """Train a logit corrector on clean and attacked logits (Algorithm 1) and save it."""
-    from .corrector import LogitCorrector
+    from .defenses.corrector import LogitCorrector
 
     claim_output(out, force, directory=False)  # fail before training, not after
     corrector = LogitCorrector(progress=_progress(), **_corrector_params(kwargs))
@@ -230,9 +230,9 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
 def correct(table: str, corrector_path: str, out: str, force: bool, device: str, engine: str, workers: int | None,
             as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
-    from .corrector import LogitCorrector
-    from .stream import correct_path
-    from .summary import format_summary
+    from .defenses.corrector import LogitCorrector
+    from .tables.stream import correct_path
+    from .report.summary import format_summary
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
@@ -258,9 +258,9 @@ def correct(table: str, corrector_path: str, out: str, force: bool, device: str,
 def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | None, device: str,
              as_json: bool) -> None:
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
-    from .corrector import LogitCorrector
-    from .evaluate import format_evaluation
-    from .stream import evaluate_path
+    from .defenses.corrector import LogitCorrector
+    from .evaluation.evaluate import format_evaluation
+    from .tables.stream import evaluate_path
 
     corrector = LogitCorrector.load(corrector_path, device=device)
     results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)
@@ -280,8 +280,8 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
 def transfer(table: str, attacks: list[str] | None, train_split: str, split: str, as_json: bool,
              **kwargs: Any) -> None:
     """Transfer matrix: one corrector per attack, each evaluated on every attack (seed Table 3)."""
-    from .evaluate import train_per_attack, transfer_matrix
-    from .summary import percent
+    from .evaluation.evaluate import train_per_attack, transfer_matrix
+    from .report.summary import percent
     from .tables import CLEAN, read_table
 
     data = read_table(table, columns=[])
@@ -309,8 +309,8 @@ def transfer(table: str, attacks: list[str] | None, train_split: str, split: str
 def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split: str, split: str,
                   as_json: bool, **kwargs: Any) -> None:
     """Clean-vs-robust trade-off: one corrector per p_clean value."""
-    from .evaluate import sweep_p_clean as sweep
-    from .summary import percent
+    from .evaluation.evaluate import sweep_p_clean as sweep
+    from .report.summary import percent
     from .tables import read_table
 
     params = _corrector_params(kwargs)
@@ -361,7 +361,7 @@ def detector_options(func):
 
 def _detector_params(kind: str, given: dict[str, Any]) -> dict[str, Any]:
     """The detector's parameters from the given fit-detector options; an option `kind` does not take is refused."""
-    from .estimator import REGISTRY
+    from .defenses.estimator import REGISTRY
 
     takes = set(REGISTRY[kind]._get_param_names())
     params = {}
@@ -395,7 +395,7 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
 
     Each kind takes --fpr and the options that name it; every other parameter of a detector is fixed at
     its default (docs/detectors.md). kdensity reads the table's features column and insen its insen column."""
-    from .detectors import make_detector
+    from .defenses.detectors import make_detector
 
     params = {"fpr": fpr, **_detector_params(kind, options)}  # refused before claiming --out or reading the table
     detector = make_detector(kind, **params)
@@ -417,9 +417,9 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
 @json_option
 def detect(table: str, detector_path: str, split: str, engine: str, workers: int | None, as_json: bool) -> None:
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
-    from .detectors import load_detector
-    from .evaluate import format_detection
-    from .stream import detect_path
+    from .defenses.detectors import load_detector
+    from .evaluation.evaluate import format_detection
+    from .tables.stream import detect_path
 
     if scale := on_ray(engine, workers):
         return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
@@ -457,7 +457,7 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
 def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: float, method: str, landmarks: int,
               max_rows: int | None, gamma: str, seed: int, force: bool, as_json: bool) -> None:
     """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
-    from .svm import SVMCorrector
+    from .defenses.svm import SVMCorrector
     from .tables import read_table
 
     if gamma not in ("scale", "auto"):
@@ -496,9 +496,9 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
            force: bool, engine: str, workers: int | None, as_json: bool) -> None:
     """Detect, then correct, reject or keep-on-agreement flagged rows; write pred and flagged, and report
     accuracy when labelled (pred is null where a row is rejected)."""
-    from .defense import GatedDefense, load_corrector
-    from .detectors import load_detector
-    from .stream import defend_path
+    from .defenses.gated import GatedDefense, load_corrector
+    from .defenses.detectors import load_detector
+    from .tables.stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
@@ -516,9 +516,9 @@ def _partition(out: str) -> tuple[str, str] | None:
 
 
 def _report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json: bool) -> None:
-    """Print what `logitguard.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
+    """Print what `logitguard.tables.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
     when the table is labelled and has clean rows."""
-    from .evaluate import format_evaluation
+    from .evaluation.evaluate import format_evaluation
 
     written, flagged, rejected = report["written"], report["flagged_rate"], report["rejected_rate"]
     results = report["evaluation"]
@@ -545,9 +545,9 @@ def _report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json:
 @click.option("--force", is_flag=True, help="Overwrite existing files in --out.")
 @json_option
 def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, force: bool, as_json: bool) -> None:
-    """Fit the shipped pipelines (logitguard.shipped) on the train split and write them with a manifest."""
-    from .pipelines import load_pipelines
-    from .shipped import fit_shipped
+    """Fit the shipped pipelines (logitguard.defenses.shipped) on the train split and write them with a manifest."""
+    from .defenses.pipelines import load_pipelines
+    from .defenses.shipped import fit_shipped
     from .tables import read_table
 
     claim_output(out, force, directory=True, merge=True)
@@ -571,10 +571,10 @@ def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, fo
 def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -> None:
     """Robust accuracy per threat model (per-sample worst case) for every pipeline, and the share of
     successful attacks each detector misses (docs/threat-models.md)."""
-    from .pipelines import load_pipelines
+    from .defenses.pipelines import load_pipelines
     from .tables import read_table
-    from .threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
-                         threat_model_table, to_records)
+    from .evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
+                                    threat_model_table, to_records)
 
     eps = parse_budgets(budgets)
     specs = load_pipelines(manifest)
@@ -603,8 +603,8 @@ def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: st
     """Model-side defenses beside a logit pipeline: MODELS are NAME=TABLE:MANIFEST, one per trained model
     (docs/model-side.md). Robust accuracy per threat model with and without the pipeline, detector AUROCs."""
     from ._io import atomic_output
-    from .modelside import compare_models as compare, format_model_side, parse_model_specs
-    from .threat import parse_budgets
+    from .evaluation.modelside import compare_models as compare, format_model_side, parse_model_specs
+    from .evaluation.threat import parse_budgets
 
     specs, eps = parse_model_specs(models), parse_budgets(budgets)
     claim_output(out, force, directory=False)
@@ -630,7 +630,7 @@ def curve(table: str, sweeps: tuple[str, ...], defenses: tuple[str, ...], x_axis
           force: bool, as_json: bool) -> None:
     """Robustness curves: accuracy (and detection rate) per value of each swept attack, without and with
     defenses; the clean rows are the value-0 point (docs/curves.md)."""
-    from .curves import FILES, curve_path, format_curves, load_defenses, write_curves
+    from .evaluation.curves import FILES, curve_path, format_curves, load_defenses, write_curves
 
     claim_output(out, force, directory=True, merge=True, extra=tuple(str(Path(out) / f) for f in FILES))
     result = curve_path(table, load_defenses(defenses), sweeps=list(sweeps) or None, split=split, x=x_axis)
@@ -673,8 +673,8 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
               attacks: list[str] | None, pipeline: str | None, budgets: str, seed: int, force: bool,
               as_json: bool) -> None:
     """Fit a guard on the train split of TABLE, measure it per threat model on the test split, save it."""
-    from .guard import Guard, format_info
-    from .threat import parse_budgets
+    from .defenses.guard import Guard, format_info
+    from .evaluation.threat import parse_budgets
 
     claim_output(out, force, directory=False)
     eps = parse_budgets(budgets)
@@ -702,7 +702,7 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
 def guard_apply(table: str, guard_path: str, out: str, split: str | None, force: bool, engine: str,
                 workers: int | None, as_json: bool) -> None:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
-    from .guard import Guard
+    from .defenses.guard import Guard
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
@@ -718,7 +718,7 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
 @json_option
 def guard_info(guard_path: str, as_json: bool) -> None:
     """Describe a guard: expected input, policy, threshold, threat-model figures, provenance."""
-    from .guard import Guard, format_info
+    from .defenses.guard import Guard, format_info
 
     info = Guard.load(guard_path).info()
     emit(info, as_json, format_info(info))
@@ -740,7 +740,7 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
             device: str, as_json: bool) -> None:
     """Supporting classes of a corrector per attack, their Bhattacharyya similarity, and an ablation."""
     from . import explain as ex
-    from .corrector import LogitCorrector
+    from .defenses.corrector import LogitCorrector
 
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="--top")
@@ -776,7 +776,7 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
 @json_option
 def demo(data: str | None, out: str, defenses: str | None, no_plots: bool, force: bool, as_json: bool) -> None:
     """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
-    from .demo import run_demo
+    from .report.demo import run_demo
 
     data = str(default_demo_data()) if data is None else data
     claim_output(out, force, directory=True, merge=True)
@@ -831,7 +831,7 @@ def serve(guard: str, host: str, port: int, max_rows: int, max_body_mb: float, d
             raise LogitguardError("the service needs the 'serve' extra: pip install 'logitguard[serve]' "
                                   f"({exc.name} is missing)") from None
         raise
-    from .guard import Guard
+    from .defenses.guard import Guard
 
     loaded = Guard.load(guard)
     if not is_loopback(host):

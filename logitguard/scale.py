@@ -49,7 +49,7 @@ from ray.data.datasource import Datasink
 
 from ._io import atomic_output, staged_output
 from .errors import LogitguardError, TableError
-from .metrics import ABSTAIN
+from .evaluation.metrics import ABSTAIN
 from .tables import (
     CLEAN,
     METADATA_KEY,
@@ -281,18 +281,18 @@ class DefenseSpec:
     def load(self, device: str = "cpu") -> Any:
         """The loaded defense (once per actor)."""
         if self.kind == "corrector":
-            from .corrector import LogitCorrector
+            from .defenses.corrector import LogitCorrector
 
             return LogitCorrector.load(self.path, device=device)
         if self.kind == "guard":
-            from .guard import Guard
+            from .defenses.guard import Guard
 
             return Guard.load(self.path)
-        from .detectors import load_detector
+        from .defenses.detectors import load_detector
 
         if self.kind == "detector":
             return load_detector(self.path)
-        from .defense import GatedDefense, load_corrector
+        from .defenses.gated import GatedDefense, load_corrector
 
         corrector = None if self.corrector is None else load_corrector(self.corrector)
         return GatedDefense(load_detector(self.path), corrector, on_flag=self.on_flag)
@@ -560,7 +560,7 @@ class _ScoreLookup:
 
 def _summary(rows: pd.DataFrame, metadata: dict[str, Any]) -> dict[str, Any]:
     """`summarize` of an output table without noise queries (the corrected table), from its narrow rows."""
-    from .summary import summarize
+    from .report.summary import summarize
 
     summary = summarize(_agreement_table(rows, metadata))
     summary.update(num_classes=metadata["num_classes"], class_names=list(metadata["class_names"]), noise_queries=None)
@@ -613,7 +613,7 @@ def cli_correct(table: str, corrector: str, out: str, *, force: bool, as_json: b
     import click
 
     from .cli import echo_json
-    from .summary import format_summary
+    from .report.summary import format_summary
 
     spec = DefenseSpec("corrector", corrector)
     result, _, _, metadata = _prepare(table, spec, None, workers)
@@ -631,7 +631,7 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
     import click
 
     from .cli import echo_json
-    from .evaluate import detection_table, format_detection
+    from .evaluation.evaluate import detection_table, format_detection
 
     spec = DefenseSpec("detector", detector)
     result, loaded, metadata, _ = _prepare(table, spec, split, workers)
@@ -661,7 +661,7 @@ def cli_defend(table: str, spec: DefenseSpec, out: str, *, split: str | None, fo
     import click
 
     from .cli import echo_json
-    from .evaluate import evaluate, format_evaluation
+    from .evaluation.evaluate import evaluate, format_evaluation
 
     result, loaded, _, metadata = _prepare(table, spec, split, workers)
     written, narrow = _write(result, out, metadata=metadata, basename="defended", overwrite=force)

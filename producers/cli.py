@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from logitguard.cli import ErrorReportingGroup, claim_output, echo_json, emit, engine_option, json_option, on_ray
-from logitguard.summary import render_table
+from logitguard.report.summary import render_table
 
 from .errors import ProducerError
 
 if TYPE_CHECKING:
-    from .export import Sweep
+    from .export.logits import Sweep
 
 
 @click.group(cls=ErrorReportingGroup)
@@ -92,9 +92,9 @@ def train(dataset: str, root: str | None, batch_size: int, seed: int, device: st
 
     import torch
 
-    from .datasets import load_dataset
-    from .models import accuracy, parse_activation, save_model, small_cnn_for
-    from .training import make_objective, objective_record, train_model, training_subset
+    from .data.datasets import load_dataset
+    from .models.classifiers import accuracy, parse_activation, save_model, small_cnn_for
+    from .models.training import make_objective, objective_record, train_model, training_subset
 
     _positive(epochs=epochs, width=width, batch_size=batch_size, train_samples=train_samples)
     if not lr > 0:
@@ -148,8 +148,8 @@ def retrofit(dataset: str, root: str | None, model_spec: str, activation: str, d
     """
     from pathlib import Path
 
-    from .datasets import load_dataset
-    from .models import accuracy, build_model, load_model, parse_activation, save_model
+    from .data.datasets import load_dataset
+    from .models.classifiers import accuracy, build_model, load_model, parse_activation, save_model
 
     entry = parse_activation(activation)
     claim_output(str(Path(out).with_suffix(".pt")), force, directory=False, extra=(str(Path(out).with_suffix(".json")),))
@@ -233,10 +233,10 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     """
     from logitguard._io import check_writable
 
-    from .datasets import load_dataset
-    from .export import Shard, expand_sweeps, export as run_export, plan_attacks
-    from .models import resolve_model
-    from .noise import DEFAULT_NOISE, NoiseRecipe
+    from .data.datasets import load_dataset
+    from .export.logits import Shard, expand_sweeps, export as run_export, plan_attacks
+    from .models.classifiers import resolve_model
+    from .data.noise import DEFAULT_NOISE, NoiseRecipe
 
     # Everything that needs neither data nor model is checked first.
     _positive(train_samples=train_samples, test_samples=test_samples, batch_size=batch_size)
@@ -251,7 +251,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     plan_attacks(attack_names, attack_params, attack_samples)
     shard_spec = Shard.parse(shard)
     if external is not None:
-        from .gred import parse_external
+        from .models.gred import parse_external
 
         parse_external(external)
     if engine == "ray" and shard_spec != Shard():
@@ -259,7 +259,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     chosen_splits = _splits(splits)
     recipe = NoiseRecipe.parse(noise or DEFAULT_NOISE, noise_queries) if noise_queries > 0 else None
     check_writable(out, directory=True, error=ProducerError)  # partitions are staged beside --out
-    scale = on_ray(engine, workers, "producers.scale")
+    scale = on_ray(engine, workers, "producers.export.scale")
     model = resolve_model(model_spec, weights=weights, device="cpu" if scale else device)
     options = dict(
         attacks=attack_names, samples={"train": train_samples, "test": test_samples},
@@ -303,11 +303,11 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
     """
     from pathlib import Path
 
-    from .datasets import load_dataset
-    from logitguard.threat import file_sha256
+    from .data.datasets import load_dataset
+    from logitguard.evaluation.threat import file_sha256
 
-    from .gred import check_settings, save_gred, train_gred
-    from .models import load_model
+    from .models.gred import check_settings, save_gred, train_gred
+    from .models.classifiers import load_model
 
     try:
         budget = float(Fraction(eps))
@@ -370,17 +370,17 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     """
     from pathlib import Path
 
-    from logitguard.pipelines import load_pipelines
+    from logitguard.defenses.pipelines import load_pipelines
     from logitguard.tables import read_table, table_columns
-    from logitguard.threat import parse_budgets
+    from logitguard.evaluation.threat import parse_budgets
 
     from logitguard._io import check_writable
 
     from .attacks import DEFENSE_ATTACK_NAMES
-    from .datasets import load_dataset
-    from .export import check_attack_params
-    from .models import load_model
-    from .noise import NoiseRecipe
+    from .data.datasets import load_dataset
+    from .export.logits import check_attack_params
+    from .models.classifiers import load_model
+    from .data.noise import NoiseRecipe
     from .threat.export import export_surrogate, export_through
 
     _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size)
@@ -436,7 +436,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
 def _attacker_attacks(spec: str) -> list[str]:
     """--attacker-attacks: the oblivious attacks of the surrogate attacker's own table, clean included."""
-    from .export import plan_attacks
+    from .export.logits import plan_attacks
 
     chosen = [a.strip() for a in spec.split(",") if a.strip()]
     if "clean" not in chosen:
@@ -479,7 +479,7 @@ def parse_sweeps(items: tuple[str, ...] | list[str]) -> list[Sweep]:
 
     ATTACK.NAME as in `parse_params`; the values are comma-separated, each read as ``--param`` reads one.
     """
-    from .export import Sweep
+    from .export.logits import Sweep
 
     out = []
     for item in items:
@@ -505,7 +505,7 @@ def _value(raw: str, item: str, option: str = "--param") -> Any:
 
 def _splits(spec: str) -> list[str]:
     """``"train,test"`` → ``["train", "test"]``; only the dataset splits the producer knows."""
-    from .export import SPLITS
+    from .export.logits import SPLITS
 
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SPLITS]

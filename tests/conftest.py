@@ -82,7 +82,7 @@ def digits_table(digits_arrays) -> LogitTable:
 @pytest.fixture(scope="session")
 def digits_sets():
     """The digits train and test splits as producer ImageSets (8x8 grey images in [0, 1])."""
-    from producers.datasets import load_dataset
+    from producers.data.datasets import load_dataset
 
     return load_dataset("digits", "train"), load_dataset("digits", "test")
 
@@ -92,7 +92,7 @@ def digits_cnn(digits_sets):
     """A SmallCNN trained on digits for a few seconds (about 90% test accuracy), in eval mode."""
     import torch
 
-    from producers.models import small_cnn_for, train_classifier
+    from producers.models.classifiers import small_cnn_for, train_classifier
 
     torch.manual_seed(0)
     train, _ = digits_sets
@@ -147,10 +147,10 @@ def digits_split_dir(digits_split_table, tmp_path_factory):
 
 def linear_insen(model, x: np.ndarray) -> np.ndarray:
     """The ``insen`` column (N, 5) of the logistic regression: its exact InSen map |W^T (softmax - onehot(ŷ))|,
-    summarised by `producers.insen.insen_summary`."""
+    summarised by `producers.models.insen.insen_summary`."""
     import torch
 
-    from producers.insen import insen_summary
+    from producers.models.insen import insen_summary
 
     z = model.decision_function(x)
     p = np.exp(z - z.max(axis=1, keepdims=True))

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from logitguard import read_table
-from logitguard.pipelines import load_pipelines
-from logitguard.shipped import fit_shipped
-from logitguard.threat import threat_model_table
+from logitguard.defenses.pipelines import load_pipelines
+from logitguard.defenses.shipped import fit_shipped
+from logitguard.evaluation.threat import threat_model_table
 from producers.attacks import DEFENSE_ATTACK_NAMES, make_attack
 from producers.attacks.defended import routes_for
-from producers.export import export
-from producers.noise import NoiseRecipe
+from producers.export.logits import export
+from producers.data.noise import NoiseRecipe
 from producers.threat.export import export_surrogate, export_through, partition_name
 from producers.threat.mirrors import load_pipeline_mirror
 
@@ -162,7 +162,7 @@ def test_cli_attack_defenses(world, digits_cnn, tmp_path):
     from click.testing import CliRunner
 
     from producers.cli import main
-    from producers.models import save_model
+    from producers.models.classifiers import save_model
 
     table_dir, manifest, _ = world
     out = tmp_path / "table"

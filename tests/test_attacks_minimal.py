@@ -19,7 +19,7 @@ from producers.attacks import make_attack
 from producers.attacks.cw import CarliniWagnerL2
 from producers.attacks.deepfool import DeepFool
 from producers.errors import ProducerError
-from producers.models import predict_logits
+from producers.models.classifiers import predict_logits
 
 N_SAMPLES = 100  # ART's C&W takes ~15 s of CPU for these; more would blow the test budget
 

@@ -127,7 +127,7 @@ def test_correct_writes_a_table_inspect_can_read(digits_split_dir, corrector_pat
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["written"] == [str(out)]
     from logitguard import read_table
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     corrected = read_table(out)
     test = corrected.select(split="test", attacks="fgsm")
@@ -178,8 +178,8 @@ def test_corrector_command_errors_are_exact(digits_split_dir, tmp_path, args, me
 
 def test_the_cli_lists_every_detector_kind():
     from logitguard.cli import main
-    from logitguard.detectors import KINDS, Detector
-    from logitguard.estimator import REGISTRY
+    from logitguard.defenses.detectors import KINDS, Detector
+    from logitguard.defenses.estimator import REGISTRY
 
     kind = next(p for p in main.commands["fit-detector"].params if p.name == "kind")
     assert tuple(kind.type.choices) == KINDS
@@ -266,9 +266,9 @@ def test_the_old_attack_spelling_still_works_with_a_warning(digits_split_dir, tm
 def test_fit_commands_expose_every_estimator_parameter():
     """Every constructor parameter is an option of its fit command (device/progress: runtime, not learned)."""
     from logitguard.cli import _DETECTOR_OPTIONS
-    from logitguard.corrector import LogitCorrector
-    from logitguard.detectors import KINDS, make_detector
-    from logitguard.svm import SVMCorrector
+    from logitguard.defenses.corrector import LogitCorrector
+    from logitguard.defenses.detectors import KINDS, make_detector
+    from logitguard.defenses.svm import SVMCorrector
 
     options = _options(main)
     exposed = {name for _, name, _, _ in _DETECTOR_OPTIONS} | {"fpr"}
@@ -301,7 +301,7 @@ def test_fit_detector_takes_each_kinds_parameters_and_refuses_the_others(digits_
     result = runner.invoke(main, ["fit-detector", table, "--kind", "learned", "--hidden", "8", "--max-iter", "30",
                                   "--seed", "3", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    from logitguard.detectors import load_detector
+    from logitguard.defenses.detectors import load_detector
 
     detector = load_detector(out)
     assert detector.get_params() == {"fpr": 0.05, "hidden": 8, "max_iter": 30, "seed": 3}
@@ -313,7 +313,7 @@ def test_fit_detector_takes_each_kinds_parameters_and_refuses_the_others(digits_
 
 
 def test_train_svm_takes_gamma_and_seed(digits_split_dir, tmp_path):
-    from logitguard.svm import SVMCorrector
+    from logitguard.defenses.svm import SVMCorrector
 
     runner = CliRunner()
     out = tmp_path / "svm.npz"

@@ -38,10 +38,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from logitguard import LogitguardError
 from logitguard._io import read_header, save_arrays
-from logitguard.corrector import LogitCorrector
-from logitguard.detectors import KINDS, make_detector
-from logitguard.estimator import FORMAT, FORMAT_VERSION, NotFittedError, load_estimator
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.detectors import KINDS, make_detector
+from logitguard.defenses.estimator import FORMAT, FORMAT_VERSION, NotFittedError, load_estimator
+from logitguard.defenses.svm import SVMCorrector
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ESTIMATORS = {
@@ -180,17 +180,17 @@ def test_a_guard_file_loads_in_a_fresh_interpreter(digits_split_table, tmp_path)
     import subprocess
     import sys
 
-    from logitguard.guard import Guard
+    from logitguard.defenses.guard import Guard
 
     path = Guard.fit(digits_split_table, detector="msp", corrector="svm", on_flag="correct").save(tmp_path / "g.npz")
-    code = f"from logitguard.guard import Guard; print(Guard.load({str(path)!r}))"
+    code = f"from logitguard.defenses.guard import Guard; print(Guard.load({str(path)!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "detector='msp'" in out.stdout and "corrector='svm'" in out.stdout
 
 
 def _every_estimator():
-    from logitguard.detectors import OddsCorrector, OddsTest
+    from logitguard.defenses.detectors import OddsCorrector, OddsTest
 
     return {**{name: make() for name, make in ESTIMATORS.items()}, "odds-corrector": OddsCorrector(OddsTest())}
 
@@ -226,7 +226,7 @@ def test_sklearn_checks_of_fit_where_x_and_y_fit(check):
 
 def test_init_only_stores_and_fit_validates():
     """Bad parameters construct (scikit-learn's rule: __init__ only stores) and `fit` refuses them."""
-    from logitguard.detectors import MSPDetector, SingleShotOddsTest
+    from logitguard.defenses.detectors import MSPDetector, SingleShotOddsTest
 
     logits = np.random.default_rng(0).normal(size=(20, 4))
     labels = np.arange(20) % 4
@@ -243,7 +243,7 @@ def test_init_only_stores_and_fit_validates():
 
 def test_the_odds_corrector_is_a_meta_estimator(digits_split_table):
     """`OddsCorrector` stores its odds test as given; clone gives an unfitted copy; fit fits the odds test."""
-    from logitguard.detectors import OddsCorrector, OddsTest
+    from logitguard.defenses.detectors import OddsCorrector, OddsTest
 
     train = digits_split_table.select(split="train", attacks=["clean", "fgsm"])
     test = digits_split_table.select(split="test", attacks="fgsm")
@@ -264,7 +264,7 @@ def test_the_odds_corrector_is_a_meta_estimator(digits_split_table):
 
 def test_one_fitted_check_and_one_message():
     """Every way of asking "fitted?" raises the same error: the detectors' mid-fit moments check too."""
-    from logitguard.detectors import OddsTest
+    from logitguard.defenses.detectors import OddsTest
 
     messages = set()
     for estimator, call in [(OddsTest(), lambda e: e.features(np.zeros((2, 3)), np.zeros((2, 1, 3)))),

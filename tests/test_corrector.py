@@ -10,7 +10,7 @@ import torch
 
 from logitguard import LogitguardError, pair, write_table
 from logitguard.tables import holdout_mask
-from logitguard.corrector import LogitCorrector
+from logitguard.defenses.corrector import LogitCorrector
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3, progress=False)
 

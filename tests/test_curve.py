@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from logitguard import read_table
 from logitguard.cli import main as core
-from logitguard.curves import find_sweeps, robustness_curves
-from logitguard.guard import Guard
-from logitguard.metrics import ABSTAIN
+from logitguard.evaluation.curves import find_sweeps, robustness_curves
+from logitguard.defenses.guard import Guard
+from logitguard.evaluation.metrics import ABSTAIN
 from producers.cli import main as produce, parse_sweeps
 from producers.errors import ProducerError
-from producers.export import Sweep, expand_sweeps, sweep_alias
+from producers.export.logits import Sweep, expand_sweeps, sweep_alias
 
 EPS = ("0.03", "0.1", "0.25")
 PARTITIONS = ["pgd-eps-0.03", "pgd-eps-0.1", "pgd-eps-0.25"]
@@ -26,7 +26,7 @@ PARTITIONS = ["pgd-eps-0.03", "pgd-eps-0.1", "pgd-eps-0.25"]
 @pytest.fixture(scope="module")
 def model_stem(digits_sets, tmp_path_factory):
     """A narrow SmallCNN trained on digits for a few seconds (about 80% test accuracy), saved."""
-    from producers.models import save_model, small_cnn_for, train_classifier
+    from producers.models.classifiers import save_model, small_cnn_for, train_classifier
 
     torch.manual_seed(0)
     train, _ = digits_sets
@@ -118,10 +118,10 @@ def test_curve_writes_json_and_png_with_the_right_points(swept, guard_file, tmp_
 
 
 def test_curve_with_a_manifest_pipeline_and_a_transfer_sweep(model_stem, swept, tmp_path, digits_sets):
-    from logitguard.detectors import make_detector
-    from logitguard.pipelines import load_pipelines, save_pipelines
-    from producers.export import export
-    from producers.models import load_model
+    from logitguard.defenses.detectors import make_detector
+    from logitguard.defenses.pipelines import load_pipelines, save_pipelines
+    from producers.export.logits import export
+    from producers.models.classifiers import load_model
 
     detector = make_detector("msp", fpr=0.1).fit_table(read_table(swept, split="train"))
     detector.save(tmp_path / "msp.npz")
@@ -175,7 +175,7 @@ def test_curve_errors_are_clean(swept, digits_split_dir, guard_file, tmp_path, m
     assert run(swept, "--out", tmp_path / "b").exit_code == 0
     result = run(swept, "--out", tmp_path / "b")
     assert result.exit_code == 1 and "refusing to overwrite" in result.output
-    monkeypatch.setattr("logitguard.curves._have_matplotlib", lambda: False)
+    monkeypatch.setattr("logitguard.evaluation.curves._have_matplotlib", lambda: False)
     (tmp_path / "b" / "curve.png").unlink()
     result = run(swept, "--out", tmp_path / "b", "--force")
     assert result.exit_code == 0, result.output

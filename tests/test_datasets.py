@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from producers.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_dataset
+from producers.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_dataset
 from producers.errors import ProducerError
 
 FASHION_HINT = ("install it with `apt-get install dataset-fashion-mnist` "
@@ -183,7 +183,7 @@ def image_tree(tmp_path):
 
 
 def test_imagefolder_shapes_labels_and_pixels(image_tree):
-    from producers.datasets import load_image_folder
+    from producers.data.datasets import load_image_folder
 
     data = load_image_folder("test", str(image_tree), resize_size=20, crop_size=16)
     assert data.class_names == ["cat", "dog", "emu"] and data.name == "imagefolder"
@@ -229,7 +229,7 @@ def test_imagefolder_without_split_folders_is_the_test_split_only(image_tree):
 
 def test_imagefolder_matches_torchvision_transforms(image_tree):
     """Same pixels as torchvision's Resize(20) + CenterCrop(16) + ToTensor on a textured image."""
-    from producers.models import import_torchvision
+    from producers.models.classifiers import import_torchvision
 
     try:
         tv = import_torchvision()
@@ -237,7 +237,7 @@ def test_imagefolder_matches_torchvision_transforms(image_tree):
         pytest.skip(str(exc))
     from PIL import Image
 
-    from producers.datasets import load_image_folder
+    from producers.data.datasets import load_image_folder
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)).save(image_tree / "dog" / "c.png")
@@ -251,7 +251,7 @@ def test_imagefolder_matches_torchvision_transforms(image_tree):
 
 
 def test_imagefolder_errors(tmp_path):
-    from producers.datasets import load_image_folder
+    from producers.data.datasets import load_image_folder
 
     pytest.importorskip("PIL.Image")
     with raises_exactly("dataset 'imagefolder' needs a root directory (--root) with one folder per class"):

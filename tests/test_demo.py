@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError, write_table
 from logitguard.cli import main
-from logitguard.demo import FIGURES, run_demo
+from logitguard.report.demo import FIGURES, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_threat_section_on_the_embedded_table():
     from pathlib import Path
 
     from logitguard import read_table
-    from logitguard.demo import _threat_models, _threat_section
+    from logitguard.report.demo import _threat_models, _threat_section
 
     root = Path(__file__).resolve().parents[1] / "data"
     threat = _threat_models(read_table(root / "fashion-mnist", split="test"), root / "defenses" / "defenses.json")

@@ -9,12 +9,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from logitguard import LogitguardError, LogitTable
-from logitguard.defense import GatedDefense, load_corrector
-from logitguard.detectors import KINDS, OddsTest, load_detector, make_detector
-from logitguard.detectors.baselines import energy_score, max_logit_score, msp_score, nonme_score
-from logitguard.evaluate import detection_table, evaluate
-from logitguard.metrics import tpr_at_fpr
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.gated import GatedDefense, load_corrector
+from logitguard.defenses.detectors import KINDS, OddsTest, load_detector, make_detector
+from logitguard.defenses.detectors.baselines import energy_score, max_logit_score, msp_score, nonme_score
+from logitguard.evaluation.evaluate import detection_table, evaluate
+from logitguard.evaluation.metrics import tpr_at_fpr
+from logitguard.defenses.svm import SVMCorrector
 
 
 @pytest.fixture(scope="module")

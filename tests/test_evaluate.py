@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from logitguard import LogitguardError, pair
-from logitguard.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
-from logitguard.metrics import ABSTAIN, attack_success_rate, successful_attack
+from logitguard.evaluation.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
+from logitguard.evaluation.metrics import ABSTAIN, attack_success_rate, successful_attack
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3)
 
@@ -33,7 +33,7 @@ def test_successful_attack_needs_a_right_clean_row_and_a_wrong_unrejected_attack
 
 
 def test_summary_success_rate_skips_samples_without_a_right_clean_row(digits_split_table):
-    from logitguard.summary import summarize
+    from logitguard.report.summary import summarize
 
     table = digits_split_table.select(split="test")
     clean, attacked = pair(table, "fgsm")
@@ -112,7 +112,7 @@ def test_evaluate_refuses_unknown_attacks_and_unlabelled_rows(digits_split_table
 def test_render_table_plain_and_markdown_modes():
     import pandas as pd
 
-    from logitguard.summary import markdown_frame, render_table
+    from logitguard.report.summary import markdown_frame, render_table
 
     rows = [["pgd", "12.5%"], ["fgsm-e8", "3.0%"]]
     assert render_table(["attack", "acc"], rows) == ["attack     acc", "-------  -----", "pgd      12.5%",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from logitguard import LogitguardError
-from logitguard.corrector import LogitCorrector
+from logitguard.defenses.corrector import LogitCorrector
 from logitguard.explain import (
     ablation,
     bhattacharyya,

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from logitguard import read_table
-from producers import export as ex
+from producers.export import logits as ex
 from producers.cli import main
 from producers.errors import ProducerError
-from producers.export import Shard, export
-from producers.models import save_model
+from producers.export.logits import Shard, export
+from producers.models.classifiers import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -59,9 +59,9 @@ def test_a_killed_export_leaves_out_untouched_and_the_rerun_resumes(digits_cnn, 
     out = tmp_path / "table"
     code = """
         import os, signal, sys
-        from producers import export as ex
-        from producers.datasets import load_dataset
-        from producers.models import load_model
+        from producers.export import logits as ex
+        from producers.data.datasets import load_dataset
+        from producers.models.classifiers import load_model
         real, calls = ex.export_partition, []
         def dying(*args, **kwargs):
             calls.append(1)

@@ -22,13 +22,13 @@ from torch.nn import functional as F
 
 from logitguard import LogitguardError, read_table, write_table
 from logitguard.cli import main
-from logitguard.defense import GatedDefense
-from logitguard.detectors import InsenDetector, KDensityDetector, load_detector, make_detector
-from logitguard.detectors.kdensity import PAPER_SIGMA2
-from logitguard.guard import Guard
+from logitguard.defenses.gated import GatedDefense
+from logitguard.defenses.detectors import InsenDetector, KDensityDetector, load_detector, make_detector
+from logitguard.defenses.detectors.kdensity import PAPER_SIGMA2
+from logitguard.defenses.guard import Guard
 from producers.attacks import make_attack
-from producers.insen import insen_stats
-from producers.models import ImageClassifier
+from producers.models.insen import insen_stats
+from producers.models.classifiers import ImageClassifier
 from producers.threat.mirrors import InsenMirror, KDensityMirror, PipelineMirror, mirror_detector
 
 EPS = 0.1  # PGD misclassifies about 64% of the test digits (0.2: 90%, but then InSen separates less)
@@ -170,7 +170,7 @@ def test_fit_path_reads_the_column_and_equals_fit_table(kind, digits_feature_tab
 
 
 def test_detect_streams_the_column(digits_feature_table, tmp_path):
-    from logitguard.stream import detect_path
+    from logitguard.tables.stream import detect_path
 
     path = tmp_path / "table.parquet"
     write_table(digits_feature_table, path)

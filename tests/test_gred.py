@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from logitguard import pair, read_table
-from logitguard.metrics import auroc
-from logitguard.threat import file_sha256
+from logitguard.evaluation.metrics import auroc
+from logitguard.evaluation.threat import file_sha256
 from producers.cli import main
 from producers.errors import ProducerError
-from producers.export import export
-from producers.gred import insen_mask, load_gred, save_gred, train_gred
-from producers.insen import INSEN_STATS, insen_stats
-from producers.models import save_model
+from producers.export.logits import export
+from producers.models.gred import insen_mask, load_gred, save_gred, train_gred
+from producers.models.insen import INSEN_STATS, insen_stats
+from producers.models.classifiers import save_model
 
 EPS = 0.15
 PGD = {"pgd": {"eps": EPS, "alpha": EPS / 4, "steps": 10}}

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError
 from logitguard.cli import main
-from logitguard.defense import ABSTAIN
-from logitguard.detectors import load_detector
-from logitguard.guard import Guard
-from logitguard.pipelines import load_pipelines
+from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.detectors import load_detector
+from logitguard.defenses.guard import Guard
+from logitguard.defenses.pipelines import load_pipelines
 from logitguard.tables import read_table
-from logitguard.threat import threat_model_table
+from logitguard.evaluation.threat import threat_model_table
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -6,7 +6,7 @@ import sys
 
 def test_core_import_pulls_in_neither_producers_nor_torchvision():
     code = (
-        "import sys, logitguard, logitguard.cli, logitguard.summary;"
+        "import sys, logitguard, logitguard.cli, logitguard.report.summary;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'producers', 'torchvision'});"
         "print(','.join(bad))"
     )

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from logitguard import read_table, write_table
-from logitguard.corrector import WEIGHT_KEYS, LogitCorrector
-from logitguard.defense import GatedDefense
-from logitguard.detectors import load_detector, make_detector
+from logitguard.defenses.corrector import WEIGHT_KEYS, LogitCorrector
+from logitguard.defenses.gated import GatedDefense
+from logitguard.defenses.detectors import load_detector, make_detector
 from logitguard.errors import LogitguardError
-from logitguard.estimator import NotFittedError
-from logitguard.guard import Guard
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.estimator import NotFittedError
+from logitguard.defenses.guard import Guard
+from logitguard.defenses.svm import SVMCorrector
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = """\
@@ -75,8 +75,8 @@ def saved(digits_table, tmp_path_factory):
 APPLY = """
     import json, sys
     import numpy as np
-    from logitguard.estimator import load_estimator
-    from logitguard.guard import Guard
+    from logitguard.defenses.estimator import load_estimator
+    from logitguard.defenses.guard import Guard
 
     out, paths = sys.argv[1], json.loads(sys.argv[2])
     data = np.load(out + "/input.npz")
@@ -146,7 +146,7 @@ def test_help_and_cli_import_pull_in_no_torch():
 def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
     code = """
         import sys
-        from logitguard.corrector import LogitCorrector
+        from logitguard.defenses.corrector import LogitCorrector
         from logitguard.errors import LogitguardError
         for action in (lambda: LogitCorrector(hidden=4, epochs=1).fit_table(read(), "fgsm", split="test"),
                        lambda: __import__("logitguard.explain"),
@@ -203,7 +203,7 @@ def test_numpy_forward_equals_torch_forward_and_model_assignment(digits_table, t
 def test_damaged_weights_are_refused(digits_table, tmp_path):
     corrector = small_corrector(digits_table)
     header, arrays = corrector.to_arrays()
-    from logitguard.estimator import from_arrays
+    from logitguard.defenses.estimator import from_arrays
 
     with pytest.raises(LogitguardError, match="weights do not fit"):
         from_arrays(header, {**arrays, "0.weight": arrays["0.weight"][:5]}, "test")

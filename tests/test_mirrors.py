@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from logitguard import read_table
-from logitguard.corrector import LogitCorrector
-from logitguard.defense import GatedDefense, load_corrector
-from logitguard.detectors import load_detector, make_detector
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.gated import GatedDefense, load_corrector
+from logitguard.defenses.detectors import load_detector, make_detector
+from logitguard.defenses.svm import SVMCorrector
 from producers.threat import ABSTAIN, PipelineMirror, load_corrector_mirror, load_detector_mirror, load_pipeline_mirror
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"

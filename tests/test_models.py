@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from producers.errors import ProducerError
-from producers.models import (ZOO_ARCHS, build_model, import_torchvision, load_model, resolve_model,
-                              save_model)
+from producers.models.classifiers import (ZOO_ARCHS, build_model, import_torchvision, load_model, resolve_model,
+                                          save_model)
 
 
 def raises_exactly(message: str):
@@ -93,7 +93,7 @@ def test_missing_torchvision_is_a_producer_error(monkeypatch, tmp_path):
 
 
 def test_importing_models_leaves_torchvision_unimported():
-    code = "import sys, producers.models; print('torchvision' in sys.modules)"
+    code = "import sys, producers.models.classifiers; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError, LogitTable
 from logitguard.cli import main
-from logitguard.detectors import make_detector
-from logitguard.metrics import auroc
-from logitguard.modelside import compare_models, detection_aurocs, format_model_side, parse_model_specs
-from logitguard.pipelines import load_pipelines, save_pipelines
+from logitguard.defenses.detectors import make_detector
+from logitguard.evaluation.metrics import auroc
+from logitguard.evaluation.modelside import compare_models, detection_aurocs, format_model_side, parse_model_specs
+from logitguard.defenses.pipelines import load_pipelines, save_pipelines
 from logitguard.tables import pair
-from logitguard.threat import threat_model_table
+from logitguard.evaluation.threat import threat_model_table
 
 from conftest import DIGITS_EPS
 
@@ -82,7 +82,7 @@ def test_model_specs_are_checked():
 
 def test_external_system_figures_by_hand(digits_split_table, tmp_path):
     from logitguard import write_table
-    from logitguard.modelside import external_accuracy
+    from logitguard.evaluation.modelside import external_accuracy
 
     test = digits_split_table.select(split="test")
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from logitguard import LogitguardError, LogitTable
-from logitguard.detectors import OddsTest, load_detector
-from logitguard.detectors.odds import noise_kinds_from_metadata
+from logitguard.defenses.detectors import OddsTest, load_detector
+from logitguard.defenses.detectors.odds import noise_kinds_from_metadata
 
 KINDS = np.array(["gaussian:0.05", "sign:0.05", "gaussian:0.05"])  # queries 0 and 2 are one kind
 

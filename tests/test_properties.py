@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from logitguard import read_table, write_table
-from logitguard.corrector import LogitCorrector
-from logitguard.defense import GatedDefense, as_corrector
-from logitguard.detectors import LOGIT_KINDS, make_detector
-from logitguard.estimator import load_estimator
-from logitguard.guard import Guard
-from logitguard.pipelines import load_pipelines, save_pipelines
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.gated import GatedDefense, as_corrector
+from logitguard.defenses.detectors import LOGIT_KINDS, make_detector
+from logitguard.defenses.estimator import load_estimator
+from logitguard.defenses.guard import Guard
+from logitguard.defenses.pipelines import load_pipelines, save_pipelines
+from logitguard.defenses.svm import SVMCorrector
 from logitguard.tables import conform
 
 SPLITS = ["train", "test", "deploy", "2024"]  # "2024": a partition value that looks like a number

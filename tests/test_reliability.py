@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from logitguard import TableError, read_table, write_table
 from logitguard import _io
 from logitguard.cli import main
-from logitguard.detectors import make_detector
+from logitguard.defenses.detectors import make_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = ["split", "attack", "sample_id"]
@@ -61,13 +61,14 @@ def _hidden(directory: Path) -> list[str]:
 KILL_WHILE_WRITING = """
     import os, signal, sys
     from logitguard import tables
-    real, calls = tables.write_parquet, []
+    from logitguard.tables import write as writer  # where write_table finds write_parquet
+    real, calls = writer.write_parquet, []
     def dying(arrow, target):
         calls.append(target)
         if len(calls) == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
         real(arrow, target)
-    tables.write_parquet = dying
+    writer.write_parquet = dying
     tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"), overwrite=True)
 """
 
@@ -137,13 +138,14 @@ def test_two_runs_to_one_target_one_writes_the_other_refuses(source, digits_spli
         import sys, time
         from pathlib import Path
         from logitguard import tables
-        real = tables.write_parquet
+        from logitguard.tables import write as writer
+        real = writer.write_parquet
         def slow(arrow, target):
             Path(sys.argv[3]).touch()
             while not Path(sys.argv[4]).exists():
                 time.sleep(0.02)
             real(arrow, target)
-        tables.write_parquet = slow
+        writer.write_parquet = slow
         tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"))
     """, source, target, ready, go, wait=False)
     try:
@@ -245,7 +247,7 @@ def test_same_inputs_give_byte_identical_outputs(digits_split_table, tmp_path):
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert write_table(digits_split_table, tmp_path / "a.parquet")[0].read_bytes() == \
         write_table(digits_split_table, tmp_path / "b.parquet")[0].read_bytes()
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     train = digits_split_table.select(split="train")
     clean, attacked = train.select(attacks="clean"), train.select(attacks="fgsm")
@@ -273,7 +275,7 @@ def table_file(digits_split_table, tmp_path):
 
 
 def test_an_output_under_a_regular_file_fails_before_training(table_file, tmp_path, monkeypatch):
-    from logitguard.corrector import LogitCorrector
+    from logitguard.defenses.corrector import LogitCorrector
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
@@ -315,7 +317,7 @@ def test_a_read_only_location_fails_before_work(table_file, tmp_path):
 
 
 def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_file, tmp_path, monkeypatch):
-    from logitguard import tables
+    from logitguard.tables import write as table_writer
 
     detector = tmp_path / "msp.npz"
     assert CliRunner().invoke(main, ["fit-detector", str(table_file), "--kind", "msp", "--out",
@@ -324,8 +326,8 @@ def test_an_os_error_while_writing_is_an_error_line_and_leaves_nothing(table_fil
     def full(target, *_):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(tables, "write_parquet", lambda arrow, target: full(target))
-    monkeypatch.setattr(tables, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
+    monkeypatch.setattr(table_writer, "write_parquet", lambda arrow, target: full(target))
+    monkeypatch.setattr(table_writer, "_open_writer", full)  # the streamed writer of defend, correct, guard apply
     out = tmp_path / "defended"
     result = CliRunner().invoke(main, ["defend", str(table_file), "--detector", str(detector), "--on-flag", "reject",
                                        "--out", str(out)])

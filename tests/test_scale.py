@@ -1,4 +1,4 @@
-"""Scale-out on Ray (logitguard.scale, producers.scale): a local Ray with 2 CPUs, one session for the module.
+"""Scale-out on Ray (logitguard.scale, producers.export.scale): a local Ray with 2 CPUs, one session for the module.
 
 Every Ray run is checked against the single-process run of the same command: the same rows (per split,
 attack and sample id: logits, pred, flagged, every column), the same metadata and the same report.
@@ -55,7 +55,7 @@ def without_written(report: dict) -> dict:
 @pytest.fixture(scope="module")
 def defenses(digits_split_dir, tmp_path_factory):
     """A corrector, a learned detector on noise queries and a guard, fitted on the digits table's train split."""
-    from logitguard.guard import Guard
+    from logitguard.defenses.guard import Guard
 
     root = tmp_path_factory.mktemp("defenses")
     run("train-corrector", digits_split_dir, "--attacks", "fgsm", "--out", root / "corrector.npz",
@@ -105,7 +105,7 @@ def test_detect_on_ray_equals_local(digits_split_dir, defenses):
 
 def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_table, defenses, tmp_path):
     from logitguard import write_table
-    from logitguard.guard import Guard
+    from logitguard.defenses.guard import Guard
     from logitguard.scale import apply_ray, read_ray, write_ray
 
     guard = Guard.load(defenses / "guard.npz")
@@ -116,7 +116,7 @@ def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_t
     assert written and all(p.exists() for p in written)
     assert_same_table(tmp_path / "ray", tmp_path / "local")
     # Detector rows: one per input row, flags as Detector.predict gives them.
-    from logitguard.detectors import load_detector
+    from logitguard.defenses.detectors import load_detector
 
     rows = apply_ray(read_ray(digits_split_dir), defenses / "detector.npz", kind="detector").to_pandas()
     detector = load_detector(defenses / "detector.npz")
@@ -192,7 +192,7 @@ def test_a_missing_ray_extra_is_an_error_not_a_traceback(digits_split_dir, defen
 
 @pytest.fixture(scope="module")
 def cnn_stem(digits_cnn, tmp_path_factory):
-    from producers.models import save_model
+    from producers.models.classifiers import save_model
 
     stem = tmp_path_factory.mktemp("model") / "digits-cnn"
     save_model(digits_cnn, stem)
@@ -235,9 +235,9 @@ def test_export_on_ray_equals_the_single_process_shards(cnn_stem, tmp_path):
                                                               "--out", tmp_path / "x"])))
     assert refused.exit_code == 1 and "--shard is for single-process runs" in refused.output
     # A run that fails in its actors (classes that disagree with the model) adds nothing to the table.
-    from producers.datasets import load_dataset
-    from producers.models import load_model
-    from producers.scale import export_ray
+    from producers.data.datasets import load_dataset
+    from producers.models.classifiers import load_model
+    from producers.export.scale import export_ray
 
     before = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*"))
     test = load_dataset("digits", "test")

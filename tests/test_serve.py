@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from logitguard.cli import main
-from logitguard.defense import ABSTAIN
-from logitguard.guard import Guard
+from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.guard import Guard
 from logitguard.serve import create_app, serve_in_thread
 from logitguard.serve.codec import ARROW_STREAM, JSON
 from logitguard.serve.drift import DriftWatch

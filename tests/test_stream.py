@@ -1,6 +1,6 @@
 """Streamed commands equal the in-memory ones: every apply path read in many tiny batches.
 
-Each test runs a streamed entry point (`logitguard.stream`, `Detector.fit_path`, `explain_path`,
+Each test runs a streamed entry point (`logitguard.tables.stream`, `Detector.fit_path`, `explain_path`,
 `Guard.defend_path`) with batches of a few rows, on a single-file table (row filters) and on the
 partitioned directory (partition pruning), and compares with the in-memory function on the loaded table.
 """
@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 from logitguard import TableError, read_table, write_table
 from logitguard.cli import main
-from logitguard.corrector import LogitCorrector
-from logitguard.defense import GatedDefense
-from logitguard.detectors import LOGIT_KINDS, make_detector
-from logitguard.evaluate import detection_table, evaluate
-from logitguard.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
-from logitguard.summary import summarize
+from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.gated import GatedDefense
+from logitguard.defenses.detectors import LOGIT_KINDS, make_detector
+from logitguard.evaluation.evaluate import detection_table, evaluate
+from logitguard.tables.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
+from logitguard.report.summary import summarize
 from logitguard.tables import CLEAN, LogitTable, iter_batches, read_keys, write_batches
 
 BATCH = 29  # rows per batch: the whole table is read in over a hundred batches
@@ -156,7 +156,7 @@ def test_detect_without_labels_reports_rates_only(digits_split_table, tmp_path):
 
 @pytest.mark.parametrize("on_flag", ["correct", "reject", "agree"])
 def test_defend_streamed_equals_in_memory(source, corrector, tmp_path, on_flag):
-    from logitguard.defense import ABSTAIN
+    from logitguard.defenses.gated import ABSTAIN
 
     detector = make_detector("learned-noisy").fit_table(read_table(source), split="train")
     defense = GatedDefense(detector, None if on_flag == "reject" else corrector, on_flag=on_flag)
@@ -184,7 +184,7 @@ def test_defend_one_split_into_a_file(source, corrector, tmp_path):
 
 
 def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monkeypatch):
-    from logitguard.guard import Guard
+    from logitguard.defenses.guard import Guard
 
     guard = Guard.fit(digits_split_dir, detector="odds", budgets=(0.2,))
     guard.save(tmp_path / "g.npz")
@@ -200,7 +200,7 @@ def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monke
 
 
 def test_guard_apply_refuses_a_table_of_other_classes_before_writing(digits_split_dir, tmp_path):
-    from logitguard.guard import Guard
+    from logitguard.defenses.guard import Guard
 
     guard = Guard.fit(digits_split_dir, detector="msp", budgets=(0.2,))
     other = LogitTable.from_arrays(logits=np.zeros((3, 4)), sample_id=[0, 1, 2], split="test", attack="clean")

@@ -11,8 +11,8 @@ from sklearn.linear_model import RidgeClassifier
 
 from logitguard import LogitguardError
 from logitguard._io import save_arrays
-from logitguard.estimator import load_estimator
-from logitguard.svm import EXACT_MAX_CLASSES, SVMCorrector, _balanced_rows
+from logitguard.defenses.estimator import load_estimator
+from logitguard.defenses.svm import EXACT_MAX_CLASSES, SVMCorrector, _balanced_rows
 
 
 def _synthetic(classes: int, rows: int, *, dim: int = 64, eps: float = 0.3, seed: int = 0):

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError, LogitTable, read_table, write_table
 from logitguard.cli import main
-from logitguard.defense import ABSTAIN, GatedDefense
-from logitguard.detectors import Detector, make_detector
-from logitguard.evaluate import evaluate
-from logitguard.pipelines import PipelineSpec, load_pipelines, save_pipelines
-from logitguard.svm import SVMCorrector
-from logitguard.threat import (
+from logitguard.defenses.gated import ABSTAIN, GatedDefense
+from logitguard.defenses.detectors import Detector, make_detector
+from logitguard.evaluation.evaluate import evaluate
+from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines
+from logitguard.defenses.svm import SVMCorrector
+from logitguard.evaluation.threat import (
     THREAT_MODELS, detector_miss_table, file_sha256, format_detector_misses, format_threat_models, parse_budgets,
     threat_model_table, threat_of, tier_attacks,
 )
@@ -356,8 +356,8 @@ def test_manifest_round_trip(defense_files, digits_split_table, tmp_path, monkey
 
 
 def _loaders(msp, svm):
-    from logitguard.defense import load_corrector
-    from logitguard.detectors import load_detector
+    from logitguard.defenses.gated import load_corrector
+    from logitguard.defenses.detectors import load_detector
 
     return [(load_detector, msp), (load_corrector, svm)]
 
@@ -463,7 +463,7 @@ def test_inspect_shows_threat_models(synthetic, tmp_path):
 
 
 def test_new_core_modules_import_without_torch():
-    code = ("import sys, logitguard.threat, logitguard.pipelines, logitguard.defense;"
+    code = ("import sys, logitguard.evaluation.threat, logitguard.defenses.pipelines, logitguard.defenses.gated;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'producers', 'torchvision'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

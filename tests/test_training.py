@@ -1,4 +1,4 @@
-"""Training objectives (producers.training) and JumpReLU, on digits with tiny SmallCNNs."""
+"""Training objectives (producers.models.training) and JumpReLU, on digits with tiny SmallCNNs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from producers.attacks.pgd import PGD
 from producers.cli import main
 from producers.errors import ProducerError
-from producers.models import (JUMPRELU_DEFAULT_K, JumpReLU, accuracy, load_model, parse_activation, save_model,
-                              small_cnn_for)
-from producers.training import (OBJECTIVES, attention_map, make_objective, reverse_cross_entropy, train_model,
-                                training_subset)
+from producers.models.classifiers import (JUMPRELU_DEFAULT_K, JumpReLU, accuracy, load_model, parse_activation,
+                                          save_model, small_cnn_for)
+from producers.models.training import (OBJECTIVES, attention_map, make_objective, reverse_cross_entropy, train_model,
+                                       training_subset)
 
 # Robustness comparisons use this PGD on the digits test split (pixels in [0, 1]).
 EPS = 0.1
@@ -137,7 +137,7 @@ def test_parse_activation_refuses_bad_specs(spec):
 
 
 def test_training_subset_is_seeded_and_matches_export(digits_sets):
-    from producers.export import select_samples
+    from producers.export.logits import select_samples
 
     train, _ = digits_sets
     a, b, c = training_subset(train, 50, 0), training_subset(train, 50, 0), training_subset(train, 50, 1)

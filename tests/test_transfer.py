@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from logitguard import read_table
 from producers.attacks.pgd import PGD
 from producers.cli import main, parse_params
-from producers.export import export
-from producers.models import load_model, save_model, small_cnn_for, train_classifier
-from producers.noise import NoiseRecipe
+from producers.export.logits import export
+from producers.models.classifiers import load_model, save_model, small_cnn_for, train_classifier
+from producers.data.noise import NoiseRecipe
 
 # No random start: the attacked images can be recomputed by hand below.
 PGD_PARAMS = {"alpha": 0.05, "steps": 5, "random_start": False}

@@ -24,9 +24,9 @@ from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..defense import ABSTAIN
+from ..defenses.gated import ABSTAIN
 from ..errors import LogitguardError
-from ..guard import Guard
+from ..defenses.guard import Guard
 from . import DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ROWS
 from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, RequestError, encode_arrow, encode_json,
                     parse_arrow, parse_json, request_schema)

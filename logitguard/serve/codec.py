@@ -2,7 +2,7 @@
 
 Every function raises `RequestError` (an HTTP status and a one-line message) for anything a client
 can get wrong; nothing here trusts the body. Shape, C, K and finiteness checks are the guard's own
-(`logitguard.estimator.check_logits`), run by `Guard.check`.
+(`logitguard.defenses.estimator.check_logits`), run by `Guard.check`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..defense import ABSTAIN, Decision
+from ..defenses.gated import ABSTAIN, Decision
 
 JSON = "application/json"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"

@@ -1,7 +1,7 @@
 """The shared attack base: eval mode, device, precision, batching and clamping live here, once.
 
 A subclass implements only `perturb`, the attack on one batch. Images are float tensors of shape
-(N, C, H, W) with pixels in [0, 1]; normalisation is the model's job (see `producers.models`).
+(N, C, H, W) with pixels in [0, 1]; normalisation is the model's job (see `producers.models.classifiers`).
 """
 
 from __future__ import annotations

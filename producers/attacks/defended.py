@@ -22,7 +22,7 @@ tuned per detector. The latest successful iterate of every sample is kept (check
 pipeline decision on ``check_draws`` fresh noise draws), over ``restarts`` random starts.
 
 A detector that reads more than the logits (the mirror's ``input_column``) gets it from the model and the
-image at every step: ``features`` = ``model.penultimate(x)``, ``insen`` = `producers.insen.insen_stats`
+image at every step: ``features`` = ``model.penultimate(x)``, ``insen`` = `producers.models.insen.insen_stats`
 with ``create_graph=True`` while a gradient is taken (double backpropagation: the statistics are
 themselves made of an input gradient). Against ``kdensity``, the ``evade`` route is Carlini & Wagner's
 white-box attack on K-density (C&W-wb in Pang et al., seed 001 §4.4) in L-inf hinge form: misclassify,
@@ -38,9 +38,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from logitguard.defense import ABSTAIN
+from logitguard.defenses.gated import ABSTAIN
 
-from ..insen import insen_stats
+from ..models.insen import insen_stats
 from .base import Attack
 
 ROUTES = ("model", "corrector", "evade", "flag", "both")
@@ -105,7 +105,7 @@ class DefenseAttack(Attack):
             raise ValueError(f"no way to compute the defense's input column {column!r} from the model")
         if column == "features" and not callable(getattr(model, "penultimate", None)):
             raise ValueError("this defense reads penultimate features: the model needs a penultimate(x) method "
-                             "(a producers.models.ImageClassifier)")
+                             "(a producers.models.classifiers.ImageClassifier)")
         for name, value in (("eps", eps), ("steps", steps), ("restarts", restarts), ("eot", eot)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -1,13 +1,13 @@
 """Export attacks that go *through* a defense: the adaptive and surrogate threat models.
 
-``adaptive``: the attacker has the defense's files. Each pipeline of a manifest (`logitguard.pipelines`)
+``adaptive``: the attacker has the defense's files. Each pipeline of a manifest (`logitguard.defenses.pipelines`)
 is mirrored in torch (`producers.threat.mirrors`) and attacked with the defense-aware attacks
 (`producers.attacks.DEFENSE_ATTACK_NAMES`); the attacked images' logits and fresh noise queries from
 the target model are written as partitions ``adaptive.<pipeline>.<attack>.e<ε·255>``.
 
 ``surrogate``: the attacker knows the defense's algorithm and settings but not its files. It exports
 its own logit table from training samples the defender never used, fits its own copy of every shipped
-pipeline with the same recipe (`logitguard.shipped.fit_shipped`), and attacks through the copy; the
+pipeline with the same recipe (`logitguard.defenses.shipped.fit_shipped`), and attacks through the copy; the
 rows are written as ``surrogate.<pipeline>.<attack>.e<ε·255>`` and judged later by the real defense.
 """
 
@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitguard.pipelines import PipelineSpec, load_pipelines
+from logitguard.defenses.pipelines import PipelineSpec, load_pipelines
 
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
-from ..datasets import ImageSet
+from ..data.datasets import ImageSet
 from ..errors import ProducerError
-from ..export import ExportReport, ExportStage, export_partition, select_samples
-from ..models import ImageClassifier
-from ..noise import NoiseRecipe
+from ..export.logits import ExportReport, ExportStage, export_partition, select_samples
+from ..models.classifiers import ImageClassifier
+from ..data.noise import NoiseRecipe
 from .mirrors import load_pipeline_mirror
 
 TIERS = ("adaptive", "surrogate")
@@ -152,7 +152,7 @@ def export_surrogate(
     """The surrogate tier: an own table from unused training samples, an own copy of the shipped
     pipelines, attacks through the copy (see module). `defender_ids` are the training sample ids the
     defender used (never used by the attacker). The attacker's table and copy stay in `workdir`."""
-    from logitguard.shipped import fit_shipped
+    from logitguard.defenses.shipped import fit_shipped
     from logitguard.tables import read_table
 
     workdir = Path(workdir)

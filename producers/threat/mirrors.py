@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from logitguard.corrector import LogitCorrector
-from logitguard.defense import ABSTAIN, ON_FLAG, load_corrector
-from logitguard.detectors import (Detector, InsenDetector, KDensityDetector, LearnedDetector, OddsCorrector, OddsTest,
-                                  load_detector)
-from logitguard.svm import SVMCorrector
+from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.gated import ABSTAIN, ON_FLAG, load_corrector
+from logitguard.defenses.detectors import (Detector, InsenDetector, KDensityDetector, LearnedDetector, OddsCorrector,
+                                           OddsTest, load_detector)
+from logitguard.defenses.svm import SVMCorrector
 
 from ..errors import ProducerError
 
@@ -39,7 +39,7 @@ BASELINES = ("msp", "maxlogit", "energy", "nonme")
 NEG = -1e9  # finite stand-in for -inf in differentiable class scores (the odds test's own class)
 
 
-# -- score functions (float64, mirroring logitguard.detectors.baselines) -------------------------------
+# -- score functions (float64, mirroring logitguard.defenses.detectors.baselines) -------------------------------
 
 
 def _shifted(logits: Tensor) -> Tensor:
@@ -195,7 +195,7 @@ class LearnedMirror(DetectorMirror):
 
 
 class _OddsFeatures(_Mirror):
-    """The odds test's z-scored log-odds changes, averaged over queries (see logitguard.detectors.odds)."""
+    """The odds test's z-scored log-odds changes, averaged over queries (see logitguard.defenses.detectors.odds)."""
 
     def __init__(self, odds: OddsTest) -> None:
         odds._check_moments()
@@ -235,7 +235,7 @@ class OddsMirror(DetectorMirror):
 
 
 class KDensityMirror(DetectorMirror):
-    """K-density (`logitguard.detectors.kdensity`): −log of the mean Gaussian kernel between the features and
+    """K-density (`logitguard.defenses.detectors.kdensity`): −log of the mean Gaussian kernel between the features and
     the kept training features of the predicted class, differentiable in the features (the predicted class,
     which picks the training rows, carries no gradient)."""
 
@@ -267,7 +267,7 @@ class KDensityMirror(DetectorMirror):
 
 class InsenMirror(DetectorMirror):
     """The insen detector's logistic regression on standardised InSen statistics (B, 5). An attack computes
-    the statistics with `producers.insen.insen_stats(model, x, create_graph=True)`, so that their gradient
+    the statistics with `producers.models.insen.insen_stats(model, x, create_graph=True)`, so that their gradient
     with respect to the image (a second derivative of the model's loss) reaches it."""
 
     input_column = "insen"
@@ -523,18 +523,18 @@ def mirror_corrector(corrector: Any, *, temperature: float = 0.25) -> CorrectorM
 
 
 def load_detector_mirror(path: str | os.PathLike) -> DetectorMirror:
-    """The mirror of a detector file (`logitguard.detectors.load_detector`)."""
+    """The mirror of a detector file (`logitguard.defenses.detectors.load_detector`)."""
     return mirror_detector(load_detector(path))
 
 
 def load_corrector_mirror(path: str | os.PathLike, *, temperature: float = 0.25) -> CorrectorMirror:
-    """The mirror of a corrector file (`logitguard.defense.load_corrector`: .pt, SVM or odds .npz)."""
+    """The mirror of a corrector file (`logitguard.defenses.gated.load_corrector`: .pt, SVM or odds .npz)."""
     return mirror_corrector(load_corrector(path), temperature=temperature)
 
 
 def load_pipeline_mirror(spec: Any, *, temperature: float = 0.25) -> PipelineMirror:
     """The mirror of a pipeline spec: anything with ``detector`` and ``corrector`` (paths or None) and
-    ``on_flag`` (a `logitguard.pipelines.PipelineSpec`)."""
+    ``on_flag`` (a `logitguard.defenses.pipelines.PipelineSpec`)."""
     detector = None if spec.detector is None else load_detector_mirror(spec.detector)
     corrector = None if spec.corrector is None else load_corrector_mirror(spec.corrector, temperature=temperature)
     return PipelineMirror(detector, corrector, getattr(spec, "on_flag", "correct"))

@@ -1,0 +1,605 @@
+"""The logit corrector (seed 000, Algorithm 1): an MLP that maps attacked logits back to the true label.
+
+A two-layer network C → D → C (ReLU, dropout 0.5) is trained with cross-entropy on mini-batches in
+which every sample shows its clean logits with probability ``p_clean`` and its adversarial logits
+otherwise. The mix is what lets one network keep most clean accuracy while recovering attacked rows.
+
+Two ways to feed it:
+
+- in memory (`fit` on arrays, or `fit_table` on a table): clean and attacked rows of the same sample
+  are paired, and each pair shows exactly one of the two per epoch, as in Algorithm 1;
+- streamed (`fit_table(path, stream=True)`): mini-batches are drawn from the Parquet files without
+  loading them, for tables larger than memory. Rows are kept independently (clean rows with a
+  probability chosen so that the expected clean share is ``p_clean`` and an epoch has as many rows as
+  there are attacked rows) and shuffled through a buffer; the clean and attacked rows of one sample are
+  not coupled, which is the only difference from the in-memory mix.
+
+Saved files use the shared estimator format (`logitguard.defenses.estimator`: plain arrays + a JSON header);
+``.pt`` files from earlier versions still load, through ``torch.load(weights_only=True)``.
+
+Torch is needed only to train, to run on a GPU and to read those ``.pt`` files: a corrector loaded from
+an ``.npz`` file (or a guard) corrects on the CPU with NumPy alone — two matrix products, equal to the
+torch forward to float32 rounding. Once a torch module is present (after `fit`, or after `model_` is
+read or set) it is the corrector's weights and `correct` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import LogitguardError
+from .estimator import Estimator, check_logits, not_fitted
+from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
+
+LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
+_INFERENCE_BATCH = 4096
+_GPU_INFERENCE_BATCH = 65536  # rows per chunk on a GPU: large enough to keep the matrix units busy
+_NUMPY_BATCH = 1024  # rows per NumPy forward: the (rows, D) hidden layer stays ~40 MB at D=10,000
+# The fitted weights, named as in the torch module's state_dict: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
+WEIGHT_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _torch(purpose: str, hint: str = "applying a corrector saved as .npz on the CPU does not need it") -> Any:
+    """The torch module, imported on first use; a `LogitguardError` saying how to get it when it is missing."""
+    try:
+        import torch
+    except ImportError:
+        raise LogitguardError(f"{purpose} needs torch, which is not installed: pip install 'logitguard[train]' "
+                              f"({hint})") from None
+    return torch
+
+
+def __getattr__(name: str) -> Any:
+    # The torch network (`logitguard.defenses._corrector_net`), imported on first use so that applying a saved corrector
+    # needs no torch. ``_mlp`` and ``_Dropout`` are their names before they were made public (old imports work).
+    public = {"_mlp": "build_mlp", "_Dropout": "FastDropout"}.get(name, name)
+    if public in ("build_mlp", "FastDropout"):
+        _torch(f"logitguard.defenses.corrector.{name}")
+        from . import _corrector_net
+
+        return getattr(_corrector_net, public)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class LogitCorrector(Estimator):
+    """Recover the true label from (possibly attacked) logits.
+
+    Parameters (keyword-only; defaults are the paper's)
+    ----------
+    hidden : width D of the hidden layer.
+    p_clean : probability that a training sample shows its clean logits instead of its attacked ones.
+    dropout : dropout probability after the hidden ReLU.
+    lr, weight_decay : Adam's step size and L2 penalty.
+    batch_size, epochs : mini-batch size and number of passes over the training pairs.
+    validation_fraction : share of samples (by sample id, so a sample's clean and attacked rows stay
+        together) held out to choose the best epoch; 0 trains on everything and keeps the last epoch.
+    patience : with validation, stop after this many epochs without improvement.
+    seed : seeds initialisation, dropout, shuffling and the clean/attacked draws.
+    device : torch device for training and inference.
+    progress : show a progress bar over epochs.
+
+    Learned attributes
+    ------------------
+    weights_ : the fitted weights as float32 arrays, keyed by `WEIGHT_KEYS`: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
+    model_ : the torch module (eval mode after `fit`); built from `weights_` on first use after `load`
+        (needs torch). Setting it replaces the weights.
+    n_classes_ : C.   class_names_ : list of C names.   attacks_ : attacks trained on.
+    history_ : one dict per epoch: ``epoch``, ``loss`` and, with validation, ``val_clean_accuracy``,
+        ``val_robust_accuracy`` and ``val_score`` (their p_clean-weighted mean).
+    best_epoch_ : the epoch whose weights were kept.
+    """
+
+    estimator_name = "corrector"
+    fitted_attribute = "weights_"
+    describes = "corrector"
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 10_000,
+        p_clean: float = 0.3,
+        dropout: float = 0.5,
+        lr: float = 5e-5,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        epochs: int = 50,
+        validation_fraction: float = 0.0,
+        patience: int = 5,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        self.hidden = hidden
+        self.p_clean = p_clean
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+
+    def _check_params(self) -> None:
+        _check("hidden", self.hidden, self.hidden >= 1, "an integer >= 1")
+        _check("p_clean", self.p_clean, 0.0 <= self.p_clean <= 1.0, "in [0, 1]")
+        _check("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _check("lr", self.lr, self.lr > 0, "> 0")
+        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        _check("epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
+        _check("validation_fraction", self.validation_fraction, 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
+        _check("patience", self.patience, self.patience >= 1, "an integer >= 1")
+
+    # -- training ----------------------------------------------------------------------------
+
+    def fit(
+        self,
+        clean: np.ndarray,
+        attacked: np.ndarray,
+        labels: np.ndarray,
+        *,
+        sample_id: np.ndarray | None = None,
+        class_names: Sequence[str] | None = None,
+        attacks: Sequence[str] = (),
+    ) -> LogitCorrector:
+        """Train on paired logits: row n of `clean` (N, C) and `attacked` (N, C) show sample n, label `labels[n]`.
+
+        To mix several attacks, stack their pairs (the clean row repeats once per attack). `sample_id`
+        (N,) keeps a sample's rows on one side of the validation split; it defaults to the row number.
+        """
+        self._check_params()
+        clean, attacked = _as_logits(clean, "clean"), _as_logits(attacked, "attacked")
+        labels = np.asarray(labels)
+        if clean.shape != attacked.shape or labels.shape != clean.shape[:1]:
+            raise LogitguardError(
+                f"clean {clean.shape}, attacked {attacked.shape} and labels {labels.shape} must have shapes "
+                "(N, C), (N, C) and (N,)"
+            )
+        num_classes = clean.shape[1]
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise LogitguardError(f"labels must lie in [0, {num_classes}); every training row needs its true label")
+        sample_id = np.arange(len(labels)) if sample_id is None else np.asarray(sample_id)
+        held_out = holdout_mask(sample_id, self.validation_fraction, self.seed)
+        if held_out.all():
+            raise LogitguardError("validation_fraction leaves no training rows; lower it or add data")
+        validation = None
+        if held_out.any():
+            validation = (clean[held_out], attacked[held_out], labels[held_out])
+        train = (clean[~held_out], attacked[~held_out], labels[~held_out])
+        self._start(num_classes, class_names, attacks)
+        return self._train(lambda rng: self._paired_batches(*train, rng), validation)
+
+    def fit_table(
+        self,
+        table: LogitTable | str | os.PathLike,
+        attacks: str | Sequence[str],
+        *,
+        split: str | None = "train",
+        stream: bool = False,
+        buffer_rows: int = 65536,
+    ) -> LogitCorrector:
+        """Train on the `split` rows of a table for the given attack(s), mixed in one training set.
+
+        `table` is a `LogitTable` or the path of one. With ``stream=True`` (a path only) the rows are
+        streamed from disk through a shuffle buffer of `buffer_rows` rows instead of being loaded.
+        """
+        self._check_params()
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+        if not attacks or CLEAN in attacks:
+            raise LogitguardError(f"name the attack(s) to train on (not {CLEAN!r}); got {attacks}")
+        if isinstance(table, LogitTable):
+            if stream:
+                raise LogitguardError("stream=True needs the path of a table, not a loaded LogitTable")
+            if split is not None:
+                table = table.select(split=split)
+            _check_present(table.attacks, attacks, split)
+        else:
+            counts = row_counts(table, split=split)
+            _check_present(list(counts), attacks, split)
+            if stream:
+                return self._fit_stream(Path(table), attacks, split, counts, buffer_rows)
+            table = read_table(table, split=split, attacks=[CLEAN, *attacks], columns=[])
+        pairs = [pair(table, name) for name in attacks]
+        clean = np.concatenate([p.clean.logits for p in pairs])
+        self.fit(
+            clean,
+            np.concatenate([p.attacked.logits for p in pairs]),
+            np.concatenate([p.clean.labels for p in pairs]),
+            sample_id=np.concatenate([p.clean.sample_id for p in pairs]),
+            class_names=table.class_names,
+            attacks=attacks,
+        )
+        return self
+
+    def _fit_stream(self, path: Path, attacks: list[str], split: str | None, counts: dict[str, int],
+                    buffer_rows: int) -> LogitCorrector:
+        n_attacked = sum(counts[name] for name in attacks)
+        # Keep probabilities: the expected clean share is p_clean, an epoch has ~n_attacked rows.
+        keep = {name: 1.0 - self.p_clean for name in attacks}
+        keep[CLEAN] = self.p_clean * n_attacked / counts[CLEAN]
+        if keep[CLEAN] > 1.0:  # too few clean rows for the share: keep them all, thin the attacked rows
+            keep = {name: keep[name] / keep[CLEAN] for name in keep}
+        validation, num_classes, class_names = self._stream_validation(path, attacks, split)
+        self._start(num_classes, class_names, attacks)
+
+        def batches(rng: np.random.Generator) -> Batches:
+            streams = {name: iter_batches(path, split=split, attacks=name) for name in keep}
+            remaining = {name: float(counts[name]) for name in keep}
+            buffered: list[tuple[np.ndarray, np.ndarray]] = []
+            size = 0
+            while streams:
+                names = list(streams)
+                weights = np.array([remaining[n] for n in names]) + 1e-9
+                name = names[rng.choice(len(names), p=weights / weights.sum())]
+                chunk = next(streams[name], None)
+                if chunk is None:
+                    del streams[name]
+                    continue
+                remaining[name] -= len(chunk)
+                rows = (rng.random(len(chunk)) < keep[name])
+                rows &= ~holdout_mask(chunk.sample_id, self.validation_fraction, self.seed)
+                buffered.append((chunk.logits[rows], chunk.labels[rows]))
+                size += int(rows.sum())
+                if size >= buffer_rows:
+                    yield from self._shuffled_batches(buffered, rng, drain=False)
+                    size = sum(len(y) for _, y in buffered)
+            yield from self._shuffled_batches(buffered, rng, drain=True)
+
+        return self._train(batches, validation)
+
+    def _stream_validation(self, path: Path, attacks: list[str], split: str | None):
+        """One pass over the table: the held-out validation pairs, C and the class names."""
+        rows: dict[str, list[LogitTable]] = {name: [] for name in (CLEAN, *attacks)}
+        table = None
+        for table in iter_batches(path, split=split, attacks=list(rows)):
+            if self.validation_fraction:
+                held = holdout_mask(table.sample_id, self.validation_fraction, self.seed)
+                for name in rows:
+                    mask = held & (table.attack == name)
+                    if mask.any():
+                        rows[name].append(table.take(mask))
+        if table is None:
+            raise LogitguardError(f"{path}: no rows in split {split!r}")
+        if not self.validation_fraction:
+            return None, table.num_classes, table.class_names
+        held = [part for parts in rows.values() for part in parts]
+        if not held:
+            raise LogitguardError("validation_fraction holds out no sample; raise it or add data")
+        merged = LogitTable.from_arrays(
+            logits=np.concatenate([p.logits for p in held]),
+            sample_id=np.concatenate([p.sample_id for p in held]),
+            split=np.concatenate([p.split for p in held]),
+            attack=np.concatenate([p.attack for p in held]),
+            label=np.concatenate([p.labels for p in held]),
+            metadata=table.metadata,
+        )
+        pairs = [pair(merged, name) for name in attacks]
+        validation = tuple(np.concatenate(parts) for parts in zip(
+            *[(p.clean.logits, p.attacked.logits, p.clean.labels) for p in pairs]))
+        return validation, table.num_classes, table.class_names
+
+    def _start(self, num_classes: int, class_names: Sequence[str] | None, attacks: Sequence[str]) -> None:
+        names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
+        if len(names) != num_classes:
+            raise LogitguardError(f"got {len(names)} class names for {num_classes} classes")
+        self.n_classes_ = num_classes
+        self.class_names_ = names
+        self.attacks_ = list(attacks)
+
+    def _train(self, epoch_batches, validation) -> LogitCorrector:
+        """The shared loop: Adam on cross-entropy; with validation keep the best epoch and stop early."""
+        from tqdm.auto import tqdm
+
+        torch = _torch("training a corrector")
+        from torch.nn import functional as F
+
+        from ._corrector_net import build_mlp
+
+        rng = np.random.default_rng(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = build_mlp(self.n_classes_, int(self.hidden), self.dropout).to(self.device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            self.history_: list[dict[str, float]] = []
+            best_score, best_state, self.best_epoch_, stale = -np.inf, None, self.epochs, 0
+            bar = tqdm(range(1, self.epochs + 1), desc="corrector", unit="epoch", disable=not self.progress,
+                       leave=False)
+            for epoch in bar:
+                model.train()
+                total, count = 0.0, 0
+                for x, y in epoch_batches(rng):
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    loss = F.cross_entropy(model(x), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(y)
+                    count += len(y)
+                if count == 0:
+                    raise LogitguardError("an epoch drew no training rows; add data or lower validation_fraction")
+                record = {"epoch": epoch, "loss": total / count}
+                if validation is not None:
+                    self.model_ = model.eval()
+                    record.update(self._validate(*validation))
+                    if record["val_score"] > best_score:
+                        best_score, self.best_epoch_, stale = record["val_score"], epoch, 0
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        stale += 1
+                self.history_.append(record)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+                if stale >= self.patience:
+                    break
+            if best_state is not None:
+                model.load_state_dict(best_state)
+        self.model_ = model.eval()
+        return self
+
+    def _validate(self, clean: np.ndarray, attacked: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        clean_acc = float((self.predict(clean) == labels).mean())
+        robust_acc = float((self.predict(attacked) == labels).mean())
+        score = self.p_clean * clean_acc + (1 - self.p_clean) * robust_acc
+        return {"val_clean_accuracy": clean_acc, "val_robust_accuracy": robust_acc, "val_score": score}
+
+    def _paired_batches(self, clean: np.ndarray, attacked: np.ndarray, labels: np.ndarray,
+                        rng: np.random.Generator) -> Batches:
+        """Algorithm 1: a random permutation; each sample shows clean logits with probability p_clean."""
+        import torch
+
+        clean_t, attacked_t = torch.from_numpy(clean), torch.from_numpy(attacked)
+        labels_t = torch.from_numpy(labels.astype(np.int64))
+        order = torch.from_numpy(rng.permutation(len(labels)))
+        use_clean = torch.from_numpy(rng.random(len(labels)) < self.p_clean)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield torch.where(use_clean[idx, None], clean_t[idx], attacked_t[idx]), labels_t[idx]
+
+    def _shuffled_batches(self, buffered: list, rng: np.random.Generator, *, drain: bool) -> Batches:
+        """Shuffle the buffer and emit full mini-batches; keep the remainder unless `drain`."""
+        if not buffered:
+            return
+        import torch
+
+        x = np.concatenate([b[0] for b in buffered])
+        y = np.concatenate([b[1] for b in buffered]).astype(np.int64)
+        order = rng.permutation(len(y))
+        cut = len(y) if drain else len(y) - len(y) % self.batch_size
+        for start in range(0, cut, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+        buffered[:] = [(x[order[cut:]], y[order[cut:]])] if cut < len(y) else []
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def correct(self, logits: np.ndarray) -> np.ndarray:
+        """Corrected logits (N, C) float32 for logits (N, C); their argmax is the corrected label.
+
+        NumPy on the CPU for a loaded corrector; the torch module when one is present or `device` is not
+        the CPU (pipelined transfers on a GPU).
+        """
+        self._check_fitted()
+        logits = np.ascontiguousarray(check_logits(logits, num_classes=self.n_classes_, dtype=np.float32)[0])
+        if self.__dict__.get("_model") is None and str(self.device).split(":")[0] == "cpu":
+            return self._correct_numpy(logits)
+        model = self.model_
+        torch = _torch("running a corrector on a torch device")
+        if torch.device(self.device).type == "cuda":
+            return self._correct_pipelined(logits)
+        out = np.empty_like(logits)
+        with torch.inference_mode():
+            for start in range(0, len(logits), _INFERENCE_BATCH):
+                x = torch.tensor(logits[start:start + _INFERENCE_BATCH], device=self.device)  # copy: views may be read-only
+                out[start:start + len(x)] = model(x).float().cpu().numpy()
+        return out
+
+    def _correct_numpy(self, logits: np.ndarray) -> np.ndarray:
+        """The eval-mode forward in NumPy: relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
+        w1, b1, w2, b2 = (self._weights[k] for k in WEIGHT_KEYS)
+        w1t, w2t = np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T)  # (C, D), (D, C)
+        out = np.empty_like(logits)
+        for start in range(0, len(logits), _NUMPY_BATCH):
+            hidden = logits[start:start + _NUMPY_BATCH] @ w1t
+            hidden += b1
+            np.maximum(hidden, 0.0, out=hidden)
+            rows = out[start:start + len(hidden)]
+            np.matmul(hidden, w2t, out=rows)
+            rows += b2
+        return out
+
+    def _correct_pipelined(self, logits: np.ndarray) -> np.ndarray:
+        """`correct` on a GPU: while chunk i computes, chunk i+1 uploads and chunk i-1 downloads.
+
+        Uploads and downloads run on their own CUDA streams through two pairs of pinned host buffers used
+        in turn, so the transfers hide behind the matrix products. (Page-locking NumPy's own memory in
+        place, ``cudaHostRegister``, measured slower: locking 8 GB took longer than the staging copies.)
+        """
+        import torch
+
+        model = self.model_
+        device = torch.device(self.device)
+        n, c = logits.shape
+        rows = min(n, _GPU_INFERENCE_BATCH)
+        out = np.empty_like(logits)
+        host_in, host_out = torch.from_numpy(logits), torch.from_numpy(out)  # torch's CPU copies use every core
+        up, down, compute = torch.cuda.Stream(device), torch.cuda.Stream(device), torch.cuda.current_stream(device)
+        pinned_in = [torch.empty((rows, c), pin_memory=True) for _ in range(2)]
+        pinned_out = [torch.empty((rows, c), pin_memory=True) for _ in range(2)]
+        on_device = [torch.empty((rows, c), device=device) for _ in range(2)]
+        pending: list[tuple[torch.cuda.Event, slice] | None] = [None, None]
+
+        def collect(b: int) -> None:  # wait for buffer b's download and copy it out
+            if pending[b] is not None:
+                event, rows_done = pending[b]
+                event.synchronize()
+                host_out[rows_done].copy_(pinned_out[b][:rows_done.stop - rows_done.start])
+                pending[b] = None
+
+        with torch.inference_mode():
+            for i, start in enumerate(range(0, n, rows)):
+                b, stop = i % 2, min(start + rows, n)
+                collect(b)  # also means buffer b's upload and compute are finished
+                pinned_in[b][:stop - start].copy_(host_in[start:stop])
+                with torch.cuda.stream(up):
+                    on_device[b][:stop - start].copy_(pinned_in[b][:stop - start], non_blocking=True)
+                compute.wait_stream(up)
+                result = model(on_device[b][:stop - start])
+                down.wait_stream(compute)
+                with torch.cuda.stream(down):
+                    pinned_out[b][:stop - start].copy_(result, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(down)
+                result.record_stream(down)
+                pending[b] = (event, slice(start, stop))
+            collect(0)
+            collect(1)
+        return out
+
+    def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
+        """Corrected labels (N,) int64 for logits (N, C); `noisy_logits` is accepted and ignored (the
+        corrector reads one logit vector), so every corrector takes the same arguments."""
+        return self.correct(logits).argmax(axis=1)
+
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        """Accuracy of the corrected labels (scikit-learn's `score` for classifiers)."""
+        return float((self.predict(logits) == np.asarray(labels)).mean())
+
+    def correct_table(self, table: LogitTable) -> LogitTable:
+        """`table` with corrected ``logits`` and their argmax as ``pred``.
+
+        Keys, labels and perturbation sizes are kept; ``noisy_logits``, ``features`` and ``success``
+        described the uncorrected model and are dropped. The metadata records the corrector under
+        ``corrected_by``, so `inspect` of the result reports accuracy after correction.
+        """
+        corrected = self.correct(table.logits)
+        kept = {name: table.column(name) for name in ("linf", "l2") if name in table.columns}
+        metadata = {**table.metadata, "corrected_by": {"attacks": self.attacks_, **self.get_params()}}
+        for runtime in ("progress", "device"):
+            del metadata["corrected_by"][runtime]
+        return LogitTable.from_arrays(
+            logits=corrected, sample_id=table.sample_id, split=table.split, attack=table.attack,
+            label=table.labels, pred=corrected.argmax(axis=1), metadata=metadata, **kept,
+        )
+
+    def predict_table(self, table: LogitTable) -> np.ndarray:
+        """Corrected labels for every row of `table` (the defense protocol used by `evaluate`)."""
+        return self.predict(table.logits)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        state = {"n_classes": self.n_classes_, "class_names": self.class_names_, "attacks": self.attacks_,
+                 "history": self.history_, "best_epoch": self.best_epoch_}
+        return state, self.weights_
+
+    def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._start(state["n_classes"], state["class_names"], state["attacks"])
+        self.history_, self.best_epoch_ = state["history"], state["best_epoch"]
+        c, d = self.n_classes_, int(self.hidden)
+        shapes = dict(zip(WEIGHT_KEYS, [(d, c), (d,), (c, d), (c,)]))
+        if sorted(arrays) != sorted(WEIGHT_KEYS):
+            raise ValueError(f"weights do not fit the stored shape (arrays {sorted(arrays)}, expected {list(WEIGHT_KEYS)})")
+        weights = {k: np.ascontiguousarray(arrays[k], dtype=np.float32) for k in WEIGHT_KEYS}
+        wrong = {k: v.shape for k, v in weights.items() if v.shape != shapes[k]}
+        if wrong:
+            raise ValueError(f"weights do not fit the stored shape ({wrong}; expected {shapes})")
+        self.__dict__.pop("_model", None)
+        self._weights = weights
+
+    # -- the weights: NumPy arrays after `load`, a torch module after `fit` -------------------
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("_model") is not None or self.__dict__.get("_weights") is not None
+
+    @property
+    def weights_(self) -> dict[str, np.ndarray]:
+        """The fitted weights (float32 arrays keyed by `WEIGHT_KEYS`), read from the torch module if present."""
+        model = self.__dict__.get("_model")
+        if model is not None:
+            return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        if self.__dict__.get("_weights") is None:
+            raise not_fitted(self)
+        return self._weights
+
+    @property
+    def model_(self) -> nn.Module:
+        """The torch module (eval mode), built from `weights_` on first use; needs torch."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            weights = self.weights_
+            torch = _torch("a corrector's torch module")
+            from ._corrector_net import build_mlp
+
+            model = build_mlp(self.n_classes_, int(self.hidden), self.dropout)
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            model = self._model = model.to(self.device).eval()
+        return model
+
+    @model_.setter
+    def model_(self, model: nn.Module) -> None:
+        self._model = model
+        self.__dict__.pop("_weights", None)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> LogitCorrector:
+        """Read a corrector written by `save` (or a ``.pt`` file of an earlier version); never unpickles."""
+        return super().load(path, device=device, progress=False)
+
+    @classmethod
+    def load_legacy(cls, path: str | os.PathLike, *, device: str = "cpu", progress: bool = False,
+                    what: str = "corrector") -> LogitCorrector:
+        """A torch ``.pt`` corrector from before the shared format, read with ``weights_only=True``."""
+        path = Path(path)
+        torch = _torch(f"{path}: reading a {what} in the legacy torch .pt format",
+                       "or, where torch is installed, resave it once as .npz, which loads without torch: "
+                       "LogitCorrector.load(old).save(new)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors all mean the same thing here
+            raise LogitguardError(f"{path}: not a logitguard {what} file ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != LEGACY_FORMAT:
+            raise LogitguardError(f"{path}: not a logitguard corrector file")
+        if state.get("format_version", 0) > 1:
+            raise LogitguardError(f"{path}: written by a newer logitguard (format {state['format_version']}); upgrade")
+        corrector = cls(**state["params"], device=device, progress=progress)
+        try:
+            corrector._restore(state, {k: v.numpy() for k, v in state["state_dict"].items()})
+        except ValueError as exc:
+            raise LogitguardError(f"{path}: {exc}") from None
+        return corrector
+
+
+def _as_logits(values: np.ndarray, name: str) -> np.ndarray:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise LogitguardError(f"{name} must have shape (N, C) with N >= 1, got {values.shape}")
+    if not np.isfinite(values).all():
+        raise LogitguardError(f"{name} contain NaN or infinite values")
+    return values
+
+
+def _check_present(available: Sequence[str], attacks: Sequence[str], split: str | None) -> None:
+    missing = [name for name in (CLEAN, *attacks) if name not in available]
+    if missing:
+        raise LogitguardError(f"no {missing} rows in split {split!r}; it has {list(available)}")
+
+
+def _check(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise LogitguardError(f"{name} must be {expected}, got {value!r}")

@@ -1,0 +1,273 @@
+"""Evaluation protocols for defenses: accuracy tables (seed Tables 1–2), the transfer matrix (Table 3)
+and the clean-vs-robust trade-off over ``p_clean``.
+
+A *defense* here is anything with ``predict_table(table) -> labels (N,)``: a fitted `LogitCorrector`,
+or a `GatedDefense`, whose label may be `ABSTAIN` (-1, the row is rejected). "none" (the model's own
+argmax) is always evaluated beside them. Results are long-form DataFrames, so they filter, pivot and
+serialise without special cases.
+
+Abstentions are counted as docs/threat-models.md states once for the whole project: a rejected attacked
+row counts as defended, a rejected clean row as an error, and ``coverage`` (the share of clean rows not
+rejected) is reported beside clean accuracy. The figures here are for *oblivious* attacks unless the
+table's ``threat`` metadata says otherwise; `logitguard.evaluation.threat` gives the per-threat-model worst case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from ..defenses.corrector import LogitCorrector
+from ..defenses.detectors import Detector
+from ..defenses.gated import GatedDefense
+from ..errors import LogitguardError
+from .metrics import (attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, successful_attack,
+                      tpr_at_fpr)
+from ..report.summary import percent, render_table
+from ..tables import CLEAN, LogitTable, RowKeys, pair_rows
+from .threat import NO_DEFENSE
+
+METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
+
+
+class Defense(Protocol):
+    def predict_table(self, table: LogitTable) -> np.ndarray: ...
+
+
+def evaluate(
+    table: LogitTable,
+    defenses: Mapping[str, Defense] | None = None,
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Clean and attacked accuracy without and with each defense, on the full split and the selected set.
+
+    The *selected* set holds the samples the undefended model classifies correctly when clean (seed
+    Table 2). Rows are aligned clean/attacked pairs of each attack (see `pair`).
+
+    Returns
+    -------
+    DataFrame with one row per (attack, subset, defense): columns ``attack``, ``subset`` ("full" or
+    "selected"), ``defense`` ("none" first), ``samples``, ``clean_accuracy``, ``coverage``,
+    ``robust_accuracy`` and ``attack_success_rate``, with abstentions counted as in
+    docs/threat-models.md.
+    """
+    table, attacks = select_attacks(table, split, attacks)
+    table = _only(table, attacks)
+    defenses = {NO_DEFENSE: GatedDefense(None, None), **(defenses or {})}
+    predictions = {name: np.asarray(defense.predict_table(table)) for name, defense in defenses.items()}
+    return evaluation_records(RowKeys.of(table, model_label=table.logits.argmax(axis=1)), predictions, attacks)
+
+
+def evaluation_records(rows: RowKeys, predictions: Mapping[str, np.ndarray], attacks: Sequence[str]) -> pd.DataFrame:
+    """`evaluate`'s result from per-row labels: `predictions` maps each defense name ("none" first) to its
+    labels (N,) for every row of `rows` (`ABSTAIN` where rejected); ``rows.values["model_label"]`` is the
+    model's own argmax (it defines the selected set). What a streamed pass computes, batch by batch."""
+    records = []
+    for attack in attacks:
+        clean_rows, attacked_rows = pair_rows(rows, attack)
+        labels = rows.labels[clean_rows]
+        selected = rows.values["model_label"][clean_rows] == labels
+        for name, prediction in predictions.items():
+            pred_clean, pred_attacked = prediction[clean_rows], prediction[attacked_rows]
+            for subset, rows_ in (("full", slice(None)), ("selected", selected)):
+                records.append({
+                    "attack": attack, "subset": subset, "defense": name, "samples": int(labels[rows_].size),
+                    "clean_accuracy": clean_accuracy(pred_clean[rows_], labels[rows_]),
+                    "coverage": coverage(pred_clean[rows_]),
+                    "robust_accuracy": robust_accuracy(pred_attacked[rows_], labels[rows_]),
+                    "attack_success_rate": attack_success_rate(pred_clean[rows_], pred_attacked[rows_], labels[rows_]),
+                })
+    return pd.DataFrame.from_records(records)
+
+
+def _only(table: LogitTable, attacks: Sequence[str]) -> LogitTable:
+    """The clean rows and those of `attacks` (the table itself when it has no others)."""
+    if CLEAN not in table.attacks or set(table.attacks) == {CLEAN, *attacks}:
+        return table
+    return table.select(attacks=[CLEAN, *attacks])
+
+
+def format_evaluation(results: pd.DataFrame) -> str:
+    """Plain-text Tables 1–2: per subset, one row per attack, clean/attacked accuracy per defense.
+
+    Defenses that reject some clean rows also get a coverage column.
+    """
+    blocks = []
+    defenses = list(dict.fromkeys(results["defense"]))
+    abstaining = [d for d in defenses if "coverage" in results
+                  and (results.loc[results["defense"] == d, "coverage"] < 1).any()]
+    columns = ([("clean_accuracy", d, f"clean ({d})") for d in defenses]
+               + [("coverage", d, f"coverage ({d})") for d in abstaining]
+               + [("robust_accuracy", d, f"attacked ({d})") for d in defenses])
+    for subset, title in (("full", "Full split"), ("selected", "Selected set (clean-correct samples)")):
+        part = results[results["subset"] == subset]
+        headers = ["attack", "samples"] + [header for _, _, header in columns]
+        rows = []
+        for attack, group in part.groupby("attack", sort=False):
+            by = group.set_index("defense")
+            rows.append([attack, str(group["samples"].iloc[0])]
+                        + [percent(by.at[d, metric]) for metric, d, _ in columns])
+        blocks.append("\n".join([title, *render_table(headers, rows, left=2)]))
+    if abstaining:
+        blocks.append("(a rejected attacked row counts as defended, a rejected clean row as an error; "
+                      "see docs/threat-models.md)")
+    return "\n\n".join(blocks)
+
+
+def detection_table(
+    table: LogitTable,
+    detectors: Mapping[str, Detector],
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """AUROC, TPR at 1% and 5% FPR (with the FPR achieved) and the calibrated detector's rates.
+
+    Negatives are all clean rows of the split. Positives are each attack's *successful* rows: the clean
+    row is classified correctly and the attacked one is not. A failed attack leaves logits that are
+    as good as clean, and counting it would penalise a detector for the attack's failure.
+    ``detection_accuracy`` is the balanced accuracy, the mean of TPR and 1 − FPR at the detector's own
+    calibrated threshold (``threshold_tpr``, ``threshold_fpr``).
+
+    Returns one row per (detector, attack).
+    """
+    table, attacks = select_attacks(table, split, attacks)
+    table = _only(table, attacks)
+    scores = {name: detector.score_table(table) for name, detector in detectors.items()}
+    thresholds = {name: detector.threshold_ for name, detector in detectors.items()}
+    return detection_records(RowKeys.of(table, model_label=table.logits.argmax(axis=1)), scores, thresholds, attacks)
+
+
+def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float],
+                      attacks: Sequence[str]) -> pd.DataFrame:
+    """`detection_table`'s result from per-row scores: `scores` maps each detector name to its scores (N,)
+    for every row of `rows`, `thresholds` to its calibrated threshold; ``rows.values["model_label"]`` is the
+    model's argmax (it decides which attacks succeeded). What a streamed pass computes, batch by batch."""
+    clean_index = np.flatnonzero(rows.attack == CLEAN)
+    if not len(clean_index):
+        rows.select(attacks=CLEAN)  # raises the TableError that names what the table has
+    model_label = rows.values["model_label"]
+    records = []
+    for name, row_scores in scores.items():
+        threshold = thresholds[name]
+        clean_scores = row_scores[clean_index]
+        clean_fpr = float((clean_scores > threshold).mean())
+        for attack in attacks:
+            clean, attacked = pair_rows(rows, attack)
+            hit = successful_attack(model_label[clean], model_label[attacked], rows.labels[clean])
+            scores_ = row_scores[attacked][hit]
+            tpr1, fpr1 = tpr_at_fpr(clean_scores, scores_, 0.01)
+            tpr5, fpr5 = tpr_at_fpr(clean_scores, scores_, 0.05)
+            threshold_tpr = float((scores_ > threshold).mean()) if scores_.size else float("nan")
+            records.append({
+                "detector": name, "attack": attack, "positives": int(hit.sum()), "negatives": len(clean_scores),
+                "auroc": auroc(clean_scores, scores_), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
+                "fpr_at_5": fpr5, "threshold_tpr": threshold_tpr, "threshold_fpr": clean_fpr,
+                "detection_accuracy": (threshold_tpr + 1.0 - clean_fpr) / 2.0,
+            })
+    return pd.DataFrame.from_records(records)
+
+
+def format_detection(results: pd.DataFrame) -> str:
+    """Plain-text detector × attack table: AUROC, TPR@1%, TPR@5%, detection accuracy."""
+    headers = ["detector", "attack", "AUROC", "TPR@1%", "TPR@5%", "det. acc", "FPR (calibrated)"]
+    rows = [[r.detector, r.attack, f"{r.auroc:.3f}", percent(r.tpr_at_1), percent(r.tpr_at_5),
+             percent(r.detection_accuracy), percent(r.threshold_fpr)] for r in results.itertuples()]
+    return "\n".join(render_table(headers, rows, left=2))
+
+
+def train_per_attack(
+    table: LogitTable,
+    attacks: Iterable[str],
+    *,
+    split: str | None = "train",
+    progress: bool = True,
+    **params: Any,
+) -> dict[str, LogitCorrector]:
+    """One `LogitCorrector(**params)` per attack, each trained on that attack alone."""
+    from tqdm.auto import tqdm
+
+    attacks = list(attacks)
+    correctors = {}
+    for attack in tqdm(attacks, desc="correctors", unit="attack", disable=not progress):
+        correctors[attack] = LogitCorrector(progress=progress, **params).fit_table(table, attack, split=split)
+    return correctors
+
+
+def transfer_matrix(
+    table: LogitTable,
+    defenses: Mapping[str, Defense],
+    *,
+    split: str | None = "test",
+    attacks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Accuracy of each defense (columns, e.g. "trained on pgd") on each attack's rows (rows; seed Table 3).
+
+    The first row, "clean", is each defense's accuracy on the clean rows: what the transfer costs.
+    Accuracy is over every row of the split for that attack (the full set, not the selected one);
+    abstentions count as in docs/threat-models.md (an error on clean rows, defended on attacked rows).
+    """
+    table, attacks = select_attacks(table, split, attacks)
+    matrix = pd.DataFrame(index=pd.Index([CLEAN, *attacks], name="evaluated on"),
+                          columns=pd.Index(list(defenses), name="trained on"), dtype=float)
+    for attack in matrix.index:
+        rows = table.select(attacks=attack)
+        for name, defense in defenses.items():
+            accuracy = clean_accuracy if attack == CLEAN else robust_accuracy
+            matrix.at[attack, name] = accuracy(defense.predict_table(rows), rows.labels)
+    return matrix
+
+
+def sweep_p_clean(
+    table: LogitTable,
+    attacks: str | Sequence[str],
+    values: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
+    *,
+    train_split: str | None = "train",
+    eval_split: str | None = "test",
+    progress: bool = True,
+    **params: Any,
+) -> pd.DataFrame:
+    """Train one corrector per ``p_clean`` value and report the clean-vs-robust trade-off.
+
+    Returns a DataFrame indexed by ``p_clean`` with ``clean_accuracy`` and ``robust_accuracy`` (full
+    evaluation split, attacked rows of `attacks` pooled).
+    """
+    from tqdm.auto import tqdm
+
+    attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    evaluation, _ = select_attacks(table, eval_split, attacks)
+    clean_rows = evaluation.select(attacks=CLEAN)
+    attacked_rows = evaluation.select(attacks=attacks)
+    records = []
+    for p in tqdm(list(values), desc="p_clean sweep", disable=not progress):
+        corrector = LogitCorrector(p_clean=p, progress=progress, **params)
+        corrector.fit_table(table, attacks, split=train_split)
+        records.append({
+            "p_clean": p,
+            "clean_accuracy": clean_accuracy(corrector.predict_table(clean_rows), clean_rows.labels),
+            "robust_accuracy": robust_accuracy(corrector.predict_table(attacked_rows), attacked_rows.labels),
+        })
+    return pd.DataFrame.from_records(records).set_index("p_clean")
+
+
+def select_attacks(table: LogitTable, split: str | None, attacks: Sequence[str] | None) -> tuple[LogitTable, list[str]]:
+    """Rows of `split` (all when None) and the attacks to evaluate (default: every attack but clean).
+
+    Raises `LogitguardError` when labels are missing or an attack has no rows.
+    """
+    if split is not None:
+        table = table.select(split=split)
+    if not table.has_labels:
+        raise LogitguardError("evaluation needs ground-truth labels, and some rows have none")
+    available = [a for a in table.attacks if a != CLEAN]
+    attacks = available if attacks is None else list(attacks)
+    unknown = [a for a in attacks if a not in available]
+    if unknown or not attacks:
+        raise LogitguardError(f"no rows for attack(s) {unknown or attacks} in split {split!r}; it has {available}")
+    return table, attacks

@@ -1,0 +1,41 @@
+"""The logit table: the one interface between producers and the core.
+
+A logit table is a Parquet file, or a directory of Parquet files (hive partitions such as
+``split=test/attack=pgd/`` allowed), with one row per (sample, attack). The contract is documented in
+``docs/tables.md``; this package is its only implementation, one idea per module:
+
+- `schema`: the column names, schema version and metadata key, and their checks;
+- `table`: the in-memory `LogitTable` and its logit-free row keys (`RowKeys`, `RowCollector`);
+- `validation`: `conform`, an Arrow table in, a `LogitTable` (or a `TableError` naming column and row) out;
+- `read`: whole tables, record batches, keys, columns and counts; `write`: files, partitions, batches;
+- `pairing`: clean and attacked rows of one attack, matched by ``sample_id``;
+- `sampling`: the sample-holdout split; `frames`: pandas conversion; `arrays`: Arrow/NumPy helpers;
+- `stream`: the CLI's apply paths streamed batch by batch (memory bounded by the batch, not the table).
+
+The names below are the public API (``from logitguard.tables import read_table``); they are the very same
+objects as in the submodules.
+"""
+
+from __future__ import annotations
+
+from .arrays import distinct_values
+from .validation import conform
+from .frames import to_pandas
+from .pairing import Pair, pair, pair_rows
+from .read import (BATCH_ROWS_ENV, STREAM_BATCH_BYTES, dataset_metadata, iter_batches, noise_queries, open_dataset,
+                   read_keys, read_table, row_counts, stream_batch_rows, table_columns, table_files, unreadable_error,
+                   wanted_columns)
+from .sampling import holdout_mask
+from .schema import (CLEAN, METADATA_KEY, NULLABLE_COLUMNS, OPTIONAL_COLUMNS, PARTITION_COLUMNS, REQUIRED_COLUMNS,
+                     SCHEMA_VERSION, VECTOR_COLUMNS, check_columns, parse_metadata)
+from .table import LogitTable, RowCollector, RowKeys
+from .write import table_partitions, with_metadata, write_batches, write_parquet, write_table
+
+__all__ = [
+    "BATCH_ROWS_ENV", "CLEAN", "METADATA_KEY", "NULLABLE_COLUMNS", "OPTIONAL_COLUMNS", "PARTITION_COLUMNS",
+    "REQUIRED_COLUMNS", "SCHEMA_VERSION", "STREAM_BATCH_BYTES", "VECTOR_COLUMNS", "LogitTable", "Pair", "RowCollector",
+    "RowKeys", "check_columns", "conform", "dataset_metadata", "distinct_values", "holdout_mask", "iter_batches",
+    "noise_queries", "open_dataset", "pair", "pair_rows", "parse_metadata", "read_keys", "read_table", "row_counts",
+    "stream_batch_rows", "table_columns", "table_files", "table_partitions", "to_pandas", "unreadable_error",
+    "wanted_columns", "with_metadata", "write_batches", "write_parquet", "write_table",
+]

@@ -1,0 +1,374 @@
+"""Reading tables: whole (`read_table`), in record batches (`iter_batches`), or only their keys, columns and
+counts; opening a (partitioned) Parquet dataset and uniting its files' metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ..errors import TableError
+from .arrays import distinct_values, single_array, string_codes
+from .validation import conform
+from .schema import CLEAN, METADATA_KEY, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, check_columns, parse_metadata
+from .table import LogitTable, RowKeys
+
+
+# Metadata keys holding one entry per attack partition: each file describes its own partitions, so a
+# dataset's files are united on these keys rather than required to agree.
+_UNITED_METADATA = ("attacks", "threat")
+# Every data page is written with a CRC32 and verified on read: a damaged page is an error, not other logits.
+# (Files written without checksums, by older versions or other tools, are read as before.)
+_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+# Streaming reads one row group's column chunks at a time instead of pre-buffering several (less memory,
+# and on a local disk no slower).
+_STREAM_SCAN = ds.ParquetFragmentScanOptions(page_checksum_verification=True, pre_buffer=False)
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    attacks: str | Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> LogitTable:
+    """Read and validate a logit table from a Parquet file or a directory of Parquet files.
+
+    Parameters
+    ----------
+    path : a ``.parquet`` file or a directory (hive partitions ``split=…/attack=…`` allowed).
+    split : keep only this split.
+    attacks : keep only these attacks (a name or a list of names).
+    columns : optional columns to read besides the required ones (default: all that are present).
+        Pass ``[]`` to skip the large ``noisy_logits`` and ``features`` columns.
+
+    Raises
+    ------
+    TableError : the path is missing or unreadable, a requested split/attack/column is absent, nothing
+        matches the filters, or the table breaks the contract.
+    """
+    path = Path(path)
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
+    present = set(dataset.schema.names)
+    wanted = wanted_columns(path, present, columns)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    check_columns(present)
+    try:
+        batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_error(path, exc) from None
+    arrow = pa.Table.from_batches(batches) if batches else None
+    if arrow is None or arrow.num_rows == 0:
+        raise _no_rows(dataset, path, split, attacks)
+    return conform(arrow, metadata=metadata)
+
+
+def _no_rows(dataset: ds.Dataset, path: Path, split: str | None, attacks: list[str] | None) -> TableError:
+    """The error for a read that matched no row: the table is empty, or says which splits and attacks it has."""
+    if split is None and attacks is None:
+        return TableError(f"{path}: the table has no rows")
+    try:
+        keys = dataset.to_table(columns=["split", "attack"])
+    except (pa.ArrowException, OSError) as exc:
+        return unreadable_error(path, exc)
+    return TableError(
+        f"{path}: no rows match split={split!r}, attacks={attacks!r}; the table has splits "
+        f"{distinct_values(keys.column('split').to_numpy())} and attacks "
+        f"{distinct_values(keys.column('attack').to_numpy(), first=CLEAN)}"
+    )
+
+
+def wanted_columns(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> list[str]:
+    """The optional columns to read: all `present` ones when `columns` is None, else `columns`, each checked."""
+    if columns is None:
+        return [c for c in OPTIONAL_COLUMNS if c in present]
+    unknown = [c for c in columns if c not in OPTIONAL_COLUMNS]
+    if unknown:
+        raise TableError(f"unknown optional column(s) {unknown}; allowed: {list(OPTIONAL_COLUMNS)}")
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise TableError(f"{path}: requested column(s) {missing} not in the table")
+    return list(columns)
+
+
+def iter_batches(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    attacks: str | Sequence[str] | None = None,
+    columns: Sequence[str] = (),
+    batch_rows: int = 16384,
+    require_rows: bool = False,
+) -> Iterator[LogitTable]:
+    """Stream a table as validated `LogitTable` batches of at most `batch_rows` rows, in file order.
+
+    For tables larger than memory: only one batch is held at a time (the reader decodes at most a couple
+    of batches ahead). `columns` lists the optional columns to read (default none: keys, labels and
+    logits only). Filters as in `read_table`; a filter that matches nothing yields nothing, or with
+    `require_rows` raises `read_table`'s `TableError`. The same arguments give the same rows in the same
+    order every time, so a table can be streamed in several passes. Each batch is validated on its own:
+    a key repeated in two batches is only found by a check over all keys (`RowCollector`).
+    """
+    path = Path(path)
+    if batch_rows < 1:
+        raise TableError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
+    check_columns(dataset.schema.names)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise TableError(f"{path}: requested column(s) {missing} not in the table")
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    empty, count = True, 0
+    try:
+        # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
+        for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
+                           batch_readahead=1, fragment_readahead=1, fragment_scan_options=_STREAM_SCAN):
+            if batch.num_rows:
+                empty = False
+                yield conform(pa.Table.from_batches([batch]), metadata=metadata)
+                count += 1
+                if count % 8 == 0:  # the allocator keeps freed batches' memory otherwise (~100 MiB at C=1000)
+                    pa.default_memory_pool().release_unused()
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_error(path, exc) from None
+    if empty and require_rows:
+        raise _no_rows(dataset, path, split, attacks)
+
+
+def table_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of the table at `path`, read from the file footers only."""
+    dataset, _ = open_dataset(Path(path))
+    return list(dataset.schema.names)
+
+
+def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str, int]:
+    """Rows per attack (reading only the key columns), e.g. ``{"clean": 10000, "pgd": 10000}``."""
+    path = Path(path)
+    dataset, _ = open_dataset(path)
+    try:
+        keys = dataset.to_table(columns=["attack"], filter=_filter(split, None)).column("attack")
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_error(path, exc) from None
+    counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
+    return {name: int(counts[name]) for name in distinct_values(counts.index.to_numpy(), first=CLEAN)}
+
+
+def read_keys(path: str | os.PathLike, *, split: str | None = None,
+              attacks: str | Sequence[str] | None = None) -> RowKeys:
+    """The keys and labels of the matching rows (reading only those columns, never the logits), in the
+    order `read_table` and `iter_batches` give them. Raises `read_table`'s `TableError` when nothing matches."""
+    path = Path(path)
+    dataset, file_schemas = open_dataset(path)
+    metadata = dataset_metadata(file_schemas, path)
+    check_columns(dataset.schema.names)
+    if attacks is not None:
+        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+    try:
+        batches = list(_scan(dataset, ["split", "attack", "sample_id", "label"], split, attacks))
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_error(path, exc) from None
+    keys = pa.Table.from_batches(batches) if batches else None
+    if keys is None or keys.num_rows == 0:
+        raise _no_rows(dataset, path, split, attacks)
+    names = {}
+    for c in ("split", "attack"):
+        lookup: dict[str, int] = {}
+        codes = string_codes(keys.column(c), lookup)
+        names[c] = np.array(list(lookup), dtype=object)[codes]
+    if "num_classes" not in metadata:  # as `conform` fills it in: from the logits' list size
+        kind = dataset.schema.field("logits").type
+        if pa.types.is_fixed_size_list(kind):
+            metadata["num_classes"] = kind.list_size
+        else:
+            for batch in iter_batches(path, batch_rows=1):
+                metadata["num_classes"] = batch.num_classes
+                break
+    metadata.setdefault("class_names", [str(i) for i in range(int(metadata["num_classes"]))])
+    label = single_array(keys.column("label"))
+    labels = label.cast(pa.int64()).fill_null(-1).to_numpy() if not pa.types.is_null(label.type) else \
+        np.full(keys.num_rows, -1, dtype=np.int64)
+    return RowKeys(names["split"], names["attack"], single_array(keys.column("sample_id")).cast(pa.int64()).to_numpy(),
+                   labels, metadata)
+
+
+# Streamed commands read batches of about this many bytes of float32 tensors (logits, noise queries, features).
+STREAM_BATCH_BYTES = 8 << 20
+BATCH_ROWS_ENV = "LOGITGUARD_BATCH_ROWS"
+
+
+def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> int:
+    """Rows per batch for streaming `path` with optional `columns`: about `STREAM_BATCH_BYTES` of tensors per
+    batch (2097 rows of 1000 logits), between 256 and 65536 rows. The environment variable
+    ``LOGITGUARD_BATCH_ROWS`` overrides it (tests use it to force many batches)."""
+    override = os.environ.get(BATCH_ROWS_ENV)
+    if override:
+        try:
+            rows = int(override)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise TableError(f"{BATCH_ROWS_ENV} must be an integer >= 1, got {override!r}")
+        return rows
+    dataset, file_schemas = open_dataset(Path(path))
+    num_classes = dataset_metadata(file_schemas, Path(path)).get("num_classes")
+    floats = 0
+    for name in ("logits", *columns):
+        if name not in dataset.schema.names:
+            continue
+        size, kind = 1, dataset.schema.field(name).type
+        while pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            # variable-length lists: assume C per level (the inner level of noisy_logits is C; K is unknown)
+            size *= kind.list_size if pa.types.is_fixed_size_list(kind) else int(num_classes or 1000)
+            kind = kind.value_type
+        floats += size
+    return int(min(65536, max(256, STREAM_BATCH_BYTES // (4 * max(floats, 1)))))
+
+
+def noise_queries(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(K, C) of the table's noise queries, or None when it has none; read from the schema (one batch of the
+    column when its lists are not fixed-size)."""
+    dataset, _ = open_dataset(Path(path))
+    if "noisy_logits" not in dataset.schema.names:
+        return None
+    kind = dataset.schema.field("noisy_logits").type
+    if pa.types.is_fixed_size_list(kind) and pa.types.is_fixed_size_list(kind.value_type):
+        return kind.list_size, kind.value_type.list_size
+    for batch in iter_batches(path, columns=["noisy_logits"], batch_rows=1):
+        return tuple(batch.noisy_logits.shape[1:])
+    return None
+
+
+def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: list[str] | None,
+          **options: Any) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns` for the rows of `split` and `attacks`, in file order.
+
+    pyarrow prunes files and partitions with the filter, but rows are filtered here: pyarrow's filter and
+    take kernels (pyarrow 26) misread a fixed_size_list of fixed_size_list (``noisy_logits``) whose batch
+    is a slice of a larger one (a row group larger than the batch), returning other rows' noise queries.
+    Such columns are rebuilt from their values (no copy) before the rows are filtered.
+    """
+    expr = _filter(split, attacks)
+    if expr is None:
+        yield from dataset.to_batches(columns=columns, **options)
+        return
+    source = ds.FileSystemDataset(list(dataset.get_fragments(filter=expr)), dataset.schema, dataset.format,
+                                  dataset.filesystem)
+    read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
+    for batch in source.to_batches(columns=read, **options):
+        keep = None
+        if split is not None:
+            keep = pc.equal(_names(batch.column("split")), split)
+        if attacks is not None:
+            chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
+            keep = chosen if keep is None else pc.and_(keep, chosen)
+        keep = keep.fill_null(False)
+        if not pc.all(keep).as_py():
+            batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns], schema=batch.schema).filter(keep)
+        yield batch.select(columns)
+
+
+def _names(column: pa.Array) -> pa.Array:
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def _unsliced(column: pa.Array) -> pa.Array:
+    """A fixed_size_list of fixed_size_list rebuilt from its own values (children without offsets)."""
+    kind = column.type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_fixed_size_list(kind.value_type)):
+        return column
+    inner = column.flatten()
+    if column.null_count or inner.null_count:
+        return column  # null entries are refused by `conform` anyway
+    values = inner.flatten()
+    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, type=kind.value_type),
+                                             type=kind)
+
+
+def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expression | None:
+    expr = None
+    if split is not None:
+        expr = ds.field("split") == split
+    if attacks is not None:
+        in_attacks = ds.field("attack").isin([attacks] if isinstance(attacks, str) else list(attacks))
+        expr = in_attacks if expr is None else expr & in_attacks
+    return expr
+
+
+def open_dataset(path: Path) -> tuple[ds.FileSystemDataset, dict[str, pa.Schema]]:
+    """The Parquet dataset at `path` and each file's own schema (read once, from the footers).
+
+    A directory's dataset gets one schema unified over all its files: pyarrow would otherwise take the
+    first file's schema and silently drop a column that the first file lacks.
+    """
+    if not path.exists():
+        raise TableError(f"no such file or directory: {path}")
+    try:
+        if not path.is_dir():
+            dataset = ds.dataset(str(path), format=_PARQUET)
+            return dataset, {str(path): dataset.schema}
+        files = table_files(path)
+        if not files:
+            raise TableError(f"{path}: directory holds no .parquet files")
+        options = dict(format=_PARQUET, partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
+                       partition_base_dir=str(path))
+        first = ds.dataset(files, **options)
+        schemas = {f.path: f.physical_schema for f in first.get_fragments()}
+        # Partition values are names: read them as strings (discovery would make a split "2024" an int32).
+        partition_fields = [pa.field(f.name, pa.string()) for f in first.schema
+                            if all(f.name not in s.names for s in schemas.values())]
+        options["partitioning"] = ds.HivePartitioning(pa.schema(partition_fields))
+        try:
+            schema = pa.unify_schemas([*schemas.values(), pa.schema(partition_fields)])
+        except pa.ArrowException as exc:
+            raise TableError(f"{path}: files have incompatible schemas ({exc})") from None
+        return ds.dataset(files, schema=schema, **options), schemas
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_error(path, exc) from None
+
+
+def unreadable_error(path: Path, exc: Exception) -> TableError:
+    """The error for a table pyarrow cannot read; a failed page checksum says the file is damaged."""
+    if "checksum" in str(exc).lower():
+        return TableError(f"{path}: a data page is damaged (its checksum does not match: {exc}); "
+                          "the table cannot be trusted, restore or rewrite it")
+    return TableError(f"{path}: not a readable Parquet table ({exc})")
+
+
+def table_files(path: str | os.PathLike) -> list[str]:
+    """The Parquet files of a table directory, sorted: hidden entries (a name, file or directory, that
+    starts with ``.`` or ``_``) are not part of the table."""
+    path = Path(path)
+    return sorted(str(p) for p in path.rglob("*.parquet")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+
+
+def dataset_metadata(file_schemas: dict[str, pa.Schema], path: Path) -> dict[str, Any]:
+    """Merge every file's metadata: ``attacks`` and ``threat`` entries are united; every other key must agree."""
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for file, schema in file_schemas.items():
+        meta = parse_metadata((schema.metadata or {}).get(METADATA_KEY), file)
+        for key, value in meta.items():
+            if key in _UNITED_METADATA:
+                merged.setdefault(key, {}).update(value)
+            elif key not in merged:
+                merged[key], source[key] = value, file
+            elif merged[key] != value:
+                raise TableError(
+                    f"{path}: files disagree on metadata {key!r}: {source[key]} has {merged[key]!r}, "
+                    f"{file} has {value!r}"
+                )
+    return merged
