@@ -13,7 +13,7 @@ DATA ?= data/fashion-mnist
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install data data-threat clean
+.PHONY: demo test install data data-threat data-models clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ THREAT_DEVICE ?= cpu
 data-threat: $(STAMP)
 	test -f data/defenses/defenses.json || $(BIN)/logitguard fit-pipelines $(DATA) --out data/defenses
 	PRODUCE=$(BIN)/logitguard-produce TABLE=$(DATA) data/threat.sh $(THREAT_DEVICE)
+
+# The model-side comparison (docs/model-side.md): four more models, every threat model, GRED; writes
+# data/models/ (models and tables go to models-work/). About 75 minutes on 2 CPU cores (THREAT_DEVICE=cuda: GPU).
+data-models: $(STAMP)
+	BIN=$(BIN) data/models.sh $(THREAT_DEVICE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

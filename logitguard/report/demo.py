@@ -351,8 +351,9 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
         f"Model and attacks: {_provenance(table)}.",
         "",
         "**Ours** are measured in this run, on this data. Blocks marked **Reference** come from elsewhere, "
-        "each with its source: the seed papers' own tables (their models and datasets) were not readable "
-        "offline, so the references are figures quoted in this project's issues and the papers' abstracts. "
+        "each with its source: in sections 1–7 figures quoted in this project's issues and the papers' "
+        "abstracts (the first sections were written before the papers' own tables were at hand), in section 8 "
+        "the seed papers' own tables. "
         "They are not the same experiment; compare directions and orders of magnitude, not digits.",
         "",
         f"Correctors use the demo settings {DEMO_CORRECTOR} (p_clean 0.3, dropout 0.5); on this data they "
