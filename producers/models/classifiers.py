@@ -252,7 +252,7 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _build_with_state(build: Any, state: dict[str, torch.Tensor], error: str) -> nn.Module:
+def build_with_state(build: Any, state: dict[str, torch.Tensor], error: str) -> nn.Module:
     """`build()` on the meta device, then adopt `state`'s tensors: no time spent on a random init
     (VGG-16's is seconds) that the weights replace anyway. Floating weights become float32."""
     with torch.device("meta"):
@@ -305,7 +305,7 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, num_classes: 
     state = _read_state_dict(Path(weights), "weights")
     if spec.startswith("densenet"):
         state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
-    net = _build_with_state(lambda: _build_net(config), state,
+    net = build_with_state(lambda: _build_net(config), state,
                             f"weights in {weights} do not fit {spec} with {num_classes} classes")
     return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, config).to(device).eval()
 
@@ -359,37 +359,52 @@ def accuracy(model: nn.Module, data: ImageSet, *, device: str | torch.device = "
     return float((logits.argmax(1).numpy() == data.labels).mean())
 
 
+def save_state(module: nn.Module, config: dict[str, Any], path: str | Path, *, overwrite: bool = False
+               ) -> tuple[Path, Path]:
+    """Write ``path.pt`` (`module`'s state dict, on the CPU) and ``path.json`` (`config`) atomically: the
+    two-file, pickle-free format of every saved network of the producer. Returns both paths."""
+    path = Path(path)
+    weights, config_path = path.with_suffix(".pt"), path.with_suffix(".json")
+    refuse_overwrite([weights, config_path], overwrite, error=ProducerError)
+    with atomic_output(weights, overwrite=overwrite) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    with atomic_output(config_path, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return weights, config_path
+
+
+def read_state(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path, Path]:
+    """(config, state dict, weights path, config path) of a pair written by `save_state`; the weights are
+    read with ``weights_only=True``. ProducerError naming `what` when a file is missing or unreadable."""
+    path = Path(path)
+    weights, config_path = path.with_suffix(".pt"), path.with_suffix(".json")
+    for p in (weights, config_path):
+        if not p.is_file():
+            raise ProducerError(f"{what} file {p} does not exist")
+    try:
+        config = json.loads(config_path.read_text())
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, OSError, EOFError,
+            pickle.UnpicklingError) as exc:
+        raise ProducerError(f"cannot read {what} {path}: {exc}") from None
+    if not isinstance(config, dict) or not isinstance(state, Mapping):
+        raise ProducerError(f"cannot read {what} {path}: {config_path} must hold a JSON object and "
+                            f"{weights} a state dict")
+    return config, dict(state), weights, config_path
+
+
 def save_model(model: ImageClassifier, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``path.pt`` (state dict) and ``path.json`` (config) atomically; returns both paths."""
-    path = Path(path)
-    weights, config = path.with_suffix(".pt"), path.with_suffix(".json")
-    refuse_overwrite([weights, config], overwrite)
-    with atomic_output(weights, overwrite=overwrite) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    with atomic_output(config, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True) + "\n")
-    return weights, config
+    return save_state(model, model.config, path, overwrite=overwrite)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> ImageClassifier:
     """Rebuild a model saved by `save_model` from ``path.json`` + ``path.pt`` (no pickle)."""
-    path = Path(path)
-    weights, config_path = path.with_suffix(".pt"), path.with_suffix(".json")
-    for p in (weights, config_path):
-        if not p.exists():
-            raise ProducerError(f"model file {p} does not exist")
-    try:
-        config = json.loads(config_path.read_text())
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (json.JSONDecodeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise ProducerError(f"cannot read model {path}: {exc}") from None
-    if not isinstance(config, dict) or not isinstance(state, Mapping):
-        raise ProducerError(f"cannot read model {path}: {config_path} must hold a JSON object and "
-                            f"{weights} a state dict")
+    config, state, weights, config_path = read_state(path, "model")
     if config.get("arch") in ZOO_ARCHS:
         import_torchvision()  # never first imported under the meta device, where its tensors would be empty
     try:
-        model = _build_with_state(lambda: build_model(config), dict(state),
+        model = build_with_state(lambda: build_model(config), state,
                                   f"weights in {weights} do not fit the config in {config_path}")
     except KeyError as exc:
         raise ProducerError(f"config {config_path} lacks the key {exc}") from None

@@ -23,10 +23,7 @@ the training settings). The target travels with it because the InSen maps are th
 from __future__ import annotations
 
 import copy
-import json
 import math
-import pickle
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +33,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from logitguard._io import atomic_output, refuse_overwrite
 from logitguard.evaluation.threat import file_sha256
 
 from ..attacks.pgd import PGD
 from ..data.datasets import ImageSet
 from ..errors import ProducerError
 from .insen import insen_maps
-from .classifiers import ImageClassifier, _build_with_state, build_model
+from .classifiers import ImageClassifier, build_with_state, build_model, read_state, save_state
 
 SYSTEM = "gred"
 PARTS = ("target", "det_image", "det_insen", "rectifier")
@@ -252,30 +248,13 @@ def check_settings(**values: Any) -> None:
 
 def save_gred(gred: GRED, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``path.pt`` (one state dict, parts prefixed) and ``path.json`` (config) atomically; no pickle."""
-    path = Path(path)
-    weights, config = path.with_suffix(".pt"), path.with_suffix(".json")
-    refuse_overwrite([weights, config], overwrite, error=ProducerError)
-    with atomic_output(weights, overwrite=overwrite) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in gred.state_dict().items()}, tmp)
-    with atomic_output(config, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(gred.config, indent=2, sort_keys=True) + "\n")
-    return weights, config
+    return save_state(gred, gred.config, path, overwrite=overwrite)
 
 
 def load_gred(path: str | Path, *, device: str | torch.device = "cpu") -> GRED:
     """Rebuild a GRED saved by `save_gred` from ``path.json`` + ``path.pt`` (``weights_only=True``)."""
-    path = Path(path)
-    weights, config_path = path.with_suffix(".pt"), path.with_suffix(".json")
-    for p in (weights, config_path):
-        if not p.is_file():
-            raise ProducerError(f"GRED file {p} does not exist")
-    try:
-        config = json.loads(config_path.read_text())
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, OSError, EOFError,
-            pickle.UnpicklingError) as exc:
-        raise ProducerError(f"cannot read GRED {path}: {exc}") from None
-    if not isinstance(config, dict) or config.get("system") != SYSTEM or not isinstance(state, Mapping):
+    config, state, weights, config_path = read_state(path, "GRED")
+    if config.get("system") != SYSTEM:
         raise ProducerError(f"{path} is not a saved GRED: {config_path} must hold a JSON object with "
                             f"system {SYSTEM!r} and {weights} a state dict")
     try:
@@ -293,7 +272,7 @@ def load_gred(path: str | Path, *, device: str | torch.device = "cpu") -> GRED:
     parts = {}
     for name in PARTS:
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        parts[name] = _build_with_state(lambda c=configs[name]: build_model(c), sub,
+        parts[name] = build_with_state(lambda c=configs[name]: build_model(c), sub,
                                         f"weights {name}.* in {weights} do not fit {config_path}")
     return GRED(**parts, config=config).to(device).eval()
 
