@@ -145,14 +145,14 @@ def external_accuracy(table: LogitTable, name: str = "") -> list[dict[str, Any]]
     if "external_label" not in table.columns:
         return []
     test = table.select(split="test")
+    rectified, score = test.column("external_label"), test.column("external_score")
+    pipeline = np.where(score > 0.5, rectified, test.logits.argmax(1))
     records = []
     for attack in test.attacks:
         if attack == CLEAN:
             continue
         clean_rows, attacked_rows = pair_rows(test, attack)
         labels = test.labels[attacked_rows]
-        rectified, score = test.column("external_label"), test.column("external_score")
-        pipeline = np.where(score > 0.5, rectified, test.logits.argmax(1))
         records.append({
             "model": name, "attack": attack, "threat_model": threat_of(test.metadata, attack)["model"],
             "eps": _eps(test.metadata, attack), "rows": len(attacked_rows),
