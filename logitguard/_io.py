@@ -421,7 +421,7 @@ class StagedDirectory:
                                              "pass overwrite=True (--force)")
                         dest.unlink()
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _link(self.path / rel, dest)
+                    link_or_copy(self.path / rel, dest)
                 old = _swap_into_place(new, self.target)
             except BaseException:
                 _remove(new)
@@ -494,7 +494,7 @@ def _staged_files(stage: Path) -> list[str]:
     return out
 
 
-def _link(source: Path, dest: Path) -> None:
+def link_or_copy(source: Path, dest: Path) -> None:
     """Hard-link `source` as `dest` (copy where the file system has no hard links)."""
     if source.is_symlink():
         os.symlink(os.readlink(source), dest)
@@ -523,7 +523,7 @@ def _link_tree(source: Path, dest: Path) -> None:
                 dirs.remove(d)
         for name in names:
             if not _is_ours(name):
-                _link(here / name, into / name)
+                link_or_copy(here / name, into / name)
 
 
 def _is_ours(name: str) -> bool:

@@ -123,7 +123,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-class _RayErrors:
+class RayErrors:
     """Re-raise an error of ours raised inside Ray (a bad table, a schema the guard refuses) as itself, without
     Ray's wrapper and its remote traceback."""
 
@@ -467,7 +467,7 @@ def _write(dataset: ray.data.Dataset, out: str | os.PathLike, *, metadata: Mappi
                          f"(or use --engine local for {out.name})")
     with staged_output(out, overwrite=overwrite, replace=True, error=TableError) as stage:
         sink = _TableSink(str(stage), basename, None if metadata is None else dict(metadata))
-        with _RayErrors():
+        with RayErrors():
             dataset.write_datasink(sink)
         files = [rel for result in sink.returns for rel, _ in result["files"]]
         if not files:
@@ -635,7 +635,7 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
 
     spec = DefenseSpec("detector", detector)
     result, loaded, metadata, _ = _prepare(table, spec, split, workers)
-    with _RayErrors():
+    with RayErrors():
         parts = [ray.get(ref) for ref in result.to_arrow_refs()]
     narrow = pa.concat_tables([p for p in parts if p.num_rows])
     _check_unique(narrow)

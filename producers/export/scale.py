@@ -27,8 +27,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from logitguard._io import StagedDirectory, _link
-from logitguard.scale import _RayErrors, init_ray
+from logitguard._io import StagedDirectory, link_or_copy
+from logitguard.scale import RayErrors, init_ray
 from logitguard.tables import CLEAN, METADATA_KEY
 
 from ..data.datasets import ImageSet
@@ -126,7 +126,7 @@ def export_ray(
     actors = [worker.remote(model_ref, data_ref, "cuda" if gpu else str(device), 0 if gpu else int(cpus_per_worker))
               for _ in range(count)]
     try:
-        with _RayErrors():
+        with RayErrors():
             reports = ray.get([actor.run.remote(Shard(i, count), str(out), options) for i, actor in enumerate(actors)])
     finally:
         for actor in actors:
@@ -165,7 +165,7 @@ def commit_shards(out: str | os.PathLike, staged: list[tuple[str, list[str]]]) -
                     raise ProducerError(f"a Ray worker staged {rel} where this machine cannot see it ({stage.path}): "
                                         "put --out on a file system shared by the driver and every worker")
                 (combined.path / rel).parent.mkdir(parents=True, exist_ok=True)
-                _link(source, combined.path / rel)
+                link_or_copy(source, combined.path / rel)
                 files.append(rel)
         written = combined.commit(files, check=lambda: _check_staged(out, combined.path, files)) if files else []
         if not files:
