@@ -5,12 +5,12 @@ The names of `classifiers` are re-exported here: ``from producers.models import 
 """
 
 from .classifiers import (IMAGENET_MEAN, IMAGENET_STD, JUMPRELU_DEFAULT_K, ZOO_ARCHS, ImageClassifier, JumpReLU,
-                          Normalize, SmallCNN, accuracy, build_model, import_torchvision, load_model,
-                          parse_activation, predict_logits, resolve_model, save_model, small_cnn_for,
-                          train_classifier)
+                          Normalize, SmallCNN, accuracy, build_model, build_with_state, import_torchvision,
+                          load_model, parse_activation, predict_logits, read_state, resolve_model, save_model,
+                          save_state, small_cnn_for, train_classifier)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "JUMPRELU_DEFAULT_K", "ZOO_ARCHS", "ImageClassifier", "JumpReLU", "Normalize",
-    "SmallCNN", "accuracy", "build_model", "import_torchvision", "load_model", "parse_activation", "predict_logits",
-    "resolve_model", "save_model", "small_cnn_for", "train_classifier",
+    "SmallCNN", "accuracy", "build_model", "build_with_state", "import_torchvision", "load_model", "parse_activation",
+    "predict_logits", "read_state", "resolve_model", "save_model", "save_state", "small_cnn_for", "train_classifier",
 ]
