@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from logitguard import read_table
 from logitguard.cli import main as core
-from logitguard.evaluation.curves import find_sweeps, robustness_curves
+from logitguard.evaluation.curves import find_sweeps, measure_curves
 from logitguard.defenses.guard import Guard
 from logitguard.evaluation.metrics import ABSTAIN
 from producers.cli import main as produce, parse_sweeps
@@ -139,7 +139,7 @@ def test_curve_with_a_manifest_pipeline_and_a_transfer_sweep(model_stem, swept, 
     [found] = find_sweeps(table.metadata)
     assert (found.name, found.threat_model, found.values) == ("pgd.eps", "transfer", (0.1, 0.3))
     pipeline = load_pipelines(manifest)["msp"].build()
-    result = robustness_curves(table, {"msp": pipeline}, x="linf")
+    result = measure_curves(table, {"msp": pipeline}, x="linf")
     [curve] = result["curves"]
     assert curve["threat_model"] == "transfer" and curve["threat"].startswith("transfer")
     assert [p["partition"] for p in curve["points"]] == ["clean", "transfer-pgd-eps-0.1", "transfer-pgd-eps-0.3"]
@@ -151,7 +151,7 @@ def test_curve_with_a_manifest_pipeline_and_a_transfer_sweep(model_stem, swept, 
         assert done.exit_code == 0, done.output
         assert "pgd.eps (transfer" in done.output and "acc (msp)" in done.output
         assert json.loads((target / "curve.json").read_text())["curves"] == json.loads(
-            json.dumps(robustness_curves(table, {"msp": pipeline}, x="l2")["curves"]))
+            json.dumps(measure_curves(table, {"msp": pipeline}, x="l2")["curves"]))
 
 
 def test_curve_errors_are_clean(swept, digits_split_dir, guard_file, tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ THREAT_TEXT = {
     "transfer": "transfer: attacks computed on a substitute model, applied to the target",
 }
 
-__all__ = ["CURVE_X", "SweptAttack", "curve_path", "find_sweeps", "load_defenses", "robustness_curves", "write_curves"]
+__all__ = ["CURVE_X", "SweptAttack", "curve_path", "find_sweeps", "load_defenses", "measure_curves", "write_curves"]
 
 if TYPE_CHECKING:  # a Guard is imported lazily (it pulls in the estimators)
     from ..defenses.guard import Guard
@@ -138,7 +138,7 @@ def load_defenses(specs: Sequence[str]) -> dict[str, DefenseLike]:
 
 def curve_path(path: str | os.PathLike, defenses: Mapping[str, DefenseLike] | None = None, *,
                sweeps: Sequence[str] | None = None, split: str | None = "test", x: str = "param") -> dict[str, Any]:
-    """`robustness_curves` on the table at `path`, reading only the clean and swept partitions of `split` and
+    """`measure_curves` on the table at `path`, reading only the clean and swept partitions of `split` and
     the columns the defenses need (never ``features``)."""
     keys = read_keys(path, split=split)
     found = find_sweeps(keys.metadata, attacks=list(np.unique(keys.attack)), names=sweeps)
@@ -148,11 +148,11 @@ def curve_path(path: str | os.PathLike, defenses: Mapping[str, DefenseLike] | No
         columns.append("noisy_logits")
     wanted = [CLEAN, *(p for s in found for p in s.partitions)]
     table = read_table(path, split=split, attacks=wanted, columns=columns)
-    result = robustness_curves(table, defenses, sweeps=[s.name for s in found], split=None, x=x)
+    result = measure_curves(table, defenses, sweeps=[s.name for s in found], split=None, x=x)
     return {"table": str(path), **result, "split": split}
 
 
-def robustness_curves(table: LogitTable, defenses: Mapping[str, DefenseLike] | None = None, *,
+def measure_curves(table: LogitTable, defenses: Mapping[str, DefenseLike] | None = None, *,
                       sweeps: Sequence[str] | None = None, split: str | None = "test",
                       x: str = "param") -> dict[str, Any]:
     """Accuracy and detection rate per point of every sweep (`sweeps` names, e.g. ``["pgd.eps"]``; default all).

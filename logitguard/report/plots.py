@@ -117,7 +117,7 @@ CURVE_AXES = {"linf": "mean L∞ of the attacked rows", "l2": "mean L2 of the at
 
 def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
     """Accuracy (solid) and detection rate (dashed) against the sweep's x axis, one panel per curve of
-    `logitguard.evaluation.curves.robustness_curves`' result (seed 003, Fig. 14); the value-0 point is the clean
+    `logitguard.evaluation.curves.measure_curves`' result (seed 003, Fig. 14); the value-0 point is the clean
     rows."""
     plt = _pyplot()
     curves = result["curves"]
