@@ -309,10 +309,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
     from .models.gred import check_settings, save_gred, train_gred
     from .models.classifiers import load_model
 
-    try:
-        budget = float(Fraction(eps))
-    except (ValueError, ZeroDivisionError):
-        raise ProducerError(f"--eps must be a number or a fraction such as 16/255, got {eps!r}") from None
+    budget = _fraction(eps, "--eps")
     check_settings(train_samples=train_samples, epochs=epochs, eps=budget, alpha=None, steps=steps, width=width,
                     lr=1e-3, rectifier_lr=5e-4, mask_threshold=mask_threshold, mask_prob=mask_prob,
                     batch_size=batch_size)
