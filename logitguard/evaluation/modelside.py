@@ -18,7 +18,7 @@ Torch-free: it reads tables and saved defenses only. `format_model_side` renders
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from ..errors import LogitguardError
 from .metrics import auroc, successful_attack
 from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable, pair_rows, read_table
-from .threat import DEFAULT_BUDGETS, NO_DEFENSE, format_budget, threat_model_table, threat_of, to_records
+from .threat import (DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, format_budget, threat_model_table, threat_of,
+                     to_records)
 
 RECOMMENDED_PIPELINE = "ln-reject"  # the pipeline that did no harm under adaptive attack (docs/threat-models.md)
 DETECTORS = ("msp", "nonme", "kdensity", "insen", "external")
@@ -118,21 +119,19 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
         fitted = make_detector(detector).fit_table(fit_on, attacks=[a for a in fit_on.attacks if a != CLEAN] or None,
                                                    split=None)
         scorers[detector] = fitted.score_table
+    scores = {detector: np.asarray(score(test), dtype=np.float64) for detector, score in scorers.items()}
     records = []
-    for attack in test.attacks:
-        if attack == CLEAN:
-            continue
-        clean_rows, attacked_rows = pair_rows(test, attack)
+    for attack, clean_rows, attacked_rows in _attack_pairs(test):
         labels = test.labels[clean_rows]
         fooled = successful_attack(test.logits[clean_rows].argmax(1), test.logits[attacked_rows].argmax(1), labels)
         if fooled.sum() < 5:
             continue  # too few successful attacks for an AUROC
-        negatives, positives = test.take(clean_rows[fooled]), test.take(attacked_rows[fooled])
+        negatives, positives = clean_rows[fooled], attacked_rows[fooled]
         entry = threat_of(test.metadata, attack)
-        for detector, score in scorers.items():
-            value = auroc(np.asarray(score(negatives)), np.asarray(score(positives)))
+        for detector, score in scores.items():
+            value = auroc(score[negatives], score[positives])
             records.append({"model": name, "detector": detector, "attack": attack, "threat_model": entry["model"],
-                            "target": entry.get("target"), "eps": _eps(test.metadata, attack),
+                            "target": entry.get("target"), "eps": attack_eps(test.metadata, attack),
                             "auroc": None if np.isnan(value) else float(value), "positives": int(fooled.sum())})
     return records
 
@@ -148,14 +147,11 @@ def external_accuracy(table: LogitTable, name: str = "") -> list[dict[str, Any]]
     rectified, score = test.column("external_label"), test.column("external_score")
     pipeline = np.where(score > 0.5, rectified, test.logits.argmax(1))
     records = []
-    for attack in test.attacks:
-        if attack == CLEAN:
-            continue
-        clean_rows, attacked_rows = pair_rows(test, attack)
+    for attack, clean_rows, attacked_rows in _attack_pairs(test):
         labels = test.labels[attacked_rows]
         records.append({
             "model": name, "attack": attack, "threat_model": threat_of(test.metadata, attack)["model"],
-            "eps": _eps(test.metadata, attack), "rows": len(attacked_rows),
+            "eps": attack_eps(test.metadata, attack), "rows": len(attacked_rows),
             "model_accuracy": float((test.logits[attacked_rows].argmax(1) == labels).mean()),
             "rectified_accuracy": float((rectified[attacked_rows] == labels).mean()),
             "pipeline_accuracy": float((pipeline[attacked_rows] == labels).mean()),
@@ -165,10 +161,11 @@ def external_accuracy(table: LogitTable, name: str = "") -> list[dict[str, Any]]
     return records
 
 
-def _eps(metadata: Mapping[str, Any], attack: str) -> float | None:
-    """The attack's L-inf budget from its threat entry or its parameters (None: unbounded)."""
-    eps = threat_of(metadata, attack).get("eps", (metadata.get("attacks") or {}).get(attack, {}).get("eps"))
-    return float(eps) if isinstance(eps, (int, float)) else None
+def _attack_pairs(test: LogitTable) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(attack, clean rows, attacked rows) for every attacked partition of `test`, aligned by sample."""
+    for attack in test.attacks:
+        if attack != CLEAN:
+            yield (attack, *pair_rows(test, attack))
 
 
 def format_model_side(results: Mapping[str, Any], *, curves: Sequence[str] = ()) -> list[str]:

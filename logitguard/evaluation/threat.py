@@ -46,7 +46,7 @@ BUDGET_TOLERANCE = 1e-6  # linf is stored as float32: 8/255 reads back as 0.0313
 NO_DEFENSE = "none"
 
 __all__ = [
-    "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_MODELS", "TIERS", "detector_miss_table",
+    "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_MODELS", "TIERS", "attack_eps", "detector_miss_table",
     "file_sha256", "format_budget", "format_detector_misses", "format_threat_models", "parse_budgets",
     "threat_model_table", "threat_of", "tier_attacks", "to_records",
 ]
@@ -74,6 +74,14 @@ def threat_of(metadata: Mapping[str, Any], attack: str) -> dict[str, Any]:
         raise TableError(f"metadata 'threat' for attack {attack!r}: unknown threat model {out['model']!r}; "
                          f"expected one of {', '.join(THREAT_MODELS)}")
     return out
+
+
+def attack_eps(metadata: Mapping[str, Any], attack: str) -> float | None:
+    """The L-inf budget `attack` ran with: its threat entry's ``eps``, else its parameters' (None: unbounded)."""
+    eps = threat_of(metadata, attack).get("eps")
+    if eps is None:
+        eps = (metadata.get("attacks") or {}).get(attack, {}).get("eps")
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -198,11 +206,8 @@ class _Rows:
         if missing.any():
             meta = self.table.metadata
             for attack in np.unique(self.attack[missing]):
-                eps = threat_of(meta, attack).get("eps")
-                if eps is None:
-                    eps = (meta.get("attacks") or {}).get(attack, {}).get("eps")
-                rows = missing & (self.attack == attack)
-                size[rows] = float(eps) if isinstance(eps, (int, float)) else 0.0
+                eps = attack_eps(meta, attack)
+                size[missing & (self.attack == attack)] = 0.0 if eps is None else eps
         return size
 
     @property
