@@ -164,9 +164,9 @@ def test_a_file_from_a_newer_logitguard_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["corrector-pgd.pt", "learned-noisy.npz", "odds-logistic.npz"])
 def test_files_of_the_earlier_formats_still_load(name):
-    """data/defenses was written before the shared format (the adaptive partitions record these files'
-    hashes, so they stay as they are): each file still loads and predicts."""
-    path = DATA / "defenses" / name
+    """tests/data/legacy-defenses holds the shipped defenses as written before the shared format: each file
+    still loads and predicts."""
+    path = Path(__file__).parent / "data" / "legacy-defenses" / name
     assert read_header(path) is None or read_header(path)["format"] != FORMAT
     estimator = load_estimator(path)
     rows = np.random.default_rng(0).normal(size=(4, 10)) * 5

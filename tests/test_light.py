@@ -159,7 +159,7 @@ def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
     table = tmp_path / "t.parquet"
     write_table(digits_table, table)
     code = "from logitguard import read_table\nread = lambda: read_table(sys.argv[2])\n" + textwrap.dedent(code)
-    result = run_without_torch(code, str(REPO / "data/defenses/corrector-pgd.pt"), str(table))
+    result = run_without_torch(code, str(REPO / "tests/data/legacy-defenses/corrector-pgd.pt"), str(table))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all("needs torch" in line and "logitguard[train]" in line for line in lines)
@@ -170,8 +170,8 @@ def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
     assert produce.returncode != 0 and "Error: logitguard-produce needs torch" in produce.stderr
 
 
-def test_shipped_legacy_corrector_resaved_as_npz_matches(tmp_path):
-    legacy = LogitCorrector.load(REPO / "data/defenses/corrector-pgd.pt")  # read with torch (weights_only)
+def test_legacy_corrector_resaved_as_npz_matches(tmp_path):
+    legacy = LogitCorrector.load(REPO / "tests/data/legacy-defenses/corrector-pgd.pt")  # read with torch (weights_only)
     assert "_model" not in vars(legacy)  # loaded as arrays: the NumPy path
     resaved = LogitCorrector.load(legacy.save(tmp_path / "corrector-pgd.npz"))
     logits = np.random.default_rng(0).normal(0, 5, (300, legacy.n_classes_)).astype(np.float32)

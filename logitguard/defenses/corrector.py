@@ -19,8 +19,8 @@ Saved files use the shared estimator format (`logitguard.defenses.estimator`: pl
 
 Torch is needed only to train, to run on a GPU and to read those ``.pt`` files: a corrector loaded from
 an ``.npz`` file (or a guard) corrects on the CPU with NumPy alone — two matrix products, equal to the
-torch forward to float32 rounding. Once a torch module is present (after `fit`, or after `model_` is
-read or set) it is the corrector's weights and `correct` runs it.
+torch forward to float32 rounding. A fitted corrector takes the same NumPy path on the CPU (its torch
+module's weights, read without a copy), so fitting, saving and loading never change a corrected logit.
 """
 
 from __future__ import annotations
@@ -391,13 +391,17 @@ class LogitCorrector(Estimator):
     def correct(self, logits: np.ndarray) -> np.ndarray:
         """Corrected logits (N, C) float32 for logits (N, C); their argmax is the corrected label.
 
-        NumPy on the CPU for a loaded corrector; the torch module when one is present or `device` is not
-        the CPU (pipelined transfers on a GPU).
+        On the CPU one path serves every corrector, fitted or loaded: the NumPy forward on the float32
+        weights (`weights_`, read without a copy from the torch module after `fit`), so a corrector and its
+        saved copy give identical results by construction. The torch module runs only on a GPU (pipelined
+        transfers) or when `model_` was set to a module of another shape (a quantised or cast network).
         """
         self._check_fitted()
         logits = np.ascontiguousarray(check_logits(logits, num_classes=self.n_classes_, dtype=np.float32)[0])
-        if self.__dict__.get("_model") is None and str(self.device).split(":")[0] == "cpu":
-            return self._correct_numpy(logits)
+        if str(self.device).split(":")[0] == "cpu":
+            weights = self._plain_weights()
+            if weights is not None:
+                return self._correct_numpy(logits, weights)
         model = self.model_
         torch = _torch("running a corrector on a torch device")
         if torch.device(self.device).type == "cuda":
@@ -409,9 +413,19 @@ class LogitCorrector(Estimator):
                 out[start:start + len(x)] = model(x).float().cpu().numpy()
         return out
 
-    def _correct_numpy(self, logits: np.ndarray) -> np.ndarray:
+    def _plain_weights(self) -> dict[str, np.ndarray] | None:
+        """The float32 weights of the plain C → D → C network, or None when `model_` is another module."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            return self.weights_
+        state = model.state_dict()
+        if tuple(state) != WEIGHT_KEYS or any(str(v.dtype) != "torch.float32" for v in state.values()):
+            return None
+        return self.weights_
+
+    def _correct_numpy(self, logits: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
         """The eval-mode forward in NumPy: relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
-        w1, b1, w2, b2 = (self._weights[k] for k in WEIGHT_KEYS)
+        w1, b1, w2, b2 = (np.asarray(weights[k], dtype=np.float32) for k in WEIGHT_KEYS)
         w1t, w2t = np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T)  # (C, D), (D, C)
         out = np.empty_like(logits)
         for start in range(0, len(logits), _NUMPY_BATCH):

@@ -32,7 +32,7 @@ from ..tables import LogitTable
 # The demo's corrector settings (see demo.DEMO_CORRECTOR): within a point of the paper's defaults here.
 CORRECTOR = {"hidden": 1000, "epochs": 30, "lr": 1e-3, "attack": "pgd"}
 DETECTOR_FPR = {"learned-noisy": 0.01, "odds": 0.05}
-FILES = {"corrector": "corrector-pgd.pt", "learned-noisy": "learned-noisy.npz", "odds": "odds-logistic.npz"}
+FILES = {"corrector": "corrector-pgd.npz", "learned-noisy": "learned-noisy.npz", "odds": "odds-logistic.npz"}
 PIPELINES: dict[str, dict[str, str]] = {
     "none": {},
     "corrector": {"corrector": FILES["corrector"]},
