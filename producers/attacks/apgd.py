@@ -161,8 +161,9 @@ class APGD(DefenseAttack):
                 if k in marks:
                     reduce = (count < self.rho * (k - last_mark)) | (~reduced & (best_loss >= best_at_mark))
                     eta = torch.where(reduce, eta / 2, eta)
-                    cur, grad = torch.where(reduce.view(shape), x_best, cur), torch.where(reduce.view(shape), g_best, grad)
-                    prev = torch.where(reduce.view(shape), cur, prev)
+                    back = reduce.view(shape)
+                    cur, grad = torch.where(back, x_best, cur), torch.where(back, g_best, grad)
+                    prev = torch.where(back, cur, prev)
                     reduced, best_at_mark, last_mark, count = reduce, best_loss.clone(), k, count.zero_()
                 z = project(cur - eta.view(shape) * grad.sign())
                 momentum = 0.75 if k > 0 else 1.0

@@ -1,8 +1,11 @@
 """The sequenced suite (``suite``): attacks in order, each only on the samples still robust.
 
 AutoAttack's economy: most samples fall to the first, cheap attack, so the strong ones run on few. Each
-attack of ``sequence`` runs on the samples that no earlier attack broke, judged by that attack's own
-``check_draws`` fresh noise draws; a sample keeps the first successful image, else the clean image. The
+attack of ``sequence`` runs on the samples that no earlier attack broke. A success counts when it holds on
+max(the attack's own ``check_draws``, ``confirm_draws``) fresh noise draws: against a noise-reading pipeline
+an iterate that got through on one draw is often stopped on the judge's, and the samples it stood for would
+never meet the stronger attacks. A sample keeps the first confirmed image; else the first success that held
+on one draw only; else the clean image. The
 suite records per sample which attack broke it and, per attack, the attack-failure indicators of Pintor et
 al. (NeurIPS 2022) that it can see (`record`): samples it ran on, successes it claimed, unbroken samples
 whose loss stopped improving in the first half of a run, and how much of the budget its successes used
@@ -43,7 +46,8 @@ def _entries(sequence: Any) -> list[tuple[str, dict[str, Any]]]:
             out.append((item, {}))
         elif isinstance(item, dict) and isinstance(item.get("attack"), str):
             out.append((item["attack"], {k: v for k, v in item.items() if k != "attack"}))
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict):
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) \
+                and isinstance(item[1], dict):
             out.append((item[0], dict(item[1])))
         else:
             raise ValueError(f"a sequence entry is a name, [name, {{params}}] or {{'attack': name, ...}}; got {item!r}")
@@ -56,11 +60,14 @@ class Suite(DefenseAttack):
     """Per-sample sequencer over defense-aware attacks (see module)."""
 
     name: ClassVar[str] = "suite"
-    param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + ("sequence",)
+    param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + ("sequence", "confirm_draws")
 
     def __init__(self, model: nn.Module, *, defense: nn.Module, noise: Any = None, sequence: Any = None,
-                 **kwargs: Any):
+                 confirm_draws: int = 4, **kwargs: Any):
         super().__init__(model, defense=defense, noise=noise, **kwargs)
+        if confirm_draws < 1:
+            raise ValueError(f"confirm_draws must be >= 1, got {confirm_draws!r}")
+        self.confirm_draws = int(confirm_draws) if defense.needs_noise else 1
         from . import make_attack  # the registry imports this module lazily
 
         entries = _entries(default_sequence(defense) if sequence is None else sequence)
@@ -76,7 +83,8 @@ class Suite(DefenseAttack):
     def params(self) -> dict[str, Any]:
         """The budget, the parameters given to every attack, and each attack's full parameters in order."""
         low = {"precision": self.precision} if self.precision != "fp32" else {}
-        return {"eps": self.eps, **self._shared, "sequence": self.sequence, "on_flag": self.defense.on_flag, **low}
+        return {"eps": self.eps, **self._shared, "confirm_draws": self.confirm_draws, "sequence": self.sequence,
+                "on_flag": self.defense.on_flag, **low}
 
     def reset(self) -> None:
         """Forget the record (one suite object per exported partition needs no reset)."""
@@ -87,6 +95,7 @@ class Suite(DefenseAttack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         best = x.clone()
         broken = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        fallback = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         with torch.no_grad():
             alive = ~self.succeeded(x, y, generator)  # already wrong: nothing to attack
         for i, attack in enumerate(self.attacks):
@@ -95,7 +104,10 @@ class Suite(DefenseAttack):
                 break
             adv = attack.perturb(x[rows], y[rows], generator)
             with torch.no_grad():
-                hit = attack.succeeded(adv, y[rows], generator, attack.check_draws) & (adv != x[rows]).flatten(1).any(1)
+                moved = (adv != x[rows]).flatten(1).any(dim=1)
+                hit = attack.succeeded(adv, y[rows], generator, max(attack.check_draws, self.confirm_draws)) & moved
+                weak = moved & ~hit & ~fallback[rows]  # got through on some draw: better than the clean image
+                best[rows[weak]], fallback[rows[weak]] = adv[weak], True
             counts = self._counts[i]
             counts["ran"] += len(rows)
             counts["claimed"] += int(hit.sum())

@@ -143,7 +143,8 @@ def export_through(
             elif state == "todo":
                 todo.append((rel, name, attacker, meta, key, draws))
             else:  # staged: so are the judge draws it got to
-                stage.files += [r for k in range(1, draws) if (stage.stage.path / (r := _rel(data.split, f"{name}.r{k}"))).exists()]
+                draw_rels = [_rel(data.split, f"{name}.r{k}") for k in range(1, draws)]
+                stage.files += [r for r in draw_rels if (stage.stage.path / r).exists()]
         export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
                       device=device, progress=progress)
         for rel, name, attacker, meta, key, draws in todo:
@@ -157,7 +158,8 @@ def export_through(
                 table = _with_record(table, name, attacker.record(), broken)
             stage.write(rel, table)
             adv = torch.cat(recording.images)
-            for k in range(1, draws if broken is not None else 1):  # judge draws: fresh noise on the same images, survivors only
+            # judge draws: fresh noise on the same images, survivors only
+            for k in range(1, draws if broken is not None else 1):
                 alive = np.flatnonzero(~broken)
                 if not len(alive):
                     break
