@@ -149,7 +149,7 @@ def export_through(
                       device=device, progress=progress)
         for rel, name, attacker, meta, key, draws in todo:
             started = time.perf_counter()
-            recording = _Recording(attacker)
+            recording = _Recording(attacker) if draws > 1 else attacker  # the images, for the judge draws
             table = export_partition(rows=rows, attack=name, attacker=recording, metadata=meta,
                                      generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0], **export)
             judge = _judge((judges or pipelines)[key]) if draws > 1 or hasattr(attacker, "record") else None
@@ -157,7 +157,7 @@ def export_through(
             if hasattr(attacker, "record"):
                 table = _with_record(table, name, attacker.record(), broken)
             stage.write(rel, table)
-            adv = torch.cat(recording.images)
+            adv = torch.cat(recording.images) if draws > 1 else None
             # judge draws: fresh noise on the same images, survivors only
             for k in range(1, draws if broken is not None else 1):
                 alive = np.flatnonzero(~broken)
