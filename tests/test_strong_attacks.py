@@ -128,14 +128,15 @@ def test_judge_draws_export_survivors_with_metadata(world, digits_cnn, digits_se
     table_dir, _, specs = world
     out = tmp_path / "table"
     shutil.copytree(table_dir, out)
-    chosen = {k: specs[k] for k in ("ln-reject", "corrector")}
+    chosen = {k: specs[k] for k in ("ln-reject", "corrector", "none")}
     report = export_through(digits_cnn, digits_sets[1], chosen, out=out, attacks=("suite",), budgets=(EPS,),
                             samples=40, noise=RECIPE, batch_size=40, progress=False, judge_draws=3,
                             attack_params={"steps": 4, "sequence": ["apgd-ce", "evade"]})
     parent = partition_name("adaptive", "ln-reject", "suite", EPS)
     other = partition_name("adaptive", "corrector", "suite", EPS)  # a corrector that reads no noise: one draw
     written = sorted(p.parent.name.removeprefix("attack=") for p in report.written)
-    assert written == sorted([parent, f"{parent}.r1", f"{parent}.r2", other])
+    bare = partition_name("adaptive", "none", "suite", EPS)  # the bare model meets the suite too
+    assert written == sorted([parent, f"{parent}.r1", f"{parent}.r2", other, bare])
     table = read_table(out, split="test")
     threat = table.metadata["threat"]
     assert threat[parent]["judge_draws"] == 3 and threat[parent]["sequence"] == ["apgd-ce", "evade"]

@@ -46,7 +46,9 @@ TIERS = ("adaptive", "surrogate")
 DEFAULT_ATTACKS = ("routes", "defended-pgd", "min-margin")
 # The bare model has no detector or corrector: its routes are plain PGD (margin loss) and defended-pgd is
 # PGD on cross-entropy; min-margin adds nothing there.
-BARE_ATTACKS = ("routes", "defended-pgd")
+# APGD and the suite (which drops the detector-only attacks itself) measure the bare model too: the figure a
+# pipeline's gain is taken against must come from attacks as strong as the pipeline's.
+BARE_ATTACKS = ("routes", "defended-pgd", "apgd-ce", "apgd-dlr", "apgd-t", "suite")
 
 
 # Threat-entry keys an export learns only by running the attack (not compared when resuming).
