@@ -104,8 +104,8 @@ def main() -> None:
             hit = broken(judge, adv, y, args.judge_draws)
             every |= hit
             total += seconds
-            print(f"{name:12} {attack:16} {len(x) / seconds:9.1f} {seconds:8.1f} {100 * (1 - hit.float().mean()):7.1f}%",
-                  flush=True)
+            robust = 100 * (1 - hit.float().mean())
+            print(f"{name:12} {attack:16} {len(x) / seconds:9.1f} {seconds:8.1f} {robust:7.1f}%", flush=True)
         suite, adv, seconds = run("suite")
         worst = broken(judge, adv, y, args.judge_draws)
         line = {"pipeline": name, "every": 1 - every.float().mean().item(), "suite": 1 - worst.float().mean().item(),
@@ -115,8 +115,8 @@ def main() -> None:
               f"(compute {line['ratio']:.2f}x of every attack; broken by: "
               f"{dict(zip(suite.names, [r['claimed'] for r in suite.record()['indicators']]))})", flush=True)
         if not args.no_convergence:
-            for label, over in (("2x steps", {"steps": 2 * args.steps}), ("2x restarts", {"restarts": 2 * args.restarts}),
-                                ("2x eot", {"eot": 2 * args.eot})):
+            for label, over in (("2x steps", {"steps": 2 * args.steps}),
+                                ("2x restarts", {"restarts": 2 * args.restarts}), ("2x eot", {"eot": 2 * args.eot})):
                 _, more, _ = run("suite", seed=1, **over)
                 line[label] = 1 - (worst | broken(judge, more, y, args.judge_draws)).float().mean().item()
                 print(f"{name:12} {'suite + ' + label:16} {'':>9} {'':>8} {100 * line[label]:7.1f}%", flush=True)
