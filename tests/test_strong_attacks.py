@@ -190,3 +190,24 @@ def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):
     assert table.metadata["attacks"][name]["sequence"][0]["attack"] == "apgd-ce"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "wrote 0 file(s)" in again.output  # resumes despite the recorded results
+
+
+@pytest.mark.parametrize("name", ["orthogonal-pgd", "selective-pgd"])
+def test_orthogonal_step_is_orthogonal_to_the_other_gradient(name, world, digits_cnn, digits_sets):
+    """Orthogonal PGD removes the other objective's gradient from the one it follows; Selective does not."""
+    x, y = _batch(digits_sets[1], 16)
+    attack = make_attack(name, digits_cnn, defense=load_pipeline_mirror(world[2]["ln-reject"]), noise=RECIPE, eps=EPS)
+    attack._score_scale = attack._score_scale_on(x, None)
+    z = x.clone().requires_grad_(True)
+    direction, _ = attack._step_direction("evade", None, z, y, torch.Generator().manual_seed(0))
+    s = attack._state(z, y, torch.Generator().manual_seed(0))  # the same noise draws
+    g_class = torch.autograd.grad(s.model_margin.sum(), z, retain_graph=True)[0].flatten(1)
+    g_detect = torch.autograd.grad(s.flag_excess.sum(), z)[0].flatten(1)
+    right = (s.model_margin > -attack.kappa)[:, None]
+    follow, other = torch.where(right, g_class, g_detect), torch.where(right, g_detect, g_class)
+    cos = torch.nn.functional.cosine_similarity(direction.flatten(1), other, dim=1)
+    if name == "orthogonal-pgd":
+        assert cos.abs().max() < 1e-3
+        assert (torch.nn.functional.cosine_similarity(direction.flatten(1), follow, dim=1) > 0).all()
+    else:
+        assert torch.allclose(direction.flatten(1), follow, atol=1e-6)
