@@ -340,7 +340,12 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
               help="adaptive: attack through the manifest's own files; surrogate: fit an own copy of the shipped "
                    "pipelines on unused training samples and attack through it.")
 @click.option("--attacks", default="routes,defended-pgd,min-margin", show_default=True,
-              help="Defense-aware attacks: routes, defended-pgd, min-margin, evade.")
+              help="Defense-aware attacks: routes, defended-pgd, min-margin, evade, apgd-ce, apgd-dlr, apgd-t, "
+                   "orthogonal-pgd, selective-pgd, lagrangian, logit-match, or suite (the sequenced suite: each "
+                   "attack only on the samples still robust; --param 'sequence=[...]' to choose its attacks).")
+@click.option("--judge-draws", type=int, default=5, show_default=True,
+              help="Fresh noise draws each partition through a noise-reading pipeline is judged on: draws 1..R-1 "
+                   "are written as PARTITION.rK, holding only the samples no earlier draw broke.")
 @click.option("--budgets", default="16/255,8/255", show_default=True, help="L-inf budgets, pixels in [0, 1].")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Parameter for every attack, e.g. steps=100, restarts=2, eot=1 (repeatable).")
@@ -359,7 +364,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
                     defenses: str, pipelines: str | None, tier: str, attacks: str, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
-                    workdir: str | None, out: str, as_json: bool) -> None:
+                    workdir: str | None, out: str, as_json: bool, judge_draws: int) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
 
     Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
@@ -380,7 +385,8 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     from .data.noise import NoiseRecipe
     from .threat.export import export_surrogate, export_through
 
-    _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size)
+    _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size,
+              judge_draws=judge_draws)
     chosen = [a.strip() for a in attacks.split(",") if a.strip()]
     unknown = sorted(set(chosen) - set(DEFENSE_ATTACK_NAMES))
     if not chosen or unknown:
@@ -419,7 +425,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
         raise ProducerError(f"{out} has an external system's columns (external_score): attack-defenses does not "
                             "run that system; export it into a table of its own")
     common = dict(attacks=chosen, budgets=eps, samples=test_samples, noise=recipe, attack_params=attack_params,
-                  seed=seed, batch_size=batch_size, device=device, metadata=meta,
+                  seed=seed, batch_size=batch_size, device=device, metadata=meta, judge_draws=judge_draws,
                   features="features" in columns, insen="insen" in columns)
     if tier == "adaptive":
         report = export_through(model, test, specs, out=out, **common)

@@ -30,6 +30,14 @@ _DEFENSE_REGISTRY: dict[str, tuple[str, str]] = {
     "evade": ("evade", "Evade"),
     "routes": ("routes", "Routes"),
     "min-margin": ("min_margin", "MinMargin"),
+    "apgd-ce": ("apgd", "APGDCE"),
+    "apgd-dlr": ("apgd", "APGDDLR"),
+    "apgd-t": ("apgd", "APGDT"),
+    "orthogonal-pgd": ("orthogonal", "OrthogonalPGD"),
+    "selective-pgd": ("orthogonal", "SelectivePGD"),
+    "lagrangian": ("lagrangian", "Lagrangian"),
+    "logit-match": ("logit_match", "LogitMatch"),
+    "suite": ("sequence", "Suite"),
 }
 DEFENSE_ATTACK_NAMES: tuple[str, ...] = tuple(_DEFENSE_REGISTRY)
 

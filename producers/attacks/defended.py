@@ -221,16 +221,31 @@ class DefenseAttack(Attack):
                 noise = torch.rand(xs.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x_adv = torch.min(torch.max(xs + self.eps * (2 * noise - 1), lower), upper)
             sub_best, sub_found = best[rows], found[rows]
-            for _ in range(self.steps):
+            self._active_rows = rows  # which samples of the batch this run attacks (for per-sample state)
+            self._begin_run(len(rows))
+            tracker = _StallTracker(self.steps)
+            for step in range(self.steps):
                 x_adv = x_adv.detach().requires_grad_(True)
-                grad = self.input_gradient(loss_fn(x_adv, ys).sum(), x_adv)
+                grad, loss = self._step_direction(route, loss_fn, x_adv, ys, generator)
                 with torch.no_grad():
+                    tracker.update(step, loss)
                     x_adv = torch.min(torch.max(x_adv - self.alpha * grad.sign(), lower), upper)
                     # the latest success: later iterates sit further past the margins
                     hit = self.succeeded(x_adv, ys, generator, self.check_draws)
                     sub_best[hit] = x_adv[hit]
                     sub_found |= hit
             best[rows], found[rows] = sub_best, sub_found
+            self.stalled[rows] = tracker.stalled() & ~sub_found
+
+    def _begin_run(self, n: int) -> None:
+        """Hook: a PGD run on `n` samples (``self._active_rows`` of the batch) starts."""
+
+    def _step_direction(self, route: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        x_adv: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(descent direction like x_adv, per-sample loss (B,) detached) at `x_adv`; PGD steps against its sign."""
+        loss = loss_fn(x_adv, y)
+        return self.input_gradient(loss.sum(), x_adv), loss.detach()
 
     def _score_scale_on(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Spread of the detector's score on the clean batch (a unit for `score_margin`), at least 1e-6."""
@@ -245,6 +260,9 @@ class DefenseAttack(Attack):
         """Adversarial batch within `eps` of `x`: each sample's latest successful iterate, else `x` itself
         (an attack that found nothing submits the clean image)."""
         self._score_scale = self._score_scale_on(x, generator)
+        # (B,) unbroken samples whose loss stopped improving in the first half of their last run (an
+        # attack-failure indicator, Pintor et al. 2022)
+        self.stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         with torch.no_grad():
             found |= self.succeeded(x, y, generator)  # already wrong: nothing to do
@@ -276,3 +294,24 @@ def _best_other(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The highest-scoring class other than y (B,)."""
     masked = scores.detach().scatter(1, y[:, None], float("-inf"))
     return masked.argmax(dim=1)
+
+
+class _StallTracker:
+    """Best loss after the first half of a run and at its end: a loss that stopped improving early."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.half = steps, max(steps // 2, 1)
+        self.best = self.at_half = None
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float().flatten()
+        self.best = loss if self.best is None else torch.minimum(self.best, loss)
+        if step == self.half - 1:
+            self.at_half = self.best.clone()
+
+    def stalled(self) -> torch.Tensor:
+        """(B,) bool: the best loss did not improve after the first half (all False for runs under 2 steps)."""
+        if self.steps < 2 or self.at_half is None:
+            return torch.zeros(0 if self.best is None else len(self.best), dtype=torch.bool,
+                               device=None if self.best is None else self.best.device)
+        return self.best >= self.at_half - 1e-6 * self.at_half.abs()

@@ -9,6 +9,13 @@ the target model are written as partitions ``adaptive.<pipeline>.<attack>.e<ε·
 its own logit table from training samples the defender never used, fits its own copy of every shipped
 pipeline with the same recipe (`logitguard.defenses.shipped.fit_shipped`), and attacks through the copy; the
 rows are written as ``surrogate.<pipeline>.<attack>.e<ε·255>`` and judged later by the real defense.
+
+Judge draws: a randomised (noise-reading) pipeline is judged on ``judge_draws`` fresh noise draws the
+attacker never saw. Draw 0 is the partition itself; draws 1..R−1 are partitions ``<partition>.r<k>`` with the
+same images' logits and new noise queries from a generator stream of their own, holding only the samples the
+core's NumPy pipeline (`GatedDefense`) did not break on an earlier draw (threat metadata: the parent's entry
+plus ``judge_draw`` and ``judge_of``; the parent's carries ``judge_draws``). The ``suite`` attack's partition
+also records ``sequence``, ``broken_by`` (per row, by sample id) and ``indicators`` in its threat entry.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitguard.defenses.gated import ABSTAIN
+from logitguard.errors import LogitguardError
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines
+from logitguard.tables import LogitTable
 
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
@@ -36,7 +46,13 @@ TIERS = ("adaptive", "surrogate")
 DEFAULT_ATTACKS = ("routes", "defended-pgd", "min-margin")
 # The bare model has no detector or corrector: its routes are plain PGD (margin loss) and defended-pgd is
 # PGD on cross-entropy; min-margin adds nothing there.
-BARE_ATTACKS = ("routes", "defended-pgd")
+# APGD and the suite (which drops the detector-only attacks itself) measure the bare model too: the figure a
+# pipeline's gain is taken against must come from attacks as strong as the pipeline's.
+BARE_ATTACKS = ("routes", "defended-pgd", "apgd-ce", "apgd-dlr", "apgd-t", "suite")
+
+
+# Threat-entry keys an export learns only by running the attack (not compared when resuming).
+RESULT_KEYS = ("broken_by", "indicators")
 
 
 def partition_name(tier: str, pipeline: str, attack: str, eps: float) -> str:
@@ -64,6 +80,8 @@ def export_through(
     defense_files: Mapping[str, Mapping[str, str]] | None = None,
     features: bool = False,
     insen: bool = False,
+    judge_draws: int = 5,
+    judges: Mapping[str, PipelineSpec] | None = None,
     progress: bool = True,
 ) -> ExportReport:
     """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
@@ -74,6 +92,8 @@ def export_through(
     recorded as its target (surrogate copies are named after the real pipeline they stand in for);
     `defense_files` overrides the fingerprints recorded (default: the files of each spec). `features` and
     `insen` add those columns (as `export` does), so the partitions join a table that has them.
+    `judge_draws` R: noise draws each partition through a noise-reading pipeline is judged on (see module),
+    by `judges` (pipeline key -> the real pipeline's spec; default `pipelines` themselves).
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
     """
@@ -82,6 +102,8 @@ def export_through(
     unknown = sorted(set(attacks) - set(DEFENSE_ATTACK_NAMES))
     if unknown:
         raise ProducerError(f"unknown defense-aware attack(s) {unknown}; known: {list(DEFENSE_ATTACK_NAMES)}")
+    if judge_draws < 1:
+        raise ProducerError(f"judge_draws must be >= 1, got {judge_draws!r}")
     if not budgets or any(not 0 < eps <= 1 for eps in budgets):
         raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
     out, device = Path(out), torch.device(device)
@@ -105,29 +127,113 @@ def export_through(
                 except (TypeError, ValueError) as exc:
                     raise ProducerError(f"attack {attack}: {exc}") from None
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
+                draws = judge_draws if mirror.needs_noise else 1
+                if draws > 1:
+                    threat["judge_draws"] = draws
+                if hasattr(attacker, "record"):
+                    threat["sequence"] = list(attacker.names)
                 plan.append((name, attacker, {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
-                                              "threat": {name: threat}}))
+                                              "threat": {name: threat}}, key, draws))
     report = ExportReport()
     with ExportStage(out, tier) as stage:
         todo = []
-        for name, attacker, meta in plan:
-            rel = f"split={data.split}/attack={name}/shard-0-of-1.parquet"
+        for name, attacker, meta, key, draws in plan:
+            rel = _rel(data.split, name)
             state = stage.classify(rel, meta, name, rows, features=features, insen=insen)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
-                todo.append((rel, name, attacker, meta))
-        for rel, name, attacker, meta in todo:
+                todo.append((rel, name, attacker, meta, key, draws))
+            else:  # staged: so are the judge draws it got to
+                draw_rels = [_rel(data.split, f"{name}.r{k}") for k in range(1, draws)]
+                stage.files += [r for r in draw_rels if (stage.stage.path / r).exists()]
+        export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
+                      device=device, progress=progress)
+        for rel, name, attacker, meta, key, draws in todo:
             started = time.perf_counter()
-            table = export_partition(
-                model, data, rows, attack=name, attacker=attacker, noise=noise, features=features, insen=insen,
-                generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0],
-                batch_size=batch_size, device=device, metadata=meta, progress=progress)
+            recording = _Recording(attacker) if draws > 1 else attacker  # the images, for the judge draws
+            table = export_partition(rows=rows, attack=name, attacker=recording, metadata=meta,
+                                     generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0], **export)
+            judge = _judge((judges or pipelines)[key]) if draws > 1 or hasattr(attacker, "record") else None
+            broken = None if judge is None else _broken(judge, table)
+            if hasattr(attacker, "record"):
+                table = _with_record(table, name, attacker.record(), broken)
             stage.write(rel, table)
+            adv = torch.cat(recording.images) if draws > 1 else None
+            # judge draws: fresh noise on the same images, survivors only
+            for k in range(1, draws if broken is not None else 1):
+                alive = np.flatnonzero(~broken)
+                if not len(alive):
+                    break
+                draw = f"{name}.r{k}"
+                entry = {**{k_: v for k_, v in meta["threat"][name].items() if k_ not in RESULT_KEYS},
+                         "judge_draw": k, "judge_of": name}
+                draw_meta = {**meta, "attacks": {draw: meta["attacks"][name]}, "threat": {draw: entry}}
+                part = export_partition(rows=rows[alive], attack=draw, attacker=_Replay(adv[alive]), metadata=draw_meta,
+                                        generator_seed=[seed, zlib.crc32(f"{data.split}/{draw}".encode()), 0], **export)
+                broken[alive] |= _broken(judge, part)
+                stage.write(_rel(data.split, draw), part)
             report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
                                    "seconds": time.perf_counter() - started})
         report.written = stage.commit()
     return report
+
+
+def _rel(split: str, name: str) -> str:
+    return f"split={split}/attack={name}/shard-0-of-1.parquet"
+
+
+def _judge(spec: PipelineSpec) -> Any:
+    """The core's `GatedDefense` of `spec`, or None where the core cannot judge rows alone (a detector that
+    reads another column: its verdict needs that column's own files)."""
+    try:
+        return spec.build()
+    except (LogitguardError, ValueError):
+        return None
+
+
+def _broken(judge: Any, table: LogitTable) -> np.ndarray:
+    """(N,) bool: the core pipeline answers the row wrongly and does not abstain."""
+    pred = judge.predict_table(table)
+    return (pred != table.labels) & (pred != ABSTAIN)
+
+
+def _with_record(table: LogitTable, name: str, record: Mapping[str, Any], broken: np.ndarray | None) -> LogitTable:
+    """`table` with the suite's record in its threat entry; ``judge_rejected`` per attack from the core's
+    draw-0 verdicts `broken` (rows in sample-id order, as `broken_by`)."""
+    broken_by = np.asarray(record["broken_by"])
+    indicators = [{**ind, "judge_rejected": None if broken is None else int(((broken_by == i) & ~broken).sum())}
+                  for i, ind in enumerate(record["indicators"])]
+    entry = {**table.metadata["threat"][name], "sequence": record["sequence"], "broken_by": broken_by.tolist(),
+             "indicators": indicators}
+    return LogitTable(table.arrow, {**table.metadata, "threat": {**table.metadata["threat"], name: entry}})
+
+
+class _Recording:
+    """Wraps an attacker and keeps the adversarial images it returns, in order (for the judge draws)."""
+
+    def __init__(self, attacker: Any) -> None:
+        self.attacker, self.images = attacker, []
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        adv = self.attacker(images, labels, **kwargs)
+        self.images.append(adv)
+        return adv
+
+
+class _Replay:
+    """An attacker that returns stored adversarial images in order (a judge draw re-queries the same images)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.at = images, 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, generator: Any = None,
+                 on_batch: Any = None) -> torch.Tensor:
+        out = self.images[self.at:self.at + len(images)]
+        self.at += len(images)
+        if on_batch is not None:
+            on_batch(len(images))
+        return out
 
 
 def export_surrogate(
@@ -185,4 +291,4 @@ def export_surrogate(
         raise ProducerError(f"the shipped recipe has no pipeline(s) {missing} to copy")
     chosen = {name: copies[name] for name in pipelines if pipelines[name].detector or pipelines[name].corrector}
     return export_through(model, test, chosen, out=out, tier="surrogate", noise=noise, seed=seed,
-                          batch_size=batch_size, device=device, progress=progress, **through)
+                          batch_size=batch_size, device=device, progress=progress, judges=pipelines, **through)

@@ -1,0 +1,57 @@
+"""Joint hinge / Lagrangian attack: misclassify while the detector stays under its threshold by a margin.
+
+    loss = max(margin + kappa, 0) + λ · max(flag_excess + score_margin, 0)
+
+(margin: the model's classification margin, > 0 while right; flag_excess: (score − threshold) / spread,
+> 0 when flagged). Each sample has its own multiplier λ, adapted every ``update_every`` steps: doubled while
+the sample is still flagged (by the margin), divided by 1.5 when it is not, clipped to [``lambda_min``,
+``lambda_max``] — the dual ascent of the constrained problem "misclassify subject to not being flagged",
+so no single weight between the two terms has to fit every sample. Without a detector: PGD on the hinge
+of the model's margin (the corrector's where a corrector answers every row).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .defended import DefenseAttack
+
+
+class Lagrangian(DefenseAttack):
+    """Hinge Lagrangian with a per-sample adapted multiplier (see module)."""
+
+    name: ClassVar[str] = "lagrangian"
+    param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + (
+        "lambda_init", "lambda_min", "lambda_max", "update_every")
+
+    def __init__(self, model: nn.Module, *, lambda_init: float = 1.0, lambda_min: float = 0.01,
+                 lambda_max: float = 100.0, update_every: int = 5, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        if not 0 < lambda_min <= lambda_init <= lambda_max or update_every < 1:
+            raise ValueError("need 0 < lambda_min <= lambda_init <= lambda_max and update_every >= 1")
+        self.lambda_init, self.lambda_min, self.lambda_max = float(lambda_init), float(lambda_min), float(lambda_max)
+        self.update_every = int(update_every)
+
+    def routes(self):
+        return ("lagrangian",)
+
+    def _begin_run(self, n: int) -> None:
+        self._lam = torch.full((n,), self.lambda_init, dtype=torch.float64, device=self.device)
+        self._step = 0
+
+    def _step_direction(self, route, loss_fn, x_adv, y, generator):
+        s = self._state(x_adv, y, generator)
+        margin = s.model_margin if s.corrector_margin is None or s.flag_excess is not None else s.corrector_margin
+        loss = (margin + self.kappa).clamp(min=0).double()
+        if s.flag_excess is not None:
+            over = s.flag_excess.double() + self.score_margin
+            loss = loss + self._lam * over.clamp(min=0)
+            self._step += 1
+            if self._step % self.update_every == 0:
+                flagged = over.detach() > 0
+                self._lam = torch.where(flagged, self._lam * 2, self._lam / 1.5).clamp(self.lambda_min,
+                                                                                       self.lambda_max)
+        return self.input_gradient(loss.sum(), x_adv), loss.detach()
