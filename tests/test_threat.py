@@ -124,8 +124,11 @@ def test_file_sha256_is_the_plain_digest(tmp_path):
 
 def test_bare_model_worst_case_by_hand(synthetic):
     frame = threat_model_table(synthetic, {})
-    assert list(frame.columns) == ["pipeline", "threat_model", "eps", "samples", "clean_accuracy", "coverage",
-                                   "robust_accuracy", "attacks", "harm"]
+    assert list(frame.columns) == [
+        "pipeline", "threat_model", "eps", "samples", "draws",
+        "clean_accuracy", "clean_accuracy_low", "clean_accuracy_high", "coverage", "coverage_low", "coverage_high",
+        "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "robust_single_draw",
+        "harm", "harm_low", "harm_high", "no_harm", "attacks", "judge_gaps"]
     rows = _by(frame)
     # Selected samples 0-3. At 8/255 only pgd8 is in budget (pgd, fgsm are 16/255; big is 0.5): breaks 0.
     assert rows[("none", "oblivious", 8)]["robust_accuracy"] == 0.75
@@ -215,12 +218,17 @@ def test_detector_miss_table_by_hand(synthetic):
 def test_format_threat_models_is_one_line_per_pipeline_and_budget(synthetic):
     text = format_threat_models(threat_model_table(synthetic, {"gated": Fixed(GATED)}))
     lines = text.splitlines()
-    assert lines[1].split() == ["pipeline", "eps", "samples", "clean", "coverage", "transfer", "oblivious",
-                                "surrogate", "adaptive", "harm"]
+    assert re.split(r"\s{2,}", lines[1]) == ["pipeline", "eps", "samples", "draws", "clean", "coverage", "transfer",
+                                            "oblivious", "surrogate", "adaptive", "harm (points)", "no harm"]
+    # Every figure with its exact 95% interval: 3/4 -> [19.4, 99.4], 4/4 -> [39.8, 100.0], 2/4 -> [6.8, 93.2],
+    # 0/4 -> [0.0, 60.2]; harm -25 points with its paired-bootstrap interval, which does not clear 0.
     gated16 = next(line for line in lines if line.startswith("gated") and "16/255" in line)
-    assert gated16.split() == ["gated", "16/255", "4", "75.0%", "75.0%", "100.0%", "75.0%", "50.0%", "0.0%", "-25.0"]
+    assert re.split(r"\s{2,}", gated16) == [
+        "gated", "16/255", "4", "1", "75.0% [19.4, 99.4]", "75.0% [19.4, 99.4]", "100.0% [39.8, 100.0]",
+        "75.0% [19.4, 99.4]", "50.0% [6.8, 93.2]", "0.0% [0.0, 60.2]", "-25.0 [-75.0, +0.0]", "not established"]
     gated8 = next(line for line in lines if line.startswith("gated") and "8/255" in line)
-    assert gated8.split() == ["gated", "8/255", "4", "75.0%", "75.0%", "-", "75.0%", "-", "-", "-"]
+    assert re.split(r"\s{2,}", gated8) == ["gated", "8/255", "4", "1", "75.0% [19.4, 99.4]", "75.0% [19.4, 99.4]", "-",
+                                          "75.0% [19.4, 99.4]", "-", "-", "-", "-"]
 
 
 def test_threat_evaluation_needs_labels_and_clean_rows(synthetic):

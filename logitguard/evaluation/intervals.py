@@ -13,7 +13,8 @@ Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ SEED = 0
 _BLOCK_CELLS = 4_000_000  # resamples x samples per block: bounds memory (~32 MB of float64)
 
 __all__ = ["LEVEL", "RESAMPLES", "SEED", "binomial_interval", "bootstrap_counts", "paired_bootstrap_interval",
-           "stratified_bootstrap_interval"]
+           "stratified_bootstrap_interval", "with_interval"]
 
 
 def binomial_interval(k: np.ndarray | int, n: np.ndarray | int, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
@@ -108,3 +109,27 @@ def stratified_bootstrap_interval(
     alpha = 1.0 - level
     low, high = np.nanquantile(np.concatenate(values), [alpha / 2, 1 - alpha / 2], axis=0)
     return low, high
+
+
+def with_interval(record: Mapping[str, Any], name: str, *, digits: int | None = None) -> str:
+    """``record[name]`` with its interval: ``"63.4% [60.1, 66.5]"`` (a share in points), or with `digits`
+    ``"0.812 [0.790, 0.833]"``; the bare figure when ``name_low`` / ``name_high`` are absent or undefined,
+    ``"-"`` when the figure is."""
+    value, low, high = (_number(record.get(key)) for key in (name, f"{name}_low", f"{name}_high"))
+    if value is None:
+        return "-"
+    if digits is None:
+        text, bounds = f"{100 * value:.1f}%", (None if low is None or high is None
+                                               else f"[{100 * low:.1f}, {100 * high:.1f}]")
+    else:
+        text, bounds = f"{value:.{digits}f}", (None if low is None or high is None
+                                               else f"[{low:.{digits}f}, {high:.{digits}f}]")
+    return text if bounds is None else f"{text} {bounds}"
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if value != value else value
