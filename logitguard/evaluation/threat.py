@@ -211,7 +211,7 @@ class _Rows:
         self.labels = labels
         self.bare_right = argmax[self.rows] == labels[self.rows]
         self.successful = successful_attack(argmax[self.clean_rows][self.sample], argmax[self.rows], labels[self.rows])
-        size = self._size()
+        size = self.size = self._size()
         self.in_budget = {eps: size <= eps + BUDGET_TOLERANCE for eps in self.budgets}
 
     def _size(self) -> np.ndarray:
