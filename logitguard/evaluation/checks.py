@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 FAR_INSIDE = 0.5  # median linf / eps of successful rows below this: perturbations far inside the budget
 INDICATOR_KEYS = ("ran", "claimed", "judge_rejected", "stalled")
 
-__all__ = ["FAR_INSIDE", "attack_failure_indicators", "format_indicators", "format_tramer", "load_reference",
+__all__ = ["FAR_INSIDE", "TRAMER_COLUMNS", "attack_failure_indicators", "format_indicators", "format_tramer", "load_reference",
            "tramer_check"]
 
 
@@ -114,7 +114,11 @@ def tramer_check(
     out["verdict"] = np.select(
         [~has, out["implied"] > out["reference"], out["implied_high"] > out["reference"]],
         ["no reference", "exceeds", "within interval"], "plausible")
-    return out
+    return out[TRAMER_COLUMNS]
+
+
+TRAMER_COLUMNS = ["pipeline", "eps", "half_eps", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high",
+                  "implied", "implied_low", "implied_high", "basis", "reference", "reference_model", "verdict"]
 
 
 def format_tramer(check: pd.DataFrame) -> str:

@@ -48,7 +48,7 @@ NO_DEFENSE = "none"
 
 __all__ = [
     "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_COLUMNS", "THREAT_MODELS", "TIERS", "attack_eps", "detector_miss_table",
-    "file_sha256", "format_budget", "judge_draws", "format_detector_misses", "format_threat_models", "parse_budgets",
+    "file_sha256", "fill_intervals", "format_budget", "judge_draws", "format_detector_misses", "format_threat_models", "parse_budgets",
     "threat_model_table", "threat_of", "tier_attacks", "to_records",
 ]
 
@@ -346,6 +346,23 @@ THREAT_COLUMNS = [
     "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "robust_single_draw",
     "harm", "harm_low", "harm_high", "no_harm", "attacks", "judge_gaps",
 ]
+
+
+def fill_intervals(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Threat records (`to_records` of `threat_model_table`) with the exact binomial intervals of clean
+    accuracy, coverage and robust accuracy filled in where missing (records saved before intervals existed);
+    the harm interval cannot be recovered without the per-sample verdicts and stays absent."""
+    out = [dict(r) for r in records]
+    if not out:
+        return out
+    n = np.array([r.get("samples") or 0 for r in out], dtype=np.float64)
+    for column in ("clean_accuracy", "coverage", "robust_accuracy"):
+        value = np.array([np.nan if r.get(column) is None else r[column] for r in out], dtype=np.float64)
+        low, high = binomial_interval(np.rint(value * n), n)
+        for r, lo, hi, v in zip(out, low, high, value):
+            if r.get(f"{column}_low") is None and v == v:
+                r[f"{column}_low"], r[f"{column}_high"] = float(lo), float(hi)
+    return out
 
 
 def _with_intervals(frame: pd.DataFrame, robust: np.ndarray) -> pd.DataFrame:
