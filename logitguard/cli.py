@@ -426,8 +426,9 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     report = detect_path(load_detector(detector_path), table, split=split)
     rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
-        echo_json({"flagged_rate": rates,
-                   "metrics": None if metrics is None else metrics.to_dict(orient="records")})
+        from .evaluation.threat import to_records
+
+        echo_json({"flagged_rate": rates, "metrics": None if metrics is None else to_records(metrics)})
         return
     click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rates.items()))
     if metrics is not None:
