@@ -94,12 +94,19 @@ def tpr_at_fpr(clean_scores: np.ndarray, attacked_scores: np.ndarray, fpr: float
 DETECTION_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")
 
 
-def _cumulative(scores: np.ndarray, weights: np.ndarray, thresholds: np.ndarray, strict: bool = False) -> np.ndarray:
-    """Weighted count (b, T) of rows with score >= each threshold (> when `strict`); weights (b, N)."""
-    order = np.argsort(-scores, kind="stable")
-    cum = np.zeros((weights.shape[0], len(scores) + 1))
-    np.cumsum(weights[:, order], axis=1, out=cum[:, 1:])
-    return cum[:, np.searchsorted(-scores[order], -thresholds, side="left" if strict else "right")]
+class _Cumulative:
+    """Weighted counts of rows at or above thresholds: one sort and one cumulative sum (b, N + 1), read at as
+    many thresholds as needed."""
+
+    def __init__(self, scores: np.ndarray, weights: np.ndarray) -> None:
+        order = np.argsort(-scores, kind="stable")
+        self.descending = -scores[order]  # ascending negated scores, for searchsorted
+        self.cum = np.zeros((weights.shape[0], len(scores) + 1))
+        np.cumsum(weights[:, order], axis=1, out=self.cum[:, 1:])
+
+    def at(self, thresholds: np.ndarray, strict: bool = False) -> np.ndarray:
+        """(b, T): weight of rows with score >= each threshold (> when `strict`)."""
+        return self.cum[:, np.searchsorted(self.descending, -thresholds, side="left" if strict else "right")]
 
 
 def _average_precision(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -120,10 +127,11 @@ def weighted_detection_metrics(clean_scores: np.ndarray, attacked_scores: np.nda
     clean, attacked = np.asarray(clean_scores, np.float64), np.asarray(attacked_scores, np.float64)
     w0, w1 = np.atleast_2d(clean_weights), np.atleast_2d(attacked_weights)
     up = np.unique(attacked)[::-1]  # attacked scores, highest first
-    tp = _cumulative(attacked, w1, up)  # attacked rows flagged at each threshold (b, T1)
-    fp = _cumulative(clean, w0, up)  # clean rows flagged (score >= t)
-    fp_over = _cumulative(clean, w0, up, strict=True)  # clean rows above t (ties count half for AUROC)
-    p, n = tp[:, -1:], w0.sum(axis=1, keepdims=True)
+    neg, pos = _Cumulative(clean, w0), _Cumulative(attacked, w1)
+    tp = pos.at(up)  # attacked rows flagged at each threshold (b, T1)
+    fp = neg.at(up)  # clean rows flagged (score >= t)
+    fp_over = neg.at(up, strict=True)  # clean rows above t (ties count half for AUROC)
+    p, n = tp[:, -1:], neg.cum[:, -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.diff(tp, axis=1, prepend=0.0)
         auroc_ = (step * (n - (fp + fp_over) / 2)).sum(axis=1) / (p * n)[:, 0]
@@ -131,8 +139,8 @@ def weighted_detection_metrics(clean_scores: np.ndarray, attacked_scores: np.nda
         fpr_at = fp[np.arange(len(fp)), first] / n[:, 0]
         # AUPR-in: clean rows are the positives of the negated score; thresholds = clean scores, lowest first.
         down = np.unique(clean)
-        kept_clean = n - _cumulative(clean, w0, down, strict=True)  # clean rows with score <= t
-        kept_attacked = p - _cumulative(attacked, w1, down, strict=True)
+        kept_clean = n - neg.at(down, strict=True)  # clean rows with score <= t
+        kept_attacked = p - pos.at(down, strict=True)
     return np.stack([auroc_, _average_precision(kept_clean, kept_attacked), _average_precision(tp, fp), fpr_at],
                     axis=1)
 
