@@ -477,7 +477,8 @@ def test_inspect_shows_threat_models(synthetic, tmp_path):
 
 
 def test_new_core_modules_import_without_torch():
-    code = ("import sys, logitguard.evaluation.threat, logitguard.defenses.pipelines, logitguard.defenses.gated;"
+    code = ("import sys, logitguard.evaluation.threat, logitguard.defenses.pipelines, logitguard.defenses.gated,"
+            " logitguard.evaluation.checks, logitguard.evaluation.intervals;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'producers', 'torchvision'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 FAR_INSIDE = 0.5  # median linf / eps of successful rows below this: perturbations far inside the budget
 INDICATOR_KEYS = ("ran", "claimed", "judge_rejected", "stalled")
 
-__all__ = ["FAR_INSIDE", "TRAMER_COLUMNS", "attack_failure_indicators", "format_indicators", "format_tramer", "load_reference",
+__all__ = ["FAR_INSIDE", "TRAMER_COLUMNS", "attack_failure_indicators", "format_indicators", "format_tramer",
+           "load_reference",
            "tramer_check"]
 
 
@@ -62,7 +63,8 @@ def load_reference(path: str | os.PathLike | None) -> pd.DataFrame | None:
         rows = [{"model": r["model"], "eps": float(r["eps"]), "samples": int(r["samples"]),
                  "clean_accuracy": clean.get(r["model"], float("nan")),
                  "robust_selected": float(r["robust_accuracy"])}
-                for r in data.get("threat", []) if r.get("pipeline") == NO_DEFENSE and r.get("threat_model") == "adaptive"]
+                for r in data.get("threat", [])
+                if r.get("pipeline") == NO_DEFENSE and r.get("threat_model") == "adaptive"]
     except (ValueError, KeyError, TypeError) as err:
         raise LogitguardError(f"{path}: not a compare-models result ({err})") from None
     frame = pd.DataFrame(rows, columns=["model", "eps", "samples", "clean_accuracy", "robust_selected"])

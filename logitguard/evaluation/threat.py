@@ -47,9 +47,10 @@ BUDGET_TOLERANCE = 1e-6  # linf is stored as float32: 8/255 reads back as 0.0313
 NO_DEFENSE = "none"
 
 __all__ = [
-    "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_COLUMNS", "THREAT_MODELS", "TIERS", "attack_eps", "detector_miss_table",
-    "file_sha256", "fill_intervals", "format_budget", "judge_draws", "format_detector_misses", "format_threat_models", "parse_budgets",
+    "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_MODELS", "TIERS", "attack_eps", "detector_miss_table",
+    "file_sha256", "format_budget", "format_detector_misses", "format_threat_models", "parse_budgets",
     "threat_model_table", "threat_of", "tier_attacks", "to_records",
+    "THREAT_COLUMNS", "fill_intervals", "judge_draws",
 ]
 
 
@@ -372,7 +373,8 @@ def _with_intervals(frame: pd.DataFrame, robust: np.ndarray) -> pd.DataFrame:
     for column in ("clean_accuracy", "coverage", "robust_accuracy"):
         k = np.rint(frame[column].to_numpy(np.float64) * n)
         frame[f"{column}_low"], frame[f"{column}_high"] = binomial_interval(k, n)
-    bare_rows = np.flatnonzero((frame["pipeline"] == NO_DEFENSE).to_numpy() & (frame["threat_model"] == "adaptive").to_numpy())
+    bare_rows = np.flatnonzero((frame["pipeline"] == NO_DEFENSE).to_numpy()
+                               & (frame["threat_model"] == "adaptive").to_numpy())
     bare = {float(frame.at[i, "eps"]): i for i in bare_rows}
     reference = np.array([bare.get(float(e), -1) for e in frame["eps"]], dtype=np.int64)
     has = reference >= 0
