@@ -426,8 +426,9 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     report = detect_path(load_detector(detector_path), table, split=split)
     rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
-        echo_json({"flagged_rate": rates,
-                   "metrics": None if metrics is None else metrics.to_dict(orient="records")})
+        from .evaluation.threat import to_records
+
+        echo_json({"flagged_rate": rates, "metrics": None if metrics is None else to_records(metrics)})
         return
     click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rates.items()))
     if metrics is not None:
@@ -567,24 +568,40 @@ def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, fo
 @click.option("--budgets", default="8/255,16/255", show_default=True,
               help="L-inf budgets, comma-separated numbers or fractions.")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None,
+              help="A compare-models result (robust accuracy of the project's classifiers) for Tramèr's eps/2 "
+                   "check  [default: models/comparison.json beside TABLE, when present]")
 @json_option
-def threat(table: str, manifest: str, budgets: str, split: str, as_json: bool) -> None:
-    """Robust accuracy per threat model (per-sample worst case) for every pipeline, and the share of
-    successful attacks each detector misses (docs/threat-models.md)."""
+def threat(table: str, manifest: str, budgets: str, split: str, reference: str | None, as_json: bool) -> None:
+    """Robust accuracy per threat model (per-sample worst case, every figure with its 95% interval) for every
+    pipeline, the share of successful attacks each detector misses, Tramèr's eps/2 check and the
+    attack-failure indicators (docs/threat-models.md)."""
     from .defenses.pipelines import load_pipelines
-    from .tables import read_table
+    from .evaluation.checks import (attack_failure_indicators, format_indicators, format_tramer, load_reference,
+                                    tramer_check)
+    from .tables import CLEAN, read_table
     from .evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
                                     threat_model_table, to_records)
 
     eps = parse_budgets(budgets)
     specs = load_pipelines(manifest)
+    if reference is None:
+        reference = str(Path(table).resolve().parent / "models" / "comparison.json")
+    elif not Path(reference).is_file():
+        raise LogitguardError(f"no such file: {reference}")
     data = read_table(table, split=split)
     pipelines = {name: spec.build() for name, spec in specs.items()}
     detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
     results = threat_model_table(data, pipelines, budgets=eps, split=None)
     misses = detector_miss_table(data, detectors, budgets=eps, split=None)
-    emit({"threat_models": to_records(results), "detector_misses": to_records(misses)}, as_json,
-         format_threat_models(results) + "\n\n" + format_detector_misses(misses))
+    clean = data.select(attacks=CLEAN)
+    base = float((clean.logits.argmax(axis=1) == clean.labels).mean())
+    tramer = tramer_check(results, load_reference(reference), gated=list(detectors), base_accuracy=base)
+    indicators = attack_failure_indicators(data, pipelines, budgets=eps, split=None)
+    emit({"threat_models": to_records(results), "detector_misses": to_records(misses),
+          "tramer": to_records(tramer), "indicators": to_records(indicators)}, as_json,
+         "\n\n".join([format_threat_models(results), format_detector_misses(misses), format_tramer(tramer),
+                       format_indicators(indicators)]))
 
 
 @main.command("compare-models")

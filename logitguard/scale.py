@@ -648,7 +648,9 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
         scores = {loaded.kind: _ScoreLookup(frame, loaded.threshold_)}
         metrics = detection_table(_agreement_table(frame, metadata), scores, split=None)
     if as_json:
-        echo_json({"flagged_rate": rates, "metrics": None if metrics is None else metrics.to_dict(orient="records")})
+        from .evaluation.threat import to_records
+
+        echo_json({"flagged_rate": rates, "metrics": None if metrics is None else to_records(metrics)})
         return
     click.echo("flagged: " + ", ".join(f"{a} {100 * r:.1f}%" for a, r in rates.items()))
     if metrics is not None:

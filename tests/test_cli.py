@@ -199,6 +199,7 @@ def test_fit_detector_detect_train_svm_and_defend(digits_split_dir, tmp_path):
     report = json.loads(result.output)
     assert report["flagged_rate"]["fgsm"] > report["flagged_rate"]["clean"]
     assert {m["attack"] for m in report["metrics"]} == {"fgsm", "bim"}
+    assert all(m["fpr_at_95_tpr_low"] <= m["fpr_at_95_tpr"] <= m["fpr_at_95_tpr_high"] for m in report["metrics"])
     assert runner.invoke(main, ["train-svm", table, "--out", str(svm)]).exit_code == 0
     out = tmp_path / "defended"
     args = ["defend", table, "--detector", str(detector), "--corrector", str(svm), "--out", str(out)]

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from logitguard import LogitguardError, LogitTable
 from logitguard.defenses.gated import GatedDefense, load_corrector
@@ -71,6 +71,10 @@ def test_detection_table_matches_hand_computed_metrics(fitted, test_rows):
     neg, pos = msp_score(clean.logits), msp_score(attacked.logits)[hit]
     assert result["positives"] == hit.sum() and result["negatives"] == len(clean)
     assert result["auroc"] == pytest.approx(roc_auc_score(np.r_[0 * neg, 0 * pos + 1], np.r_[neg, pos]))
+    # pytorch-ood's metrics beside it, each inside its bootstrap interval.
+    assert result["aupr_out"] == pytest.approx(average_precision_score(np.r_[0 * neg, 0 * pos + 1], np.r_[neg, pos]))
+    for name in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"):
+        assert result[f"{name}_low"] <= result[name] <= result[f"{name}_high"]
     assert result["fpr_at_5"] <= 0.05 and result["fpr_at_1"] <= 0.01
     threshold = np.sort(neg)[int(np.ceil(0.95 * len(neg))) - 1]
     assert result["tpr_at_5"] == pytest.approx((pos > threshold).mean())

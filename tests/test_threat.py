@@ -124,8 +124,11 @@ def test_file_sha256_is_the_plain_digest(tmp_path):
 
 def test_bare_model_worst_case_by_hand(synthetic):
     frame = threat_model_table(synthetic, {})
-    assert list(frame.columns) == ["pipeline", "threat_model", "eps", "samples", "clean_accuracy", "coverage",
-                                   "robust_accuracy", "attacks", "harm"]
+    assert list(frame.columns) == [
+        "pipeline", "threat_model", "eps", "samples", "draws",
+        "clean_accuracy", "clean_accuracy_low", "clean_accuracy_high", "coverage", "coverage_low", "coverage_high",
+        "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "robust_single_draw",
+        "harm", "harm_low", "harm_high", "no_harm", "attacks", "judge_gaps"]
     rows = _by(frame)
     # Selected samples 0-3. At 8/255 only pgd8 is in budget (pgd, fgsm are 16/255; big is 0.5): breaks 0.
     assert rows[("none", "oblivious", 8)]["robust_accuracy"] == 0.75
@@ -215,12 +218,17 @@ def test_detector_miss_table_by_hand(synthetic):
 def test_format_threat_models_is_one_line_per_pipeline_and_budget(synthetic):
     text = format_threat_models(threat_model_table(synthetic, {"gated": Fixed(GATED)}))
     lines = text.splitlines()
-    assert lines[1].split() == ["pipeline", "eps", "samples", "clean", "coverage", "transfer", "oblivious",
-                                "surrogate", "adaptive", "harm"]
+    assert re.split(r"\s{2,}", lines[1]) == ["pipeline", "eps", "samples", "draws", "clean", "coverage", "transfer",
+                                            "oblivious", "surrogate", "adaptive", "harm (points)", "no harm"]
+    # Every figure with its exact 95% interval: 3/4 -> [19.4, 99.4], 4/4 -> [39.8, 100.0], 2/4 -> [6.8, 93.2],
+    # 0/4 -> [0.0, 60.2]; harm -25 points with its paired-bootstrap interval, which does not clear 0.
     gated16 = next(line for line in lines if line.startswith("gated") and "16/255" in line)
-    assert gated16.split() == ["gated", "16/255", "4", "75.0%", "75.0%", "100.0%", "75.0%", "50.0%", "0.0%", "-25.0"]
+    assert re.split(r"\s{2,}", gated16) == [
+        "gated", "16/255", "4", "1", "75.0% [19.4, 99.4]", "75.0% [19.4, 99.4]", "100.0% [39.8, 100.0]",
+        "75.0% [19.4, 99.4]", "50.0% [6.8, 93.2]", "0.0% [0.0, 60.2]", "-25.0 [-75.0, +0.0]", "not established"]
     gated8 = next(line for line in lines if line.startswith("gated") and "8/255" in line)
-    assert gated8.split() == ["gated", "8/255", "4", "75.0%", "75.0%", "-", "75.0%", "-", "-", "-"]
+    assert re.split(r"\s{2,}", gated8) == ["gated", "8/255", "4", "1", "75.0% [19.4, 99.4]", "75.0% [19.4, 99.4]", "-",
+                                          "75.0% [19.4, 99.4]", "-", "-", "-", "-"]
 
 
 def test_threat_evaluation_needs_labels_and_clean_rows(synthetic):
@@ -414,9 +422,15 @@ def test_threat_cli_matches_the_library(digits_split_dir, defense_files, digits_
         ("oblivious", 0.15), ("surrogate", 0.15), ("adaptive", 0.15)}
     assert {r["pipeline"] for r in report["threat_models"] if r["threat_model"] == "adaptive"} == {"none"}
     assert {r["detector"] for r in report["detector_misses"]} == {"msp-svm", "msp-reject"}
+    # Every figure carries its interval; the checks come along (no compare-models file here: no reference).
+    assert all(r["robust_accuracy_low"] <= r["robust_accuracy"] <= r["robust_accuracy_high"]
+               for r in report["threat_models"])
+    assert {r["verdict"] for r in report["tramer"]} <= {"no reference"}
+    assert {r["pipeline"] for r in report["indicators"]} == {"none"}
     text = runner.invoke(main, args)
     assert text.exit_code == 0 and "Robust accuracy per threat model" in text.output
     assert "Successful attacks the detector does not flag" in text.output
+    assert "Tramèr's ε/2 check" in text.output and "Attack-failure indicators" in text.output
 
 
 def test_threat_cli_errors_are_exact(digits_split_dir, defense_files, tmp_path):
@@ -463,7 +477,8 @@ def test_inspect_shows_threat_models(synthetic, tmp_path):
 
 
 def test_new_core_modules_import_without_torch():
-    code = ("import sys, logitguard.evaluation.threat, logitguard.defenses.pipelines, logitguard.defenses.gated;"
+    code = ("import sys, logitguard.evaluation.threat, logitguard.defenses.pipelines, logitguard.defenses.gated,"
+            " logitguard.evaluation.checks, logitguard.evaluation.intervals;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'producers', 'torchvision'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -484,3 +499,124 @@ def test_every_tier_is_measured_on_the_samples_every_partition_covers(synthetic)
 def _label_and_flags(decision):
     """(defended labels, flags) of a `Decision`."""
     return decision.label, decision.flagged
+
+
+# -- judge draws, intervals, the no-harm rule and the reviewer's checks ------------------------------
+
+PARENT = "adaptive.gated.suite.e16"
+SUITE = {"model": "adaptive", "target": "gated", "attack": "suite", "eps": E16, "sequence": ["apgd-ce", "orthogonal"],
+         "indicators": [{"ran": 4, "claimed": 2, "judge_rejected": 1, "stalled": 0},
+                        {"ran": 2, "claimed": 0, "judge_rejected": 0, "stalled": 2}]}
+# attack: (threat entry, samples present, gated verdicts per sample 0..3, linf per sample). All 4 samples are
+# selected (the bare model is right on every row here except pgd's sample 1).
+JUDGED = {
+    "clean": (None, [0, 1, 2, 3], "RRRR", 0.0),
+    "pgd": ({"model": "oblivious", "eps": E16}, [0, 1, 2, 3], "RRRR", E16),
+    "transfer-pgd": ({"model": "transfer", "eps": E16}, [0, 1, 2, 3], "RRWR", E16),
+    PARENT: ({**SUITE, "judge_draws": 3}, [0, 1, 2, 3], "WRRR", E16),  # draw 0 breaks sample 0
+    # Draw 1 holds the samples draw 0 left and breaks sample 1 with half the budget.
+    PARENT + ".r1": ({**SUITE, "judge_draw": 1, "judge_of": PARENT}, [1, 2, 3], "RWRR", E16 / 2),
+    # Draw 2 should hold samples 2 and 3 but lacks sample 2: a gap the core reports.
+    PARENT + ".r2": ({**SUITE, "judge_draw": 2, "judge_of": PARENT}, [3], "RRRR", E16),
+}
+
+
+@pytest.fixture(scope="module")
+def judged() -> LogitTable:
+    labels = np.array([0, 1, 2, 0])
+    parts = [(a, np.array(s)) for a, (_, s, _, _) in JUDGED.items()]
+    bare = {a: "RRRR" for a in JUDGED} | {"pgd": "RWRR"}
+    return LogitTable.from_arrays(
+        logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
+        sample_id=np.concatenate([s for _, s in parts]), split="test",
+        attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
+        linf=np.concatenate([np.full(len(s), JUDGED[a][3]) for a, s in parts]),
+        metadata={"threat": {a: t for a, (t, _, _, _) in JUDGED.items() if t is not None}},
+    )
+
+
+def _gated_judged() -> Fixed:
+    return Fixed({a: v for a, (_, _, v, _) in JUDGED.items()})
+
+
+def test_judge_draws_make_a_sample_robust_only_on_every_draw(judged):
+    frame = threat_model_table(judged, {"gated": _gated_judged()}, budgets=(E16,))
+    rows = _by(frame)
+    g = rows[("gated", "adaptive", 16)]
+    # Draw partitions hold fewer samples but do not shrink the sample set.
+    assert g["samples"] == 4 and g["draws"] == 3
+    # Broken: 0 (draw 0), 1 (draw 1); 2 and 3 hold (2 is missing from draw 2: counted as a gap, not as broken).
+    assert g["robust_accuracy"] == 0.5 and g["robust_single_draw"] == 0.75
+    assert g["judge_gaps"] == 1
+    assert g["attacks"] == sorted([PARENT, PARENT + ".r1", PARENT + ".r2", "pgd"])
+    # Tiers without draws say 1 and have no gaps.
+    assert rows[("gated", "oblivious", 16)]["draws"] == 1 and rows[("gated", "oblivious", 16)]["judge_gaps"] == 0
+    assert "warning: samples missing from judge draws that no earlier draw broke: gated adaptive 16/255: 1" in \
+        format_threat_models(frame)
+
+
+def test_intervals_and_the_no_harm_verdict(judged):
+    frame = threat_model_table(judged, {"gated": _gated_judged()}, budgets=(E16,))
+    rows = _by(frame)
+    g = rows[("gated", "adaptive", 16)]
+    # 2 of 4: Clopper-Pearson [0.068, 0.932].
+    assert (g["robust_accuracy_low"], g["robust_accuracy_high"]) == (pytest.approx(0.0676, abs=1e-4),
+                                                                      pytest.approx(0.9324, abs=1e-4))
+    assert g["clean_accuracy_low"] == pytest.approx(0.3976, abs=1e-4) and g["clean_accuracy_high"] == 1.0
+    # Bare model adaptive: pgd breaks sample 1, 3/4. Gated adaptive 2/4: harm -0.25, interval below 0 at the low end.
+    assert g["harm"] == pytest.approx(-0.25) and g["harm_low"] < 0 <= g["harm_high"]
+    assert g["no_harm"] == "not established"
+    # Gated oblivious holds every sample where the bare model loses sample 1: per-sample gains only, so
+    # every resample's difference is >= 0 and "does no harm" is established.
+    o = rows[("gated", "oblivious", 16)]
+    assert o["harm"] == pytest.approx(0.25) and o["harm_low"] >= 0 and o["no_harm"] == "established"
+    # The verdict follows harm_low everywhere.
+    assert ((frame["no_harm"] == "established") == (frame["harm_low"] >= 0)).all()
+
+
+def test_tramer_check_flags_an_implied_figure_above_the_best_classifier(judged, tmp_path):
+    import pandas as pd
+
+    from logitguard.evaluation.checks import format_tramer, load_reference, tramer_check
+
+    frame = threat_model_table(judged, {"gated": _gated_judged()}, budgets=(E16,))
+    reference = pd.DataFrame({"model": ["at", "at"], "eps": [E8, E16], "robust_selected": [0.4, 0.3],
+                              "robust_accuracy": [0.3, 0.2]})
+    check = tramer_check(frame, reference, gated=["gated"])
+    # gated's adaptive 50% at 16/255 implies 50% at 8/255, above the best 40% measured there (selected basis).
+    row = check.iloc[0]
+    assert (row["pipeline"], row["half_eps"], row["reference"], row["verdict"]) == ("gated", E8, 0.4, "exceeds")
+    # On the all-samples basis: 50% x 0.5 base accuracy = 25%, below 30% but its interval reaches above.
+    row = tramer_check(frame, reference, gated=["gated"], base_accuracy=0.5).iloc[0]
+    assert row["implied"] == pytest.approx(0.25) and row["verdict"] == "within interval"
+    assert tramer_check(frame, None, gated=["gated"]).iloc[0]["verdict"] == "no reference"
+    assert "no reference at 8/255" in format_tramer(tramer_check(frame, None, gated=["gated"]))
+    assert tramer_check(frame, reference, gated=[]).empty
+    # The reference file: a compare-models JSON; missing -> None.
+    assert load_reference(None) is None and load_reference(tmp_path / "missing.json") is None
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps({
+        "models": [{"model": "at", "clean_accuracy": 0.8}],
+        "threat": [{"model": "at", "pipeline": "none", "threat_model": "adaptive", "eps": E8, "samples": 10,
+                    "robust_accuracy": 0.5},
+                   {"model": "at", "pipeline": "ln-reject", "threat_model": "adaptive", "eps": E8, "samples": 10,
+                    "robust_accuracy": 0.9}]}))
+    loaded = load_reference(path)
+    assert len(loaded) == 1 and loaded.iloc[0]["robust_accuracy"] == pytest.approx(0.4)
+
+
+def test_attack_failure_indicators(judged):
+    from logitguard.evaluation.checks import attack_failure_indicators, format_indicators
+
+    frame = attack_failure_indicators(judged, {"gated": _gated_judged()}, budgets=(E16,))
+    g = frame[frame["pipeline"] == "gated"].iloc[0]
+    # The transfer attack broke sample 2, which no adaptive attack did; oblivious pgd broke nothing.
+    assert g["weaker_transfer"] == 1 and g["weaker_oblivious"] == 0
+    # Successful adaptive rows: sample 0 at the full budget, sample 1 at half of it.
+    assert g["successes"] == 2 and g["linf_ratio_median"] == pytest.approx(0.75)
+    # The producer's indicators, once per partition (the draws copy their parent's entry).
+    assert (g["ran"], g["claimed"], g["judge_rejected"], g["stalled"]) == (6, 2, 1, 2)
+    assert [d["attack"] for d in g["producer"]] == ["apgd-ce", "orthogonal"]
+    text = format_indicators(frame)
+    assert "warning: gated 16/255: 1 samples broken by the transfer tier that the adaptive attacks missed" in text
+    assert "warning: gated 16/255: 1 claimed successes the judge rejected" in text

@@ -32,8 +32,8 @@ from .gated import ABSTAIN, Decision, GatedDefense, as_corrector, check_policy
 from ..errors import LogitguardError
 from .estimator import check_logits, from_arrays
 from ..tables import CLEAN, LogitTable, read_table, table_columns, table_files
-from ..evaluation.threat import (DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, format_budget,
-                                 threat_model_table, threat_of, to_records)
+from ..evaluation.threat import (DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, fill_intervals,
+                                 format_budget, threat_model_table, threat_of, to_records)
 
 FORMAT = "logitguard.Guard"
 FORMAT_VERSION = 1
@@ -273,9 +273,10 @@ class Guard:
             "detector": None if detector is None else {
                 "kind": detector.kind, "params": detector.get_params(), "threshold": detector.threshold_,
                 "fpr": detector.fpr, "achieved_fpr": detector.achieved_fpr_,
+                **_fpr_interval(detector.achieved_fpr_, len(detector.calibration_scores_)),
                 "calibration_rows": len(detector.calibration_scores_)},
             "corrector": None if corrector is None else _corrector_name(corrector),
-            "threat": self.threat, "unmeasured": self.unmeasured, "provenance": self.provenance,
+            "threat": fill_intervals(self.threat), "unmeasured": self.unmeasured, "provenance": self.provenance,
         }
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -405,10 +406,19 @@ def _provenance(source: dict[str, Any], table: LogitTable, settings: dict[str, A
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()}
 
 
+def _fpr_interval(fpr: float, rows: int) -> dict[str, float]:
+    """``achieved_fpr_low`` / ``_high``: the exact 95% binomial interval of the FPR over the calibration rows."""
+    from ..evaluation.intervals import binomial_interval
+
+    low, high = binomial_interval(round(fpr * rows), rows)
+    return {"achieved_fpr_low": float(low), "achieved_fpr_high": float(high)}
+
+
 def format_info(info: dict[str, Any]) -> str:
     """Plain text of `Guard.info`: input, policy, detector and corrector, threat figures, provenance."""
-    from ..report.summary import percent
+    from ..evaluation.intervals import with_interval
     from ..evaluation.threat import format_threat_models
+    from ..report.summary import percent
 
     detector, corrector = info["detector"], info["corrector"]
     noise = info.get("noise") or {}
@@ -419,7 +429,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"on_flag: {info['on_flag']}",
         "detector: none (every row goes to the corrector)" if detector is None else
         f"detector: {detector['kind']}, threshold {detector['threshold']:.4g}, target FPR {percent(detector['fpr'])}, "
-        f"achieved {percent(detector['achieved_fpr'])} on {detector['calibration_rows']} clean calibration rows",
+        f"achieved {with_interval(detector, 'achieved_fpr')} on {detector['calibration_rows']} clean calibration rows",
         f"corrector: {'none' if corrector is None else corrector['name']}",
         "",
     ]

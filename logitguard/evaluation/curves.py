@@ -205,7 +205,8 @@ def _curve(table: LogitTable, sweep: SweptAttack, decisions: Mapping[str, Decisi
     records = records[records["subset"] == "full"].set_index(["attack", "defense"])
     detection = pd.DataFrame(columns=["attack", "detector"])
     if thresholds:
-        detection = detection_records(sub, {n: decisions[n].score[rows] for n in thresholds}, thresholds, parts)
+        detection = detection_records(sub, {n: decisions[n].score[rows] for n in thresholds}, thresholds, parts,
+                                      intervals=False)
     detection = detection.set_index(["attack", "detector"])
     sizes = {c: table.column(c)[rows] for c in ("linf", "l2") if c in table.columns}
     first = parts[0]

@@ -24,8 +24,9 @@ from ..defenses.corrector import LogitCorrector
 from ..defenses.detectors import Detector
 from ..defenses.gated import GatedDefense
 from ..errors import LogitguardError
-from .metrics import (attack_success_rate, auroc, clean_accuracy, coverage, robust_accuracy, successful_attack,
-                      tpr_at_fpr)
+from .intervals import with_interval
+from .metrics import (attack_success_rate, clean_accuracy, coverage, detection_metrics, robust_accuracy,
+                      successful_attack, tpr_at_fpr)
 from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable, RowKeys, pair_rows
 from .threat import NO_DEFENSE
@@ -126,7 +127,9 @@ def detection_table(
     split: str | None = "test",
     attacks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """AUROC, TPR at 1% and 5% FPR (with the FPR achieved) and the calibrated detector's rates.
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR (pytorch-ood's names, each with ``_low`` / ``_high``, its
+    95% stratified-bootstrap interval: `logitguard.evaluation.metrics.detection_metrics`), TPR at 1% and 5%
+    FPR (with the FPR achieved) and the calibrated detector's rates.
 
     Negatives are all clean rows of the split. Positives are each attack's *successful* rows: the clean
     row is classified correctly and the attacked one is not. A failed attack leaves logits that are
@@ -144,10 +147,12 @@ def detection_table(
 
 
 def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float],
-                      attacks: Sequence[str]) -> pd.DataFrame:
+                      attacks: Sequence[str], *, intervals: bool = True) -> pd.DataFrame:
     """`detection_table`'s result from per-row scores: `scores` maps each detector name to its scores (N,)
     for every row of `rows`, `thresholds` to its calibrated threshold; ``rows.values["model_label"]`` is the
-    model's argmax (it decides which attacks succeeded). What a streamed pass computes, batch by batch."""
+    model's argmax (it decides which attacks succeeded). What a streamed pass computes, batch by batch.
+    Without `intervals` the bootstrap (`detection_metrics`) is skipped and the ``_low``/``_high`` columns are
+    left out."""
     clean_index = np.flatnonzero(rows.attack == CLEAN)
     if not len(clean_index):
         rows.select(attacks=CLEAN)  # raises the TableError that names what the table has
@@ -166,7 +171,7 @@ def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], threshold
             threshold_tpr = float((scores_ > threshold).mean()) if scores_.size else float("nan")
             records.append({
                 "detector": name, "attack": attack, "positives": int(hit.sum()), "negatives": len(clean_scores),
-                "auroc": auroc(clean_scores, scores_), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
+                **detection_metrics(clean_scores, scores_, intervals=intervals), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,
                 "fpr_at_5": fpr5, "threshold_tpr": threshold_tpr, "threshold_fpr": clean_fpr,
                 "detection_accuracy": (threshold_tpr + 1.0 - clean_fpr) / 2.0,
             })
@@ -174,11 +179,17 @@ def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], threshold
 
 
 def format_detection(results: pd.DataFrame) -> str:
-    """Plain-text detector × attack table: AUROC, TPR@1%, TPR@5%, detection accuracy."""
-    headers = ["detector", "attack", "AUROC", "TPR@1%", "TPR@5%", "det. acc", "FPR (calibrated)"]
-    rows = [[r.detector, r.attack, f"{r.auroc:.3f}", percent(r.tpr_at_1), percent(r.tpr_at_5),
-             percent(r.detection_accuracy), percent(r.threshold_fpr)] for r in results.itertuples()]
-    return "\n".join(render_table(headers, rows, left=2))
+    """Plain-text detector × attack table: AUROC, AUPR-in/out and FPR@95%TPR with their 95% intervals,
+    TPR@1%, TPR@5%, detection accuracy."""
+    headers = ["detector", "attack", "AUROC", "AUPR-in", "AUPR-out", "FPR@95%TPR", "TPR@1%", "TPR@5%", "det. acc",
+               "FPR (calibrated)"]
+    records = results.to_dict(orient="records")
+    rows = [[r["detector"], r["attack"], with_interval(r, "auroc", digits=3), with_interval(r, "aupr_in", digits=3),
+             with_interval(r, "aupr_out", digits=3), with_interval(r, "fpr_at_95_tpr"), percent(r["tpr_at_1"]),
+             percent(r["tpr_at_5"]), percent(r["detection_accuracy"]), percent(r["threshold_fpr"])] for r in records]
+    return "\n".join([*render_table(headers, rows, left=2),
+                      "(95% intervals: bootstrap over rows, clean and attacked resampled apart; positives are the"
+                      " successful attacked rows)"])
 
 
 def train_per_attack(

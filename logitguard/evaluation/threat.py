@@ -30,6 +30,7 @@ import pandas as pd
 
 from ..defenses.gated import GatedDefense
 from ..errors import LogitguardError, TableError
+from .intervals import binomial_interval, paired_bootstrap_interval, with_interval
 from .metrics import ABSTAIN, successful_attack
 from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable
@@ -49,6 +50,7 @@ __all__ = [
     "BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_MODELS", "TIERS", "attack_eps", "detector_miss_table",
     "file_sha256", "format_budget", "format_detector_misses", "format_threat_models", "parse_budgets",
     "threat_model_table", "threat_of", "tier_attacks", "to_records",
+    "THREAT_COLUMNS", "fill_intervals", "judge_draws",
 ]
 
 
@@ -82,6 +84,19 @@ def attack_eps(metadata: Mapping[str, Any], attack: str) -> float | None:
     if eps is None:
         eps = (metadata.get("attacks") or {}).get(attack, {}).get("eps")
     return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def judge_draws(metadata: Mapping[str, Any], attacks: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """The judge-draw partitions among `attacks`: {partition: (parent partition, draw number k >= 1)}, from
+    the threat entries' ``judge_of`` / ``judge_draw`` (docs/threat-models.md, "Judge draws")."""
+    out = {}
+    for attack in attacks:
+        if attack == CLEAN:
+            continue
+        entry = threat_of(metadata, attack)
+        if entry.get("judge_of") is not None:
+            out[attack] = (str(entry["judge_of"]), int(entry.get("judge_draw", 1)))
+    return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -167,11 +182,15 @@ class _Rows:
         if not budgets:
             raise LogitguardError("give at least one budget")
         # Every tier is measured on the same samples: those with a row in every partition (attacks run on
-        # fewer samples, such as the adaptive ones, set the sample set for all).
-        keys = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": table.attack})
+        # fewer samples, such as the adaptive ones, set the sample set for all). Judge draws (partitions with
+        # `judge_of`) hold only the samples not broken on an earlier draw, so they do not take part.
+        self.draws = judge_draws(table.metadata, table.attacks)
+        counted = pd.Series(table.attack).where(~np.isin(table.attack, list(self.draws)))
+        keys = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": counted})
         partitions = keys.groupby(["split", "sample_id"])["attack"].transform("nunique").to_numpy()
-        if (partitions < len(table.attacks)).any():
-            table = table.take(partitions == len(table.attacks))
+        needed = len(table.attacks) - len(self.draws)
+        if (partitions < needed).any():
+            table = table.take(partitions == needed)
         self.table, self.budgets = table, tuple(float(b) for b in budgets)
         keys = pd.MultiIndex.from_arrays([table.split, table.sample_id])
         clean = np.flatnonzero(table.attack == CLEAN)
@@ -193,7 +212,7 @@ class _Rows:
         self.labels = labels
         self.bare_right = argmax[self.rows] == labels[self.rows]
         self.successful = successful_attack(argmax[self.clean_rows][self.sample], argmax[self.rows], labels[self.rows])
-        size = self._size()
+        size = self.size = self._size()
         self.in_budget = {eps: size <= eps + BUDGET_TOLERANCE for eps in self.budgets}
 
     def _size(self) -> np.ndarray:
@@ -226,6 +245,26 @@ class _Rows:
     def used(self, mask: np.ndarray) -> list[str]:
         return sorted(np.unique(self.attack[mask]).tolist())
 
+    def own(self, name: str, tier: str) -> list[str]:
+        """The tier's own attacks for pipeline `name` (`tier_attacks`: those not inherited from below)."""
+        return _tiers(self.table.metadata, self.table.attacks, name)[tier][1]
+
+    def judge_gaps(self, name: str, broken_row: np.ndarray, clean_broken: np.ndarray) -> dict[str, int]:
+        """Per judge-draw partition aimed at `name`: selected samples missing from it although neither an
+        earlier draw of the same parent (nor their clean row) broke them: rows the producer should have
+        written. `broken_row` (len(rows),) and `clean_broken` (samples,) are the pipeline's verdicts."""
+        n, gaps = self.num_samples, {}
+        for attack, (parent, k) in self.draws.items():
+            if threat_of(self.table.metadata, attack).get("target") != name:
+                continue
+            earlier = [parent, *(a for a, (p, j) in self.draws.items() if p == parent and j < k)]
+            present = np.zeros(n, bool)
+            present[self.sample[self.attack == attack]] = True
+            broken = clean_broken.copy()
+            broken[self.sample[np.isin(self.attack, earlier) & broken_row]] = True
+            gaps[attack] = int((~present & ~broken).sum())
+        return gaps
+
 
 def threat_model_table(
     table: LogitTable,
@@ -243,20 +282,37 @@ def threat_model_table(
     use the attack's metadata eps; an unbounded attack with neither is in every budget. The bare model is
     added as "none" when `pipelines` has no pipeline of that name.
 
+    Judge draws (docs/threat-models.md): partitions whose threat entry has ``judge_of`` are further draws of
+    their parent's noise; they are attacks of the parent's tier, so a sample is robust only if it holds on
+    every draw, and they do not take part in the "row in every partition" rule.
+
     Returns
     -------
     Long-form DataFrame, one row per (pipeline, threat_model, eps) where the tier has at least one row
-    of its own attacks within eps (no "adaptive" row without an adaptive attack aimed at the pipeline): ``pipeline``, ``threat_model``, ``eps``, ``samples``, ``clean_accuracy``, ``coverage``,
-    ``robust_accuracy``, ``attacks`` (the attacks with rows within eps) and ``harm`` (``robust_accuracy``
-    minus the "none" pipeline's adaptive robust accuracy at that eps: negative means the defense does
-    harm; NaN when that figure is missing).
+    of its own attacks within eps (no "adaptive" row without an adaptive attack aimed at the pipeline):
+
+    - ``pipeline``, ``threat_model``, ``eps``, ``samples``;
+    - ``draws``: the fewest judge draws (``judge_draws`` of the entry, 1 when absent) among the tier's own
+      partitions within eps;
+    - ``clean_accuracy``, ``coverage``, ``robust_accuracy``, each with ``_low`` / ``_high``: exact 95%
+      Clopper–Pearson interval over the samples;
+    - ``robust_single_draw``: robust accuracy from draw 0 alone (judge-draw partitions left out);
+    - ``harm``: ``robust_accuracy`` minus the "none" pipeline's adaptive robust accuracy at that eps (negative:
+      the defense does harm; NaN when that figure is missing), ``harm_low`` / ``harm_high`` its 95% paired
+      bootstrap interval over samples (2,000 seeded resamples, percentile);
+    - ``no_harm``: "established" when ``harm_low`` >= 0, else "not established" (None without a harm figure);
+    - ``attacks`` (the attacks with rows within eps);
+    - ``judge_gaps``: samples missing from a judge-draw partition of the tier that no earlier draw broke
+      (the producer's rule says it may leave out only broken samples; 0 when all is well).
     """
     rows = _Rows(table, split, budgets)
     t = rows.table
     if NO_DEFENSE not in pipelines:
         pipelines = {NO_DEFENSE: GatedDefense(None, None), **pipelines}
     y = t.labels[rows.clean_rows]
-    records = []
+    first_draw = ~np.isin(rows.attack, list(rows.draws))
+    entries = {a: threat_of(t.metadata, a) for a in t.attacks if a != CLEAN}
+    records, robust = [], []
     for name, defense in pipelines.items():
         pred = np.asarray(defense.predict_table(t))
         pred_clean = pred[rows.clean_rows]
@@ -264,20 +320,74 @@ def threat_model_table(
         clean_broken = (pred_clean != y) & (pred_clean != ABSTAIN)
         attacked = pred[rows.rows]
         broken_row = (attacked != rows.labels[rows.rows]) & (attacked != ABSTAIN)
+        gaps = rows.judge_gaps(name, broken_row, clean_broken)
         base = {"pipeline": name, "samples": rows.num_samples,
                 "clean_accuracy": _share(pred_clean == y), "coverage": _share(pred_clean != ABSTAIN)}
         for tier, eps, mask in rows.tiers(name):
             broken = clean_broken.copy()
             broken[rows.sample[mask & broken_row]] = True
-            records.append({**base, "threat_model": tier, "eps": eps, "robust_accuracy": _share(~broken),
-                            "attacks": rows.used(mask)})
-    columns = ["pipeline", "threat_model", "eps", "samples", "clean_accuracy", "coverage", "robust_accuracy",
-               "attacks"]
-    frame = pd.DataFrame.from_records(records, columns=columns)
-    reference = frame[(frame["pipeline"] == NO_DEFENSE) & (frame["threat_model"] == "adaptive")]
-    bare = dict(zip(reference["eps"], reference["robust_accuracy"]))
-    frame["harm"] = frame["robust_accuracy"] - frame["eps"].map(bare).astype(float)
-    return frame
+            single = clean_broken.copy()
+            single[rows.sample[mask & first_draw & broken_row]] = True
+            used = rows.used(mask)
+            own = [a for a in rows.own(name, tier) if a in used and a not in rows.draws]
+            records.append({**base, "threat_model": tier, "eps": eps,
+                            "draws": min((int(entries[a].get("judge_draws", 1)) for a in own), default=1),
+                            "robust_accuracy": _share(~broken), "robust_single_draw": _share(~single),
+                            "attacks": used, "judge_gaps": sum(gaps.get(a, 0) for a in used)})
+            robust.append(~broken)
+    frame = pd.DataFrame.from_records(records, columns=[
+        "pipeline", "threat_model", "eps", "samples", "draws", "clean_accuracy", "coverage", "robust_accuracy",
+        "robust_single_draw", "attacks", "judge_gaps"])
+    return _with_intervals(frame, np.array(robust, dtype=bool).reshape(len(frame), rows.num_samples))
+
+
+THREAT_COLUMNS = [
+    "pipeline", "threat_model", "eps", "samples", "draws",
+    "clean_accuracy", "clean_accuracy_low", "clean_accuracy_high", "coverage", "coverage_low", "coverage_high",
+    "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "robust_single_draw",
+    "harm", "harm_low", "harm_high", "no_harm", "attacks", "judge_gaps",
+]
+
+
+def fill_intervals(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Threat records (`to_records` of `threat_model_table`) with the exact binomial intervals of clean
+    accuracy, coverage and robust accuracy filled in where missing (records saved before intervals existed);
+    the harm interval cannot be recovered without the per-sample verdicts and stays absent."""
+    out = [dict(r) for r in records]
+    if not out:
+        return out
+    n = np.array([r.get("samples") or 0 for r in out], dtype=np.float64)
+    for column in ("clean_accuracy", "coverage", "robust_accuracy"):
+        value = np.array([np.nan if r.get(column) is None else r[column] for r in out], dtype=np.float64)
+        low, high = binomial_interval(np.rint(value * n), n)
+        for r, lo, hi, v in zip(out, low, high, value):
+            if r.get(f"{column}_low") is None and v == v:
+                r[f"{column}_low"], r[f"{column}_high"] = float(lo), float(hi)
+    return out
+
+
+def _with_intervals(frame: pd.DataFrame, robust: np.ndarray) -> pd.DataFrame:
+    """`frame` with the binomial intervals of its rates, harm and its paired-bootstrap interval, the no-harm
+    verdict, in `THREAT_COLUMNS` order. robust: (len(frame), samples) bool, each row's robust samples."""
+    n = frame["samples"].to_numpy(np.float64)
+    for column in ("clean_accuracy", "coverage", "robust_accuracy"):
+        k = np.rint(frame[column].to_numpy(np.float64) * n)
+        frame[f"{column}_low"], frame[f"{column}_high"] = binomial_interval(k, n)
+    bare_rows = np.flatnonzero((frame["pipeline"] == NO_DEFENSE).to_numpy()
+                               & (frame["threat_model"] == "adaptive").to_numpy())
+    bare = {float(frame.at[i, "eps"]): i for i in bare_rows}
+    reference = np.array([bare.get(float(e), -1) for e in frame["eps"]], dtype=np.int64)
+    has = reference >= 0
+    frame["harm"] = np.nan
+    frame["harm_low"], frame["harm_high"] = np.nan, np.nan
+    if has.any():
+        frame.loc[has, "harm"] = (frame["robust_accuracy"].to_numpy()[has]
+                                  - frame["robust_accuracy"].to_numpy()[reference[has]])
+        low, high = paired_bootstrap_interval(robust[has], robust[reference[has]])
+        frame.loc[has, "harm_low"], frame.loc[has, "harm_high"] = low, high
+    frame["no_harm"] = np.where(frame["harm_low"].to_numpy() >= 0, "established", "not established")
+    frame["no_harm"] = frame["no_harm"].where(frame["harm"].notna(), None)
+    return frame[THREAT_COLUMNS]
 
 
 def detector_miss_table(
@@ -338,25 +448,48 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def format_threat_models(results: pd.DataFrame) -> str:
-    """Plain text: one line per pipeline x budget; clean accuracy, coverage and robust accuracy per tier."""
+    """Plain text: one line per pipeline x budget; clean accuracy, coverage and robust accuracy per tier, each
+    with its 95% interval, the judge draws, harm with its interval and the no-harm verdict (adaptive tier).
+
+    Reads records without the interval columns too (guards saved before they existed)."""
     tiers = [t for t in TIERS if t in set(results["threat_model"])]
-    headers = ["pipeline", "eps", "samples", "clean", "coverage", *tiers, "harm"]
-    lines = []
+    records = results.to_dict(orient="records")
+    multi = any((r.get("draws") or 1) > 1 for r in records)
+    headers = ["pipeline", "eps", "samples", "draws", "clean", "coverage", *tiers,
+               *(["adaptive (draw 0)"] if multi else []), "harm (points)", "no harm"]
+    lines, gaps = [], []
     for (name, eps), group in results.groupby(["pipeline", "eps"], sort=False):
-        by = group.set_index("threat_model")
-        harm = by["harm"].get("adaptive", float("nan"))
-        first = group.iloc[0]
-        lines.append([name, format_budget(eps), str(first["samples"]), percent(first["clean_accuracy"]),
-                      percent(first["coverage"]),
-                      *(percent(by["robust_accuracy"].get(t)) for t in tiers),
-                      "-" if harm != harm else f"{100 * harm:+.1f}"])
+        by = {r["threat_model"]: r for r in group.to_dict(orient="records")}
+        top = by.get("adaptive") or by[[t for t in tiers if t in by][-1]]
+        harm = by.get("adaptive", {})
+        lines.append([name, format_budget(eps), str(top["samples"]), str(top.get("draws", 1)),
+                      with_interval(top, "clean_accuracy"), with_interval(top, "coverage"),
+                      *(with_interval(by[t], "robust_accuracy") if t in by else "-" for t in tiers),
+                      *([percent(harm.get("robust_single_draw"))] if multi else []),
+                      _points(harm), harm.get("no_harm") or "-"])
+        gaps += [f"{name} {r['threat_model']} {format_budget(eps)}: {r['judge_gaps']}" for r in by.values()
+                 if (r.get("judge_gaps") or 0) > 0]
     return "\n".join([
         "Robust accuracy per threat model (selected set: samples the bare model gets right when clean)",
         *render_table(headers, lines, left=2),
-        "(per-sample worst case over the tier's attacks within eps; a rejected attacked row counts as defended,",
-        " a rejected clean row as an error; harm: adaptive minus the undefended model's adaptive, in points;",
-        " see docs/threat-models.md)",
+        "(per-sample worst case over the tier's attacks within eps, on every judge draw; a rejected attacked row",
+        " counts as defended, a rejected clean row as an error; [95% interval]: exact binomial for rates, paired",
+        " bootstrap over samples for harm = adaptive minus the undefended model's adaptive; no harm is",
+        " established only when the interval of harm lies at or above 0; see docs/threat-models.md)",
+        *([f"warning: samples missing from judge draws that no earlier draw broke: {'; '.join(gaps)}"]
+          if gaps else []),
     ])
+
+
+def _points(record: Mapping[str, Any]) -> str:
+    """Harm in points with its interval: ``+4.2 [+1.0, +7.3]``; ``-`` when undefined."""
+    harm, low, high = (record.get(k) for k in ("harm", "harm_low", "harm_high"))
+    if harm is None or harm != harm:
+        return "-"
+    text = f"{100 * harm:+.1f}"
+    if low is None or high is None or low != low or high != high:
+        return text
+    return f"{text} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def format_detector_misses(results: pd.DataFrame) -> str:
