@@ -145,3 +145,53 @@ def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+TIER_STYLE = {"transfer": ("tab:green", ":"), "query": ("tab:purple", "-."), "oblivious": ("tab:blue", "--"),
+              "surrogate": ("tab:orange", "--"), "adaptive": ("tab:red", "-")}
+
+
+def threat_curves(threat: pd.DataFrame, path: str | os.PathLike, *, no_defense: str = "none") -> Path:
+    """Robust accuracy against the L∞ budget, one panel per pipeline and one line per measured threat model of
+    `logitguard.evaluation.threat.threat_model_table`'s frame (adaptive included, labelled with its tier); the
+    budget-0 point is the clean accuracy. 95% intervals as error bars where the frame has
+    ``robust_accuracy_low`` / ``_high``; the model alone's adaptive line is drawn grey in every panel."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(threat["pipeline"]))
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    bounds = {"robust_accuracy_low", "robust_accuracy_high"} <= set(threat.columns)
+    bare = threat[(threat["pipeline"] == no_defense) & (threat["threat_model"] == "adaptive")].sort_values("eps")
+    for ax, name in zip(axes.flat, names):
+        mine = threat[threat["pipeline"] == name]
+        clean = float(mine["clean_accuracy"].iloc[0])
+        if name != no_defense and not bare.empty:
+            ax.plot([0, *(255 * bare["eps"])], [1.0, *bare["robust_accuracy"]], color="grey", linewidth=1,
+                    label="model alone, adaptive")
+        for tier, (colour, style) in TIER_STYLE.items():
+            part = mine[mine["threat_model"] == tier].sort_values("eps")
+            if part.empty:
+                continue
+            xs = np.r_[0.0, 255 * part["eps"].to_numpy(float)]
+            ys = np.r_[clean, part["robust_accuracy"].to_numpy(float)]
+            err = None
+            if bounds:
+                low = np.r_[clean, part["robust_accuracy_low"].to_numpy(float)]
+                high = np.r_[clean, part["robust_accuracy_high"].to_numpy(float)]
+                err = np.nan_to_num(np.vstack([ys - low, high - ys]))
+            ax.errorbar(xs, ys, yerr=err, color=colour, linestyle=style, marker="o", markersize=3, capsize=2,
+                        linewidth=2.2 if tier == "adaptive" else 1.3, label=tier)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("L∞ budget ε (×1/255)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=6, loc="lower left")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("robust accuracy (selected set)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Per-sample worst case per threat model (ε = 0: clean accuracy)", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
