@@ -46,14 +46,14 @@ def describe_pipeline(entry: Mapping[str, Any] | None) -> str:
     parts = []
     if entry.get("detector") is not None:
         fpr = entry.get("fpr")
-        parts.append(f"a `{entry['detector']}` detector" + (f" at {100 * fpr:g}% false positives" if fpr else ""))
+        parts.append(f"the `{entry['detector']}` detector" + (f" at {100 * fpr:g}% false positives" if fpr else ""))
     policy = {"reject": "flagged inputs are refused",
               "agree": "a flagged input keeps the model's answer only when the corrector agrees, else is refused",
               "correct": "flagged inputs get the corrector's answer"}.get(entry.get("on_flag"), "")
     if entry.get("detector") is None and entry.get("corrector") is not None:
         policy = ("every input gets the corrector's answer" if entry.get("on_flag") == "correct"
                   else "an answer only where model and corrector agree")
-    return "; ".join([", ".join(parts) or f"a `{entry.get('corrector')}` corrector", policy]).strip("; ")
+    return "; ".join([", ".join(parts) or f"the `{entry.get('corrector')}` corrector", policy]).strip("; ")
 
 
 def _adaptive(threat: pd.DataFrame) -> pd.DataFrame:
@@ -90,10 +90,11 @@ def recommend(threat: pd.DataFrame) -> tuple[str | None, bool]:
 def _harm_words(row: Mapping[str, Any]) -> str:
     harm = cell(row, "harm", signed=True)
     if row.get("no_harm") == ESTABLISHED:
-        return f"does no harm ({harm}: the interval lies at or above zero)"
-    if row.get("harm_low") is None or row.get("harm_low") != row.get("harm_low"):
-        return f"no harm not established ({harm}; no interval measured)"
-    return f"no harm **not established** ({harm})"
+        return f"{harm}: does no harm (the interval lies at or above zero)"
+    low = row.get("harm_low")
+    if low is None or low != low:
+        return f"{harm}: no harm not established (no interval measured)"
+    return f"{harm}: no harm **not established** (the interval reaches below zero)"
 
 
 def summary_section(threat: pd.DataFrame | None, describe: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
@@ -144,7 +145,7 @@ def summary_section(threat: pd.DataFrame | None, describe: Mapping[str, Mapping[
               markdown_frame(frame, index=False), ""]
     adaptive = _adaptive(rows).set_index("eps")
     if shown != NO_DEFENSE and not adaptive.empty:
-        words = [f"at ε = {format_budget(e)} it {_harm_words(adaptive.loc[e])}" for e in budgets if e in adaptive.index]
+        words = [f"at ε = {format_budget(e)}, {_harm_words(adaptive.loc[e])}" for e in budgets if e in adaptive.index]
         lines += [f"**Against the model alone** (adaptive figure minus the model's, in points): " + "; ".join(words)
                   + ". A pipeline that only ever answers the model's label or refuses cannot lose a sample the "
                   "model keeps; what matters is the size of the gain, and most attacked inputs still get through.",
@@ -180,9 +181,9 @@ def threat_section(threat: pd.DataFrame | None, describe: Mapping[str, Mapping[s
                **{t: cell(by[t], "robust_accuracy") if t in by else "–" for t in tiers}}
         if "robust_single_draw" in threat.columns:
             row["adaptive, draw 0 only"] = percent(adaptive.get("robust_single_draw"))
-        row["harm (adaptive − model)"] = cell(adaptive, "harm", signed=True) if adaptive else "–"
+        row["harm (adaptive − model)"] = cell(adaptive, "harm", signed=True) if adaptive and name != NO_DEFENSE else "–"
         if "no_harm" in threat.columns:
-            row["no harm"] = adaptive.get("no_harm") or "–"
+            row["no harm"] = (adaptive.get("no_harm") or "–") if name != NO_DEFENSE else "–"
         table.append(row)
     order = {n: i for i, n in enumerate(dict.fromkeys(threat["pipeline"]))}
     frame = pd.DataFrame(table)
