@@ -378,7 +378,7 @@ def _report(table, data, summary, accuracy, transfer, sweep, detection, gated, f
               "Bhattacharyya coefficient BC(p, q) = Σ√(p_k q_k) between attacks' supporting-class distributions "
               "(ours):", "", markdown_frame(bc.map(lambda v: f"{v:.3f}")), "",
               "Spearman rank correlation between BC and measured transfer over ordered attack pairs "
-              "(relative: transfer divided by the target attack's own-corrector accuracy):", "",
+              "(relative: transfer divided by the evaluated attack's own-corrector accuracy):", "",
               markdown_frame(pd.DataFrame(agreement).T.rename_axis("transfer").map(_fmt)), "", ref("bhattacharyya"),
               ""]
     lines += _model_side_section(model_side, reference)
