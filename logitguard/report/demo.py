@@ -56,8 +56,8 @@ def run_demo(
     `defenses` is the manifest of saved pipelines whose threat-model figures open the report (default:
     ``defenses/defenses.json`` beside `data`; skipped with a note when absent). `log` receives one line
     per step (progress). `reference` is the seeds' published figures (``seed-figures.json`` or its folder;
-    default: ``shared/reference`` above the checkout, `logitguard.report.published.find_reference`). Returns the summary written to ``summary.json``. Refuses to replace an existing
-    report unless `overwrite`. The files are written beside `out` and added to it in one step at the end.
+    default: ``shared/reference`` above the checkout, `logitguard.report.published.find_reference`). Returns
+    the summary written to ``summary.json``. Refuses to replace an existing report unless `overwrite`. The files are written beside `out` and added to it in one step at the end.
     """
     out = Path(out)
     targets = [out / "report.md", out / "summary.json", *(out / f for f in (*FIGURES, THREAT_FIGURE) if plots)]
