@@ -118,7 +118,8 @@ CURVE_AXES = {"linf": "mean L∞ of the attacked rows", "l2": "mean L2 of the at
 def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
     """Accuracy (solid) and detection rate (dashed) against the sweep's x axis, one panel per curve of
     `logitguard.evaluation.curves.measure_curves`' result (seed 003, Fig. 14); the value-0 point is the clean
-    rows."""
+    rows. On panels over ε, the result's ``tiers`` (attacks aimed at the defenses, at their budgets) are drawn
+    as square markers labelled with their threat model."""
     plt = _pyplot()
     curves = result["curves"]
     fig, axes = plt.subplots(1, len(curves), figsize=(7.4 * len(curves), 4.2), squeeze=False)
@@ -134,6 +135,8 @@ def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
             if name in points[0]["detection_rate"]:
                 rate = [np.nan if p["detection_rate"][name] is None else p["detection_rate"][name] for p in points]
                 ax.plot(xs, rate, marker="x", linestyle="--", color=colour, label=f"detected ({name})")
+        if curve["param"] == "eps" and result["x"] in ("param", "eps", "linf"):
+            _draw_tiers(ax, result.get("tiers") or [], colours)
         ax.set_xlabel(CURVE_AXES.get(result["x"], curve["param"]))
         ax.set_ylabel("share of rows")
         ax.set_ylim(-0.03, 1.03)
@@ -145,6 +148,23 @@ def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def _draw_tiers(ax, tiers: list, colours: list) -> None:
+    """Worst-case robust accuracy of the defense-aware tiers at their budgets (square markers, dotted), each
+    labelled ``tier (defense)``; 95% intervals as error bars where present."""
+    for i, tier in enumerate(tiers):
+        points = tier["points"]
+        xs = np.array([p["eps"] for p in points], dtype=float)
+        ys = np.array([np.nan if p["robust_accuracy"] is None else p["robust_accuracy"] for p in points], dtype=float)
+        err = None
+        if all(p.get("robust_accuracy_low") is not None and p.get("robust_accuracy_high") is not None for p in points):
+            err = np.vstack([ys - [p["robust_accuracy_low"] for p in points],
+                             [p["robust_accuracy_high"] for p in points] - ys])
+        colour, _ = TIER_STYLE.get(tier["threat_model"], (colours[i % len(colours)], ":"))
+        ax.errorbar(xs, ys, yerr=err, marker="s", linestyle=":", capsize=2, color=colour,
+                    alpha=0.6 if tier["pipeline"] == "none" else 1.0,
+                    label=f"{tier['threat_model']} ({tier['pipeline']})")
 
 
 TIER_STYLE = {"transfer": ("tab:green", ":"), "query": ("tab:purple", "-."), "oblivious": ("tab:blue", "--"),
