@@ -150,7 +150,7 @@ def test_summary_claims_no_harm_only_where_the_interval_allows():
     import pandas as pd
 
     from logitguard.report.summary import format_with_interval
-    from logitguard.report.threats import recommend, summary_section
+    from logitguard.report.threats import recommend, summary_section, threat_section
 
     assert format_with_interval(0.634, 0.601, 0.665) == "63.4% [60.1, 66.5]"
     assert format_with_interval(0.634) == "63.4%" and format_with_interval(0.634, float("nan"), 0.7) == "63.4%"
@@ -180,6 +180,9 @@ def test_summary_claims_no_harm_only_where_the_interval_allows():
     assert recommend(unsure) == ("unsure", False)
     text = "\n".join(summary_section(unsure))
     assert "does no harm" not in text and "+10.0 pt [-1.0, +20.0]: no harm **not established**" in text
+    table = "\n".join(threat_section(frame))
+    assert "| pipeline | ε | clean | coverage | query | adaptive | adaptive, draw 0 only | harm (adaptive − model) | no harm |" in table
+    assert "| sure | 8/255 | 99.0% [95.0, 100.0] | 99.0% [95.0, 100.0] | 70.0% [65.0, 75.0] | 55.0% [50.0, 60.0] | 56.0% |" in table
     old = unsure.drop(columns=[c for c in unsure.columns if c.endswith(("_low", "_high")) or c == "no_harm"])
     text = "\n".join(summary_section(old))  # a table from before the intervals: no bracket, no claim
     assert "[" not in text.split("## Summary")[1] and "no interval measured" in text
@@ -191,8 +194,11 @@ def test_threat_curves_draw_every_tier(tmp_path):
 
     from logitguard.report.plots import threat_curves
 
-    frame = pd.DataFrame([{"pipeline": p, "threat_model": t, "eps": e, "clean_accuracy": 1.0, "robust_accuracy": r}
+    frame = pd.DataFrame([{"pipeline": p, "threat_model": t, "eps": e, "clean_accuracy": 1.0, "robust_accuracy": r,
+                           "robust_accuracy_low": r - 0.05, "robust_accuracy_high": r + 0.05}
                           for p in ("none", "guard") for t, r in (("oblivious", 0.6), ("adaptive", 0.4))
                           for e in (8 / 255, 16 / 255)])
     out = threat_curves(frame, tmp_path / "t.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = threat_curves(frame.drop(columns=["robust_accuracy_low", "robust_accuracy_high"]), tmp_path / "o.png")
+    assert old.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a table without intervals draws without error bars
