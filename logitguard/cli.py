@@ -788,17 +788,22 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
 @click.option("--defenses", default=None, type=click.Path(dir_okay=False),
               help="Manifest of the saved pipelines for the threat-model section  [default: "
                    "defenses/defenses.json beside --data]")
+@click.option("--reference", default=None, type=click.Path(),
+              help="The seed papers' published figures (seed-figures.json or its folder) quoted in the report  "
+                   "[default: shared/reference above the checkout]")
 @click.option("--no-plots", is_flag=True, help="Skip the figures (no matplotlib needed).")
 @click.option("--force", is_flag=True, help="Replace an existing report in --out.")
 @json_option
-def demo(data: str | None, out: str, defenses: str | None, no_plots: bool, force: bool, as_json: bool) -> None:
+def demo(data: str | None, out: str, defenses: str | None, reference: str | None, no_plots: bool, force: bool,
+         as_json: bool) -> None:
     """The main job: train, evaluate and explain everything on a table; write a Markdown report."""
     from .report.demo import run_demo
 
     data = str(default_demo_data()) if data is None else data
     claim_output(out, force, directory=True, merge=True)
     log = (lambda message: click.echo(message, err=True))
-    summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots, defenses=defenses)
+    summary = run_demo(data, out, overwrite=force, log=log, plots=not no_plots, defenses=defenses,
+                       reference=reference)
     if as_json:
         echo_json(json.loads(json.dumps(summary, default=str)))
     else:

@@ -211,3 +211,32 @@ def test_sweep_option_parsing_and_errors(model_stem, tmp_path):
                                               "--sweep", sweep_item, "--out", str(tmp_path / "t")])
         assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, \
             result.output
+
+
+def test_curves_add_the_attacks_aimed_at_a_defense_labelled_with_their_tier(swept, tmp_path):
+    """Partitions aimed at a defense (here two sweep points relabelled as adaptive attacks on `msp`) come back
+    as that defense's per-sample worst case per tier at their budgets, beside the sweep, and are drawn."""
+    from logitguard.defenses.detectors import make_detector
+    from logitguard.defenses.gated import GatedDefense
+    from logitguard.evaluation.curves import format_curves, write_curves
+    from logitguard.evaluation.threat import threat_model_table
+    from logitguard.tables.table import LogitTable
+
+    pipeline = GatedDefense(make_detector("msp", fpr=0.1).fit_table(read_table(swept, split="train")), None,
+                            on_flag="reject")
+    plain = read_table(swept, split="test")
+    assert measure_curves(plain, {"msp": pipeline})["tiers"] == []  # nothing aimed at it: no tier points
+    threat = {p: {"model": "adaptive", "target": "msp", "eps": float(e)} for p, e in zip(PARTITIONS[1:], EPS[1:])}
+    table = LogitTable(plain.arrow, {**plain.metadata, "threat": threat})
+    result = measure_curves(table, {"msp": pipeline}, sweeps=["pgd.eps"])
+    tiers = {(t["pipeline"], t["threat_model"]): t["points"] for t in result["tiers"]}
+    assert set(tiers) == {("msp", "adaptive"), ("none", "adaptive")}
+    expected = threat_model_table(table, {"msp": pipeline}, budgets=(0.1, 0.25), split=None)
+    expected = expected[(expected.pipeline == "msp") & (expected.threat_model == "adaptive")]
+    assert [p["eps"] for p in tiers[("msp", "adaptive")]] == [0.1, 0.25]
+    assert [p["robust_accuracy"] for p in tiers[("msp", "adaptive")]] == pytest.approx(
+        expected.sort_values("eps").robust_accuracy.tolist())
+    assert "Attacks aimed at the defenses" in format_curves(result)
+    pytest.importorskip("matplotlib")
+    written = write_curves(result, tmp_path / "c")
+    assert written["plot"] is None and (tmp_path / "c" / "curve.png").read_bytes()[:4] == b"\x89PNG"

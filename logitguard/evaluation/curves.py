@@ -16,6 +16,10 @@ every partition of the sweep), with for each point:
 
 The threat model is the partitions' own (``threat`` metadata): an export's sweeps are *oblivious* (aimed at
 the model, not at the defenses), or *transfer* with ``--substitute``. One curve per (sweep, threat model).
+Attacks aimed at a defense (surrogate, query, adaptive partitions whose ``target`` is one of the defenses) are
+not sweeps but run at a few budgets: where the table has them, ``tiers`` gives each defense's per-sample worst
+case per defense-aware tier at those budgets (`threat_model_table`), drawn beside the sweeps with their tier
+named, so a curve never shows only the attackers who ignore the defense.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from .._io import refuse_overwrite, staged_output
 from ..defenses.gated import Decision, GatedDefense
 from ..errors import LogitguardError
 from ..tables import CLEAN, LogitTable, RowKeys, read_keys, read_table, table_columns
-from .threat import NO_DEFENSE, format_budget, threat_of
+from .threat import NO_DEFENSE, attack_eps, format_budget, threat_of
+
+AIMED_TIERS = ("surrogate", "query", "adaptive")  # tiers whose attacks aim at a named defense
 
 CURVE_X = ("param", "eps", "linf", "l2")
 FILES = ("curve.json", "curve.png")
@@ -147,6 +153,9 @@ def curve_path(path: str | os.PathLike, defenses: Mapping[str, DefenseLike] | No
     if "noisy_logits" in present and any(_needs_noise(d) for d in (defenses or {}).values()):
         columns.append("noisy_logits")
     wanted = [CLEAN, *(p for s in found for p in s.partitions)]
+    present_attacks = list(np.unique(keys.attack))
+    if _aimed(keys.metadata, present_attacks, defenses or {}):
+        wanted = present_attacks  # a tier's worst case is over every attack of the tier, the oblivious ones too
     table = read_table(path, split=split, attacks=wanted, columns=columns)
     result = measure_curves(table, defenses, sweeps=[s.name for s in found], split=None, x=x)
     return {"table": str(path), **result, "split": split}
@@ -184,7 +193,41 @@ def measure_curves(table: LogitTable, defenses: Mapping[str, DefenseLike] | None
     curves = [_curve(table, sweep, decisions, thresholds) for sweep in found]
     return {"split": split, "x": x,
             "defenses": {NO_DEFENSE: {"kind": "model"}, **{n: _describe(d) for n, d in defenses.items()}},
-            "curves": curves}
+            "curves": curves, "tiers": _tier_points(table, defenses)}
+
+
+def _aimed(metadata: Mapping[str, Any], attacks: Sequence[str], defenses: Mapping[str, Any]) -> list[str]:
+    """The partitions of a defense-aware tier aimed at one of `defenses`."""
+    out = []
+    for attack in attacks:
+        if attack == CLEAN:
+            continue
+        threat = threat_of(metadata, attack)
+        if threat["model"] in AIMED_TIERS and threat.get("target") in defenses:
+            out.append(attack)
+    return out
+
+
+def _tier_points(table: LogitTable, defenses: Mapping[str, DefenseLike]) -> list[dict[str, Any]]:
+    """Per defense and defense-aware tier (and the bare model's adaptive tier), the per-sample worst-case robust
+    accuracy at each budget the aimed attacks ran with: ``pipeline``, ``threat_model`` and ``points``
+    [{``eps``, ``robust_accuracy`` and, where the threat table has them, ``robust_accuracy_low``/``_high``}].
+    Empty when the table has no attack aimed at the defenses."""
+    from .threat import threat_model_table
+
+    aimed = _aimed(table.metadata, table.attacks, defenses)
+    budgets = sorted({e for e in (attack_eps(table.metadata, a) for a in aimed) if e is not None})
+    if not budgets:
+        return []
+    gated = {name: d if isinstance(d, GatedDefense) else d.defense for name, d in defenses.items()}
+    frame = threat_model_table(table, gated, budgets=budgets, split=None)
+    keep = frame[frame["threat_model"].isin(AIMED_TIERS) & (frame["pipeline"] != NO_DEFENSE)
+                 | (frame["pipeline"] == NO_DEFENSE) & (frame["threat_model"] == "adaptive")]
+    extra = [c for c in ("robust_accuracy_low", "robust_accuracy_high") if c in frame.columns]
+    return [{"pipeline": name, "threat_model": tier,
+             "points": [{"eps": float(r["eps"]), **{c: _num(r[c]) for c in ("robust_accuracy", *extra)}}
+                        for r in group.sort_values("eps").to_dict(orient="records")]}
+            for (name, tier), group in keep.groupby(["pipeline", "threat_model"], sort=False)]
 
 
 def _curve(table: LogitTable, sweep: SweptAttack, decisions: Mapping[str, Decision],
@@ -268,6 +311,15 @@ def format_curves(result: Mapping[str, Any]) -> str:
                  for p in curve["points"]]
         blocks.append("\n".join([f"{curve['sweep']} ({curve['threat']}; {curve['samples']} samples)",
                                  *render_table(headers, lines, left=2)]))
+    tiers = result.get("tiers") or []
+    if tiers:
+        budgets = sorted({p["eps"] for t in tiers for p in t["points"]})
+        lines = [[t["pipeline"], t["threat_model"],
+                  *(next((percent(p["robust_accuracy"]) for p in t["points"] if p["eps"] == e), "-") for e in budgets)]
+                 for t in tiers]
+        blocks.append("\n".join(["Attacks aimed at the defenses (per-sample worst case over the tier's attacks)",
+                                 *render_table(["defense", "threat model", *(format_budget(e) for e in budgets)],
+                                               lines, left=2)]))
     return "\n\n".join(blocks) + ("\n\n(a rejected attacked row counts as defended, a rejected clean row as an error; "
                                   "detected: successful attacks flagged, on clean rows the false-positive rate)")
 

@@ -118,7 +118,8 @@ CURVE_AXES = {"linf": "mean L∞ of the attacked rows", "l2": "mean L2 of the at
 def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
     """Accuracy (solid) and detection rate (dashed) against the sweep's x axis, one panel per curve of
     `logitguard.evaluation.curves.measure_curves`' result (seed 003, Fig. 14); the value-0 point is the clean
-    rows."""
+    rows. On panels over ε, the result's ``tiers`` (attacks aimed at the defenses, at their budgets) are drawn
+    as square markers labelled with their threat model."""
     plt = _pyplot()
     curves = result["curves"]
     fig, axes = plt.subplots(1, len(curves), figsize=(7.4 * len(curves), 4.2), squeeze=False)
@@ -134,6 +135,8 @@ def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
             if name in points[0]["detection_rate"]:
                 rate = [np.nan if p["detection_rate"][name] is None else p["detection_rate"][name] for p in points]
                 ax.plot(xs, rate, marker="x", linestyle="--", color=colour, label=f"detected ({name})")
+        if curve["param"] == "eps" and result["x"] in ("param", "eps", "linf"):
+            _draw_tiers(ax, result.get("tiers") or [], colours)
         ax.set_xlabel(CURVE_AXES.get(result["x"], curve["param"]))
         ax.set_ylabel("share of rows")
         ax.set_ylim(-0.03, 1.03)
@@ -141,6 +144,73 @@ def robustness_curves(result: Mapping, path: str | os.PathLike) -> Path:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     threats = "; ".join(dict.fromkeys(c["threat"] for c in curves))
     fig.suptitle(f"Accuracy vs perturbation ({threats})", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _draw_tiers(ax, tiers: list, colours: list) -> None:
+    """Worst-case robust accuracy of the defense-aware tiers at their budgets (square markers, dotted), each
+    labelled ``tier (defense)``; 95% intervals as error bars where present."""
+    for i, tier in enumerate(tiers):
+        points = tier["points"]
+        xs = np.array([p["eps"] for p in points], dtype=float)
+        ys = np.array([np.nan if p["robust_accuracy"] is None else p["robust_accuracy"] for p in points], dtype=float)
+        err = None
+        if all(p.get("robust_accuracy_low") is not None and p.get("robust_accuracy_high") is not None for p in points):
+            err = np.vstack([ys - [p["robust_accuracy_low"] for p in points],
+                             [p["robust_accuracy_high"] for p in points] - ys])
+        colour, _ = TIER_STYLE.get(tier["threat_model"], (colours[i % len(colours)], ":"))
+        ax.errorbar(xs, ys, yerr=err, marker="s", linestyle=":", capsize=2, color=colour,
+                    alpha=0.6 if tier["pipeline"] == "none" else 1.0,
+                    label=f"{tier['threat_model']} ({tier['pipeline']})")
+
+
+TIER_STYLE = {"transfer": ("tab:green", ":"), "query": ("tab:purple", "-."), "oblivious": ("tab:blue", "--"),
+              "surrogate": ("tab:orange", "--"), "adaptive": ("tab:red", "-")}
+
+
+def threat_curves(threat: pd.DataFrame, path: str | os.PathLike, *, no_defense: str = "none") -> Path:
+    """Robust accuracy against the L∞ budget, one panel per pipeline and one line per measured threat model of
+    `logitguard.evaluation.threat.threat_model_table`'s frame (adaptive included, labelled with its tier); the
+    budget-0 point is the clean accuracy. 95% intervals as error bars where the frame has
+    ``robust_accuracy_low`` / ``_high``; the model alone's adaptive line is drawn grey in every panel."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(threat["pipeline"]))
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    bounds = {"robust_accuracy_low", "robust_accuracy_high"} <= set(threat.columns)
+    bare = threat[(threat["pipeline"] == no_defense) & (threat["threat_model"] == "adaptive")].sort_values("eps")
+    for ax, name in zip(axes.flat, names):
+        mine = threat[threat["pipeline"] == name]
+        clean = float(mine["clean_accuracy"].iloc[0])
+        if name != no_defense and not bare.empty:
+            ax.plot([0, *(255 * bare["eps"])], [1.0, *bare["robust_accuracy"]], color="grey", linewidth=1,
+                    label="model alone, adaptive")
+        for tier, (colour, style) in TIER_STYLE.items():
+            part = mine[mine["threat_model"] == tier].sort_values("eps")
+            if part.empty:
+                continue
+            xs = np.r_[0.0, 255 * part["eps"].to_numpy(float)]
+            ys = np.r_[clean, part["robust_accuracy"].to_numpy(float)]
+            err = None
+            if bounds:
+                low = np.r_[clean, part["robust_accuracy_low"].to_numpy(float)]
+                high = np.r_[clean, part["robust_accuracy_high"].to_numpy(float)]
+                err = np.nan_to_num(np.vstack([ys - low, high - ys]))
+            ax.errorbar(xs, ys, yerr=err, color=colour, linestyle=style, marker="o", markersize=3, capsize=2,
+                        linewidth=2.2 if tier == "adaptive" else 1.3, label=tier)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("L∞ budget ε (×1/255)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=6, loc="lower left")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("robust accuracy (selected set)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Per-sample worst case per threat model (ε = 0: clean accuracy)", fontsize=9)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

@@ -167,6 +167,22 @@ def percent(value: float | None) -> str:
     return "-" if value is None or value != value else f"{100 * value:.1f}%"
 
 
+def format_with_interval(x: float | None, low: float | None = None, high: float | None = None, *,
+                         signed: bool = False) -> str:
+    """A share with its 95% interval: ``"63.4% [60.1, 66.5]"`` (`percent` alone when either bound is None or
+    NaN). ``signed=True`` writes a difference in points: ``"+4.1 pt [+1.2, +7.0]"``."""
+    def undefined(v: float | None) -> bool:
+        return v is None or v != v
+
+    if undefined(x):
+        return "-"
+    if signed:
+        text = f"{100 * x:+.1f} pt"
+        return text if undefined(low) or undefined(high) else f"{text} [{100 * low:+.1f}, {100 * high:+.1f}]"
+    text = percent(x)
+    return text if undefined(low) or undefined(high) else f"{text} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
