@@ -336,11 +336,13 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
 @click.option("--defenses", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Pipeline manifest (defenses.json, from `logitguard fit-pipelines`).")
 @click.option("--pipelines", default=None, help="Comma-separated pipeline names (default: all in the manifest).")
-@click.option("--tier", type=click.Choice(["adaptive", "surrogate"]), default="adaptive", show_default=True,
+@click.option("--tier", type=click.Choice(["adaptive", "surrogate", "query"]), default="adaptive", show_default=True,
               help="adaptive: attack through the manifest's own files; surrogate: fit an own copy of the shipped "
-                   "pipelines on unused training samples and attack through it.")
-@click.option("--attacks", default="routes,defended-pgd,min-margin", show_default=True,
-              help="Defense-aware attacks: routes, defended-pgd, min-margin, evade.")
+                   "pipelines on unused training samples and attack through it; query: only query each pipeline "
+                   "as deployed (square sees scores, rays labels only; --param queries=N per sample).")
+@click.option("--attacks", default=None,
+              help="Defense-aware attacks: routes, defended-pgd, min-margin, evade [default: routes,defended-pgd,"
+                   "min-margin]; with --tier query: square, rays [default: square,rays].")
 @click.option("--budgets", default="16/255,8/255", show_default=True, help="L-inf budgets, pixels in [0, 1].")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Parameter for every attack, e.g. steps=100, restarts=2, eot=1 (repeatable).")
@@ -357,7 +359,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
               help="The table the defenses were fitted on; the new test partitions join it.")
 @json_option
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
-                    defenses: str, pipelines: str | None, tier: str, attacks: str, budgets: str,
+                    defenses: str, pipelines: str | None, tier: str, attacks: str | None, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
                     workdir: str | None, out: str, as_json: bool) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
@@ -373,18 +375,23 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from logitguard._io import check_writable
 
-    from .attacks import DEFENSE_ATTACK_NAMES
+    from .attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from .data.datasets import load_dataset
     from .export.logits import check_attack_params
     from .models.classifiers import load_model
     from .data.noise import NoiseRecipe
     from .threat.export import export_surrogate, export_through
+    from .threat.queries import DEFAULT_QUERY_ATTACKS, export_queries
 
     _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size)
+    known = QUERY_ATTACK_NAMES if tier == "query" else DEFENSE_ATTACK_NAMES
+    if attacks is None:
+        attacks = ",".join(DEFAULT_QUERY_ATTACKS) if tier == "query" else "routes,defended-pgd,min-margin"
     chosen = [a.strip() for a in attacks.split(",") if a.strip()]
-    unknown = sorted(set(chosen) - set(DEFENSE_ATTACK_NAMES))
+    unknown = sorted(set(chosen) - set(known))
     if not chosen or unknown:
-        raise ProducerError(f"--attacks takes defense-aware attacks {list(DEFENSE_ATTACK_NAMES)}, got {attacks!r}")
+        what = "query attacks" if tier == "query" else "defense-aware attacks"
+        raise ProducerError(f"--attacks takes {what} {list(known)} with --tier {tier}, got {attacks!r}")
     attack_params = {}
     for item in params:
         key, sep, raw = item.partition("=")
@@ -423,6 +430,8 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                   features="features" in columns, insen="insen" in columns)
     if tier == "adaptive":
         report = export_through(model, test, specs, out=out, **common)
+    elif tier == "query":
+        report = export_queries(model, test, specs, out=out, **common)
     else:
         work = Path(workdir) if workdir else Path(out).parent / "surrogate-work"
         report = export_surrogate(model, load_dataset(dataset, "train", root=root), test, specs, out=out,
