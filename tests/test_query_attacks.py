@@ -88,6 +88,7 @@ def test_query_counts_are_recorded_and_never_exceed_the_budget(name, world, digi
     assert used.shape == (len(x),) and used.dtype == np.int64
     assert ((used == -1) | ((used >= 1) & (used <= 25))).all()
     assert (used != -1).any()
+    assert not np.isin(used, [1, 2]).any()  # the pipeline draws noise: a wrong answer is asked 2 more times
     assert (adv - x).abs().max() <= EPS + 1e-6
     assert attack.take_queries().size == 0  # taken once
 

@@ -46,17 +46,23 @@ class QueryAttack(DefenseAttack):
         decisions equal the core's).
     eps : L-inf budget.
     queries : query budget per sample (the first query is the clean image).
+    confirm : where the pipeline draws noise, a wrong answer is asked again this many times (each a query) and
+        counts as a success only when every answer is wrong: an attacker that stops at one lucky noise draw is
+        mostly judged robust on fresh draws. Ignored (0) for a pipeline that reads no noise.
     """
 
     returns: ClassVar[str] = "labels"
-    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries")
+    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries", "confirm")
 
     def __init__(self, model: nn.Module, *, defense: nn.Module, noise: Any = None, eps: float = 16 / 255,
-                 queries: int = 1000, **runtime: Any):
+                 queries: int = 1000, confirm: int = 2, **runtime: Any):
         super().__init__(model, defense=defense, noise=noise, eps=eps, **runtime)
         if not (isinstance(queries, (int, np.integer)) and queries >= 2):
             raise ValueError(f"queries must be an integer >= 2, got {queries!r}")
+        if not (isinstance(confirm, (int, np.integer)) and confirm >= 0):
+            raise ValueError(f"confirm must be an integer >= 0, got {confirm!r}")
         self.queries = int(queries)
+        self.confirm = int(confirm)
         self._counts: list[np.ndarray] = []
 
     def params(self) -> dict[str, Any]:
@@ -103,8 +109,25 @@ class QueryAttack(DefenseAttack):
         """(adversarial images (B, C, H, W) within eps, else the clean image; queries to success (B,), -1 if none)."""
         raise NotImplementedError
 
+    def _confirmed(self, images: torch.Tensor, y: torch.Tensor, hit: torch.Tensor, spent: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """`hit` (B,) where `confirm` more answers on `images` are wrong too (B,); each re-ask adds to `spent`
+        (B,) in place, never past the budget (a claim left unconfirmed is no success)."""
+        if not self.defense.needs_noise:
+            return hit
+        ok = hit.clone()
+        for _ in range(self.confirm):
+            ok &= spent < self.queries
+            rows = ok.nonzero()[:, 0]
+            if not len(rows):
+                break
+            spent[rows] += 1
+            ok[rows] &= self.broken(self.ask(images[rows], generator), y[rows])
+        return ok
+
     def _first(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None):
-        """Query the clean images once: (answer, broken (B,), used (B,) = 1 where broken, else -1)."""
+        """Query the clean images: (answer, broken (B,), used (B,): queries to success or -1, spent (B,))."""
         answer = self.ask(x, generator)
-        hit = self.broken(answer, y)
-        return answer, hit, torch.where(hit, 1, -1)
+        spent = torch.ones(len(x), dtype=torch.long, device=x.device)
+        hit = self._confirmed(x, y, self.broken(answer, y), spent, generator)
+        return answer, hit, torch.where(hit, spent, -1), spent

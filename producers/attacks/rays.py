@@ -10,7 +10,8 @@ RayS is reported as stronger than HopSkipJump in L-inf at the same query budgets
 
 Against a pipeline (`QueryAttack`, ``returns="labels"``), "adversarial" is a wrong label that is not an
 abstention; the answer is random where the defender draws noise per query, which the attack takes as it
-comes. A sample stops as soon as a query at radius ≤ eps returns a wrong label; that image is submitted.
+comes. A sample stops as soon as a query at radius ≤ eps returns a wrong label (confirmed by ``confirm`` more
+answers where the pipeline draws noise, `QueryAttack`); that image is submitted.
 The first radius of a sample is found by a line search of ``line_steps`` radii up to 1 (the paper's 0.01 grid
 when 100), repeated for each new direction until some ray works.
 """
@@ -35,7 +36,7 @@ class RayS(QueryAttack):
 
     name = "rays"
     returns: ClassVar[str] = "labels"
-    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries", "line_steps", "tolerance")
+    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries", "confirm", "line_steps", "tolerance")
 
     def __init__(self, model: nn.Module, *, line_steps: int = 100, tolerance: float = 1e-3, **kwargs: Any):
         super().__init__(model, **kwargs)
@@ -50,8 +51,7 @@ class RayS(QueryAttack):
         b = len(x)
         dim = x[0].numel()
         dev = x.device
-        _, done, used = self._first(x, y, generator)
-        spent = torch.ones(b, dtype=torch.long, device=dev)
+        _, done, used, spent = self._first(x, y, generator)
         best = x.clone()
         direction = torch.ones(b, dim, dtype=x.dtype, device=dev)
         radius = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
@@ -120,6 +120,9 @@ class RayS(QueryAttack):
         spent[idx] += 1
         win = hit & (r[sel] <= self.eps + 1e-9)
         if win.any():
+            sub_spent = spent[idx]
+            win = self._confirmed(images, y[idx], win, sub_spent, generator)
+            spent[idx] = sub_spent
             images = torch.min(torch.max(images, xs - self.eps), xs + self.eps)  # float rounding only
             best[idx[win]] = images[win]
             used[idx[win]] = spent[idx[win]]

@@ -14,7 +14,8 @@ Algorithm (written from the paper): start from vertical stripes of ±eps (one si
 each iteration, draw a window of side s at a random place and set it to ±eps per channel, query, and keep the
 candidate when the loss improves. The window's share p of the image follows the paper's schedule, halving at
 fixed fractions of the query budget (rescaled to 10,000 queries) from ``p_init`` (0.8, AutoAttack's L-inf
-setting). A sample stops at the first answer that is a wrong, non-abstained label.
+setting). A sample stops at the first answer that is a wrong, non-abstained label (confirmed by ``confirm`` more
+answers where the pipeline draws noise, `QueryAttack`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Square(QueryAttack):
 
     name = "square"
     returns: ClassVar[str] = "scores"
-    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries", "p_init", "score_weight", "score_margin")
+    param_names: ClassVar[tuple[str, ...]] = ("eps", "queries", "confirm", "p_init", "score_weight",
+                                              "score_margin")
 
     def __init__(self, model: nn.Module, *, p_init: float = 0.8, score_weight: float = 5.0,
                  score_margin: float = 0.25, **kwargs: Any):
@@ -70,7 +72,7 @@ class Square(QueryAttack):
         b, c, h, w = x.shape
         dev, eps = x.device, self.eps
         lower, upper = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
-        answer, done, used = self._first(x, y, generator)
+        answer, done, used, spent = self._first(x, y, generator)
         spread = torch.ones((), dtype=torch.float64, device=dev)
         if answer.score is not None and b > 1:
             spread = answer.score.std().clamp(min=1e-6)
@@ -79,18 +81,16 @@ class Square(QueryAttack):
         signs = torch.randint(0, 2, (b, c, 1, w), generator=generator, device=dev).to(x.dtype) * 2 - 1
         current = torch.min(torch.max(x + eps * signs, lower), upper)
         loss = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
-        rows = (~done).nonzero()[:, 0]
-        spent = 2
+        rows = (~done & (spent < self.queries)).nonzero()[:, 0]
         self._step(current[rows], rows, y, spread, generator, current, loss, best, done, used, spent,
                    accept_all=True)
         hh = torch.arange(h, device=dev).view(1, 1, h, 1)
         ww = torch.arange(w, device=dev).view(1, 1, 1, w)
         n_iters = self.queries - 2
         for it in range(n_iters):
-            rows = (~done).nonzero()[:, 0]
+            rows = (~done & (spent < self.queries)).nonzero()[:, 0]
             if not len(rows):
                 break
-            spent += 1
             s = int(round(math.sqrt(square_fraction(self.p_init, it, n_iters) * h * w)))
             s = min(max(s, 1), h - 1, w - 1)
             n = len(rows)
@@ -105,17 +105,20 @@ class Square(QueryAttack):
 
     def _step(self, candidate: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, spread: torch.Tensor,
               generator: torch.Generator | None, current: torch.Tensor, loss: torch.Tensor, best: torch.Tensor,
-              done: torch.Tensor, used: torch.Tensor, spent: int, accept_all: bool = False) -> None:
-        """Query `candidate` (the images of `rows`); keep improvements and successes (in place)."""
+              done: torch.Tensor, used: torch.Tensor, spent: torch.Tensor, accept_all: bool = False) -> None:
+        """Query `candidate` (the images of `rows`); keep improvements and (confirmed) successes, in place."""
         if not len(rows):
             return
         ys = y[rows]
         answer = self.ask(candidate, generator)
+        spent[rows] += 1
         new = self._loss(answer, ys, spread)
         keep = torch.ones_like(new, dtype=torch.bool) if accept_all else new < loss[rows]
         current[rows[keep]] = candidate[keep]
         loss[rows[keep]] = new[keep]
-        hit = self.broken(answer, ys)
+        sub_spent = spent[rows]
+        hit = self._confirmed(candidate, ys, self.broken(answer, ys), sub_spent, generator)
+        spent[rows] = sub_spent
         best[rows[hit]] = candidate[hit]
-        used[rows[hit]] = spent
+        used[rows[hit]] = sub_spent[hit]
         done[rows[hit]] = True
