@@ -179,4 +179,5 @@ def test_cli_attack_defenses_query_tier(world, digits_cnn, tmp_path):
     name = partition_name("query", "ln-reject", "rays", EPS)
     assert table.metadata["threat"][name]["query_budget"] == 20 and len(table.metadata["threat"][name]["queries"]) == 20
     bad = CliRunner().invoke(main, [*args[:11], "--attacks", "routes", *args[13:]])
-    assert bad.exit_code == 1 and "Error: --attacks takes query attacks ['square', 'rays'] with --tier query" in bad.output
+    assert bad.exit_code == 1
+    assert "Error: --attacks takes query attacks ['square', 'rays'] with --tier query" in bad.output
