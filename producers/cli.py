@@ -336,13 +336,15 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
 @click.option("--defenses", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Pipeline manifest (defenses.json, from `logitguard fit-pipelines`).")
 @click.option("--pipelines", default=None, help="Comma-separated pipeline names (default: all in the manifest).")
-@click.option("--tier", type=click.Choice(["adaptive", "surrogate"]), default="adaptive", show_default=True,
+@click.option("--tier", type=click.Choice(["adaptive", "surrogate", "query"]), default="adaptive", show_default=True,
               help="adaptive: attack through the manifest's own files; surrogate: fit an own copy of the shipped "
-                   "pipelines on unused training samples and attack through it.")
-@click.option("--attacks", default="routes,defended-pgd,min-margin", show_default=True,
+                   "pipelines on unused training samples and attack through it; query: only query each pipeline "
+                   "as deployed (square sees scores, rays labels only; --param queries=N per sample).")
+@click.option("--attacks", default=None,
               help="Defense-aware attacks: routes, defended-pgd, min-margin, evade, apgd-ce, apgd-dlr, apgd-t, "
                    "orthogonal-pgd, selective-pgd, lagrangian, logit-match, or suite (the sequenced suite: each "
-                   "attack only on the samples still robust; --param 'sequence=[...]' to choose its attacks).")
+                   "attack only on the samples still robust; --param 'sequence=[...]' to choose its attacks) "
+                   "[default: routes,defended-pgd,min-margin]; with --tier query: square, rays [default: both].")
 @click.option("--judge-draws", type=int, default=5, show_default=True,
               help="Fresh noise draws each partition through a noise-reading pipeline is judged on: draws 1..R-1 "
                    "are written as PARTITION.rK, holding only the samples no earlier draw broke.")
@@ -362,7 +364,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
               help="The table the defenses were fitted on; the new test partitions join it.")
 @json_option
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
-                    defenses: str, pipelines: str | None, tier: str, attacks: str, budgets: str,
+                    defenses: str, pipelines: str | None, tier: str, attacks: str | None, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
                     workdir: str | None, out: str, as_json: bool, judge_draws: int) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
@@ -378,19 +380,24 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from logitguard._io import check_writable
 
-    from .attacks import DEFENSE_ATTACK_NAMES
+    from .attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from .data.datasets import load_dataset
     from .export.logits import check_attack_params
     from .models.classifiers import load_model
     from .data.noise import NoiseRecipe
     from .threat.export import export_surrogate, export_through
+    from .threat.queries import DEFAULT_QUERY_ATTACKS, export_queries
 
     _positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size,
               judge_draws=judge_draws)
+    known = QUERY_ATTACK_NAMES if tier == "query" else DEFENSE_ATTACK_NAMES
+    if attacks is None:
+        attacks = ",".join(DEFAULT_QUERY_ATTACKS) if tier == "query" else "routes,defended-pgd,min-margin"
     chosen = [a.strip() for a in attacks.split(",") if a.strip()]
-    unknown = sorted(set(chosen) - set(DEFENSE_ATTACK_NAMES))
+    unknown = sorted(set(chosen) - set(known))
     if not chosen or unknown:
-        raise ProducerError(f"--attacks takes defense-aware attacks {list(DEFENSE_ATTACK_NAMES)}, got {attacks!r}")
+        what = "query attacks" if tier == "query" else "defense-aware attacks"
+        raise ProducerError(f"--attacks takes {what} {list(known)} with --tier {tier}, got {attacks!r}")
     attack_params = {}
     for item in params:
         key, sep, raw = item.partition("=")
@@ -429,6 +436,8 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                   features="features" in columns, insen="insen" in columns)
     if tier == "adaptive":
         report = export_through(model, test, specs, out=out, **common)
+    elif tier == "query":
+        report = export_queries(model, test, specs, out=out, **common)
     else:
         work = Path(workdir) if workdir else Path(out).parent / "surrogate-work"
         report = export_surrogate(model, load_dataset(dataset, "train", root=root), test, specs, out=out,

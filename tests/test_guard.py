@@ -60,7 +60,7 @@ def test_the_guard_records_what_it_was_measured_under(guard, digits_split_table)
     assert 0 < info["detector"]["achieved_fpr"] <= 0.05
     models = {(r["pipeline"], r["threat_model"]) for r in info["threat"]}
     assert ("guard", "oblivious") in models and ("none", "oblivious") in models
-    assert set(info["unmeasured"]) == {"transfer", "surrogate", "adaptive"}
+    assert set(info["unmeasured"]) == {"transfer", "query", "surrogate", "adaptive"}
     # Outside the budgets nothing is measured, and the guard says why.
     narrow = Guard.fit(digits_split_table, detector="msp", fpr=0.05, budgets=(0.05,))
     assert narrow.unmeasured["oblivious"] == "no oblivious attack within the budgets (0.05)"
@@ -107,7 +107,7 @@ def test_a_guard_from_the_shipped_pipeline_carries_its_adaptive_figures():
     want = {(r.threat_model, r.eps): r.robust_accuracy for r in expected.itertuples() if r.pipeline == "ln-reject"}
     assert set(got) == set(want) and {m for m, _ in got} == {"transfer", "oblivious", "surrogate", "adaptive"}
     assert all(got[k] == pytest.approx(want[k]) for k in got)
-    assert guard.unmeasured == {}
+    assert set(guard.unmeasured) <= {"query"}  # until data/ carries query partitions (issue 19)
     # Decisions on the embedded rows equal the pipeline's own.
     rows = table.select(attacks=["clean", "pgd"])
     np.testing.assert_array_equal(guard.check(rows.logits, rows.noisy_logits).label,

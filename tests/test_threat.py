@@ -85,7 +85,7 @@ def _by(frame):
 
 
 def test_threat_of_defaults_to_oblivious_and_checks_the_model(synthetic):
-    assert THREAT_MODELS == ("oblivious", "transfer", "surrogate", "adaptive")
+    assert THREAT_MODELS == ("oblivious", "transfer", "query", "surrogate", "adaptive")
     assert threat_of({}, "pgd") == {"model": "oblivious"}
     assert threat_of(synthetic.metadata, "routes") == {"model": "adaptive", "target": "gated"}
     with pytest.raises(LogitguardError, match=re.escape(

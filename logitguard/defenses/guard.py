@@ -195,7 +195,7 @@ class Guard:
                 why = f"no {model} attack against this guard's files in the table"
             else:
                 why = f"no {model} attack in the table"
-            if model in ("surrogate", "adaptive"):
+            if model in ("surrogate", "adaptive", "query"):
                 why += "; attack them with `logitguard-produce attack-defenses` (docs/threat-models.md)"
             self.unmeasured[model] = why
         return self

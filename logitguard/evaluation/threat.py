@@ -39,9 +39,9 @@ if TYPE_CHECKING:
     from ..defenses.detectors import Detector
     from .evaluate import Defense
 
-THREAT_MODELS = ("oblivious", "transfer", "surrogate", "adaptive")
+THREAT_MODELS = ("oblivious", "transfer", "query", "surrogate", "adaptive")
 # Report order: from the attacker who knows least about the deployed system to the one who knows most.
-TIERS = ("transfer", "oblivious", "surrogate", "adaptive")
+TIERS = ("transfer", "query", "oblivious", "surrogate", "adaptive")
 DEFAULT_BUDGETS = (8 / 255, 16 / 255)
 BUDGET_TOLERANCE = 1e-6  # linf is stored as float32: 8/255 reads back as 0.03137255
 NO_DEFENSE = "none"
@@ -124,7 +124,8 @@ def tier_attacks(metadata: Mapping[str, Any], attacks: Sequence[str], pipeline: 
 
 
 def _tiers(metadata: Mapping[str, Any], attacks: Sequence[str], pipeline: str) -> dict[str, tuple[list, list]]:
-    """Per tier with attacks of its own: (every attack of the tier, its own attacks)."""
+    """Per tier with attacks of its own: (every attack of the tier, its own attacks). query = the query attacks
+    aimed at `pipeline`; adaptive also takes them in (see `tier_attacks`)."""
     models = {a: threat_of(metadata, a) for a in attacks if a != CLEAN}
 
     def of(model: str, aimed: bool = False) -> list[str]:
@@ -132,11 +133,14 @@ def _tiers(metadata: Mapping[str, Any], attacks: Sequence[str], pipeline: str) -
 
     oblivious = of("oblivious")
     surrogate, adaptive = of("surrogate", aimed=True), of("adaptive", aimed=True)
+    query = of("query", aimed=True)
     bare = oblivious if pipeline == NO_DEFENSE else []  # the bare model's attacker always knows all of it
     parts = {"transfer": (of("transfer"), of("transfer")),
+             "query": (query, query),
              "oblivious": (oblivious, oblivious),
              "surrogate": (oblivious + surrogate, bare + surrogate),
-             "adaptive": (oblivious + surrogate + adaptive, bare + adaptive)}
+             # the attacker with the files can also query the deployed pipeline
+             "adaptive": (oblivious + surrogate + query + adaptive, bare + adaptive)}
     return {tier: part for tier, part in parts.items() if part[1]}
 
 

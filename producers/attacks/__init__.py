@@ -40,12 +40,19 @@ _DEFENSE_REGISTRY: dict[str, tuple[str, str]] = {
     "suite": ("sequence", "Suite"),
 }
 DEFENSE_ATTACK_NAMES: tuple[str, ...] = tuple(_DEFENSE_REGISTRY)
+# Attacks that only query a pipeline as deployed (threat model ``query``): no gradients; they take ``defense=``,
+# ``noise=`` and ``queries=`` (the budget per sample) and record the queries each success took.
+_QUERY_REGISTRY: dict[str, tuple[str, str]] = {
+    "square": ("square", "Square"),
+    "rays": ("rays", "RayS"),
+}
+QUERY_ATTACK_NAMES: tuple[str, ...] = tuple(_QUERY_REGISTRY)
 
 
 def attack_class(name: str) -> type[Attack]:
     """The class registered as `name`."""
     try:
-        module, cls = {**_REGISTRY, **_DEFENSE_REGISTRY}[name]
+        module, cls = {**_REGISTRY, **_DEFENSE_REGISTRY, **_QUERY_REGISTRY}[name]
     except KeyError:
         raise ProducerError(f"unknown attack {name!r}; known: {list(ATTACK_NAMES)} or art:<ClassName>") from None
     return getattr(import_module(f".{module}", __name__), cls)
@@ -60,4 +67,4 @@ def make_attack(name: str, model: nn.Module, **params: Any) -> Attack:
     return attack_class(name)(model, **params)
 
 
-__all__ = ["ATTACK_NAMES", "DEFENSE_ATTACK_NAMES", "Attack", "attack_class", "make_attack"]
+__all__ = ["ATTACK_NAMES", "DEFENSE_ATTACK_NAMES", "QUERY_ATTACK_NAMES", "Attack", "attack_class", "make_attack"]

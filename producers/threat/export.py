@@ -52,7 +52,9 @@ BARE_ATTACKS = ("routes", "defended-pgd", "apgd-ce", "apgd-dlr", "apgd-t", "suit
 
 
 # Threat-entry keys an export learns only by running the attack (not compared when resuming).
-RESULT_KEYS = ("broken_by", "indicators")
+# Threat-entry keys that are results of a run (the suite's record, a query attack's counts), not settings:
+# judge draw partitions leave them out.
+RESULT_KEYS = ("broken_by", "indicators", "queries", "median_queries")
 
 
 def partition_name(tier: str, pipeline: str, attack: str, eps: float) -> str:
@@ -145,38 +147,59 @@ def export_through(
             elif state == "todo":
                 todo.append((rel, name, attacker, meta, key, draws))
             else:  # staged: so are the judge draws it got to
-                draw_rels = [_rel(data.split, f"{name}.r{k}") for k in range(1, draws)]
-                stage.files += [r for r in draw_rels if (stage.stage.path / r).exists()]
+                stage.files += staged_draws(stage, data.split, name, draws)
         export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
                       device=device, progress=progress)
         for rel, name, attacker, meta, key, draws in todo:
             started = time.perf_counter()
-            recording = _Recording(attacker) if draws > 1 else attacker  # the images, for the judge draws
-            table = export_partition(rows=rows, attack=name, attacker=recording, metadata=meta,
-                                     generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0], **export)
-            judge = _judge((judges or pipelines)[key]) if draws > 1 or hasattr(attacker, "record") else None
-            broken = None if judge is None else _broken(judge, table)
-            if hasattr(attacker, "record"):
-                table = _with_record(table, name, attacker.record(), broken)
-            stage.write(rel, table)
-            adv = torch.cat(recording.images) if draws > 1 else None
-            # judge draws: fresh noise on the same images, survivors only
-            for k in range(1, draws if broken is not None else 1):
-                alive = np.flatnonzero(~broken)
-                if not len(alive):
-                    break
-                draw = f"{name}.r{k}"
-                entry = {**{k_: v for k_, v in meta["threat"][name].items() if k_ not in RESULT_KEYS},
-                         "judge_draw": k, "judge_of": name}
-                draw_meta = {**meta, "attacks": {draw: meta["attacks"][name]}, "threat": {draw: entry}}
-                part = export_partition(rows=rows[alive], attack=draw, attacker=_Replay(adv[alive]), metadata=draw_meta,
-                                        generator_seed=[seed, zlib.crc32(f"{data.split}/{draw}".encode()), 0], **export)
-                broken[alive] |= _broken(judge, part)
-                stage.write(_rel(data.split, draw), part)
+
+            def finish(table: LogitTable, broken: np.ndarray | None, attacker: Any = attacker, name: str = name):
+                return _with_record(table, name, attacker.record(), broken) if hasattr(attacker, "record") else table
+
+            export_judged(stage, name=name, attacker=attacker, meta=meta, rows=rows, seed=seed, draws=draws,
+                          judge=(judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None,
+                          finish=finish, **export)
             report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
                                    "seconds": time.perf_counter() - started})
         report.written = stage.commit()
     return report
+
+
+def export_judged(stage: ExportStage, *, name: str, attacker: Any, meta: dict[str, Any], rows: np.ndarray, seed: int,
+                  draws: int, judge: PipelineSpec | None, finish: Any, data: ImageSet, **export: Any) -> None:
+    """Stage partition `name` (the attacker's images through the model, one fresh noise draw), then its judge
+    draws 1..`draws`-1 (see module): the same images with fresh noise, each holding only the samples that the
+    core's pipeline `judge` did not break on an earlier draw. ``finish(table, broken)`` adds the attack's own
+    results (the suite's record, the queries it took) to the partition's threat entry; draw partitions carry
+    the planned entry without them."""
+    recording = _Recording(attacker) if draws > 1 else attacker  # the images, for the judge draws
+    table = export_partition(rows=rows, attack=name, attacker=recording, metadata=meta, data=data,
+                             generator_seed=[seed, zlib.crc32(f"{data.split}/{name}".encode()), 0], **export)
+    judged = None if judge is None else _judge(judge)
+    broken = None if judged is None else _broken(judged, table)
+    stage.write(_rel(data.split, name), finish(table, broken))
+    if draws < 2 or broken is None:
+        return
+    adv = torch.cat(recording.images)
+    for k in range(1, draws):
+        alive = np.flatnonzero(~broken)
+        if not len(alive):
+            break
+        draw = f"{name}.r{k}"
+        entry = {**{key: v for key, v in meta["threat"][name].items() if key not in RESULT_KEYS},
+                 "judge_draw": k, "judge_of": name}
+        draw_meta = {**meta, "attacks": {draw: meta["attacks"][name]}, "threat": {draw: entry}}
+        part = export_partition(rows=rows[alive], attack=draw, attacker=_Replay(adv[alive]), metadata=draw_meta,
+                                data=data, generator_seed=[seed, zlib.crc32(f"{data.split}/{draw}".encode()), 0],
+                                **export)
+        broken[alive] |= _broken(judged, part)
+        stage.write(_rel(data.split, draw), part)
+
+
+def staged_draws(stage: ExportStage, split: str, name: str, draws: int) -> list[str]:
+    """The judge draws of `name` that an interrupted run staged (a resumed run commits them with it)."""
+    rels = [_rel(split, f"{name}.r{k}") for k in range(1, draws)]
+    return [r for r in rels if (stage.stage.path / r).exists()]
 
 
 def _rel(split: str, name: str) -> str:

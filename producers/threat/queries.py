@@ -1,0 +1,159 @@
+"""Export the ``query`` threat model: attacks that only query each pipeline as deployed.
+
+Each pipeline of a manifest is deployed behind its mirror (decisions equal to the core's) and attacked by the
+query attacks (`producers.attacks.QUERY_ATTACK_NAMES`: ``square`` sees scores, ``rays`` labels only) with a
+query budget per sample. Partitions are ``query.<pipeline>.<attack>.e<ε·255>``; their threat entry records
+what the service returned and how many queries each success took:
+
+    {"model": "query", "target": "ln-reject", "attack": "square", "eps": 0.0627, "returns": "scores",
+     "query_budget": 1000, "queries": [12, -1, ...], "median_queries": 41.0}
+
+``queries`` is aligned with the partition's rows sorted by sample_id (-1 = not broken), ``median_queries`` is
+over the broken ones (null when none). A service that returns scores can be attacked both ways, so running
+``square`` and ``rays`` on one pipeline shows what returning scores costs the defender.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from logitguard.defenses.pipelines import PipelineSpec
+from logitguard.tables import METADATA_KEY, LogitTable
+
+from ..attacks import QUERY_ATTACK_NAMES, make_attack
+from ..data.datasets import ImageSet
+from ..data.noise import NoiseRecipe
+from ..errors import ProducerError
+from ..export.logits import ExportReport, ExportStage, select_samples
+from ..models.classifiers import ImageClassifier
+from .export import export_judged, partition_name, staged_draws
+from .mirrors import load_pipeline_mirror
+
+TIER = "query"
+DEFAULT_QUERY_ATTACKS = ("square", "rays")
+# Threat-entry keys that are results of the run, not settings: a rerun does not compare them.
+RESULT_KEYS = ("queries", "median_queries")
+
+
+def export_queries(
+    model: ImageClassifier,
+    data: ImageSet,
+    pipelines: Mapping[str, PipelineSpec],
+    *,
+    out: str | Path,
+    attacks: Sequence[str] = DEFAULT_QUERY_ATTACKS,
+    budgets: Sequence[float] = (16 / 255, 8 / 255),
+    samples: int | None = 1000,
+    noise: NoiseRecipe | None,
+    attack_params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+    metadata: Mapping[str, Any] | None = None,
+    features: bool = False,
+    insen: bool = False,
+    judge_draws: int = 5,
+    progress: bool = True,
+) -> ExportReport:
+    """Query-attack every pipeline at every budget with every attack; one partition each (see module).
+
+    Samples, staging, resuming and judge draws as `producers.threat.export.export_through`. `attack_params`
+    apply to every attack (``queries``, …).
+    """
+    unknown = sorted(set(attacks) - set(QUERY_ATTACK_NAMES))
+    if not attacks or unknown:
+        raise ProducerError(f"unknown query attack(s) {unknown}; known: {list(QUERY_ATTACK_NAMES)}")
+    if not budgets or any(not 0 < eps <= 1 for eps in budgets):
+        raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
+    out, device = Path(out), torch.device(device)
+    model = model.to(device).eval()
+    rows = np.sort(select_samples(len(data), samples, seed, data.split))
+    base_meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
+                 "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
+                 **dict(metadata or {})}
+    plan = []
+    for key, spec in pipelines.items():
+        mirror = load_pipeline_mirror(spec)
+        for eps in budgets:
+            for attack in attacks:
+                name = partition_name(TIER, key, attack, eps)
+                try:
+                    attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps,
+                                           batch_size=batch_size, device=device, **dict(attack_params or {}))
+                except (TypeError, ValueError) as exc:
+                    raise ProducerError(f"attack {attack}: {exc}") from None
+                threat = {"model": TIER, "target": key, "attack": attack, "eps": eps, "returns": attacker.returns,
+                          "query_budget": attacker.queries}
+                draws = judge_draws if mirror.needs_noise else 1
+                if draws > 1:
+                    threat["judge_draws"] = draws
+                plan.append((name, attacker, {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
+                                              "threat": {name: threat}}, key, draws))
+    report = ExportReport()
+    with ExportStage(out, TIER) as stage:
+        todo = []
+        for name, attacker, meta, key, draws in plan:
+            rel = f"split={data.split}/attack={name}/shard-0-of-1.parquet"
+            meta = _with_results_of(meta, name, [out / rel, stage.stage.path / rel])
+            state = stage.classify(rel, meta, name, rows, features=features, insen=insen)
+            if state == "done":
+                report.skipped.append(out / rel)
+            elif state == "todo":
+                todo.append((rel, name, attacker, meta, key, draws))
+            else:  # staged: so are the judge draws it got to
+                stage.files += staged_draws(stage, data.split, name, draws)
+        export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
+                      device=device, progress=progress)
+        for rel, name, attacker, meta, key, draws in todo:
+            started = time.perf_counter()
+            attacker.take_queries()  # nothing left over from another run
+
+            def finish(table: LogitTable, broken: Any, attacker: Any = attacker, name: str = name,
+                       meta: dict[str, Any] = meta) -> LogitTable:
+                return LogitTable(table.arrow, _record(meta, name, attacker.take_queries(), len(rows)))
+
+            export_judged(stage, name=name, attacker=attacker, meta=meta, rows=rows, seed=seed, draws=draws,
+                          judge=pipelines[key] if draws > 1 else None, finish=finish, **export)
+            report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
+                                   "seconds": time.perf_counter() - started})
+        report.written = stage.commit()
+    return report
+
+
+def query_summary(queries: np.ndarray) -> dict[str, Any]:
+    """The threat entry's results: ``queries`` (list, -1 = not broken) and ``median_queries`` of the broken."""
+    queries = np.asarray(queries, dtype=np.int64)
+    broken = queries[queries > 0]
+    return {"queries": queries.tolist(), "median_queries": float(np.median(broken)) if len(broken) else None}
+
+
+def _record(meta: dict[str, Any], name: str, queries: np.ndarray, n: int) -> dict[str, Any]:
+    """`meta` with the run's query counts in the threat entry of `name`."""
+    if len(queries) != n:
+        raise ProducerError(f"{name}: the attack reported {len(queries)} query counts for {n} rows")
+    return {**meta, "threat": {name: {**meta["threat"][name], **query_summary(queries)}}}
+
+
+def _with_results_of(meta: dict[str, Any], name: str, files: Sequence[Path]) -> dict[str, Any]:
+    """`meta` with the results of the first existing file among `files` in the threat entry of `name` when its
+    settings match (so a finished or staged partition is recognised: results are not settings)."""
+    planned = meta["threat"][name]
+    for file in files:
+        if not file.exists():
+            continue
+        try:
+            theirs = json.loads((pq.read_schema(file).metadata or {}).get(METADATA_KEY) or b"{}")
+        except (OSError, ValueError):
+            continue  # classify reports an unreadable file
+        entry = (theirs.get("threat") or {}).get(name) or {}
+        if {k: v for k, v in entry.items() if k not in RESULT_KEYS} == json.loads(json.dumps(planned)):
+            return {**meta, "threat": {name: {**planned, **{k: entry[k] for k in RESULT_KEYS if k in entry}}}}
+    return meta
