@@ -179,7 +179,7 @@ def test_cli_attack_defenses_query_tier(world, digits_cnn, tmp_path):
     save_model(digits_cnn, tmp_path / "cnn")
     args = ["attack-defenses", "--dataset", "digits", "--model", str(tmp_path / "cnn"), "--defenses", str(manifest),
             "--pipelines", "ln-reject", "--tier", "query", "--attacks", "square,rays", "--budgets", "0.15",
-            "--param", "queries=20", "--test-samples", "20", "--out", str(out)]
+            "--param", "queries=20", "--test-samples", "20", "--judge-draws", "1", "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "wrote 2 file(s), skipped 0" in result.output

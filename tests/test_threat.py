@@ -620,3 +620,29 @@ def test_attack_failure_indicators(judged):
     text = format_indicators(frame)
     assert "warning: gated 16/255: 1 samples broken by the transfer tier that the adaptive attacks missed" in text
     assert "warning: gated 16/255: 1 claimed successes the judge rejected" in text
+
+
+def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():
+    """Query attacks may run on a subset (thousands of queries per sample): the sample set of every other tier
+    stays whole, the query tier's figures are over the samples its partitions cover, and the adaptive tier
+    (which includes the query attacker) takes the query rows into its worst case."""
+    query = "query.gated.square.e16"
+    spec = {**JUDGED, query: ({"model": "query", "target": "gated", "attack": "square", "eps": E16}, [2, 3],
+                              "RRWR", E16)}
+    labels = np.array([0, 1, 2, 0])
+    parts = [(a, np.array(s)) for a, (_, s, _, _) in spec.items()]
+    bare = {a: "RRRR" for a in spec} | {"pgd": "RWRR"}
+    table = LogitTable.from_arrays(
+        logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
+        sample_id=np.concatenate([s for _, s in parts]), split="test",
+        attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
+        linf=np.concatenate([np.full(len(s), spec[a][3]) for a, s in parts]),
+        metadata={"threat": {a: t for a, (t, _, _, _) in spec.items() if t is not None}})
+    rows = _by(threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})},
+                                  budgets=(E16,)))
+    q = rows[("gated", "query", 16)]
+    assert q["samples"] == 2 and q["robust_accuracy"] == 0.5 and np.isnan(q["harm"]) and not isinstance(q["no_harm"], str)
+    assert rows[("gated", "oblivious", 16)]["samples"] == 4
+    adaptive = rows[("gated", "adaptive", 16)]
+    # draws broke samples 0 and 1; the query attack breaks sample 2: only sample 3 holds
+    assert adaptive["samples"] == 4 and adaptive["robust_accuracy"] == 0.25 and query in adaptive["attacks"]

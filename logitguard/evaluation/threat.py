@@ -186,13 +186,17 @@ class _Rows:
         if not budgets:
             raise LogitguardError("give at least one budget")
         # Every tier is measured on the same samples: those with a row in every partition (attacks run on
-        # fewer samples, such as the adaptive ones, set the sample set for all). Judge draws (partitions with
-        # `judge_of`) hold only the samples not broken on an earlier draw, so they do not take part.
+        # fewer samples, such as the adaptive ones, set the sample set for all). Two kinds of partition hold a
+        # subset by design and do not take part: judge draws (partitions with `judge_of`) hold only the
+        # samples not broken on an earlier draw; query attacks, thousands of queries per sample, may run on
+        # the first samples only, and the query tier is then measured on the samples they cover.
         self.draws = judge_draws(table.metadata, table.attacks)
-        counted = pd.Series(table.attack).where(~np.isin(table.attack, list(self.draws)))
+        self.subset = [a for a in table.attacks
+                       if a in self.draws or (a != CLEAN and threat_of(table.metadata, a)["model"] == "query")]
+        counted = pd.Series(table.attack).where(~np.isin(table.attack, self.subset))
         keys = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": counted})
         partitions = keys.groupby(["split", "sample_id"])["attack"].transform("nunique").to_numpy()
-        needed = len(table.attacks) - len(self.draws)
+        needed = len(table.attacks) - len(self.subset)
         if (partitions < needed).any():
             table = table.take(partitions == needed)
         self.table, self.budgets = table, tuple(float(b) for b in budgets)
@@ -334,9 +338,16 @@ def threat_model_table(
             single[rows.sample[mask & first_draw & broken_row]] = True
             used = rows.used(mask)
             own = [a for a in rows.own(name, tier) if a in used and a not in rows.draws]
-            records.append({**base, "threat_model": tier, "eps": eps,
+            # The query tier is measured on the samples its own partitions cover (see _Rows); the others on all.
+            covered = np.ones(rows.num_samples, bool)
+            if tier == "query":
+                covered[:] = False
+                covered[rows.sample[mask & np.isin(rows.attack, own)]] = True
+            records.append({**base, "threat_model": tier, "eps": eps, "samples": int(covered.sum()),
+                            "clean_accuracy": _share((pred_clean == y)[covered]),
+                            "coverage": _share((pred_clean != ABSTAIN)[covered]),
                             "draws": min((int(entries[a].get("judge_draws", 1)) for a in own), default=1),
-                            "robust_accuracy": _share(~broken), "robust_single_draw": _share(~single),
+                            "robust_accuracy": _share(~broken[covered]), "robust_single_draw": _share(~single[covered]),
                             "attacks": used, "judge_gaps": sum(gaps.get(a, 0) for a in used)})
             robust.append(~broken)
     frame = pd.DataFrame.from_records(records, columns=[
@@ -389,6 +400,9 @@ def _with_intervals(frame: pd.DataFrame, robust: np.ndarray) -> pd.DataFrame:
                                   - frame["robust_accuracy"].to_numpy()[reference[has]])
         low, high = paired_bootstrap_interval(robust[has], robust[reference[has]])
         frame.loc[has, "harm_low"], frame.loc[has, "harm_high"] = low, high
+    # A figure over a subset of the samples (the query tier) has no paired difference with the bare model's.
+    subset = frame["samples"].to_numpy() < robust.shape[1]
+    frame.loc[subset, ["harm", "harm_low", "harm_high"]] = np.nan
     frame["no_harm"] = np.where(frame["harm_low"].to_numpy() >= 0, "established", "not established")
     frame["no_harm"] = frame["no_harm"].where(frame["harm"].notna(), None)
     return frame[THREAT_COLUMNS]
