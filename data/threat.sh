@@ -2,7 +2,7 @@
 # Rebuild the threat-model partitions of data/fashion-mnist (provenance: data/README.md).
 #   data/threat.sh [DEVICE]      DEVICE: cpu (default; hours) or cuda (minutes on one GPU)
 # Environment: PRODUCE (default .venv/bin/logitguard-produce), ROOT (Fashion-MNIST IDX folder), and
-# STEPS, TEST_SAMPLES, ATTACKER_SAMPLES to shrink the run for a quick check.
+# STEPS, BARE_STEPS, RELABEL_STEPS, TEST_SAMPLES, ATTACKER_SAMPLES, QUERY_SAMPLES, QUERIES to resize the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cpu}
@@ -23,9 +23,22 @@ test -f $SUBSTITUTE.pt || $PRODUCE train $COMMON --width 16 --seed 1 --epochs ${
 $PRODUCE export $COMMON --model $MODEL --splits test --test-samples "$N" --attacks "$E8" $E8_PARAMS --out "$TABLE"
 $PRODUCE export $COMMON --model $MODEL --splits test --test-samples "$N" --attacks "fgsm,bim,pgd,mim,$E8" $E8_PARAMS \
     --substitute $SUBSTITUTE --out "$TABLE"
-# Adaptive (the defense's files) and surrogate (an own copy fitted on unused training samples).
+# Adaptive (the defense's files): the sequenced suite (each attack only on the samples still robust), judged on
+# 5 fresh noise draws the attacker never saw; the bare model meets the same gradient attacks, so a pipeline's
+# gain is measured against an equally strong baseline. Then the surrogate tier (an own copy fitted on unused
+# training samples) and the query tier (the deployed pipeline's answers only, first QUERY_SAMPLES samples).
 THROUGH="$COMMON --model $MODEL --defenses data/defenses/defenses.json --budgets 16/255,8/255 --test-samples $N
-         --param steps=${STEPS:-100} --batch-size 1000"
-$PRODUCE attack-defenses $THROUGH --tier adaptive --out "$TABLE"
-$PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --attacker-samples "${ATTACKER_SAMPLES:-5000}" \
-    --workdir "${WORKDIR:-data/.surrogate-work}" --out "$TABLE"
+         --batch-size 500 --judge-draws 5"
+GATED='["apgd-ce","orthogonal-pgd","lagrangian",["apgd-t",{"targets":2}]]'
+BARE='["apgd-ce","apgd-dlr",["apgd-t",{"targets":3}]]'
+$PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines none --attacks suite --param steps=${BARE_STEPS:-50} \
+    --param restarts=1 --param "sequence=$BARE" --out "$TABLE"
+$PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines ln-reject,ln-agree --attacks suite \
+    --param steps=${STEPS:-25} --param restarts=1 --param eot=1 --param "sequence=$GATED" --out "$TABLE"
+$PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines corrector,ln-corrector,ln-odds,odds-odds \
+    --attacks routes --param steps=${RELABEL_STEPS:-30} --param restarts=1 --out "$TABLE"
+$PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --param steps=${STEPS:-100} \
+    --attacker-samples "${ATTACKER_SAMPLES:-5000}" --workdir "${WORKDIR:-data/.surrogate-work}" --out "$TABLE"
+$PRODUCE attack-defenses $COMMON --model $MODEL --defenses data/defenses/defenses.json --tier query \
+    --pipelines none,ln-reject --attacks square,rays --budgets 16/255 --test-samples "${QUERY_SAMPLES:-100}" \
+    --param queries=${QUERIES:-1000} --batch-size 100 --judge-draws 5 --out "$TABLE"

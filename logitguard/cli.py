@@ -574,9 +574,10 @@ def fit_pipelines(table: str, out: str, attacks: list[str] | None, seed: int, fo
 @json_option
 def threat(table: str, manifest: str, budgets: str, split: str, reference: str | None, as_json: bool) -> None:
     """Robust accuracy per threat model (per-sample worst case, every figure with its 95% interval) for every
-    pipeline, the share of successful attacks each detector misses, Tramèr's eps/2 check and the
-    attack-failure indicators (docs/threat-models.md)."""
+    pipeline, the share of successful attacks each detector misses, Tramèr's eps/2 check, the
+    attack-failure indicators and what a query attacker gets from scores (docs/threat-models.md)."""
     from .defenses.pipelines import load_pipelines
+    from .evaluation.access import format_query_access, query_access_table
     from .evaluation.checks import (attack_failure_indicators, format_indicators, format_tramer, load_reference,
                                     tramer_check)
     from .tables import CLEAN, read_table
@@ -598,10 +599,11 @@ def threat(table: str, manifest: str, budgets: str, split: str, reference: str |
     base = float((clean.logits.argmax(axis=1) == clean.labels).mean())
     tramer = tramer_check(results, load_reference(reference), gated=list(detectors), base_accuracy=base)
     indicators = attack_failure_indicators(data, pipelines, budgets=eps, split=None)
+    access = query_access_table(data, pipelines, budgets=eps, split=None)
     emit({"threat_models": to_records(results), "detector_misses": to_records(misses),
-          "tramer": to_records(tramer), "indicators": to_records(indicators)}, as_json,
-         "\n\n".join([format_threat_models(results), format_detector_misses(misses), format_tramer(tramer),
-                       format_indicators(indicators)]))
+          "tramer": to_records(tramer), "indicators": to_records(indicators), "query_access": to_records(access)},
+         as_json, "\n\n".join([format_threat_models(results), format_detector_misses(misses), format_tramer(tramer),
+                                format_indicators(indicators), format_query_access(access)]))
 
 
 @main.command("compare-models")

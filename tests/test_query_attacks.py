@@ -15,6 +15,7 @@ import torch
 from logitguard import read_table
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.defenses.shipped import fit_shipped
+from logitguard.evaluation.access import format_query_access, query_access_table
 from logitguard.evaluation.threat import TIERS, threat_model_table, tier_attacks
 from producers.attacks import QUERY_ATTACK_NAMES, make_attack
 from producers.data.noise import NoiseRecipe
@@ -153,6 +154,16 @@ def test_export_writes_query_partitions_that_the_query_and_adaptive_tiers_take(w
     bare = results[(results.pipeline == "none") & (results.threat_model == "query")].iloc[0]
     # over the samples the bare model gets right (a sample it gets wrong is broken at its first query)
     assert bare.robust_accuracy == pytest.approx((counts == -1).all(axis=0).sum() / bare.samples)
+    # each query attack alone, by what it saw: the bare model's figures follow its recorded counts
+    access = query_access_table(table, defenses, budgets=(EPS,))
+    assert sorted(zip(access.pipeline, access.returns)) == [("ln-reject", "labels"), ("ln-reject", "scores"),
+                                                            ("none", "labels"), ("none", "scores")]
+    for attack, row in zip(QUERY_ATTACK_NAMES, (access[(access.pipeline == "none") & (access.attack == a)].iloc[0]
+                                                for a in QUERY_ATTACK_NAMES)):
+        recorded = np.asarray(table.metadata["threat"][partition_name("query", "none", attack, EPS)]["queries"])
+        assert row.robust_accuracy == pytest.approx((recorded == -1).sum() / row.samples)
+    assert (access.robust_accuracy_low <= access.robust_accuracy).all()
+    assert "scores cost (points)" in format_query_access(access)
 
 
 def test_tiers_put_query_between_transfer_and_oblivious():
