@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,35 +135,65 @@ def export_through(
                     threat["judge_draws"] = draws
                 if hasattr(attacker, "record"):
                     threat["sequence"] = list(attacker.names)
-                plan.append((name, attacker, {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
-                                              "threat": {name: threat}}, key, draws))
+                meta = {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
+                        "threat": {name: threat}}
+                judge = (judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None
+                plan.append(Planned(name, attacker, meta, draws, judge, _suite_record(attacker, name)))
+    return run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
+                    features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
+
+
+@dataclass
+class Planned:
+    """One partition to export: its attacker and metadata, its judge draws and the core pipeline that judges
+    them (None: no judging), ``finish(table, broken) -> table``, which adds the attack's own results (the
+    suite's record, a query attack's counts) to its threat entry once it has run, and `recognise`."""
+
+    name: str
+    attacker: Any
+    meta: dict[str, Any]
+    draws: int = 1
+    judge: PipelineSpec | None = None
+    finish: Callable[[LogitTable, np.ndarray | None], LogitTable] = lambda table, broken: table
+    # recognise(meta, [finished file, staged file]) -> the metadata a finished run of these settings wrote
+    # (a run's results are not settings: a rerun must still recognise the partition)
+    recognise: Callable[[dict[str, Any], list[Path]], dict[str, Any]] | None = None
+
+
+def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, rows: np.ndarray, seed: int,
+             features: bool, insen: bool, **export: Any) -> ExportReport:
+    """Export every planned partition not yet in `out` (refused when made with other settings) with its judge
+    draws, staged under `tier` and added to `out` together at the end; an interrupted run resumes from what
+    it staged (`ExportStage`). `export`: the rest of `export_partition`'s arguments."""
     report = ExportReport()
     with ExportStage(out, tier) as stage:
         todo = []
-        for name, attacker, meta, key, draws in plan:
-            rel = _rel(data.split, name)
-            state = stage.classify(rel, meta, name, rows, features=features, insen=insen)
+        for item in plan:
+            rel = _rel(data.split, item.name)
+            meta = item.meta if item.recognise is None else item.recognise(item.meta, [out / rel, stage.stage.path / rel])
+            state = stage.classify(rel, meta, item.name, rows, features=features, insen=insen)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
-                todo.append((rel, name, attacker, meta, key, draws))
+                todo.append(item)
             else:  # staged: so are the judge draws it got to
-                stage.files += staged_draws(stage, data.split, name, draws)
-        export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
-                      device=device, progress=progress)
-        for rel, name, attacker, meta, key, draws in todo:
+                stage.files += staged_draws(stage, data.split, item.name, item.draws)
+        for item in todo:
             started = time.perf_counter()
-
-            def finish(table: LogitTable, broken: np.ndarray | None, attacker: Any = attacker, name: str = name):
-                return _with_record(table, name, attacker.record(), broken) if hasattr(attacker, "record") else table
-
-            export_judged(stage, name=name, attacker=attacker, meta=meta, rows=rows, seed=seed, draws=draws,
-                          judge=(judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None,
-                          finish=finish, **export)
-            report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
+            export_judged(stage, name=item.name, attacker=item.attacker, meta=item.meta, rows=rows, seed=seed,
+                          draws=item.draws, judge=item.judge, finish=item.finish, data=data, features=features,
+                          insen=insen, **export)
+            report.timings.append({"split": data.split, "attack": item.name, "rows": len(rows),
                                    "seconds": time.perf_counter() - started})
         report.written = stage.commit()
     return report
+
+
+def _suite_record(attacker: Any, name: str) -> Callable[[LogitTable, np.ndarray | None], LogitTable]:
+    """The suite's `finish`: its record (sequence, broken_by, indicators) into the partition's threat entry."""
+    if not hasattr(attacker, "record"):
+        return lambda table, broken: table
+    return lambda table, broken: _with_record(table, name, attacker.record(), broken)
 
 
 def export_judged(stage: ExportStage, *, name: str, attacker: Any, meta: dict[str, Any], rows: np.ndarray, seed: int,

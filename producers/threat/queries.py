@@ -16,7 +16,6 @@ over the broken ones (null when none). A service that returns scores can be atta
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ from ..attacks import QUERY_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
 from ..data.noise import NoiseRecipe
 from ..errors import ProducerError
-from ..export.logits import ExportReport, ExportStage, select_samples
+from ..export.logits import ExportReport, select_samples
 from ..models.classifiers import ImageClassifier
-from .export import export_judged, partition_name, staged_draws
+from .export import Planned, partition_name, run_plan
 from .mirrors import load_pipeline_mirror
 
 TIER = "query"
@@ -95,37 +94,20 @@ def export_queries(
                 draws = judge_draws if mirror.needs_noise else 1
                 if draws > 1:
                     threat["judge_draws"] = draws
-                plan.append((name, attacker, {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
-                                              "threat": {name: threat}}, key, draws))
-    report = ExportReport()
-    with ExportStage(out, TIER) as stage:
-        todo = []
-        for name, attacker, meta, key, draws in plan:
-            rel = f"split={data.split}/attack={name}/shard-0-of-1.parquet"
-            meta = _with_results_of(meta, name, [out / rel, stage.stage.path / rel])
-            state = stage.classify(rel, meta, name, rows, features=features, insen=insen)
-            if state == "done":
-                report.skipped.append(out / rel)
-            elif state == "todo":
-                todo.append((rel, name, attacker, meta, key, draws))
-            else:  # staged: so are the judge draws it got to
-                stage.files += staged_draws(stage, data.split, name, draws)
-        export = dict(model=model, data=data, noise=noise, features=features, insen=insen, batch_size=batch_size,
-                      device=device, progress=progress)
-        for rel, name, attacker, meta, key, draws in todo:
-            started = time.perf_counter()
-            attacker.take_queries()  # nothing left over from another run
+                meta = {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
+                        "threat": {name: threat}}
+                plan.append(Planned(name, attacker, meta, draws, spec if draws > 1 else None,
+                                    _query_record(attacker, meta, name, len(rows)),
+                                    recognise=lambda meta, files, name=name: _with_results_of(meta, name, files)))
+    for item in plan:
+        item.attacker.take_queries()  # nothing left over from another run
+    return run_plan(plan, out=out, tier=TIER, data=data, rows=rows, seed=seed, model=model, noise=noise,
+                    features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
 
-            def finish(table: LogitTable, broken: Any, attacker: Any = attacker, name: str = name,
-                       meta: dict[str, Any] = meta) -> LogitTable:
-                return LogitTable(table.arrow, _record(meta, name, attacker.take_queries(), len(rows)))
 
-            export_judged(stage, name=name, attacker=attacker, meta=meta, rows=rows, seed=seed, draws=draws,
-                          judge=pipelines[key] if draws > 1 else None, finish=finish, **export)
-            report.timings.append({"split": data.split, "attack": name, "rows": len(rows),
-                                   "seconds": time.perf_counter() - started})
-        report.written = stage.commit()
-    return report
+def _query_record(attacker: Any, meta: dict[str, Any], name: str, n: int):
+    """The query attack's `finish`: the queries each sample took into the partition's threat entry."""
+    return lambda table, broken: LogitTable(table.arrow, _record(meta, name, attacker.take_queries(), n))
 
 
 def query_summary(queries: np.ndarray) -> dict[str, Any]:
