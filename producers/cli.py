@@ -353,6 +353,9 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
               help="Parameter for every attack, e.g. steps=100, restarts=2, eot=1 (repeatable).")
 @click.option("--test-samples", type=int, default=1000, show_default=True,
               help="Test samples (the first of the table's seeded selection).")
+@click.option("--after", default=None, metavar="ATTACKS",
+              help="adaptive: continue earlier runs: attack only the samples that each pipeline's partitions of "
+                   "these attacks (comma-separated, e.g. suite) in --out left unbroken.")
 @click.option("--attacker-samples", type=int, default=5000, show_default=True,
               help="surrogate: training samples the attacker uses (never the defender's).")
 @click.option("--attacker-attacks", default="clean,fgsm,bim,pgd,mim,deepfool,cw", show_default=True,
@@ -366,7 +369,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
                     defenses: str, pipelines: str | None, tier: str, attacks: str | None, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
-                    workdir: str | None, out: str, as_json: bool, judge_draws: int) -> None:
+                    workdir: str | None, out: str, as_json: bool, judge_draws: int, after: str | None) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
 
     Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
@@ -434,8 +437,11 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     common = dict(attacks=chosen, budgets=eps, samples=test_samples, noise=recipe, attack_params=attack_params,
                   seed=seed, batch_size=batch_size, device=device, metadata=meta, judge_draws=judge_draws,
                   features="features" in columns, insen="insen" in columns)
+    if after and tier != "adaptive":
+        raise ProducerError("--after continues adaptive runs; use it with --tier adaptive")
     if tier == "adaptive":
-        report = export_through(model, test, specs, out=out, **common)
+        chosen_after = [a.strip() for a in (after or "").split(",") if a.strip()]
+        report = export_through(model, test, specs, out=out, after=chosen_after, **common)
     elif tier == "query":
         report = export_queries(model, test, specs, out=out, **common)
     else:

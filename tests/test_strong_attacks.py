@@ -169,6 +169,32 @@ def test_judge_draws_export_survivors_with_metadata(world, digits_cnn, digits_se
                        np.asarray(p1.logits)[np.argsort(p1.sample_id)], atol=1e-5)
 
 
+def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_cnn, digits_sets, tmp_path):
+    """after=["suite"]: a second attack runs only on the samples the suite (and its judge draws) did not break;
+    the rest come back unperturbed, and the threat entry names the partitions it continued."""
+    table_dir, _, specs = world
+    out = tmp_path / "table"
+    shutil.copytree(table_dir, out)
+    chosen = {"ln-reject": specs["ln-reject"]}
+    common = dict(out=out, budgets=(EPS,), samples=40, noise=RECIPE, batch_size=16, progress=False, judge_draws=2)
+    export_through(digits_cnn, digits_sets[1], chosen, attacks=("suite",),
+                   attack_params={"steps": 3, "sequence": ["apgd-ce"]}, **common)
+    export_through(digits_cnn, digits_sets[1], chosen, attacks=("lagrangian",), after=["suite"],
+                   attack_params={"steps": 3}, **common)
+    table = read_table(out, split="test")
+    parent = partition_name("adaptive", "ln-reject", "suite", EPS)
+    judge = specs["ln-reject"].build()
+    earlier = table.select(attacks=[parent, f"{parent}.r1"])
+    pred = judge.predict_table(earlier)
+    broken = np.unique(earlier.sample_id[(pred != earlier.labels) & (pred != -1)])
+    name = partition_name("adaptive", "ln-reject", "lagrangian", EPS)
+    part = table.select(attacks=name)
+    assert table.metadata["threat"][name]["after"] == [parent] and len(part) == 40
+    moved = part.column("linf") > 0
+    assert len(broken) and not moved[np.isin(part.sample_id, broken)].any()
+    assert moved[~np.isin(part.sample_id, broken)].any()
+
+
 def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):
     from click.testing import CliRunner
 

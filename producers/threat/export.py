@@ -85,6 +85,7 @@ def export_through(
     insen: bool = False,
     judge_draws: int = 5,
     judges: Mapping[str, PipelineSpec] | None = None,
+    after: Sequence[str] = (),
     progress: bool = True,
 ) -> ExportReport:
     """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
@@ -97,6 +98,10 @@ def export_through(
     `insen` add those columns (as `export` does), so the partitions join a table that has them.
     `judge_draws` R: noise draws each partition through a noise-reading pipeline is judged on (see module),
     by `judges` (pipeline key -> the real pipeline's spec; default `pipelines` themselves).
+    `after` (attack names, e.g. ``["suite"]``): a continuation, in the manner of AutoAttack across runs: each
+    pipeline x budget is attacked only on the samples that its partitions of those attacks in `out` (judge
+    draws included) left unbroken, judged by the core pipeline; the others are submitted unperturbed (they
+    are broken already, so the per-sample worst case is unchanged) and the threat entry names the partitions.
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
     """
@@ -130,6 +135,10 @@ def export_through(
                 except (TypeError, ValueError) as exc:
                     raise ProducerError(f"attack {attack}: {exc}") from None
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
+                if after:
+                    earlier = [partition_name(tier, target, a, eps) for a in after]
+                    threat["after"] = earlier
+                    attacker = _Unbroken(attacker, ~_broken_by(out, data.split, earlier, rows, (judges or pipelines)[key]))
                 draws = judge_draws if mirror.needs_noise else 1
                 if draws > 1:
                     threat["judge_draws"] = draws
@@ -273,6 +282,47 @@ class _Recording:
         adv = self.attacker(images, labels, **kwargs)
         self.images.append(adv)
         return adv
+
+
+def _broken_by(out: Path, split: str, partitions: Sequence[str], rows: np.ndarray, spec: PipelineSpec) -> np.ndarray:
+    """(len(rows),) bool: samples (sorted ids `rows`) that the core pipeline of `spec` gets wrong on a row of
+    one of `partitions` in the table `out`, or of their judge draws."""
+    from logitguard.tables import read_table
+
+    # the partitions and their judge draws (`<partition>.r<k>`), by the table's directory names
+    present = {d.name.removeprefix("attack=") for d in (Path(out) / f"split={split}").glob("attack=*")}
+    missing = [p for p in partitions if p not in present]
+    if missing:
+        raise ProducerError(f"after: no partition(s) {missing} in {out} to continue from")
+    judge = _judge(spec)
+    if judge is None:
+        raise ProducerError("after: the core cannot judge this pipeline's rows alone")
+    chosen = [a for a in present if a in partitions or a.rpartition(".r")[0] in partitions]
+    table = read_table(out, split=split, attacks=chosen)
+    ids = table.sample_id[_broken(judge, table)]
+    return np.isin(rows, ids)
+
+
+class _Unbroken:
+    """Wraps an attacker so that it attacks only the rows marked in `attack_rows` (in the order export passes
+    images); the other rows come back unperturbed."""
+
+    def __init__(self, attacker: Any, attack_rows: np.ndarray) -> None:
+        self.attacker, self.attack_rows, self.at = attacker, np.asarray(attack_rows, bool), 0
+
+    def __getattr__(self, name: str) -> Any:  # params(), record(), names, … of the wrapped attacker
+        return getattr(self.attacker, name)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, on_batch: Any = None,
+                 **kwargs: Any) -> torch.Tensor:
+        keep = torch.from_numpy(self.attack_rows[self.at:self.at + len(images)])
+        self.at += len(images)
+        out = images.clone()
+        if keep.any():
+            out[keep] = self.attacker(images[keep], labels[keep], on_batch=on_batch, **kwargs)
+        if on_batch is not None:
+            on_batch(int((~keep).sum()))
+        return out
 
 
 class _Replay:
