@@ -620,6 +620,9 @@ def test_attack_failure_indicators(judged):
     text = format_indicators(frame)
     assert "warning: gated 16/255: 1 samples broken by the transfer tier that the adaptive attacks missed" in text
     assert "warning: gated 16/255: 1 claimed successes the judge rejected" in text
+    # indicators the producer did not record ("-") raise no warning
+    unrecorded = format_indicators(frame.assign(claimed=None, judge_rejected=None, stalled=None))
+    assert "judge rejected" in unrecorded and "claimed successes" not in unrecorded and "stopped" not in unrecorded
 
 
 def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():

@@ -240,6 +240,9 @@ def format_indicators(indicators: pd.DataFrame) -> str:
     def count(value: Any) -> str:
         return "-" if value is None or value != value else str(int(value))
 
+    def fired(value: Any) -> bool:  # recorded (not None / NaN) and above zero
+        return value is not None and value == value and value > 0
+
     lines, warnings = [], []
     for r in indicators.to_dict(orient="records"):
         where = f"{r['pipeline']} {format_budget(r['eps'])}"
@@ -248,14 +251,14 @@ def format_indicators(indicators: pd.DataFrame) -> str:
                       "-" if ratio != ratio else f"{ratio:.2f}", *(count(r[c]) for c in weaker),
                       count(r["claimed"]), count(r["judge_rejected"]), count(r["stalled"])])
         for c in weaker:
-            if r[c]:
+            if fired(r[c]):
                 warnings.append(f"{where}: {count(r[c])} samples broken by the {c.removeprefix('weaker_')} tier "
                                 "that the adaptive attacks missed")
         if ratio == ratio and ratio < FAR_INSIDE:
             warnings.append(f"{where}: successful adaptive perturbations use a median {ratio:.2f} of the budget")
-        if r["judge_rejected"]:
+        if fired(r["judge_rejected"]):
             warnings.append(f"{where}: {count(r['judge_rejected'])} claimed successes the judge rejected")
-        if r["stalled"]:
+        if fired(r["stalled"]):
             warnings.append(f"{where}: {count(r['stalled'])} samples whose loss stopped improving early")
     return "\n".join([
         "Attack-failure indicators (Pintor et al. 2022), the pipeline's own adaptive attacks",
