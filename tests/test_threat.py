@@ -589,6 +589,11 @@ def test_tramer_check_flags_an_implied_figure_above_the_best_classifier(judged, 
     # On the all-samples basis: 50% x 0.5 base accuracy = 25%, below 30% but its interval reaches above.
     row = tramer_check(frame, reference, gated=["gated"], base_accuracy=0.5).iloc[0]
     assert row["implied"] == pytest.approx(0.25) and row["verdict"] == "within interval"
+    # Measured only at a larger budget: a lower bound on the best known at ε/2, which still decides the check.
+    larger = tramer_check(frame, reference[reference.eps == E16], gated=["gated"]).iloc[0]
+    assert (larger["reference"], larger["reference_eps"], larger["verdict"]) == (0.3, E16, "exceeds")
+    assert tramer_check(frame, reference[reference.eps == E16 / 4], gated=["gated"]).iloc[0]["verdict"] == \
+        "no reference"
     assert tramer_check(frame, None, gated=["gated"]).iloc[0]["verdict"] == "no reference"
     assert "no reference at 8/255" in format_tramer(tramer_check(frame, None, gated=["gated"]))
     assert tramer_check(frame, reference, gated=[]).empty
