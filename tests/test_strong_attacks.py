@@ -15,6 +15,7 @@ import torch
 from logitguard import read_table
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.defenses.shipped import fit_shipped
+from logitguard.evaluation.threat import threat_model_table
 from producers.attacks import make_attack
 from producers.attacks.apgd import checkpoints, defended_loss
 from producers.data.noise import NoiseRecipe
@@ -193,6 +194,11 @@ def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_
     moved = part.column("linf") > 0
     assert len(broken) and not moved[np.isin(part.sample_id, broken)].any()
     assert moved[~np.isin(part.sample_id, broken)].any()
+    # its judge draws hold only samples it attacked, and the core counts no gap for those it left out
+    draw = table.select(attacks=f"{name}.r1")
+    assert len(draw) and not np.isin(draw.sample_id, broken).any()
+    frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS,))
+    assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
 
 
 def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):

@@ -265,7 +265,10 @@ class _Rows:
         for attack, (parent, k) in self.draws.items():
             if threat_of(self.table.metadata, attack).get("target") != name:
                 continue
-            earlier = [parent, *(a for a, (p, j) in self.draws.items() if p == parent and j < k)]
+            # a continuation (`after`) leaves out, draws included, what the partitions it continued broke
+            before = [parent, *threat_of(self.table.metadata, parent).get("after", [])]
+            earlier = [*before, *(a for a, (p, j) in self.draws.items() if (p == parent and j < k) or
+                                  (p in before and p != parent))]
             present = np.zeros(n, bool)
             present[self.sample[self.attack == attack]] = True
             broken = clean_broken.copy()

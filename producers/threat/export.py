@@ -220,6 +220,10 @@ def export_judged(stage: ExportStage, *, name: str, attacker: Any, meta: dict[st
     stage.write(_rel(data.split, name), finish(table, broken))
     if draws < 2 or broken is None:
         return
+    # a continuation's unattacked rows are broken by the partitions it continued: no draws for them
+    attacked = getattr(attacker, "attack_rows", None)
+    if attacked is not None:
+        broken = broken | ~attacked
     adv = torch.cat(recording.images)
     for k in range(1, draws):
         alive = np.flatnonzero(~broken)
