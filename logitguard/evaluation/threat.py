@@ -269,11 +269,12 @@ class _Rows:
             before = [parent, *threat_of(self.table.metadata, parent).get("after", [])]
             earlier = [*before, *(a for a, (p, j) in self.draws.items() if (p == parent and j < k) or
                                   (p in before and p != parent))]
-            present = np.zeros(n, bool)
+            present, attacked = np.zeros(n, bool), np.zeros(n, bool)
             present[self.sample[self.attack == attack]] = True
+            attacked[self.sample[self.attack == parent]] = True  # a draw re-judges only its parent's samples
             broken = clean_broken.copy()
             broken[self.sample[np.isin(self.attack, earlier) & broken_row]] = True
-            gaps[attack] = int((~present & ~broken).sum())
+            gaps[attack] = int((attacked & ~present & ~broken).sum())
         return gaps
 
 
@@ -303,8 +304,8 @@ def threat_model_table(
     of its own attacks within eps (no "adaptive" row without an adaptive attack aimed at the pipeline):
 
     - ``pipeline``, ``threat_model``, ``eps``, ``samples``;
-    - ``draws``: the fewest judge draws (``judge_draws`` of the entry, 1 when absent) among the tier's own
-      partitions within eps;
+    - ``draws``: the most judge draws (``judge_draws`` of the entry, 1 when absent) among the tier's own
+      partitions within eps (partitions judged on fewer draws count as well: they can only lower the figure);
     - ``clean_accuracy``, ``coverage``, ``robust_accuracy``, each with ``_low`` / ``_high``: exact 95%
       Clopper–Pearson interval over the samples;
     - ``robust_single_draw``: robust accuracy from draw 0 alone (judge-draw partitions left out);
@@ -343,13 +344,16 @@ def threat_model_table(
             own = [a for a in rows.own(name, tier) if a in used and a not in rows.draws]
             # The query tier is measured on the samples its own partitions cover (see _Rows); the others on all.
             covered = np.ones(rows.num_samples, bool)
-            if tier == "query":
+            if tier == "query":  # the samples of the query partitions that ran within this budget
+                within = [a for a in own if (attack_eps(t.metadata, a) or 0.0) <= eps + BUDGET_TOLERANCE]
                 covered[:] = False
-                covered[rows.sample[mask & np.isin(rows.attack, own)]] = True
+                covered[rows.sample[np.isin(rows.attack, within)]] = True
+                if not covered.any():
+                    continue
             records.append({**base, "threat_model": tier, "eps": eps, "samples": int(covered.sum()),
                             "clean_accuracy": _share((pred_clean == y)[covered]),
                             "coverage": _share((pred_clean != ABSTAIN)[covered]),
-                            "draws": min((int(entries[a].get("judge_draws", 1)) for a in own), default=1),
+                            "draws": max((int(entries[a].get("judge_draws", 1)) for a in own), default=1),
                             "robust_accuracy": _share(~broken[covered]), "robust_single_draw": _share(~single[covered]),
                             "attacks": used, "judge_gaps": sum(gaps.get(a, 0) for a in used)})
             robust.append(~broken)
