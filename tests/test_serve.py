@@ -393,7 +393,7 @@ def test_health_info_and_openapi_describe_the_guard(noisy_server, noisy_guard, f
     assert info["detector"]["kind"] == "learned-noisy"
     assert info["detector"]["threshold"] == detector.threshold_ and info["detector"]["fpr"] == 0.01
     assert info["detector"]["achieved_fpr"] == detector.achieved_fpr_
-    assert set(info["unmeasured"]) == {"oblivious", "transfer", "surrogate", "adaptive"}  # digits has no budgets
+    assert set(info["unmeasured"]) == {"oblivious", "transfer", "query", "surrogate", "adaptive"}  # digits: no budgets
     assert info["server"]["max_rows"] == 2000 and info["server"]["max_body_bytes"] == 64 * 2**20
     assert info["drift"]["applicable"] is True and info["drift"]["window"] == 1000
     spec = client.get("/openapi.json").json()

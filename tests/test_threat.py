@@ -654,3 +654,6 @@ def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():
     adaptive = rows[("gated", "adaptive", 16)]
     # draws broke samples 0 and 1; the query attack breaks sample 2: only sample 3 holds
     assert adaptive["samples"] == 4 and adaptive["robust_accuracy"] == 0.25 and query in adaptive["attacks"]
+    assert "measured on fewer samples (query attacks may cover the first ones only): gated query 16/255: 2" in \
+        format_threat_models(threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})},
+                                                budgets=(E16,)))

@@ -482,7 +482,7 @@ def format_threat_models(results: pd.DataFrame) -> str:
     multi = any((r.get("draws") or 1) > 1 for r in records)
     headers = ["pipeline", "eps", "samples", "draws", "clean", "coverage", *tiers,
                *(["adaptive (draw 0)"] if multi else []), "harm (points)", "no harm"]
-    lines, gaps = [], []
+    lines, gaps, fewer = [], [], []
     for (name, eps), group in results.groupby(["pipeline", "eps"], sort=False):
         by = {r["threat_model"]: r for r in group.to_dict(orient="records")}
         top = by.get("adaptive") or by[[t for t in tiers if t in by][-1]]
@@ -494,6 +494,8 @@ def format_threat_models(results: pd.DataFrame) -> str:
                       _points(harm), harm.get("no_harm") or "-"])
         gaps += [f"{name} {r['threat_model']} {format_budget(eps)}: {r['judge_gaps']}" for r in by.values()
                  if (r.get("judge_gaps") or 0) > 0]
+        fewer += [f"{name} {t} {format_budget(eps)}: {by[t]['samples']}" for t in tiers
+                  if t in by and by[t]["samples"] != top["samples"]]
     return "\n".join([
         "Robust accuracy per threat model (selected set: samples the bare model gets right when clean)",
         *render_table(headers, lines, left=2),
@@ -501,6 +503,8 @@ def format_threat_models(results: pd.DataFrame) -> str:
         " counts as defended, a rejected clean row as an error; [95% interval]: exact binomial for rates, paired",
         " bootstrap over samples for harm = adaptive minus the undefended model's adaptive; no harm is",
         " established only when the interval of harm lies at or above 0; see docs/threat-models.md)",
+        *([f"measured on fewer samples (query attacks may cover the first ones only): {'; '.join(fewer)}"]
+          if fewer else []),
         *([f"warning: samples missing from judge draws that no earlier draw broke: {'; '.join(gaps)}"]
           if gaps else []),
     ])
