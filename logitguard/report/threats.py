@@ -130,7 +130,9 @@ def summary_section(threat: pd.DataFrame | None, describe: Mapping[str, Mapping[
         if mine.empty:
             continue
         name = "**adaptive (headline)**" if tier == "adaptive" else tier
-        table.append([name, TIER_WORDS[tier],
+        fewer = sorted({int(n) for n in mine["samples"] if int(n) != samples})
+        words = TIER_WORDS[tier] + (f" (measured on the first {', '.join(map(str, fewer))} of them)" if fewer else "")
+        table.append([name, words,
                       *(cell(mine.loc[e], "robust_accuracy") if e in mine.index else "–" for e in budgets)])
     if shown != NO_DEFENSE:
         mine = bare[bare["threat_model"] == "adaptive"].set_index("eps")
