@@ -110,16 +110,10 @@ def export_through(
     unknown = sorted(set(attacks) - set(DEFENSE_ATTACK_NAMES))
     if unknown:
         raise ProducerError(f"unknown defense-aware attack(s) {unknown}; known: {list(DEFENSE_ATTACK_NAMES)}")
-    if judge_draws < 1:
-        raise ProducerError(f"judge_draws must be >= 1, got {judge_draws!r}")
-    if not budgets or any(not 0 < eps <= 1 for eps in budgets):
-        raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
+    rows, base_meta = run_selection(data, budgets=budgets, judge_draws=judge_draws, samples=samples, seed=seed,
+                                    noise=noise, metadata=metadata)
     out, device = Path(out), torch.device(device)
     model = model.to(device).eval()
-    rows = np.sort(select_samples(len(data), samples, seed, data.split))
-    base_meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
-                 "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
-                 **dict(metadata or {})}
     plan = []  # (partition name, attacker, metadata): everything is built and checked before any attack
     for key, spec in pipelines.items():
         target = (target_names or {}).get(key, key)
@@ -150,6 +144,22 @@ def export_through(
                 plan.append(Planned(name, attacker, meta, draws, judge, _suite_record(attacker, name)))
     return run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
                     features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
+
+
+def run_selection(data: ImageSet, *, budgets: Sequence[float], judge_draws: int, samples: int | None, seed: int,
+                  noise: NoiseRecipe | None, metadata: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """What every defense-aware export checks and shares: the budgets and judge draws (refused when out of
+    range), the sorted sample ids (the first `samples` of the split's seeded selection, the oblivious
+    partitions' samples) and the table metadata every partition carries."""
+    if judge_draws < 1:
+        raise ProducerError(f"judge_draws must be >= 1, got {judge_draws!r}")
+    if not budgets or any(not 0 < eps <= 1 for eps in budgets):
+        raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
+    rows = np.sort(select_samples(len(data), samples, seed, data.split))
+    meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
+            "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
+            **dict(metadata or {})}
+    return rows, meta
 
 
 @dataclass

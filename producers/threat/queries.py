@@ -31,9 +31,9 @@ from ..attacks import QUERY_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
 from ..data.noise import NoiseRecipe
 from ..errors import ProducerError
-from ..export.logits import ExportReport, select_samples
+from ..export.logits import ExportReport
 from ..models.classifiers import ImageClassifier
-from .export import Planned, partition_name, run_plan
+from .export import Planned, partition_name, run_plan, run_selection
 from .mirrors import load_pipeline_mirror
 
 TIER = "query"
@@ -70,14 +70,10 @@ def export_queries(
     unknown = sorted(set(attacks) - set(QUERY_ATTACK_NAMES))
     if not attacks or unknown:
         raise ProducerError(f"unknown query attack(s) {unknown}; known: {list(QUERY_ATTACK_NAMES)}")
-    if not budgets or any(not 0 < eps <= 1 for eps in budgets):
-        raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
+    rows, base_meta = run_selection(data, budgets=budgets, judge_draws=judge_draws, samples=samples, seed=seed,
+                                    noise=noise, metadata=metadata)
     out, device = Path(out), torch.device(device)
     model = model.to(device).eval()
-    rows = np.sort(select_samples(len(data), samples, seed, data.split))
-    base_meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
-                 "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
-                 **dict(metadata or {})}
     plan = []
     for key, spec in pipelines.items():
         mirror = load_pipeline_mirror(spec)
