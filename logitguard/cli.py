@@ -28,7 +28,7 @@ class ErrorReportingGroup(click.Group):
         except LogitguardError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
-            from ._io import describe_os_error
+            from .files import describe_os_error
 
             raise click.ClickException(describe_os_error(exc)) from None
 
@@ -38,7 +38,7 @@ def claim_output(out: str, force: bool, *, directory: bool | None = None, merge:
     """Before any work: `out` is writable, no other run is writing it, and it is not overwritten without
     --force (`merge`: a directory the command adds files to). The claim lasts until the command ends.
     `directory` None: a directory unless `out` ends in .parquet."""
-    from ._io import claim_output as claim
+    from .files import claim_output as claim
 
     if directory is None:
         directory = not out.endswith(".parquet")
@@ -581,8 +581,8 @@ def threat(table: str, manifest: str, budgets: str, split: str, reference: str |
     from .evaluation.checks import (attack_failure_indicators, format_indicators, format_tramer, load_reference,
                                     tramer_check)
     from .tables import CLEAN, read_table
-    from .evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, parse_budgets,
-                                    threat_model_table, to_records)
+    from .evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, threat_model_table, to_records)
+    from .tables.threat import parse_budgets
 
     eps = parse_budgets(budgets)
     specs = load_pipelines(manifest)
@@ -621,9 +621,9 @@ def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: st
                    as_json: bool) -> None:
     """Model-side defenses beside a logit pipeline: MODELS are NAME=TABLE:MANIFEST, one per trained model
     (docs/model-side.md). Robust accuracy per threat model with and without the pipeline, detector AUROCs."""
-    from ._io import atomic_output
+    from .files import atomic_output
     from .evaluation.modelside import compare_models as compare, format_model_side, parse_model_specs
-    from .evaluation.threat import parse_budgets
+    from .tables.threat import parse_budgets
 
     specs, eps = parse_model_specs(models), parse_budgets(budgets)
     claim_output(out, force, directory=False)
@@ -693,7 +693,7 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
               as_json: bool) -> None:
     """Fit a guard on the train split of TABLE, measure it per threat model on the test split, save it."""
     from .defenses.guard import Guard, format_info
-    from .evaluation.threat import parse_budgets
+    from .tables.threat import parse_budgets
 
     claim_output(out, force, directory=False)
     eps = parse_budgets(budgets)

@@ -12,7 +12,7 @@ the same work is spread over Ray (docs/scale.md):
   `LogitCorrector.correct_table`, `Detector.score_samples`, `GatedDefense.defend_table`, `Guard.defend_table`.
 - `write_ray` writes ``split=…/attack=…/<basename>-<task>-<n>.parquet`` with the local writer's encodings
   (zstd, byte-stream-split floats, page checksums) and the local output's metadata, into a staging directory
-  that is committed in one step (`logitguard._io.staged_output`): the target holds the complete old output or
+  that is committed in one step (`logitguard.files.staged_output`): the target holds the complete old output or
   the complete new one, never part of a run, and a second run to it refuses.
 
 The reports the commands print (summary, flagged and rejected rates, evaluation, detection metrics) are
@@ -47,7 +47,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink
 
-from ._io import atomic_output, staged_output
+from .files import atomic_output, staged_output
 from .errors import LogitguardError, TableError
 from .evaluation.metrics import ABSTAIN
 from .tables import (

@@ -231,7 +231,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     With --engine ray, N actors (--workers; one per GPU with --device cuda) run shards 0/N … N-1/N at once
     and their partitions are added to --out together (docs/scale.md).
     """
-    from logitguard._io import check_writable
+    from logitguard.files import check_writable
 
     from .data.datasets import load_dataset
     from .export.logits import Shard, expand_sweeps, export as run_export, plan_attacks
@@ -304,7 +304,7 @@ def gred(dataset: str, root: str | None, batch_size: int, seed: int, device: str
     from pathlib import Path
 
     from .data.datasets import load_dataset
-    from logitguard.evaluation.threat import file_sha256
+    from logitguard.files import file_sha256
 
     from .models.gred import check_settings, save_gred, train_gred
     from .models.classifiers import load_model
@@ -379,9 +379,9 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from logitguard.defenses.pipelines import load_pipelines
     from logitguard.tables import read_table, table_columns
-    from logitguard.evaluation.threat import parse_budgets
+    from logitguard.tables.threat import parse_budgets
 
-    from logitguard._io import check_writable
+    from logitguard.files import check_writable
 
     from .attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from .data.datasets import load_dataset

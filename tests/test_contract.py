@@ -37,7 +37,7 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from logitguard import LogitguardError
-from logitguard._io import read_header, save_arrays
+from logitguard.files import read_header, save_arrays
 from logitguard.defenses.corrector import LogitCorrector
 from logitguard.defenses.detectors import KINDS, make_detector
 from logitguard.defenses.estimator import FORMAT, FORMAT_VERSION, NotFittedError, load_estimator

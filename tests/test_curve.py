@@ -14,7 +14,7 @@ from logitguard import read_table
 from logitguard.cli import main as core
 from logitguard.evaluation.curves import find_sweeps, measure_curves
 from logitguard.defenses.guard import Guard
-from logitguard.evaluation.metrics import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 from producers.cli import main as produce, parse_sweeps
 from producers.errors import ProducerError
 from producers.export.logits import Sweep, expand_sweeps, sweep_alias

@@ -124,7 +124,7 @@ def test_two_runs_of_one_shard_cannot_stage_at_once(digits_cnn, digits_sets, tmp
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys, time
-            from logitguard._io import StagedDirectory
+            from logitguard.files import StagedDirectory
             StagedDirectory(sys.argv[1], resume_key="shard-0-of-2")
             print("holding", flush=True)
             time.sleep(60)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from logitguard import pair, read_table
 from logitguard.evaluation.metrics import auroc
-from logitguard.evaluation.threat import file_sha256
+from logitguard.files import file_sha256
 from producers.cli import main
 from producers.errors import ProducerError
 from producers.export.logits import export

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError
 from logitguard.cli import main
-from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.detectors import load_detector
 from logitguard.defenses.guard import Guard
 from logitguard.defenses.pipelines import load_pipelines

@@ -82,7 +82,7 @@ def test_modules_that_became_packages_keep_their_names():
 
 
 def test_a_file_saved_before_the_move_loads_through_old_and_new_paths(digits_table, tmp_path):
-    from logitguard._io import read_header
+    from logitguard.files import read_header
     from logitguard.defenses.detectors import make_detector
     from logitguard.estimator import load_estimator as old_load
 

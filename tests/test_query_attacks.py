@@ -16,7 +16,8 @@ from logitguard import read_table
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.defenses.shipped import fit_shipped
 from logitguard.evaluation.access import format_query_access, query_access_table
-from logitguard.evaluation.threat import TIERS, threat_model_table, tier_attacks
+from logitguard.evaluation.threat import threat_model_table
+from logitguard.tables.threat import TIERS, tier_attacks
 from producers.attacks import QUERY_ATTACK_NAMES, make_attack
 from producers.data.noise import NoiseRecipe
 from producers.export.logits import export

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitguard import TableError, read_table, write_table
-from logitguard import _io
+from logitguard.files import transactions
 from logitguard.cli import main
 from logitguard.defenses.detectors import make_detector
 
@@ -113,19 +113,20 @@ def test_a_commit_killed_between_its_two_renames_is_undone(source, digits_split_
     before = _frame(old)
     code = """
         import os, signal, sys
-        from logitguard import _io, tables
-        _io._exchange = lambda a, b: False
+        from logitguard import tables
+        from logitguard.files import transactions
+        transactions._exchange = lambda a, b: False
         real = os.rename
         def rename(src, dst):
             if ".commit-" in str(src):
                 os.kill(os.getpid(), signal.SIGKILL)
             real(src, dst)
-        _io.os.rename = rename
+        transactions.os.rename = rename
         tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"), overwrite=True)
     """
     assert _python(code, source, old).returncode == -signal.SIGKILL
     assert not old.exists() and any(".old.old-" in name for name in _hidden(tmp_path))
-    with _io.OutputLock(old):  # what every writer to `old` does first
+    with transactions.OutputLock(old):  # what every writer to `old` does first
         pass
     assert _same(_frame(old), before)
     assert _hidden(tmp_path) == []
@@ -224,7 +225,7 @@ def _dead_pid() -> int:
 
 
 def test_temporary_files_of_dead_runs_are_removed_by_the_next_run(digits_table, tmp_path):
-    host = _io._host()
+    host = transactions._host()
     dead = _dead_pid()
     stale_file = tmp_path / f".t.parquet.tmp-{dead}-{host}-k1ll3d"
     stale_dir = tmp_path / f".ds.stage-{dead}-{host}-k1ll3d"

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from logitguard.cli import main
-from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.guard import Guard
 from logitguard.serve import create_app, serve_in_thread
 from logitguard.serve.codec import ARROW_STREAM, JSON

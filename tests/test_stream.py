@@ -156,7 +156,7 @@ def test_detect_without_labels_reports_rates_only(digits_split_table, tmp_path):
 
 @pytest.mark.parametrize("on_flag", ["correct", "reject", "agree"])
 def test_defend_streamed_equals_in_memory(source, corrector, tmp_path, on_flag):
-    from logitguard.defenses.gated import ABSTAIN
+    from logitguard.defenses.decision import ABSTAIN
 
     detector = make_detector("learned-noisy").fit_table(read_table(source), split="train")
     defense = GatedDefense(detector, None if on_flag == "reject" else corrector, on_flag=on_flag)

@@ -10,7 +10,7 @@ from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import RidgeClassifier
 
 from logitguard import LogitguardError
-from logitguard._io import save_arrays
+from logitguard.files import save_arrays
 from logitguard.defenses.estimator import load_estimator
 from logitguard.defenses.svm import EXACT_MAX_CLASSES, SVMCorrector, _balanced_rows
 

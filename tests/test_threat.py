@@ -22,10 +22,9 @@ from logitguard.defenses.detectors import Detector, make_detector
 from logitguard.evaluation.evaluate import evaluate
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines
 from logitguard.defenses.svm import SVMCorrector
-from logitguard.evaluation.threat import (
-    THREAT_MODELS, detector_miss_table, file_sha256, format_detector_misses, format_threat_models, parse_budgets,
-    threat_model_table, threat_of, tier_attacks,
-)
+from logitguard.evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, threat_model_table)
+from logitguard.files import file_sha256
+from logitguard.tables.threat import THREAT_MODELS, parse_budgets, threat_of, tier_attacks
 
 E8, E16 = 8 / 255, 16 / 255
 LABELS = np.array([0, 1, 2, 0, 1])  # samples 0..4; sample 4 is not selected (bare model wrong when clean)

@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
-from .._io import check_format_version, load_arrays, read_header, save_arrays
+from ..files import check_format_version, load_arrays, read_header, save_arrays
 from ..errors import LogitguardError
 from ..tables import LogitTable
 

@@ -18,14 +18,14 @@ This module stays free of torch at import: detectors and correctors are loaded l
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import LogitguardError
 from .estimator import check_logits
-from ..evaluation.metrics import ABSTAIN
+from .decision import ABSTAIN, Decision
 from ..tables import LogitTable, conform
 
 if TYPE_CHECKING:
@@ -43,13 +43,6 @@ class Corrector(Protocol):
     def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray: ...
 
 
-class Decision(NamedTuple):
-    """What a defense decided for each of N rows (arrays of shape (N,))."""
-
-    model_label: np.ndarray  # int64: the model's own argmax
-    flagged: np.ndarray  # bool: the detector's verdict (every row without a detector, none for the bare model)
-    score: np.ndarray  # float64: the detector's score, higher = more likely adversarial (NaN without a detector)
-    label: np.ndarray  # int64: the label to act on; ABSTAIN (-1) where the row is rejected
 
 
 def check_policy(has_detector: bool, has_corrector: bool, on_flag: str) -> None:

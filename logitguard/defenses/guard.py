@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._io import load_arrays, refuse_overwrite, save_arrays
+from ..files import load_arrays, refuse_overwrite, save_arrays
 from .gated import ABSTAIN, Decision, GatedDefense, as_corrector, check_policy
 from ..errors import LogitguardError
 from .estimator import check_logits, from_arrays
 from ..tables import CLEAN, LogitTable, read_table, table_columns, table_files
-from ..evaluation.threat import (DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, file_sha256, fill_intervals,
-                                 format_budget, threat_model_table, threat_of, to_records)
+from ..evaluation.threat import fill_intervals, threat_model_table, to_records
+from ..files import file_sha256
+from ..tables.threat import DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, format_budget, threat_of
 
 FORMAT = "logitguard.Guard"
 FORMAT_VERSION = 1

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_output, check_format_version, refuse_overwrite
+from ..files import atomic_output, check_format_version, refuse_overwrite
 from .gated import ON_FLAG, GatedDefense, check_policy
 from ..errors import LogitguardError
-from ..evaluation.threat import file_sha256
+from ..files import file_sha256
 
 FORMAT = "logitguard.Pipelines"
 FORMAT_VERSION = 1

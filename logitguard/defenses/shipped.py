@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._io import refuse_overwrite, staged_output
+from ..files import refuse_overwrite, staged_output
 from ..errors import LogitguardError
 from ..tables import LogitTable
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import load_arrays
+from ..files import load_arrays
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits
 from ..tables import CLEAN, LogitTable

@@ -17,7 +17,8 @@ import pandas as pd
 from ..report.summary import render_table
 from ..tables import CLEAN, LogitTable
 from .intervals import with_interval
-from .threat import DEFAULT_BUDGETS, format_budget, judge_draws, threat_model_table, threat_of
+from .threat import threat_model_table
+from ..tables.threat import DEFAULT_BUDGETS, format_budget, judge_draws, threat_of
 
 __all__ = ["format_query_access", "query_access_table"]
 

@@ -28,8 +28,9 @@ from ..report.summary import percent, render_table
 from ..tables import LogitTable
 from .intervals import with_interval
 from .metrics import ABSTAIN
-from .threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, TIERS, _Rows, _tiers, attack_eps, format_budget,
-                     threat_of)
+from .threat import _Rows
+from ..tables.threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, TIERS, attack_eps, format_budget, threat_of,
+                             tier_parts)
 
 if TYPE_CHECKING:
     from .evaluate import Defense
@@ -175,7 +176,7 @@ def attack_failure_indicators(
     labels = rows.labels[rows.rows]
     records = []
     for name, defense in pipelines.items():
-        tiers = _tiers(t.metadata, t.attacks, name)
+        tiers = tier_parts(t.metadata, t.attacks, name)
         if "adaptive" not in tiers:
             continue
         attacked = np.asarray(defense.predict_table(t))[rows.rows]

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._io import refuse_overwrite, staged_output
+from ..files import refuse_overwrite, staged_output
 from ..defenses.gated import Decision, GatedDefense
 from ..errors import LogitguardError
 from ..tables import CLEAN, LogitTable, RowKeys, read_keys, read_table, table_columns
-from .threat import NO_DEFENSE, attack_eps, format_budget, threat_of
+from ..tables.threat import NO_DEFENSE, attack_eps, format_budget, threat_of
 
 AIMED_TIERS = ("surrogate", "query", "adaptive")  # tiers whose attacks aim at a named defense
 

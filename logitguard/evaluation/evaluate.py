@@ -29,7 +29,7 @@ from .metrics import (attack_success_rate, clean_accuracy, coverage, detection_m
                       successful_attack, tpr_at_fpr)
 from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable, RowKeys, pair_rows
-from .threat import NO_DEFENSE
+from ..tables.threat import NO_DEFENSE
 
 METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ABSTAIN = -1  # the label of a row a defense rejects (re-exported by logitguard.defenses.gated)
+from ..defenses.decision import ABSTAIN, defended, flag, successful_attack, threshold_at_fpr
 
 
 def clean_accuracy(pred_clean: np.ndarray, labels: np.ndarray) -> float:
@@ -24,22 +24,9 @@ def coverage(pred_clean: np.ndarray) -> float:
     return _mean(np.asarray(pred_clean) != ABSTAIN)
 
 
-def defended(pred_attacked: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per attacked row (N,) bool: predicted correctly, or rejected."""
-    pred_attacked = np.asarray(pred_attacked)
-    return (pred_attacked == np.asarray(labels)) | (pred_attacked == ABSTAIN)
-
-
 def robust_accuracy(pred_attacked: np.ndarray, labels: np.ndarray) -> float:
     """Share of attacked rows still predicted correctly or rejected (`defended`)."""
     return _mean(defended(pred_attacked, labels))
-
-
-def successful_attack(pred_clean: np.ndarray, pred_attacked: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per aligned clean/attacked pair (N,) bool: the clean row is predicted correctly and the attacked row
-    is neither predicted correctly nor rejected. The one definition of a successful attack in the project
-    (detector positives, attack success rates, the producer's ``success`` column)."""
-    return (np.asarray(pred_clean) == np.asarray(labels)) & ~defended(pred_attacked, labels)
 
 
 def attack_success_rate(pred_clean: np.ndarray, pred_attacked: np.ndarray, labels: np.ndarray) -> float:
@@ -67,13 +54,6 @@ def auroc(clean_scores: np.ndarray, attacked_scores: np.ndarray) -> float:
     return float(roc_auc_score(truth, np.r_[clean_scores, attacked_scores]))
 
 
-def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
-    """The lowest threshold t such that at most a share `fpr` of `clean_scores` exceed it (flag: score > t)."""
-    ordered = np.sort(np.asarray(clean_scores, dtype=np.float64))
-    keep = max(1, int(np.ceil(len(ordered) * (1.0 - fpr) - 1e-9)))  # rows that must stay at or below t
-    return float(ordered[keep - 1])
-
-
 def tpr_at_fpr(clean_scores: np.ndarray, attacked_scores: np.ndarray, fpr: float) -> tuple[float, float]:
     """(TPR, achieved FPR) at the threshold flagging at most `fpr` of the clean rows.
 
@@ -83,7 +63,7 @@ def tpr_at_fpr(clean_scores: np.ndarray, attacked_scores: np.ndarray, fpr: float
     if not clean_scores.size or not attacked_scores.size:
         return float("nan"), float("nan")
     threshold = threshold_at_fpr(clean_scores, fpr)
-    return float((attacked_scores > threshold).mean()), float((clean_scores > threshold).mean())
+    return float(flag(attacked_scores, threshold).mean()), float(flag(clean_scores, threshold).mean())
 
 
 # -- detection metrics as pytorch-ood names them ------------------------------------------------

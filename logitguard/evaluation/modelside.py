@@ -29,8 +29,8 @@ from ..errors import LogitguardError
 from .metrics import auroc, successful_attack
 from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable, pair_rows, read_table
-from .threat import (DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, format_budget, threat_model_table, threat_of,
-                     to_records)
+from .threat import threat_model_table, to_records
+from ..tables.threat import DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, format_budget, threat_of
 
 RECOMMENDED_PIPELINE = "ln-reject"  # the pipeline that did no harm under adaptive attack (docs/threat-models.md)
 DETECTORS = ("msp", "nonme", "kdensity", "insen", "external")

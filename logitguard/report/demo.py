@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_output, refuse_overwrite, staged_output
+from ..files import atomic_output, refuse_overwrite, staged_output
 from ..errors import LogitguardError
-from ..evaluation.metrics import successful_attack
+from ..defenses.decision import successful_attack
 from ..defenses.shipped import MANIFEST
 from ..tables import CLEAN, LogitTable, pair, read_table
-from ..evaluation.threat import format_budget, threat_of, to_records
+from ..evaluation.threat import to_records
+from ..tables.threat import format_budget, threat_of
 from .published import load_reference, reference_block
 from .summary import format_with_interval, markdown_frame, percent, summarize
 from .threats import summary_section, threat_section

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_output
+from ..files import atomic_output
 from ..errors import LogitguardError
 
 

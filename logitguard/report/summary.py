@@ -57,7 +57,7 @@ def summarize_rows(rows: RowKeys, *, noise_queries: Sequence[int] | None = None)
     # Each row's clean row's model label (NaN without a clean row: never a successful attack).
     frame = frame.merge(clean, on=["split", "sample_id"], how="left", suffixes=("", "_clean"))
 
-    from ..evaluation.threat import threat_of
+    from ..tables.threat import threat_of
 
     conditions = []
     for (split, attack), group in frame.groupby(["split", "attack"], sort=False):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..evaluation.threat import NO_DEFENSE, format_budget
+from ..tables.threat import NO_DEFENSE, format_budget
 from .summary import format_with_interval, markdown_frame, percent
 
 # Report order: from the attacker who knows least about the deployed system to the one who knows most.

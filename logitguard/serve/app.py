@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..defenses.gated import ABSTAIN
+from ..defenses.decision import ABSTAIN
 from ..errors import LogitguardError
 from ..defenses.guard import Guard
 from . import DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ROWS

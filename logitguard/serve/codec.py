@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..defenses.gated import ABSTAIN, Decision
+from ..defenses.decision import ABSTAIN, Decision
 
 JSON = "application/json"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import LogitguardError, TableError
-from ..evaluation.metrics import ABSTAIN
+from ..defenses.decision import ABSTAIN
 from . import (CLEAN, OPTIONAL_COLUMNS, LogitTable, RowCollector, RowKeys, iter_batches, read_keys,
                stream_batch_rows, table_columns, write_batches)
 
@@ -185,7 +185,7 @@ def evaluate_path(path: str | os.PathLike, defenses: Mapping[str, Any] | None = 
     """`evaluate(read_table(path, split=split), defenses, split=split, attacks=attacks)`, streamed: one pass
     computes every defense's labels per row, then the records come from those (`evaluation_records`)."""
     from ..evaluation.evaluate import evaluation_records, select_attacks
-    from ..evaluation.threat import NO_DEFENSE
+    from .threat import NO_DEFENSE
 
     keys = read_keys(path, split=split)
     keys, attacks = select_attacks(keys, split, attacks)
@@ -255,7 +255,7 @@ def defend_path(defense: GatedDefense, path: str | os.PathLike, out: str | os.Pa
     when the rows are labelled and have clean rows and attacks; else None).
     """
     from ..evaluation.evaluate import evaluation_records, select_attacks
-    from ..evaluation.threat import NO_DEFENSE
+    from .threat import NO_DEFENSE
 
     collector = RowCollector()
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._io import atomic_output, staged_output
+from ..files import atomic_output, staged_output
 from ..errors import TableError
 from .arrays import distinct_values
 from .schema import METADATA_KEY, PARTITION_COLUMNS
@@ -56,7 +56,7 @@ def write_table(
     A file goes to a temporary sibling renamed into place. A directory is written into a temporary sibling
     directory that is swapped into place at the end, so readers (and a run killed at any point) see either
     the complete old output or the complete new one. Of two runs writing the same `path` at once, one
-    raises `TableError` (see `logitguard._io.OutputLock`).
+    raises `TableError` (see `logitguard.files.OutputLock`).
 
     Returns
     -------

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 
 from ..models.insen import insen_stats
 from .base import Attack

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 
 from .defended import DefenseAttack
 

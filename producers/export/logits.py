@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from logitguard._io import StagedDirectory
-from logitguard.evaluation.metrics import successful_attack
+from logitguard.files import StagedDirectory
+from logitguard.defenses.decision import successful_attack
 from logitguard.tables import CLEAN, METADATA_KEY, LogitTable, write_table
-from logitguard.evaluation.threat import file_sha256
+from logitguard.files import file_sha256
 
 from .. import __version__
 from ..attacks import attack_class, make_attack
@@ -459,7 +459,7 @@ def export(
 class ExportStage:
     """The partitions of one export run, staged beside `out` and added to it together at the end.
 
-    Staging is ``.<out>.resume-<key>`` (`logitguard._io.StagedDirectory`): a run that fails or is killed
+    Staging is ``.<out>.resume-<key>`` (`logitguard.files.StagedDirectory`): a run that fails or is killed
     leaves `out` as it was and its finished partitions there; a rerun with the same key resumes from
     them, but only from partitions written with the same metadata (parameters, model, noise, …) and the
     same samples; anything else is redone. Two runs with the same key cannot stage at once. `commit`

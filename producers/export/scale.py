@@ -5,7 +5,7 @@ when the model runs on CUDA (N defaults to the GPUs in the Ray cluster), else `c
 (N defaults to the CPUs divided by that). The model goes to the object store once, each actor loads the
 dataset (or receives it through the object store); actor i runs shard i/N of `export` (exactly what ``logitguard-produce export --shard i/N`` runs) and leaves its
 partitions staged. When every shard has finished, the driver adds all staged partitions to `out` in one step
-(`logitguard._io.StagedDirectory`): `out` holds all of this run or none of it. The table equals the N
+(`logitguard.files.StagedDirectory`): `out` holds all of this run or none of it. The table equals the N
 single-process ``--shard i/N`` runs, file for file and row for row.
 
 A failed or killed run leaves `out` as it was and each shard's finished partitions staged; a rerun with the
@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from logitguard._io import StagedDirectory, link_or_copy
+from logitguard.files import StagedDirectory, link_or_copy
 from logitguard.scale import RayErrors, init_ray
 from logitguard.tables import CLEAN, METADATA_KEY
 

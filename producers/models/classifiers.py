@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from logitguard._io import atomic_output, refuse_overwrite
+from logitguard.files import atomic_output, refuse_overwrite
 
 from ..data.datasets import ImageSet
 from ..errors import ProducerError

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from logitguard.evaluation.threat import file_sha256
+from logitguard.files import file_sha256
 
 from ..attacks.pgd import PGD
 from ..data.datasets import ImageSet

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitguard.defenses.gated import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN
 from logitguard.errors import LogitguardError
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines
 from logitguard.tables import LogitTable

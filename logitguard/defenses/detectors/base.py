@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 import numpy as np
 from sklearn.base import clone
 
-from ..._io import load_arrays
+from ...files import load_arrays
 from ...errors import LogitguardError
 from ..estimator import Estimator, check_logits
-from ...evaluation.metrics import successful_attack, threshold_at_fpr
+from ..decision import successful_attack, threshold_at_fpr
 from ...tables import CLEAN, LogitTable, holdout_mask, pair
 
 LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)

@@ -1,4 +1,4 @@
-"""Safe outputs: every file and directory logitguard writes goes through this module.
+"""File transactions: every file and directory logitguard writes goes through this module.
 
 - `atomic_output`: one file, written to a temporary sibling and renamed into place. Readers never see a
   half-written file; the file gets the permissions the umask allows (``0666 & ~umask``).
@@ -14,14 +14,12 @@
 Temporary entries are hidden siblings named ``.<target>.<kind>-<pid>-<host>-<random>``; entries of a run
 that no longer exists (killed) are removed by the next run that writes the same target.
 
-Array archives (`save_arrays`) are written byte for byte the same for the same content and read without
-unpickling.
+Saved arrays (`save_arrays`, the defenses' file format) live beside this module in `archive`.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -29,16 +27,13 @@ import socket
 import stat
 import tempfile
 import time
-import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .errors import LogitguardError
+from ..errors import LogitguardError
 
 try:
     import fcntl
@@ -50,16 +45,6 @@ _KINDS = ("tmp", "stage", "commit", "old")
 _FOREIGN_STALE_SECONDS = 24 * 3600
 COMMIT_WAIT_SECONDS = 600.0  # how long a commit waits for another run's commit to the same target
 
-
-def check_format_version(version: Any, reads: int, where: str) -> int:
-    """A saved file's ``format_version``: refused (`LogitguardError`, naming `where`) unless a positive integer
-    no newer than `reads`, the version this logitguard reads."""
-    if not isinstance(version, int) or version < 1:
-        raise LogitguardError(f"{where}: format_version must be a positive integer, got {version!r}")
-    if version > reads:
-        raise LogitguardError(f"{where}: written by a newer logitguard (format_version {version}, this one "
-                              f"reads {reads}); upgrade logitguard")
-    return version
 
 
 def refuse_overwrite(paths: list[Path], overwrite: bool, *,
@@ -581,58 +566,3 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-# ---------------------------------------------------------------------------------------------
-# Array archives
-
-
-def save_arrays(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray], *, overwrite: bool) -> Path:
-    """Write an ``.npz`` of plain arrays plus a JSON `header` (must hold ``format``), atomically.
-
-    The archive is deterministic: the same header and arrays give the same bytes (fixed zip timestamps).
-    """
-    path = Path(path)
-    refuse_overwrite([path], overwrite)
-    members = {"header": np.array(json.dumps(header)), **{f"a_{k}": np.asarray(v) for k, v in arrays.items()}}
-    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
-        _write_npz(f, members)
-    return path
-
-
-def _write_npz(f: Any, members: dict[str, np.ndarray]) -> None:
-    """`numpy.savez` with a fixed timestamp per member, so equal content gives equal bytes."""
-    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, value in members.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            with archive.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-
-
-def load_arrays(path: Path, fmt: str, what: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a `save_arrays` file whose header's ``format`` is `fmt`; never unpickles (allow_pickle=False).
-
-    Raises `LogitguardError` naming `what` ("detector", …) when the file is missing or is something else.
-    """
-    if not path.is_file():
-        raise LogitguardError(f"no such {what} file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-            arrays = {k[2:]: archive[k] for k in archive.files if k.startswith("a_")}
-    except Exception as exc:  # zip, key, JSON and pickle refusals all mean the same thing here
-        raise LogitguardError(f"{path}: not a logitguard {what} file ({type(exc).__name__})") from None
-    if not isinstance(header, dict) or header.get("format") != fmt:
-        raise LogitguardError(f"{path}: not a logitguard {what} file")
-    return header, arrays
-
-
-def read_header(path: Path) -> dict[str, Any] | None:
-    """The JSON header of a `save_arrays` file, or None for any other file."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-    except Exception:
-        return None
-    return header if isinstance(header, dict) else None
