@@ -46,6 +46,7 @@ from logitguard.defenses.corrector import LogitCorrector  # noqa: E402
 from logitguard.defenses.gated import GatedDefense  # noqa: E402
 from logitguard.defenses.detectors import make_detector  # noqa: E402
 from logitguard.defenses.guard import Guard  # noqa: E402
+from logitguard.evaluation.guard import guard_from_pipeline
 from logitguard.serve.codec import ARROW_STREAM, JSON  # noqa: E402
 from logitguard.tables import read_table  # noqa: E402
 
@@ -74,7 +75,7 @@ def synthetic_guard(classes: int, hidden: int, detector: str, rows: int = 4096, 
 
 def fashion_guard() -> tuple[Guard, np.ndarray, np.ndarray]:
     """The embedded ln-reject guard and its test rows: logits (N, 10), noise queries (N, 8, 10), float32."""
-    guard = Guard.from_pipeline(ROOT / "data/defenses/defenses.json", "ln-reject", ROOT / "data/fashion-mnist")
+    guard = guard_from_pipeline(ROOT / "data/defenses/defenses.json", "ln-reject", ROOT / "data/fashion-mnist")
     test = read_table(ROOT / "data/fashion-mnist", split="test")
     order = np.random.default_rng(0).permutation(len(test))
     return guard, test.logits[order], test.noisy_logits[order]

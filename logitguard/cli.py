@@ -259,7 +259,7 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
              as_json: bool) -> None:
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
     from .defenses.corrector import LogitCorrector
-    from .evaluation.evaluate import format_evaluation
+    from .report.evaluation import format_evaluation
     from .tables.stream import evaluate_path
 
     corrector = LogitCorrector.load(corrector_path, device=device)
@@ -418,7 +418,7 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
 def detect(table: str, detector_path: str, split: str, engine: str, workers: int | None, as_json: bool) -> None:
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
     from .defenses.detectors import load_detector
-    from .evaluation.evaluate import format_detection
+    from .report.evaluation import format_detection
     from .tables.stream import detect_path
 
     if scale := on_ray(engine, workers):
@@ -519,7 +519,7 @@ def _partition(out: str) -> tuple[str, str] | None:
 def _report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json: bool) -> None:
     """Print what `logitguard.tables.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
     when the table is labelled and has clean rows."""
-    from .evaluation.evaluate import format_evaluation
+    from .report.evaluation import format_evaluation
 
     written, flagged, rejected = report["written"], report["flagged_rate"], report["rejected_rate"]
     results = report["evaluation"]
@@ -577,11 +577,13 @@ def threat(table: str, manifest: str, budgets: str, split: str, reference: str |
     pipeline, the share of successful attacks each detector misses, Tramèr's eps/2 check, the
     attack-failure indicators and what a query attacker gets from scores (docs/threat-models.md)."""
     from .defenses.pipelines import load_pipelines
-    from .evaluation.access import format_query_access, query_access_table
-    from .evaluation.checks import (attack_failure_indicators, format_indicators, format_tramer, load_reference,
-                                    tramer_check)
+    from .evaluation.access import query_access_table
+    from .report.threat_text import format_query_access
+    from .evaluation.checks import attack_failure_indicators, load_reference, tramer_check
+    from .report.threat_text import format_indicators, format_tramer
     from .tables import CLEAN, read_table
-    from .evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, threat_model_table, to_records)
+    from .evaluation.threat import detector_miss_table, threat_model_table, to_records
+    from .report.threat_text import format_detector_misses, format_threat_models
     from .tables.threat import parse_budgets
 
     eps = parse_budgets(budgets)
@@ -622,7 +624,8 @@ def compare_models(models: tuple[str, ...], pipeline: str, budgets: str, out: st
     """Model-side defenses beside a logit pipeline: MODELS are NAME=TABLE:MANIFEST, one per trained model
     (docs/model-side.md). Robust accuracy per threat model with and without the pipeline, detector AUROCs."""
     from .files import atomic_output
-    from .evaluation.modelside import compare_models as compare, format_model_side, parse_model_specs
+    from .evaluation.modelside import compare_models as compare, parse_model_specs
+    from .report.modelside import format_model_side
     from .tables.threat import parse_budgets
 
     specs, eps = parse_model_specs(models), parse_budgets(budgets)
@@ -649,7 +652,8 @@ def curve(table: str, sweeps: tuple[str, ...], defenses: tuple[str, ...], x_axis
           force: bool, as_json: bool) -> None:
     """Robustness curves: accuracy (and detection rate) per value of each swept attack, without and with
     defenses; the clean rows are the value-0 point (docs/curves.md)."""
-    from .evaluation.curves import FILES, curve_path, format_curves, load_defenses, write_curves
+    from .evaluation.curves import curve_path, load_defenses
+    from .report.curves import FILES, format_curves, write_curves
 
     claim_output(out, force, directory=True, merge=True, extra=tuple(str(Path(out) / f) for f in FILES))
     result = curve_path(table, load_defenses(defenses), sweeps=list(sweeps) or None, split=split, x=x_axis)
@@ -692,7 +696,8 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
               attacks: list[str] | None, pipeline: str | None, budgets: str, seed: int, force: bool,
               as_json: bool) -> None:
     """Fit a guard on the train split of TABLE, measure it per threat model on the test split, save it."""
-    from .defenses.guard import Guard, format_info
+    from .evaluation.guard import describe_guard, fit_guard, guard_from_pipeline
+    from .report.guard import format_guard_info
     from .tables.threat import parse_budgets
 
     claim_output(out, force, directory=False)
@@ -701,12 +706,13 @@ def guard_fit(table: str, out: str, detector: str | None, corrector: str | None,
         manifest, sep, name = pipeline.rpartition(":")
         if not sep or not manifest or not name:
             raise LogitguardError(f"--from-pipeline takes MANIFEST:NAME, got {pipeline!r}")
-        fitted = Guard.from_pipeline(manifest, name, table, budgets=eps)
+        fitted = guard_from_pipeline(manifest, name, table, budgets=eps)
     else:
-        fitted = Guard.fit(table, detector=None if detector == "none" else detector, corrector=corrector,
+        fitted = fit_guard(table, detector=None if detector == "none" else detector, corrector=corrector,
                            on_flag=on_flag, fpr=fpr, attacks=attacks, seed=seed, budgets=eps)
     fitted.save(out, overwrite=force)
-    emit({"out": out, **fitted.info()}, as_json, f"wrote {out}\n\n" + format_info(fitted.info()))
+    info = describe_guard(fitted)
+    emit({"out": out, **info}, as_json, f"wrote {out}\n\n" + format_guard_info(info))
 
 
 @guard.command("apply")
@@ -737,10 +743,12 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
 @json_option
 def guard_info(guard_path: str, as_json: bool) -> None:
     """Describe a guard: expected input, policy, threshold, threat-model figures, provenance."""
-    from .defenses.guard import Guard, format_info
+    from .defenses.guard import Guard
+    from .evaluation.guard import describe_guard
+    from .report.guard import format_guard_info
 
-    info = Guard.load(guard_path).info()
-    emit(info, as_json, format_info(info))
+    info = describe_guard(Guard.load(guard_path))
+    emit(info, as_json, format_guard_info(info))
 
 
 # -- explain and demo --------------------------------------------------------------------------

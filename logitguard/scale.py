@@ -631,7 +631,8 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
     import click
 
     from .cli import echo_json
-    from .evaluation.evaluate import detection_table, format_detection
+    from .evaluation.evaluate import detection_table
+    from .report.evaluation import format_detection
 
     spec = DefenseSpec("detector", detector)
     result, loaded, metadata, _ = _prepare(table, spec, split, workers)
@@ -663,7 +664,8 @@ def cli_defend(table: str, spec: DefenseSpec, out: str, *, split: str | None, fo
     import click
 
     from .cli import echo_json
-    from .evaluation.evaluate import evaluate, format_evaluation
+    from .evaluation.evaluate import evaluate
+    from .report.evaluation import format_evaluation
 
     result, loaded, _, metadata = _prepare(table, spec, split, workers)
     written, narrow = _write(result, out, metadata=metadata, basename="defended", overwrite=force)

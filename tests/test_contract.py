@@ -181,9 +181,9 @@ def test_a_guard_file_loads_in_a_fresh_interpreter(digits_split_table, tmp_path)
     import subprocess
     import sys
 
-    from logitguard.defenses.guard import Guard
+    from logitguard.evaluation.guard import fit_guard
 
-    path = Guard.fit(digits_split_table, detector="msp", corrector="svm", on_flag="correct").save(tmp_path / "g.npz")
+    path = fit_guard(digits_split_table, detector="msp", corrector="svm", on_flag="correct").save(tmp_path / "g.npz")
     code = f"from logitguard.defenses.guard import Guard; print(Guard.load({str(path)!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -14,6 +14,7 @@ from logitguard import read_table
 from logitguard.cli import main as core
 from logitguard.evaluation.curves import find_sweeps, measure_curves
 from logitguard.defenses.guard import Guard
+from logitguard.evaluation.guard import fit_guard
 from logitguard.defenses.decision import ABSTAIN
 from producers.cli import main as produce, parse_sweeps
 from producers.errors import ProducerError
@@ -54,7 +55,7 @@ def swept(model_stem, tmp_path_factory):
 @pytest.fixture(scope="module")
 def guard_file(swept, tmp_path_factory):
     path = tmp_path_factory.mktemp("curve-guard") / "guard.npz"
-    Guard.fit(swept, detector="learned", fpr=0.05).save(path)
+    fit_guard(swept, detector="learned", fpr=0.05).save(path)
     return path
 
 
@@ -175,7 +176,7 @@ def test_curve_errors_are_clean(swept, digits_split_dir, guard_file, tmp_path, m
     assert run(swept, "--out", tmp_path / "b").exit_code == 0
     result = run(swept, "--out", tmp_path / "b")
     assert result.exit_code == 1 and "refusing to overwrite" in result.output
-    monkeypatch.setattr("logitguard.evaluation.curves._have_matplotlib", lambda: False)
+    monkeypatch.setattr("logitguard.report.curves._have_matplotlib", lambda: False)
     (tmp_path / "b" / "curve.png").unlink()
     result = run(swept, "--out", tmp_path / "b", "--force")
     assert result.exit_code == 0, result.output
@@ -218,7 +219,7 @@ def test_curves_add_the_attacks_aimed_at_a_defense_labelled_with_their_tier(swep
     as that defense's per-sample worst case per tier at their budgets, beside the sweep, and are drawn."""
     from logitguard.defenses.detectors import make_detector
     from logitguard.defenses.gated import GatedDefense
-    from logitguard.evaluation.curves import format_curves, write_curves
+    from logitguard.report.curves import format_curves, write_curves
     from logitguard.evaluation.threat import threat_model_table
     from logitguard.tables.table import LogitTable
 

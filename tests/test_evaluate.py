@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from logitguard import LogitguardError, pair
-from logitguard.evaluation.evaluate import evaluate, format_evaluation, sweep_p_clean, train_per_attack, transfer_matrix
+from logitguard.evaluation.evaluate import evaluate, sweep_p_clean, train_per_attack, transfer_matrix
+from logitguard.report.evaluation import format_evaluation
 from logitguard.evaluation.metrics import ABSTAIN, attack_success_rate, successful_attack
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3)

@@ -25,7 +25,7 @@ from logitguard.cli import main
 from logitguard.defenses.gated import GatedDefense
 from logitguard.defenses.detectors import InsenDetector, KDensityDetector, load_detector, make_detector
 from logitguard.defenses.detectors.kdensity import PAPER_SIGMA2
-from logitguard.defenses.guard import Guard
+from logitguard.evaluation.guard import fit_guard
 from producers.attacks import make_attack
 from producers.models.insen import insen_stats
 from producers.models.classifiers import ImageClassifier
@@ -186,7 +186,7 @@ def test_deployable_defenses_refuse_feature_detectors(digits_feature_table):
     with pytest.raises(LogitguardError, match="a gated defense decides from logits .* reads the 'features' column"):
         GatedDefense(detector, None, on_flag="reject")
     with pytest.raises(LogitguardError, match="a guard sees only the logits a remote model returns; the 'insen'"):
-        Guard.fit(digits_feature_table, detector="insen", on_flag="reject", attacks=["fgsm"])
+        fit_guard(digits_feature_table, detector="insen", on_flag="reject", attacks=["fgsm"])
 
 
 def test_cli_fits_a_kdensity_detector(digits_feature_table, digits_split_dir, tmp_path):

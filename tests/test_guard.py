@@ -16,6 +16,7 @@ from logitguard.cli import main
 from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.detectors import load_detector
 from logitguard.defenses.guard import Guard
+from logitguard.evaluation.guard import fit_guard, guard_from_pipeline
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.tables import read_table
 from logitguard.evaluation.threat import threat_model_table
@@ -25,7 +26,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 @pytest.fixture(scope="module")
 def guard(digits_split_table):
-    return Guard.fit(digits_split_table, corrector="svm", on_flag="agree", fpr=0.05, budgets=(0.15,))
+    return fit_guard(digits_split_table, corrector="svm", on_flag="agree", fpr=0.05, budgets=(0.15,))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_the_guard_records_what_it_was_measured_under(guard, digits_split_table)
     assert ("guard", "oblivious") in models and ("none", "oblivious") in models
     assert set(info["unmeasured"]) == {"transfer", "query", "surrogate", "adaptive"}
     # Outside the budgets nothing is measured, and the guard says why.
-    narrow = Guard.fit(digits_split_table, detector="msp", fpr=0.05, budgets=(0.05,))
+    narrow = fit_guard(digits_split_table, detector="msp", fpr=0.05, budgets=(0.05,))
     assert narrow.unmeasured["oblivious"] == "no oblivious attack within the budgets (0.05)"
     assert info["provenance"]["logits_sha256"] and info["provenance"]["settings"]["attacks"] == ["bim", "fgsm"]
     json.dumps(info, allow_nan=False)
@@ -99,7 +100,7 @@ def test_bad_inputs_get_precise_errors(guard, test_rows, change, message):
 def test_a_guard_from_the_shipped_pipeline_carries_its_adaptive_figures():
     """ln-reject's files are the ones the embedded adaptive partitions attacked: the guard's figures are
     threat_model_table's for that pipeline, adaptive tier included."""
-    guard = Guard.from_pipeline(DATA / "defenses" / "defenses.json", "ln-reject", DATA / "fashion-mnist")
+    guard = guard_from_pipeline(DATA / "defenses" / "defenses.json", "ln-reject", DATA / "fashion-mnist")
     table = read_table(DATA / "fashion-mnist", split="test")
     expected = threat_model_table(table, {"ln-reject": load_pipelines(DATA / "defenses" / "defenses.json")["ln-reject"].build()},
                                   split=None)
@@ -120,7 +121,7 @@ def test_adaptive_figures_need_the_very_files_that_were_attacked(tmp_path):
     shutil.copytree(DATA / "defenses", folder)
     detector = load_detector(folder / "learned-noisy.npz")
     detector.save(folder / "learned-noisy.npz", overwrite=True)  # the current format: new bytes
-    guard = Guard.from_pipeline(folder / "defenses.json", "ln-reject", DATA / "fashion-mnist")
+    guard = guard_from_pipeline(folder / "defenses.json", "ln-reject", DATA / "fashion-mnist")
     models = {r["threat_model"] for r in guard.threat if r["pipeline"] == "guard"}
     assert "adaptive" not in models and "surrogate" in models
     assert re.match(r"the table's \d+ adaptive partitions aimed at 'ln-reject' attacked other files",

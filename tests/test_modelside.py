@@ -13,7 +13,8 @@ from logitguard import LogitguardError, LogitTable
 from logitguard.cli import main
 from logitguard.defenses.detectors import make_detector
 from logitguard.evaluation.metrics import auroc
-from logitguard.evaluation.modelside import compare_models, detection_aurocs, format_model_side, parse_model_specs
+from logitguard.evaluation.modelside import compare_models, detection_aurocs, parse_model_specs
+from logitguard.report.modelside import format_model_side
 from logitguard.defenses.pipelines import load_pipelines, save_pipelines
 from logitguard.tables import pair
 from logitguard.evaluation.threat import threat_model_table

@@ -15,7 +15,8 @@ import torch
 from logitguard import read_table
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.defenses.shipped import fit_shipped
-from logitguard.evaluation.access import format_query_access, query_access_table
+from logitguard.evaluation.access import query_access_table
+from logitguard.report.threat_text import format_query_access
 from logitguard.evaluation.threat import threat_model_table
 from logitguard.tables.threat import TIERS, tier_attacks
 from producers.attacks import QUERY_ATTACK_NAMES, make_attack

@@ -55,13 +55,13 @@ def without_written(report: dict) -> dict:
 @pytest.fixture(scope="module")
 def defenses(digits_split_dir, tmp_path_factory):
     """A corrector, a learned detector on noise queries and a guard, fitted on the digits table's train split."""
-    from logitguard.defenses.guard import Guard
+    from logitguard.evaluation.guard import fit_guard
 
     root = tmp_path_factory.mktemp("defenses")
     run("train-corrector", digits_split_dir, "--attacks", "fgsm", "--out", root / "corrector.npz",
         "--hidden", "64", "--epochs", "10")
     run("fit-detector", digits_split_dir, "--kind", "learned-noisy", "--out", root / "detector.npz")
-    Guard.fit(digits_split_dir, corrector="svm", on_flag="agree", fpr=0.05, budgets=(0.15,)).save(root / "guard.npz")
+    fit_guard(digits_split_dir, corrector="svm", on_flag="agree", fpr=0.05, budgets=(0.15,)).save(root / "guard.npz")
     return root
 
 

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from logitguard.cli import main
 from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.guard import Guard
+from logitguard.evaluation.guard import fit_guard, guard_from_pipeline
 from logitguard.serve import create_app, serve_in_thread
 from logitguard.serve.codec import ARROW_STREAM, JSON
 from logitguard.serve.drift import DriftWatch
@@ -136,13 +137,13 @@ def metrics(client: httpx.Client) -> dict[tuple, float]:
 @pytest.fixture(scope="module")
 def noisy_guard(digits_split_table):
     """Learned-noisy detector, reject: needs K=3 noise queries."""
-    return Guard.fit(digits_split_table)
+    return fit_guard(digits_split_table)
 
 
 @pytest.fixture(scope="module")
 def plain_guard(digits_split_table):
     """MSP detector and SVM corrector, correct: no noise queries."""
-    return Guard.fit(digits_split_table, detector="msp", corrector="svm", on_flag="correct")
+    return fit_guard(digits_split_table, detector="msp", corrector="svm", on_flag="correct")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def noisy_server(noisy_guard):
 @pytest.fixture(scope="module")
 def fashion():
     """The embedded guard (ln-reject, C=10, K=8) and 300 rows of its test split (clean, FGSM, PGD)."""
-    guard = Guard.from_pipeline(DATA / "defenses" / "defenses.json", "ln-reject", DATA / "fashion-mnist")
+    guard = guard_from_pipeline(DATA / "defenses" / "defenses.json", "ln-reject", DATA / "fashion-mnist")
     test = read_table(DATA / "fashion-mnist", split="test")
     return guard, test
 
@@ -203,7 +204,7 @@ def test_a_guard_without_noise_answers_and_ignores_noise_queries(plain_guard, di
 
 
 def test_a_guard_without_detector_has_null_scores_and_no_drift_test(digits_split_table, digits_test):
-    guard = Guard.fit(digits_split_table, detector=None, corrector="svm", on_flag="correct")
+    guard = fit_guard(digits_split_table, detector=None, corrector="svm", on_flag="correct")
     x = digits_test.logits[:50]
     with server(guard) as (client, _):
         results = client.post("/v1/check", json=json_body(x)).json()["results"]

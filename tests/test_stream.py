@@ -184,9 +184,9 @@ def test_defend_one_split_into_a_file(source, corrector, tmp_path):
 
 
 def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monkeypatch):
-    from logitguard.defenses.guard import Guard
+    from logitguard.evaluation.guard import fit_guard
 
-    guard = Guard.fit(digits_split_dir, detector="odds", budgets=(0.2,))
+    guard = fit_guard(digits_split_dir, detector="odds", budgets=(0.2,))
     guard.save(tmp_path / "g.npz")
     report = guard.defend_path(digits_split_dir, tmp_path / "out", batch_rows=BATCH)
     _same_tables(read_table(tmp_path / "out"), guard.defend_table(read_table(digits_split_dir)))
@@ -200,9 +200,9 @@ def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monke
 
 
 def test_guard_apply_refuses_a_table_of_other_classes_before_writing(digits_split_dir, tmp_path):
-    from logitguard.defenses.guard import Guard
+    from logitguard.evaluation.guard import fit_guard
 
-    guard = Guard.fit(digits_split_dir, detector="msp", budgets=(0.2,))
+    guard = fit_guard(digits_split_dir, detector="msp", budgets=(0.2,))
     other = LogitTable.from_arrays(logits=np.zeros((3, 4)), sample_id=[0, 1, 2], split="test", attack="clean")
     write_table(other, tmp_path / "four.parquet")
     with pytest.raises(Exception, match="the table has 4 classes; this guard expects 10"):

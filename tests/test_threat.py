@@ -22,7 +22,8 @@ from logitguard.defenses.detectors import Detector, make_detector
 from logitguard.evaluation.evaluate import evaluate
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines
 from logitguard.defenses.svm import SVMCorrector
-from logitguard.evaluation.threat import (detector_miss_table, format_detector_misses, format_threat_models, threat_model_table)
+from logitguard.evaluation.threat import detector_miss_table, threat_model_table
+from logitguard.report.threat_text import format_detector_misses, format_threat_models
 from logitguard.files import file_sha256
 from logitguard.tables.threat import THREAT_MODELS, parse_budgets, threat_of, tier_attacks
 
@@ -576,7 +577,8 @@ def test_intervals_and_the_no_harm_verdict(judged):
 def test_tramer_check_flags_an_implied_figure_above_the_best_classifier(judged, tmp_path):
     import pandas as pd
 
-    from logitguard.evaluation.checks import format_tramer, load_reference, tramer_check
+    from logitguard.evaluation.checks import load_reference, tramer_check
+    from logitguard.report.threat_text import format_tramer
 
     frame = threat_model_table(judged, {"gated": _gated_judged()}, budgets=(E16,))
     reference = pd.DataFrame({"model": ["at", "at"], "eps": [E8, E16], "robust_selected": [0.4, 0.3],
@@ -610,7 +612,8 @@ def test_tramer_check_flags_an_implied_figure_above_the_best_classifier(judged, 
 
 
 def test_attack_failure_indicators(judged):
-    from logitguard.evaluation.checks import attack_failure_indicators, format_indicators
+    from logitguard.evaluation.checks import attack_failure_indicators
+    from logitguard.report.threat_text import format_indicators
 
     frame = attack_failure_indicators(judged, {"gated": _gated_judged()}, budgets=(E16,))
     g = frame[frame["pipeline"] == "gated"].iloc[0]

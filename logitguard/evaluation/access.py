@@ -14,13 +14,11 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from ..report.summary import render_table
 from ..tables import CLEAN, LogitTable
-from .intervals import with_interval
 from .threat import threat_model_table
-from ..tables.threat import DEFAULT_BUDGETS, format_budget, judge_draws, threat_of
+from ..tables.threat import DEFAULT_BUDGETS, judge_draws, threat_of
 
-__all__ = ["format_query_access", "query_access_table"]
+__all__ = ["query_access_table"]
 
 
 def query_access_table(
@@ -62,23 +60,3 @@ def query_access_table(
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def format_query_access(access: pd.DataFrame) -> str:
-    """Plain text: per pipeline x budget, each query attack's robust accuracy, and the cost of returning scores
-    (labels-only minus scores figure, in points) where both were measured."""
-    if access.empty:
-        return "Query attackers: none in this table (logitguard-produce attack-defenses --tier query)"
-    lines = []
-    for (name, eps), group in access.groupby(["pipeline", "eps"], sort=False):
-        by = {r["returns"]: r for r in group.to_dict(orient="records")}
-        cost = "-"
-        if "scores" in by and "labels" in by:
-            cost = f"{100 * (by['labels']['robust_accuracy'] - by['scores']['robust_accuracy']):+.1f}"
-        for r in group.to_dict(orient="records"):
-            median = "-" if r["median_queries"] is None else f"{r['median_queries']:g}"
-            lines.append([name, format_budget(eps), r["attack"], str(r["returns"]), str(r["query_budget"]),
-                          str(r["samples"]), str(r["draws"]), with_interval(r, "robust_accuracy"), median, cost])
-    headers = ["pipeline", "eps", "attack", "sees", "queries", "samples", "draws", "robust", "median queries",
-               "scores cost (points)"]
-    return "\n".join(["What a query attacker gets from the service's answers (each query attack alone)",
-                      *render_table(headers, lines, left=4),
-                      "(scores cost: labels-only robust accuracy minus the scores attacker's, same samples)"])

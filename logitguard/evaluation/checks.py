@@ -24,12 +24,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import LogitguardError
-from ..report.summary import percent, render_table
 from ..tables import LogitTable
-from .intervals import with_interval
 from .metrics import ABSTAIN
 from .threat import _Rows
-from ..tables.threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, TIERS, attack_eps, format_budget, threat_of,
+from ..tables.threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, TIERS, attack_eps, threat_of,
                              tier_parts)
 
 if TYPE_CHECKING:
@@ -38,9 +36,7 @@ if TYPE_CHECKING:
 FAR_INSIDE = 0.5  # median linf / eps of successful rows below this: perturbations far inside the budget
 INDICATOR_KEYS = ("ran", "claimed", "judge_rejected", "stalled")
 
-__all__ = ["FAR_INSIDE", "TRAMER_COLUMNS", "attack_failure_indicators", "format_indicators", "format_tramer",
-           "load_reference",
-           "tramer_check"]
+__all__ = ["FAR_INSIDE", "TRAMER_COLUMNS", "attack_failure_indicators", "load_reference", "tramer_check"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,25 +124,6 @@ def tramer_check(
 TRAMER_COLUMNS = ["pipeline", "eps", "half_eps", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high",
                   "implied", "implied_low", "implied_high", "basis", "reference", "reference_model", "reference_eps",
                   "verdict"]
-
-
-def format_tramer(check: pd.DataFrame) -> str:
-    """Plain text of `tramer_check`: one line per gated pipeline and budget."""
-    if not len(check):
-        return "Tramèr's ε/2 check: no detector-gated pipeline with an adaptive figure"
-    headers = ["pipeline", "eps", "adaptive (selected)", "implies at eps/2", "best known at eps/2", "verdict"]
-    lines = [[r["pipeline"], format_budget(r["eps"]), with_interval(r, "robust_accuracy"), with_interval(r, "implied"),
-              "-" if r["reference"] != r["reference"] else
-              f"{percent(r['reference'])} ({r['reference_model']}, at {format_budget(r['reference_eps'])})",
-              r["verdict"] if r["verdict"] != "no reference" else f"no reference at {format_budget(r['half_eps'])}"]
-             for r in check.to_dict(orient="records")]
-    return "\n".join([
-        "Tramèr's ε/2 check: a detector robust at eps implies a classifier as robust at eps/2",
-        *render_table(headers, lines, left=2),
-        f"(basis: {check['basis'].iloc[0]}; best known: the project's own classifiers, adversarially",
-        " trained ones included, adaptive tier, measured at eps/2 or a larger budget (a lower bound at eps/2);",
-        " 'exceeds': better than any classifier measured, most likely an attack that failed)",
-    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,41 +214,3 @@ def _producer_indicators(metadata: Mapping[str, Any], partitions: Sequence[str])
     return {**totals, "producer": detail}
 
 
-def format_indicators(indicators: pd.DataFrame) -> str:
-    """Plain text of `attack_failure_indicators`, and one warning line per indicator that fired."""
-    if not len(indicators):
-        return "Attack-failure indicators: no pipeline has adaptive attacks of its own"
-    weaker = [c for c in indicators.columns if c.startswith("weaker_") and indicators[c].notna().any()]
-    headers = ["pipeline", "eps", "successes", "linf/eps", *(c.removeprefix("weaker_") + " only" for c in weaker),
-               "claimed", "judge rejected", "stalled"]
-
-    def count(value: Any) -> str:
-        return "-" if value is None or value != value else str(int(value))
-
-    def fired(value: Any) -> bool:  # recorded (not None / NaN) and above zero
-        return value is not None and value == value and value > 0
-
-    lines, warnings = [], []
-    for r in indicators.to_dict(orient="records"):
-        where = f"{r['pipeline']} {format_budget(r['eps'])}"
-        ratio = r["linf_ratio_median"]
-        lines.append([r["pipeline"], format_budget(r["eps"]), str(r["successes"]),
-                      "-" if ratio != ratio else f"{ratio:.2f}", *(count(r[c]) for c in weaker),
-                      count(r["claimed"]), count(r["judge_rejected"]), count(r["stalled"])])
-        for c in weaker:
-            if fired(r[c]):
-                warnings.append(f"{where}: {count(r[c])} samples broken by the {c.removeprefix('weaker_')} tier "
-                                "that the adaptive attacks missed")
-        if ratio == ratio and ratio < FAR_INSIDE:
-            warnings.append(f"{where}: successful adaptive perturbations use a median {ratio:.2f} of the budget")
-        if fired(r["judge_rejected"]):
-            warnings.append(f"{where}: {count(r['judge_rejected'])} claimed successes the judge rejected")
-        if fired(r["stalled"]):
-            warnings.append(f"{where}: {count(r['stalled'])} samples whose loss stopped improving early")
-    return "\n".join([
-        "Attack-failure indicators (Pintor et al. 2022), the pipeline's own adaptive attacks",
-        *render_table(headers, lines, left=2),
-        "(<tier> only: samples that tier broke and the adaptive attacks missed; linf/eps: median of successful",
-        " adaptive rows; claimed / judge rejected / stalled: recorded by the producer, - when not recorded)",
-        *(f"warning: {w}" for w in warnings),
-    ])

@@ -23,12 +23,10 @@ import pandas as pd
 
 from ..defenses.gated import GatedDefense
 from ..errors import LogitguardError, TableError
-from .intervals import binomial_interval, paired_bootstrap_interval, with_interval
+from .intervals import binomial_interval, paired_bootstrap_interval
 from .metrics import ABSTAIN, successful_attack
-from ..report.summary import percent, render_table
 from ..tables import CLEAN, LogitTable
-from ..tables.threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, TIERS, attack_eps, format_budget,
-                             judge_draws, threat_of, tier_parts)
+from ..tables.threat import BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, judge_draws, threat_of, tier_parts
 
 if TYPE_CHECKING:
     from ..defenses.detectors import Detector
@@ -338,63 +336,3 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
             for record in frame.to_dict(orient="records")]
 
 
-def format_threat_models(results: pd.DataFrame) -> str:
-    """Plain text: one line per pipeline x budget; clean accuracy, coverage and robust accuracy per tier, each
-    with its 95% interval, the judge draws, harm with its interval and the no-harm verdict (adaptive tier).
-
-    Reads records without the interval columns too (guards saved before they existed)."""
-    tiers = [t for t in TIERS if t in set(results["threat_model"])]
-    records = results.to_dict(orient="records")
-    multi = any((r.get("draws") or 1) > 1 for r in records)
-    headers = ["pipeline", "eps", "samples", "draws", "clean", "coverage", *tiers,
-               *(["adaptive (draw 0)"] if multi else []), "harm (points)", "no harm"]
-    lines, gaps, fewer = [], [], []
-    for (name, eps), group in results.groupby(["pipeline", "eps"], sort=False):
-        by = {r["threat_model"]: r for r in group.to_dict(orient="records")}
-        top = by.get("adaptive") or by[[t for t in tiers if t in by][-1]]
-        harm = by.get("adaptive", {})
-        lines.append([name, format_budget(eps), str(top["samples"]), str(top.get("draws", 1)),
-                      with_interval(top, "clean_accuracy"), with_interval(top, "coverage"),
-                      *(with_interval(by[t], "robust_accuracy") if t in by else "-" for t in tiers),
-                      *([percent(harm.get("robust_single_draw"))] if multi else []),
-                      _points(harm), harm.get("no_harm") or "-"])
-        gaps += [f"{name} {r['threat_model']} {format_budget(eps)}: {r['judge_gaps']}" for r in by.values()
-                 if (r.get("judge_gaps") or 0) > 0]
-        fewer += [f"{name} {t} {format_budget(eps)}: {by[t]['samples']}" for t in tiers
-                  if t in by and by[t]["samples"] != top["samples"]]
-    return "\n".join([
-        "Robust accuracy per threat model (selected set: samples the bare model gets right when clean)",
-        *render_table(headers, lines, left=2),
-        "(per-sample worst case over the tier's attacks within eps, on every judge draw; a rejected attacked row",
-        " counts as defended, a rejected clean row as an error; [95% interval]: exact binomial for rates, paired",
-        " bootstrap over samples for harm = adaptive minus the undefended model's adaptive; no harm is",
-        " established only when the interval of harm lies at or above 0; see docs/threat-models.md)",
-        *([f"measured on fewer samples (query attacks may cover the first ones only): {'; '.join(fewer)}"]
-          if fewer else []),
-        *([f"warning: samples missing from judge draws that no earlier draw broke: {'; '.join(gaps)}"]
-          if gaps else []),
-    ])
-
-
-def _points(record: Mapping[str, Any]) -> str:
-    """Harm in points with its interval: ``+4.2 [+1.0, +7.3]``; ``-`` when undefined."""
-    harm, low, high = (record.get(k) for k in ("harm", "harm_low", "harm_high"))
-    if harm is None or harm != harm:
-        return "-"
-    text = f"{100 * harm:+.1f}"
-    if low is None or high is None or low != low or high != high:
-        return text
-    return f"{text} [{100 * low:+.1f}, {100 * high:+.1f}]"
-
-
-def format_detector_misses(results: pd.DataFrame) -> str:
-    """Plain text: per detector x threat model x budget, the share of successful attacks not flagged."""
-    extra = [c for c in results.columns if c.startswith("missed_at_")]
-    headers = ["detector", "kind", "threat", "eps", "successful", "missed (own FPR)",
-               *(f"missed @{c.removeprefix('missed_at_').replace('_', '.')}%" for c in extra)]
-    lines = [[r["detector"], r["kind"], r["threat_model"], format_budget(r["eps"]), str(r["successful"]),
-              f"{percent(r['missed'])} @{100 * r['fpr']:g}%", *(percent(r[c]) for c in extra)]
-             for r in results.to_dict(orient="records")]
-    if not lines:
-        return "Detectors: none in these pipelines"
-    return "\n".join(["Successful attacks the detector does not flag", *render_table(headers, lines, left=4)])

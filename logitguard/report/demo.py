@@ -251,7 +251,7 @@ def _model_side(folder: Path, stage: Path) -> dict[str, Any] | None:
 def _model_side_section(model_side: dict[str, Any] | None, reference: dict[str, Any]) -> list[str]:
     """Section 8 from the stored comparison: its tables, the detector AUROCs pivoted to model × attack at the
     largest budget (every row stays in summary.json, ``model_side.detection``), and the seeds' figures."""
-    from ..evaluation.modelside import format_model_side
+    from .modelside import format_model_side
 
     if model_side is None:
         return []

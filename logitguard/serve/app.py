@@ -27,6 +27,7 @@ from .. import __version__
 from ..defenses.decision import ABSTAIN
 from ..errors import LogitguardError
 from ..defenses.guard import Guard
+from ..evaluation.guard import describe_guard
 from . import DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ROWS
 from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, RequestError, encode_arrow, encode_json,
                     parse_arrow, parse_json, request_schema)
@@ -46,7 +47,7 @@ class _Service:
 
     def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, drift: DriftWatch) -> None:
         self.guard, self.max_rows, self.max_body_bytes, self.drift = guard, max_rows, max_body_bytes, drift
-        self.info = _finite(guard.info())
+        self.info = _finite(describe_guard(guard))
         self.registry = CollectorRegistry()
         self.requests = Counter("logitguard_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=self.registry)
