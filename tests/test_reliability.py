@@ -114,14 +114,14 @@ def test_a_commit_killed_between_its_two_renames_is_undone(source, digits_split_
     code = """
         import os, signal, sys
         from logitguard import tables
-        from logitguard.files import transactions
-        transactions._exchange = lambda a, b: False
+        from logitguard.files import staging
+        staging._exchange = lambda a, b: False
         real = os.rename
         def rename(src, dst):
             if ".commit-" in str(src):
                 os.kill(os.getpid(), signal.SIGKILL)
             real(src, dst)
-        transactions.os.rename = rename
+        staging.os.rename = rename
         tables.write_table(tables.read_table(sys.argv[1]), sys.argv[2], partition_by=("split", "attack"), overwrite=True)
     """
     assert _python(code, source, old).returncode == -signal.SIGKILL
