@@ -10,7 +10,7 @@ and is differentiable w.r.t. its inputs:
   ``insen`` for `InsenMirror`) take its rows as a third input, ``forward(logits, noisy, features)``, and are
   differentiable in them; `DetectorMirror.score` calls either kind;
 - `CorrectorMirror`: ``forward -> class scores (B, C)`` for gradients, ``labels -> (B,)`` exact;
-- `PipelineMirror`: a `GatedDefense` with its ``on_flag`` policy; ``decide -> (B,)``, ABSTAIN = -1.
+- `producers.threat.pipeline.PipelineMirror`: a `GatedDefense` of two mirrors with its ``on_flag`` policy.
 
 Inputs are logits (B, C) and, where ``needs_noise``, noise queries (B, K, C): any float dtype, any
 device (buffers move to the input's device on first use). Scores are float64 as in the core, except the
@@ -22,7 +22,7 @@ documented surrogate, stands in), flags and labels.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +32,10 @@ from logitguard.defenses.corrector import WEIGHT_KEYS, LogitCorrector
 from logitguard.defenses.decision import flag
 from logitguard.defenses.detectors import (Detector, InsenDetector, KDensityDetector, LearnedDetector, OddsCorrector,
                                            OddsTest, load_detector)
-from logitguard.defenses.gated import ABSTAIN, ON_FLAG, load_corrector
+from logitguard.defenses.gated import ABSTAIN, load_corrector
 from logitguard.defenses.math import NEG
 from logitguard.defenses.math.baselines import SCORES as _BASELINE_SCORES
 from logitguard.defenses.math.corrector import corrector_logits
-from logitguard.defenses.math.gate import gate
 from logitguard.defenses.math.insen import insen_score
 from logitguard.defenses.math.kdensity import kdensity_score
 from logitguard.defenses.math.learned import learned_features, mlp_score
@@ -48,9 +47,8 @@ from logitguard.defenses.svm import SVMCorrector
 from ..errors import ProducerError
 
 BASELINES = tuple(_BASELINE_SCORES)
-__all__ = ["ABSTAIN", "BASELINES", "NEG", "CorrectorMirror", "DetectorMirror", "PipelineMirror", "PipelineOutput",
-           "load_corrector_mirror", "load_detector_mirror", "load_pipeline_mirror", "mirror_corrector",
-           "mirror_detector"]
+__all__ = ["ABSTAIN", "BASELINES", "NEG", "CorrectorMirror", "DetectorMirror", "load_corrector_mirror",
+           "load_detector_mirror", "mirror_corrector", "mirror_detector"]
 
 
 # -- shared plumbing --------------------------------------------------------------------------------------
@@ -146,13 +144,9 @@ class LearnedMirror(DetectorMirror):
         self._arrays(center=detector.center_, scale=detector.scale_, w1=detector.w1_, b1=detector.b1_,
                      w2=detector.w2_, b2=detector.b2_)
 
-    def features(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
-        """Unscaled features (B, F) float64."""
-        return learned_features(logits, noisy if self.needs_noise else None)
-
     def forward(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
         self._check(logits, noisy)
-        x = self.features(logits, noisy)
+        x = learned_features(logits, noisy if self.needs_noise else None)
         if x.shape[1] != self.center.shape[0]:
             raise ProducerError(f"the logits give {x.shape[1]} features; this detector was fitted on "
                                 f"{self.center.shape[0]}")
@@ -342,67 +336,6 @@ class OddsCorrectorMirror(CorrectorMirror):
         return f"correction={self.correction!r}"
 
 
-# -- pipelines -------------------------------------------------------------------------------------------
-
-
-class PipelineOutput(NamedTuple):
-    """What a pipeline sees: the model's logits (B, C), the detector's score (B,) and threshold (None
-    without a detector: every row is flagged), and the corrector's class scores (B, C) (None without)."""
-
-    logits: Tensor
-    score: Tensor | None
-    threshold: float | None
-    corrected: Tensor | None
-
-
-class PipelineMirror(nn.Module):
-    """`GatedDefense` as a torch module: flagged rows are corrected, rejected, or kept when the corrector
-    agrees with the model (`on_flag` = "correct", "reject", "agree"); other rows keep the argmax.
-
-    No detector: every row is flagged. No detector and no corrector: the bare model.
-    """
-
-    def __init__(self, detector: DetectorMirror | None, corrector: CorrectorMirror | None,
-                 on_flag: str = "correct") -> None:
-        super().__init__()
-        if on_flag not in ON_FLAG:
-            raise ProducerError(f"on_flag must be one of {', '.join(ON_FLAG)}; got {on_flag!r}")
-        if corrector is None and detector is not None and on_flag != "reject":
-            raise ProducerError(f"on_flag={on_flag!r} needs a corrector")
-        self.detector, self.corrector, self.on_flag = detector, corrector, on_flag
-        self.needs_noise = any(m is not None and m.needs_noise for m in (detector, corrector))
-        # The table column the detector reads besides the logits: an attack computes it from the model and x.
-        self.input_column = None if detector is None else detector.input_column
-
-    def forward(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> PipelineOutput:
-        """`features`: the detector's `input_column` rows (B, F), for detectors that read one."""
-        score = None if self.detector is None else self.detector.score(logits, noisy, features)
-        corrected = None if self.corrector is None else self.corrector(logits, noisy)
-        threshold = None if self.detector is None else self.detector.threshold
-        return PipelineOutput(logits, score, threshold, corrected)
-
-    @torch.no_grad()
-    def flagged(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
-        """Flags (B,) bool; all True without a detector."""
-        if self.detector is None:
-            return torch.ones(len(logits), dtype=torch.bool, device=logits.device)
-        return self.detector.flags(logits, noisy, features)
-
-    @torch.no_grad()
-    def decide(self, logits: Tensor, noisy: Tensor | None = None, features: Tensor | None = None) -> Tensor:
-        """Final labels (B,) int64, `ABSTAIN` (-1) for rejected rows, equal to the core's `GatedDefense` (for
-        a detector with an `input_column`, which the core's gated defense refuses: the same rule)."""
-        model = logits.argmax(dim=1)
-        if self.detector is None and self.corrector is None:
-            return model
-        flagged = self.flagged(logits, noisy, features)
-        corrected = None if self.on_flag == "reject" else self.corrector.labels(logits, noisy)
-        return gate(model, flagged, corrected, self.on_flag)
-
-    def extra_repr(self) -> str:
-        return f"on_flag={self.on_flag!r}"
-
-
 # -- builders --------------------------------------------------------------------------------------------
 
 
@@ -410,14 +343,10 @@ def mirror_detector(detector: Detector) -> DetectorMirror:
     """The mirror of a fitted core detector."""
     if not hasattr(detector, "threshold_"):
         raise ProducerError(f"this {type(detector).__name__} is not fitted yet")
-    if isinstance(detector, OddsTest):
-        return OddsMirror(detector)
-    if isinstance(detector, LearnedDetector):
-        return LearnedMirror(detector)
-    if isinstance(detector, KDensityDetector):
-        return KDensityMirror(detector)
-    if isinstance(detector, InsenDetector):
-        return InsenMirror(detector)
+    for cls, mirror in ((OddsTest, OddsMirror), (LearnedDetector, LearnedMirror), (KDensityDetector, KDensityMirror),
+                        (InsenDetector, InsenMirror)):
+        if isinstance(detector, cls):
+            return mirror(detector)
     if detector.kind in BASELINES:
         return BaselineMirror(detector.kind, detector.threshold_)
     raise ProducerError(f"no mirror for detector kind {detector.kind!r}")
@@ -445,11 +374,3 @@ def load_detector_mirror(path: str | os.PathLike) -> DetectorMirror:
 def load_corrector_mirror(path: str | os.PathLike, *, temperature: float = 0.25) -> CorrectorMirror:
     """The mirror of a corrector file (`logitguard.defenses.gated.load_corrector`: .pt, SVM or odds .npz)."""
     return mirror_corrector(load_corrector(path), temperature=temperature)
-
-
-def load_pipeline_mirror(spec: Any, *, temperature: float = 0.25) -> PipelineMirror:
-    """The mirror of a pipeline spec: anything with ``detector`` and ``corrector`` (paths or None) and
-    ``on_flag`` (a `logitguard.defenses.pipelines.PipelineSpec`)."""
-    detector = None if spec.detector is None else load_detector_mirror(spec.detector)
-    corrector = None if spec.corrector is None else load_corrector_mirror(spec.corrector, temperature=temperature)
-    return PipelineMirror(detector, corrector, getattr(spec, "on_flag", "correct"))
