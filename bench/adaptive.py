@@ -40,7 +40,7 @@ from producers.data.datasets import load_dataset  # noqa: E402
 from producers.data.noise import NoiseRecipe  # noqa: E402
 from producers.export.logits import select_samples  # noqa: E402
 from producers.models.classifiers import load_model  # noqa: E402
-from producers.threat.mirrors import load_pipeline_mirror  # noqa: E402
+from producers.threat.pipeline import load_pipeline_mirror  # noqa: E402
 
 
 def broken(attack, adv, y, draws: int, seed: int = 123) -> torch.Tensor:

@@ -22,7 +22,7 @@ from producers.attacks.defended import routes_for
 from producers.export.logits import export
 from producers.data.noise import NoiseRecipe
 from producers.threat.export import export_surrogate, export_through, partition_name
-from producers.threat.mirrors import load_pipeline_mirror
+from producers.threat.pipeline import load_pipeline_mirror
 
 EPS = 0.15
 FAST = {"steps": 8, "alpha": 0.04}

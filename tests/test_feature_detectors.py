@@ -29,7 +29,8 @@ from logitguard.evaluation.guard import fit_guard
 from producers.attacks import make_attack
 from producers.models.insen import insen_stats
 from producers.models.classifiers import ImageClassifier
-from producers.threat.mirrors import InsenMirror, KDensityMirror, PipelineMirror, mirror_detector
+from producers.threat.mirrors import InsenMirror, KDensityMirror, mirror_detector
+from producers.threat.pipeline import PipelineMirror
 
 EPS = 0.1  # PGD misclassifies about 64% of the test digits (0.2: 90%, but then InSen separates less)
 

@@ -23,7 +23,7 @@ from producers.attacks import QUERY_ATTACK_NAMES, make_attack
 from producers.data.noise import NoiseRecipe
 from producers.export.logits import export
 from producers.threat.export import partition_name
-from producers.threat.mirrors import load_pipeline_mirror
+from producers.threat.pipeline import load_pipeline_mirror
 from producers.threat.queries import export_queries
 
 EPS = 0.15

@@ -21,7 +21,7 @@ from producers.attacks.apgd import checkpoints, defended_loss
 from producers.data.noise import NoiseRecipe
 from producers.export.logits import export
 from producers.threat.export import export_through, partition_name
-from producers.threat.mirrors import load_pipeline_mirror
+from producers.threat.pipeline import load_pipeline_mirror
 
 EPS = 0.15
 RECIPE = NoiseRecipe.parse("gaussian:0.05,uniform:0.1", 4)

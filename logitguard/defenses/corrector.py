@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits, not_fitted
+from .math.corrector import corrector_logits
 from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
 LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
@@ -424,17 +425,13 @@ class LogitCorrector(Estimator):
         return self.weights_
 
     def _correct_numpy(self, logits: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        """The eval-mode forward in NumPy: relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
+        """The eval-mode forward in NumPy (`logitguard.defenses.math.corrector`, shared with the producer's
+        mirror): relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
         w1, b1, w2, b2 = (np.asarray(weights[k], dtype=np.float32) for k in WEIGHT_KEYS)
         w1t, w2t = np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T)  # (C, D), (D, C)
         out = np.empty_like(logits)
         for start in range(0, len(logits), _NUMPY_BATCH):
-            hidden = logits[start:start + _NUMPY_BATCH] @ w1t
-            hidden += b1
-            np.maximum(hidden, 0.0, out=hidden)
-            rows = out[start:start + len(hidden)]
-            np.matmul(hidden, w2t, out=rows)
-            rows += b2
+            out[start:start + _NUMPY_BATCH] = corrector_logits(logits[start:start + _NUMPY_BATCH], w1t, b1, w2t, b2)
         return out
 
     def _correct_pipelined(self, logits: np.ndarray) -> np.ndarray:

@@ -32,8 +32,10 @@ class Decision(NamedTuple):
 
 
 def flag(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) bool: ``score > threshold``, or the score is NaN (fails closed)."""
-    scores = np.asarray(scores)
+    """(N,) bool: ``score > threshold``, or the score is NaN (fails closed). Any array API array (a torch
+    tensor stays one); other sequences become NumPy arrays."""
+    if not hasattr(scores, "__array_namespace__") and type(scores).__module__.split(".")[0] != "torch":
+        scores = np.asarray(scores)
     return ~(scores <= threshold)
 
 

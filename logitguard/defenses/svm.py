@@ -5,7 +5,8 @@ attack or mix allowed) with their true labels. Flagged rows are re-labelled by i
 Two methods (``method``; ``"auto"`` picks exact up to `EXACT_MAX_CLASSES` classes, else nystroem):
 
 - ``"exact"``: scikit-learn's `SVC` (libsvm, one-vs-one). Saved as the support vectors, a (support
-  vectors × class pairs) coefficient matrix, intercepts and gamma; `predict` votes in NumPy and matches
+  vectors × class pairs) coefficient matrix, intercepts and gamma; `predict` votes (`logitguard.defenses.math.svm`,
+  with its differentiable surrogate beside it) and matches
   scikit-learn's, including its tie-breaking (lowest class wins). Training grows about quadratically with
   the rows, prediction and the file with C² class pairs: at 1000 classes (499,500 pairs) fitting 20k rows
   took 225 s, scikit-learn predicted 13 rows/s and the coefficient matrix would need 80 GB.
@@ -30,6 +31,7 @@ import numpy as np
 from ..files import load_arrays
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits
+from .math.svm import ovr_labels, rbf_kernel, svm_decision, svm_votes, vote_labels, vote_matrices
 from ..tables import CLEAN, LogitTable
 
 LEGACY_FORMAT = "logitguard.SVMCorrector"  # SVM files before the shared estimator format (still read)
@@ -198,16 +200,14 @@ class SVMCorrector(Estimator):
         sv = self.support_vectors_
         sv_sq = (sv * sv).sum(axis=1)
         for start in range(0, len(logits), _BATCH):
-            xb = (logits[start:start + _BATCH] - self.center_) / self.scale_
-            yield _rbf(xb, sv, sv_sq, self.gamma_) @ self.coef_ + self.intercept_
+            yield svm_decision(logits[start:start + _BATCH], self.center_, self.scale_, sv, sv_sq, self.coef_,
+                               self.intercept_, self.gamma_)
 
     def _labels(self, decision: np.ndarray) -> np.ndarray:
+        """Labels of decision values (`logitguard.defenses.math.svm`: the exact vote or the one-vs-rest argmax)."""
         if self.method_ == "nystroem":
-            return self.classes_[decision.argmax(axis=1)]
-        winners = np.where(decision > 0, self.pairs_[0], self.pairs_[1])
-        n, k = len(winners), len(self.classes_)
-        votes = np.bincount((winners + k * np.arange(n)[:, None]).ravel(), minlength=n * k).reshape(n, k)
-        return self.classes_[votes.argmax(axis=1)]
+            return ovr_labels(decision, self.classes_)
+        return vote_labels(svm_votes(decision, *vote_matrices(self.pairs_, self.classes_, self.n_classes_, np)))
 
     def predict_table(self, table: LogitTable) -> np.ndarray:
         return self.predict(table.logits)
@@ -252,10 +252,7 @@ _ARRAYS = {  # the saved arrays of each method (nystroem's support vectors are i
 }
 
 
-def _rbf(x: np.ndarray, centres: np.ndarray, centres_sq: np.ndarray, gamma: float) -> np.ndarray:
-    """exp(-gamma ‖x - centre‖²) (N, M), the squared distance expanded as libsvm's mirror computes it."""
-    dist = (x * x).sum(axis=1)[:, None] + centres_sq[None, :] - 2.0 * x @ centres.T
-    return np.exp(-gamma * np.maximum(dist, 0.0))
+_rbf = rbf_kernel  # exp(-gamma ‖x - centre‖²) (N, M), shared with the decision values
 
 
 def _balanced_rows(y: np.ndarray, count: int, seed: int) -> np.ndarray:

@@ -4,14 +4,12 @@ from .mirrors import (
     ABSTAIN,
     CorrectorMirror,
     DetectorMirror,
-    PipelineMirror,
-    PipelineOutput,
     load_corrector_mirror,
     load_detector_mirror,
-    load_pipeline_mirror,
     mirror_corrector,
     mirror_detector,
 )
+from .pipeline import PipelineMirror, PipelineOutput, load_pipeline_mirror
 
 __all__ = [
     "ABSTAIN", "CorrectorMirror", "DetectorMirror", "PipelineMirror", "PipelineOutput", "load_corrector_mirror",

@@ -41,7 +41,7 @@ from ..errors import ProducerError
 from ..export.logits import ExportReport, ExportStage, export_partition, select_samples
 from ..models.classifiers import ImageClassifier
 from ..data.noise import NoiseRecipe
-from .mirrors import load_pipeline_mirror
+from .pipeline import load_pipeline_mirror
 
 TIERS = ("adaptive", "surrogate")
 DEFAULT_ATTACKS = ("routes", "defended-pgd", "min-margin")

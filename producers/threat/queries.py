@@ -34,7 +34,7 @@ from ..errors import ProducerError
 from ..export.logits import ExportReport
 from ..models.classifiers import ImageClassifier
 from .export import Planned, partition_name, run_plan, run_selection
-from .mirrors import load_pipeline_mirror
+from .pipeline import load_pipeline_mirror
 
 TIER = "query"
 DEFAULT_QUERY_ATTACKS = ("square", "rays")

@@ -27,7 +27,7 @@ from sklearn.base import clone
 from ...files import load_arrays
 from ...errors import LogitguardError
 from ..estimator import Estimator, check_logits
-from ..decision import successful_attack, threshold_at_fpr
+from ..decision import flag, successful_attack, threshold_at_fpr
 from ...tables import CLEAN, LogitTable, holdout_mask, pair
 
 LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
@@ -144,8 +144,9 @@ class Detector(Estimator):
 
     def flag(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None, *,
              features: np.ndarray | None = None) -> np.ndarray:
-        """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
-        return self.score_samples(logits, noisy_logits, features=features) > self.threshold_
+        """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold (`decision.flag`:
+        a NaN score is flagged)."""
+        return flag(self.score_samples(logits, noisy_logits, features=features), self.threshold_)
 
     def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """Alias of `flag` (flags (N,) bool, not labels), kept so code written before `flag` keeps working.
@@ -162,7 +163,7 @@ class Detector(Estimator):
             raise LogitguardError("no clean rows to calibrate the threshold on")
         self.calibration_scores_ = clean_scores
         self.threshold_ = threshold_at_fpr(clean_scores, self.fpr)
-        self.achieved_fpr_ = float((clean_scores > self.threshold_).mean())
+        self.achieved_fpr_ = float(flag(clean_scores, self.threshold_).mean())
         return self
 
     def with_fpr(self, fpr: float) -> Detector:

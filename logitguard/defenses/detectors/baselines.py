@@ -1,5 +1,7 @@
 """Baseline detectors that read one logit vector and learn nothing but a threshold.
 
+The scores are written once, on the array API, in `logitguard.defenses.math.baselines`.
+
 Each score is negated where the source measures "normality", so that higher means more adversarial.
 """
 
@@ -7,39 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..math.baselines import energy_score, max_logit_score, msp_score, nonme_score, softmax
 from .base import Detector
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax (N, C) float64 of logits (N, C), shifted by each row's maximum so it cannot overflow."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z, dtype=np.float64)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def msp_score(logits: np.ndarray) -> np.ndarray:
-    """Negated maximum softmax probability (Hendrycks & Gimpel): low confidence looks adversarial."""
-    return -softmax(logits).max(axis=1)
-
-
-def max_logit_score(logits: np.ndarray) -> np.ndarray:
-    """Negated maximum logit."""
-    return -logits.max(axis=1).astype(np.float64)
-
-
-def energy_score(logits: np.ndarray) -> np.ndarray:
-    """Energy at temperature 1, -logsumexp(logits) (Liu et al. 2020): high energy looks adversarial."""
-    m = logits.max(axis=1).astype(np.float64)
-    return -(m + np.log(np.exp(logits - m[:, None], dtype=np.float64).sum(axis=1)))
-
-
-def nonme_score(logits: np.ndarray) -> np.ndarray:
-    """Negated non-maximal entropy (Pang et al. 2018, seed 001): the entropy of the softmax entries other
-    than the largest, renormalised to sum to 1. Adversarial rows have *lower* non-ME, hence the sign."""
-    p = softmax(logits)
-    p[np.arange(len(p)), p.argmax(axis=1)] = 0.0
-    p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
-    return (p * np.log(np.maximum(p, 1e-300))).sum(axis=1)  # = -entropy
+__all__ = ["EnergyDetector", "MSPDetector", "MaxLogitDetector", "NonMEDetector", "energy_score", "max_logit_score",
+           "msp_score", "nonme_score", "softmax"]
 
 
 class _LogitScoreDetector(Detector):

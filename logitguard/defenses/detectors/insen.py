@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import LogitguardError
+from ..math.insen import insen_score
 from .base import Detector
 
 
@@ -52,7 +53,7 @@ class InsenDetector(Detector):
         self.coef_, self.intercept_ = model.coef_[0].astype(np.float64), model.intercept_.astype(np.float64)
 
     def _scores(self, logits: np.ndarray, noisy: np.ndarray | None, *, features: np.ndarray) -> np.ndarray:
-        return (features - self.center_) / self.scale_ @ self.coef_ + self.intercept_[0]
+        return insen_score(features, self.center_, self.scale_, self.coef_, self.intercept_)
 
     def _learned(self) -> dict[str, np.ndarray]:
         return {"center": self.center_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_}

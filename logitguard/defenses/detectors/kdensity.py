@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ...errors import LogitguardError
+from ..math.kdensity import kdensity_score
 from .base import Detector
 
 PAPER_SIGMA2 = 1 / 0.26  # seed 001, Table 2 caption: σ²_CE = 1/0.26
@@ -94,20 +95,11 @@ class KDensityDetector(Detector):
 def kdensity_scores(features: np.ndarray, predicted: np.ndarray, train: np.ndarray, train_labels: np.ndarray,
                     counts: np.ndarray, sigma2: float) -> np.ndarray:
     """−log KD (N,) of features (N, F) at classes `predicted` (N,) against training features (M, F) with labels
-    (M,) and per-class counts (C,). Matrix products in row batches of about 2^22 distances."""
+    (M,) and per-class counts (C,) (`logitguard.defenses.math.kdensity`), in row batches of about 2^22 distances."""
     out = np.empty(len(features))
     train_sq = np.einsum("mf,mf->m", train, train)
-    present = counts > 0
     for rows in _row_batches(len(features), len(train)):
-        f, y = features[rows], predicted[rows]
-        dist = np.einsum("bf,bf->b", f, f)[:, None] + train_sq[None, :] - 2.0 * f @ train.T
-        logk = -np.maximum(dist, 0.0) / sigma2
-        # Training rows of the predicted class; every row for a class never seen clean.
-        mine = (train_labels[None, :] == y[:, None]) | ~present[y][:, None]
-        logk[~mine] = -np.inf
-        top = logk.max(axis=1)
-        lse = top + np.log(np.exp(logk - top[:, None]).sum(axis=1))
-        out[rows] = np.log(np.where(present[y], counts[y], len(train))) - lse
+        out[rows] = kdensity_score(features[rows], predicted[rows], train, train_sq, train_labels, counts, sigma2)
     return out
 
 

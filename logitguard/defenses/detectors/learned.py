@@ -5,7 +5,7 @@ Input features, each standardised: the logits, their softmax and the logits sort
 mean and standard deviation over noise queries of the logit change f(x + η) − f(x). That is the odds
 test's signal, left to the network to weigh. The network is scikit-learn's `MLPClassifier`
 (one hidden ReLU layer, Adam, early stopping). It is saved as plain arrays and scored with a NumPy
-forward pass, so loading never unpickles. Positives are the attacked training rows of the chosen
+forward pass (`logitguard.defenses.math.learned`, shared with the producer's mirror), so loading never unpickles. Positives are the attacked training rows of the chosen
 attacks whose attack succeeded (the clean prediction was right and the attacked one is wrong):
 failed attacks look clean, and training on them would blur the boundary.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import LogitguardError
+from ..math.learned import learned_features, mlp_score
 from .base import Detector
-from .baselines import softmax
 
 
 class LearnedDetector(Detector):
@@ -52,19 +52,14 @@ class LearnedDetector(Detector):
 
     def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""
-        parts = [logits, softmax(logits), -np.sort(-logits, axis=1)]
-        if self.noise:
-            change = noisy - logits[:, None, :]
-            parts += [change.mean(axis=1), change.std(axis=1)]
-        return np.hstack(parts)
+        return learned_features(logits, noisy if self.noise else None)
 
     def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         x = self._raw_features(logits, noisy)
         if x.shape[1] != len(self.center_):
             raise LogitguardError(f"the logits give {x.shape[1]} features; this detector was fitted on "
                                   f"{len(self.center_)} (another number of classes?)")
-        hidden = np.maximum((x - self.center_) / self.scale_ @ self.w1_ + self.b1_, 0.0)
-        return (hidden @ self.w2_ + self.b2_)[:, 0]
+        return mlp_score(x, self.center_, self.scale_, self.w1_, self.b1_, self.w2_, self.b2_)
 
     def _learned(self) -> dict[str, np.ndarray]:
         return {"center": self.center_, "scale": self.scale_, "w1": self.w1_, "b1": self.b1_, "w2": self.w2_,

@@ -1,0 +1,31 @@
+"""The learned detector: features of the logits (and noise queries), then a one-hidden-layer MLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import array_namespace, as_float64, relu_
+from .baselines import softmax
+
+
+def learned_features(logits: Any, noisy: Any | None = None) -> Any:
+    """Unscaled features (N, F) float64: logits, softmax, logits sorted descending (F = 3C), and with noise
+    queries (N, K, C) the mean and population std over queries of noisy − logits (F = 5C)."""
+    xp = array_namespace(logits)
+    z = as_float64(logits, xp)
+    parts = [z, softmax(z), xp.sort(z, axis=1, descending=True)]
+    if noisy is not None:
+        change = as_float64(noisy, xp) - z[:, None, :]
+        mean = xp.mean(change, axis=1)
+        var = xp.mean((change - mean[:, None, :]) ** 2, axis=1)
+        # sqrt'(0) is infinite: identical queries (or K = 1) would turn a gradient into NaN.
+        parts += [mean, xp.where(var > 0, xp.sqrt(xp.maximum(var, 1e-300)), 0.0)]
+    return xp.concat(parts, axis=1)
+
+
+def mlp_score(x: Any, center: Any, scale: Any, w1: Any, b1: Any, w2: Any, b2: Any) -> Any:
+    """The MLP's logit for "attacked" (N,): relu(((x − center) / scale) W1 + b1) W2 + b2, for x (N, F),
+    W1 (F, H), b1 (H,), W2 (H, 1), b2 (1,)."""
+    hidden = (x - center) / scale @ w1
+    hidden += b1
+    return (relu_(hidden) @ w2 + b2)[:, 0]
