@@ -123,3 +123,14 @@ def test_render_table_plain_and_markdown_modes():
     frame = pd.DataFrame({"acc": ["1%", "2%"]}, index=pd.Index(["pgd", "cw"], name="attack"))
     assert markdown_frame(frame) == "| attack | acc |\n|---|---|\n| pgd | 1% |\n| cw | 2% |"
     assert markdown_frame(frame, index=False) == "| acc |\n|---|\n| 1% |\n| 2% |"
+
+
+def test_evaluate_refuses_a_detector_where_labels_are_expected(digits_split_table):
+    from logitguard.defenses.detectors import make_detector
+    from logitguard.defenses.gated import GatedDefense
+
+    detector = make_detector("msp", fpr=0.05).fit_table(digits_split_table)
+    with pytest.raises(LogitguardError, match="is a detector"):
+        evaluate(digits_split_table, {"msp": detector})
+    gated = evaluate(digits_split_table, {"msp": GatedDefense(detector, None, on_flag="reject")})
+    assert set(gated["defense"]) == {"none", "msp"}

@@ -29,7 +29,7 @@ from ..files import refuse_overwrite, staged_output
 from ..errors import LogitguardError
 from ..tables import LogitTable
 
-# The demo's corrector settings (see demo.DEMO_CORRECTOR): within a point of the paper's defaults here.
+# The demo's corrector settings (see report.demo_text.DEMO_CORRECTOR): within a point of the paper's defaults here.
 CORRECTOR = {"hidden": 1000, "epochs": 30, "lr": 1e-3, "attack": "pgd"}
 DETECTOR_FPR = {"learned-noisy": 0.01, "odds": 0.05}
 FILES = {"corrector": "corrector-pgd.npz", "learned-noisy": "learned-noisy.npz", "odds": "odds-logistic.npz"}

@@ -55,11 +55,22 @@ def evaluate(
     ``robust_accuracy`` and ``attack_success_rate``, with abstentions counted as in
     docs/threat-models.md.
     """
+    check_defenses(defenses or {})
     table, attacks = select_attacks(table, split, attacks)
     table = _only(table, attacks)
     defenses = {NO_DEFENSE: GatedDefense(None, None), **(defenses or {})}
     predictions = {name: np.asarray(defense.predict_table(table)) for name, defense in defenses.items()}
     return evaluation_records(RowKeys.of(table, model_label=table.logits.argmax(axis=1)), predictions, attacks)
+
+
+def check_defenses(defenses: Mapping[str, Any]) -> None:
+    """Refuse a detector where labels are expected: a detector flags rows, it does not label them (its flags
+    read as labels would score as accuracy). Wrap it: ``GatedDefense(detector, None, on_flag="reject")``."""
+    for name, defense in defenses.items():
+        if isinstance(defense, Detector):
+            raise LogitguardError(f"defense {name!r} is a detector: it flags rows and gives no labels; evaluate "
+                                  "GatedDefense(detector, None, on_flag='reject') (or a detector with a corrector), "
+                                  "or score it with detection_table")
 
 
 def evaluation_records(rows: RowKeys, predictions: Mapping[str, np.ndarray], attacks: Sequence[str]) -> pd.DataFrame:
