@@ -115,7 +115,7 @@ def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_t
     written = write_ray(apply_ray(dataset, defenses / "guard.npz", kind="guard"), tmp_path / "ray")
     assert written and all(p.exists() for p in written)
     assert_same_table(tmp_path / "ray", tmp_path / "local")
-    # Detector rows: one per input row, flags as Detector.predict gives them.
+    # Detector rows: one per input row, flags as Detector.flag gives them.
     from logitguard.defenses.detectors import load_detector
 
     rows = apply_ray(read_ray(digits_split_dir), defenses / "detector.npz", kind="detector").to_pandas()

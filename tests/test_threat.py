@@ -251,7 +251,7 @@ def test_policies_correct_reject_and_agree(digits_split_table, digits_defense):
     detector, svm = digits_defense
     test = digits_split_table.select(split="test")
     argmax, y = test.logits.argmax(1), test.labels
-    flags, corrected = detector.predict_table(test), svm.predict(test.logits)
+    flags, corrected = detector.flag_table(test), svm.predict(test.logits)
     assert 0 < flags.mean() < 1
     labels = {p: _label_and_flags(GatedDefense(detector, svm, on_flag=p).check_table(test))
               for p in ("correct", "reject", "agree")}

@@ -4,8 +4,8 @@
 likely adversarial** (scores from papers that run the other way are negated; note that scikit-learn's
 outlier detectors use the opposite sign). ``flag`` returns bool flags, True for rows whose score exceeds a threshold
 calibrated on clean rows to the target false-positive rate ``fpr`` (default 5%); the FPR reached on
-the calibration rows is kept as ``achieved_fpr_``. ``predict`` is an alias of ``flag`` (flags, not labels:
-correctors' ``predict`` returns labels). ``fit_table`` / ``score_table`` / ``flag_table`` do the same on the
+the calibration rows is kept as ``achieved_fpr_``. Detectors ``flag``; correctors ``predict`` labels.
+``fit_table`` / ``score_table`` / ``flag_table`` do the same on the
 rows of a `LogitTable`.
 
 Detectors that read a table column besides the logits name it in `input_column` (``"features"``: the
@@ -146,13 +146,6 @@ class Detector(Estimator):
              features: np.ndarray | None = None) -> np.ndarray:
         """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold."""
         return self.score_samples(logits, noisy_logits, features=features) > self.threshold_
-
-    def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        """Alias of `flag` (flags (N,) bool, not labels), kept so code written before `flag` keeps working.
-
-        A detector's output is a verdict on the row, not a class: `flag` says so, and correctors keep
-        ``predict`` for labels. New code should call `flag`."""
-        return self.flag(*args, **kwargs)
 
     def calibrate(self, clean_scores: np.ndarray) -> Detector:
         """Set `threshold_` so that at most ``fpr`` of `clean_scores` exceed it."""
@@ -323,10 +316,6 @@ class Detector(Estimator):
     def flag_table(self, table: LogitTable) -> np.ndarray:
         """`flag` for every row of `table`."""
         return self.flag(table.logits, self._table_noise(table), features=self._table_inputs(table))
-
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        """Alias of `flag_table` (see `predict`)."""
-        return self.flag_table(table)
 
     def _table_inputs(self, table: LogitTable) -> np.ndarray | None:
         """The `input_column` of `table` (N, F), or None for detectors without one."""
