@@ -121,7 +121,7 @@ def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_t
     rows = apply_ray(read_ray(digits_split_dir), defenses / "detector.npz", kind="detector").to_pandas()
     detector = load_detector(defenses / "detector.npz")
     table = read_table(digits_split_dir)
-    expected = dict(zip(zip(table.split, table.attack, table.sample_id), detector.predict_table(table)))
+    expected = dict(zip(zip(table.split, table.attack, table.sample_id), detector.flag_table(table)))
     assert len(rows) == len(table)
     assert all(expected[(r.split, r.attack, r.sample_id)] == r.flagged for r in rows.itertuples())
 
