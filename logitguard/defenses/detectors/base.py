@@ -18,19 +18,16 @@ logits and refuses them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import clone
 
-from ...files import load_arrays
 from ...errors import LogitguardError
 from ..estimator import Estimator, check_logits
 from ..decision import successful_attack, threshold_at_fpr
 from ...tables import CLEAN, LogitTable, holdout_mask, pair
 
-LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
 
 
 class Detector(Estimator):
@@ -367,21 +364,6 @@ class Detector(Estimator):
 def load_detector(path: str | os.PathLike) -> Detector:
     """Read any detector file (plain arrays only; nothing is unpickled)."""
     return Detector.load(path)
-
-
-def load_legacy(path: Path) -> Detector:
-    """A detector file written before the shared estimator format (``format: logitguard.Detector``)."""
-    from ..estimator import REGISTRY
-
-    header, arrays = load_arrays(path, LEGACY_FORMAT, "detector")
-    if header.get("format_version", 0) > 1:
-        raise LogitguardError(f"{path}: written by a newer logitguard; upgrade")
-    cls = REGISTRY.get(header.get("kind", ""))
-    if cls is None or not issubclass(cls, Detector):
-        raise LogitguardError(f"{path}: unknown detector kind {header.get('kind')!r}")
-    detector = cls(**header["params"])
-    detector._restore({"threshold": header["threshold"], "achieved_fpr": header["achieved_fpr"]}, arrays)
-    return detector
 
 
 def as_float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
