@@ -84,7 +84,7 @@ def corrected_share(odds: OddsTest, test: LogitTable, attack: str) -> tuple[floa
     """Share of the flagged, successfully attacked rows of `attack` that `odds.correct` labels right, and their count."""
     clean, rows = pair(test, attack)
     hit = rows.take((clean.logits.argmax(1) == clean.labels) & (rows.logits.argmax(1) != rows.labels))
-    flagged = hit.take(odds.predict_table(hit))
+    flagged = hit.take(odds.flag_table(hit))
     if not len(flagged):
         return float("nan"), 0
     return float((odds.correct_table(flagged) == flagged.labels).mean()), len(flagged)

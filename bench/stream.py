@@ -256,7 +256,7 @@ def in_memory(argv: list[str]) -> None:
 
         detector = load_detector(options["detector"])
         data = read_table(table, split="test")
-        flagged = detector.predict_table(data)
+        flagged = detector.flag_table(data)
         report = {"flagged_rate": {a: float(flagged[data.attack == a].mean()) for a in data.attacks},
                   "metrics": detection_table(data, {detector.kind: detector}, split=None).to_dict(orient="records")}
     elif command in ("correct", "evaluate", "explain"):

@@ -4,46 +4,55 @@ The core reads only logit tables (see `logitguard.tables` and docs/tables.md); i
 models or attacks, and imports neither torchvision nor the `producers` package. Torch is needed only to
 train correctors (the ``train`` extra); applying saved defenses needs NumPy, pandas and pyarrow.
 
-The table names below are imported on first use (PEP 562), so ``import logitguard`` and
-``logitguard --help`` stay fast. The packages and what each holds: docs/architecture.md. The module names
-from before that layout (``logitguard.corrector``, ``logitguard.detectors``, …) still import, as the very
-same modules (`logitguard._compat`).
+The public API is the names in `__all__` (docs/api.md): tables, the defenses and every detector kind.
+Each is imported from its home module on first use (PEP 562), so ``import logitguard`` and
+``logitguard --help`` stay fast, and ``from logitguard import Guard`` imports the defenses only. The
+packages and what each holds: docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from ._compat import CORE_ALIASES, install
 from .errors import LogitguardError, TableError
-
-install(CORE_ALIASES)
 
 __version__ = "0.1.0"
 
-_FROM_TABLES = frozenset({"LogitTable", "Pair", "pair", "read_table", "to_pandas", "write_table"})
+# public name -> the module that defines it (imported when the name is first used)
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(["LogitTable", "Pair", "pair", "read_table", "to_pandas", "write_table"], ".tables"),
+    "ABSTAIN": ".defenses.decision",
+    "Decision": ".defenses.decision",
+    "DETECTOR_KINDS": ".defenses.detector_kinds",
+    **dict.fromkeys(["Detector", "load_detector", "make_detector", "MSPDetector", "MaxLogitDetector",
+                     "EnergyDetector", "NonMEDetector", "InsenDetector", "KDensityDetector", "LearnedDetector",
+                     "NoisyLearnedDetector", "OddsTest", "SingleShotOddsTest", "OddsCorrector"],
+                    ".defenses.detectors"),
+    "LogitCorrector": ".defenses.corrector",
+    "SVMCorrector": ".defenses.svm",
+    "GatedDefense": ".defenses.gated",
+    "load_corrector": ".defenses.gated",
+    "Guard": ".defenses.guard",
+    **dict.fromkeys(["fit_guard", "guard_from_pipeline", "describe_guard"], ".evaluation.guard"),
+    **dict.fromkeys(["evaluate", "detection_table"], ".evaluation.evaluate"),
+    "threat_model_table": ".evaluation.threat",
+}
 
-__all__ = [
-    "LogitguardError",
-    "LogitTable",
-    "Pair",
-    "TableError",
-    "pair",
-    "read_table",
-    "to_pandas",
-    "write_table",
-    "__version__",
-]
+__all__ = ["LogitguardError", "TableError", "__version__", *_HOMES]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_TABLES or name == "tables":
-        import importlib
-
-        tables = importlib.import_module(".tables", __name__)  # not `from . import`: that would call us again
-        return tables if name == "tables" else getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "tables":
+        return importlib.import_module(".tables", __name__)
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # importlib, not `from . import`: that would look the name up here again
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_FROM_TABLES})
+    return sorted({*globals(), *_HOMES})

@@ -612,7 +612,7 @@ def cli_correct(table: str, corrector: str, out: str, *, force: bool, as_json: b
     """`logitguard correct --engine ray`."""
     import click
 
-    from .cli import echo_json
+    from .cli.options import echo_json
     from .report.summary import format_summary
 
     spec = DefenseSpec("corrector", corrector)
@@ -630,7 +630,7 @@ def cli_detect(table: str, detector: str, split: str, *, as_json: bool, workers:
     """`logitguard detect --engine ray`."""
     import click
 
-    from .cli import echo_json
+    from .cli.options import echo_json
     from .evaluation.evaluate import detection_table
     from .report.evaluation import format_detection
 
@@ -663,7 +663,7 @@ def cli_defend(table: str, spec: DefenseSpec, out: str, *, split: str | None, fo
     """`logitguard defend --engine ray` and `logitguard guard apply --engine ray` (`spec.kind` defense or guard)."""
     import click
 
-    from .cli import echo_json
+    from .cli.options import echo_json
     from .evaluation.evaluate import evaluate
     from .report.evaluation import format_evaluation
 

@@ -245,34 +245,56 @@ def _options(group: click.Group) -> dict[str, dict[str, click.Option]]:
 
 
 @pytest.mark.parametrize("group", [main, produce_main], ids=["logitguard", "logitguard-produce"])
-def test_no_command_shows_the_singular_spellings(group):
-    """--attacks / --budgets are the spellings (comma lists) everywhere; --attack / --budget are hidden aliases."""
+def test_every_command_has_one_spelling_per_option(group):
+    """--attacks / --budgets are the spellings (comma lists) everywhere; no command has hidden options."""
     for command, options in _options(group).items():
         assert "--attack" not in options and "--budget" not in options, command
+    hidden = [(c.name, p.opts) for c in _leaf_commands(group) for p in c.params if getattr(p, "hidden", False)]
+    assert hidden == []
 
 
-def test_the_old_attack_spelling_still_works_with_a_warning(digits_split_dir, tmp_path):
+def test_singular_spellings_are_refused(digits_split_dir, tmp_path):
     runner = CliRunner()
-    table, out = str(digits_split_dir), tmp_path / "svm.npz"
-    result = runner.invoke(main, ["train-svm", table, "--attack", "bim", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    assert "Warning: --attack is deprecated; use --attacks (same values)" in result.stderr
-    assert json.loads(result.stdout)["attacks"] == ["bim"]
-    both = runner.invoke(main, ["train-svm", table, "--attack", "bim", "--attacks", "fgsm", "--out", "x.npz"])
-    assert both.exit_code == 2 and "give --attacks only (--attack is its old spelling)" in both.output
+    table = str(digits_split_dir)
+    result = runner.invoke(main, ["train-svm", table, "--attack", "bim", "--out", str(tmp_path / "svm.npz")])
+    assert result.exit_code == 2 and "No such option '--attack'. Did you mean '--attacks'?" in result.output
     missing = runner.invoke(main, ["train-corrector", table, "--out", str(tmp_path / "c.npz")])
     assert missing.exit_code == 2 and "Missing option '--attacks'." in missing.output
 
 
+@pytest.mark.parametrize("group, command", [(main, ["threat"]), (main, ["compare-models"]), (main, ["guard", "fit"]),
+                                            (produce_main, ["attack-defenses"])])
+def test_the_budgets_default_is_the_threat_vocabulary_s(group, command):
+    """One copy of the default budgets: `DEFAULT_BUDGETS`, in its order, for every command that takes --budgets."""
+    from logitguard.tables.threat import DEFAULT_BUDGETS, parse_budgets
+
+    cmd = group
+    for name in command:
+        cmd = cmd.commands[name]
+    (option,) = [p for p in cmd.params if p.name == "budgets"]
+    default = option.get_default(click.Context(cmd))
+    assert parse_budgets(default) == DEFAULT_BUDGETS and default == "8/255,16/255"
+    help_text = CliRunner().invoke(group, [*command, "--help"]).output
+    assert "[default: 8/255,16/255]" in " ".join(help_text.split())
+
+
+def _leaf_commands(group):
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            yield from _leaf_commands(command)
+        else:
+            yield command
+
+
 def test_fit_commands_expose_every_estimator_parameter():
     """Every constructor parameter is an option of its fit command (device/progress: runtime, not learned)."""
-    from logitguard.cli import _DETECTOR_OPTIONS
+    from logitguard.cli.defenses import DETECTOR_OPTIONS
     from logitguard.defenses.corrector import LogitCorrector
     from logitguard.defenses.detectors import KINDS, make_detector
     from logitguard.defenses.svm import SVMCorrector
 
     options = _options(main)
-    exposed = {name for _, name, _, _ in _DETECTOR_OPTIONS} | {"fpr"}
+    exposed = {name for _, name, _, _ in DETECTOR_OPTIONS} | {"fpr"}
     for kind in KINDS:
         assert set(make_detector(kind).get_params()) <= exposed, kind
     svm_flags = {"C": "--c", "gamma": "--gamma", "method": "--method", "landmarks": "--landmarks",
@@ -327,9 +349,9 @@ def test_train_svm_takes_gamma_and_seed(digits_split_dir, tmp_path):
 
 
 def test_demo_finds_its_default_table_from_any_directory(tmp_path, monkeypatch):
-    import logitguard.cli as cli
+    import logitguard.cli.report as cli
 
-    checkout = cli.Path(cli.__file__).resolve().parents[1]
+    checkout = cli.Path(cli.__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)  # outside the repository: the relative default does not exist here
     if (checkout / cli.DEMO_DATA).exists():
         assert cli.default_demo_data() == checkout / cli.DEMO_DATA

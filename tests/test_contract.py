@@ -73,14 +73,18 @@ def _inputs(estimator, rows):
     return {} if column is None else {"features": getattr(rows, column)}
 
 
+def _decide(estimator):
+    """A detector's `flag` or a corrector's `predict`: the one verdict each gives per row."""
+    return estimator.flag if hasattr(estimator, "score_samples") else estimator.predict
+
+
 def _outputs(estimator, table):
     """What the estimator computes on test rows: scores and flags, or labels."""
     rows = table.select(split="test")
     if hasattr(estimator, "score_samples"):
         extra = _inputs(estimator, rows)
         flags = estimator.flag(rows.logits, rows.noisy_logits, **extra)
-        assert flags.dtype == bool  # detectors flag; `predict` stays as the alias of `flag`
-        np.testing.assert_array_equal(estimator.predict(rows.logits, rows.noisy_logits, **extra), flags)
+        assert flags.dtype == bool and not hasattr(estimator, "predict")  # detectors flag, correctors predict
         np.testing.assert_array_equal(estimator.flag_table(rows), flags)
         return estimator.score_samples(rows.logits, rows.noisy_logits, **extra), flags
     return (estimator.predict(rows.logits, rows.noisy_logits),)
@@ -131,17 +135,17 @@ def test_every_estimator_keeps_the_contract(name, digits_feature_table, tmp_path
     bad = test.logits.copy()
     bad[1, 2] = np.nan
     with pytest.raises(LogitguardError, match=re.escape("logits contain NaN or infinite values (first in row 1)")):
-        loaded.predict(bad, test.noisy_logits, **_inputs(loaded, test))
+        _decide(loaded)(bad, test.noisy_logits, **_inputs(loaded, test))
     column = getattr(loaded, "input_column", None)
     if column is not None:  # the extra column: required, checked like the logits
         with pytest.raises(LogitguardError, match=f"reads the '{column}' column: pass its rows as features="):
-            loaded.predict(test.logits, test.noisy_logits)
+            loaded.flag(test.logits, test.noisy_logits)
         with pytest.raises(LogitguardError, match="values per row; this detector was fitted on"):
-            loaded.predict(test.logits, test.noisy_logits, features=getattr(test, column)[:, :-1])
+            loaded.flag(test.logits, test.noisy_logits, features=getattr(test, column)[:, :-1])
         holes = getattr(test, column).copy()
         holes[3, 0] = np.inf
         with pytest.raises(LogitguardError, match=re.escape("contain NaN or infinite values (first in row 3)")):
-            loaded.predict(test.logits, test.noisy_logits, features=holes)
+            loaded.flag(test.logits, test.noisy_logits, features=holes)
         bare = test.__class__.from_arrays(logits=test.logits, sample_id=test.sample_id, split="test",
                                           attack=test.attack, noisy_logits=test.noisy_logits)
         with pytest.raises(LogitguardError, match=f"reads the table column '{column}', which this table lacks"):
@@ -172,7 +176,7 @@ def test_files_of_the_earlier_formats_still_load(path):
     estimator = load_estimator(path)
     rows = np.random.default_rng(0).normal(size=(4, 10)) * 5
     noisy = rows[:, None, :] + np.random.default_rng(1).normal(size=(4, 8, 10))
-    assert estimator.predict(rows, noisy).shape == (4,)
+    assert _decide(estimator)(rows, noisy).shape == (4,)
     assert json.dumps(estimator.get_params())  # plain values
 
 

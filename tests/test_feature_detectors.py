@@ -264,9 +264,9 @@ def test_adaptive_evade_through_kdensity_hides_from_the_detector(world):
     assert (adv - x).abs().max() <= EPS + 1e-6
     rows = _columns(model, adv)
     wrong = rows["logits"].argmax(1) != y.numpy()
-    flagged = detector.predict(rows["logits"], features=rows["features"])
+    flagged = detector.flag(rows["logits"], features=rows["features"])
     pgd, pgd_wrong = world["pgd"], world["pgd"]["logits"][:120].argmax(1) != y.numpy()
-    pgd_flagged = detector.predict(pgd["logits"][:120], features=pgd["features"][:120])
+    pgd_flagged = detector.flag(pgd["logits"][:120], features=pgd["features"][:120])
     assert wrong.sum() >= 30 and pgd_wrong.sum() >= 30
     oblivious, adaptive = pgd_flagged[pgd_wrong].mean(), flagged[wrong].mean()
     assert adaptive < oblivious - 0.3, (adaptive, oblivious)
@@ -285,4 +285,4 @@ def test_adaptive_evade_through_insen_runs_on_double_backprop(world):
     rows = _columns(model, adv)
     wrong = rows["logits"].argmax(1) != y.numpy()
     assert wrong.mean() > 0.3
-    assert not detector.predict(rows["logits"], features=rows["insen"])[wrong].any()
+    assert not detector.flag(rows["logits"], features=rows["insen"])[wrong].any()

@@ -212,8 +212,8 @@ def test_damaged_weights_are_refused(digits_table, tmp_path):
 
 
 def test_cli_mirrors_the_corrector_defaults():
-    from logitguard.cli import _CORRECTOR_DEFAULTS
+    from logitguard.cli.options import CORRECTOR_DEFAULTS
 
     defaults = LogitCorrector.__init__.__kwdefaults__
-    assert _CORRECTOR_DEFAULTS == {k: defaults[k] for k in _CORRECTOR_DEFAULTS}
-    assert set(defaults) - set(_CORRECTOR_DEFAULTS) == {"device", "progress"}
+    assert CORRECTOR_DEFAULTS == {k: defaults[k] for k in CORRECTOR_DEFAULTS}
+    assert set(defaults) - set(CORRECTOR_DEFAULTS) == {"device", "progress"}

@@ -96,7 +96,7 @@ def _mirror(case, files):
 def _core_pipeline(detector, corrector, on_flag: str, table) -> tuple[np.ndarray, np.ndarray]:
     """The spec's policy rules over the core's own detector flags and corrector labels."""
     model = table.logits.argmax(axis=1)
-    flagged = np.ones(len(table), bool) if detector is None else detector.predict_table(table)
+    flagged = np.ones(len(table), bool) if detector is None else detector.flag_table(table)
     if corrector is None:
         return (model if detector is None else np.where(flagged, ABSTAIN, model)), flagged
     corrected = corrector.predict_table(table)
@@ -117,7 +117,7 @@ def test_mirror_equals_core(case, files, rows):
         expected, scores = core.score_table(rows), mirror(logits, noisy).numpy()
         assert scores.dtype == np.float64 and mirror.threshold == core.threshold_
         assert np.all(np.abs(scores - expected) <= 1e-5 * np.maximum(1.0, np.abs(expected)))
-        np.testing.assert_array_equal(mirror.flags(logits, noisy).numpy(), core.predict_table(rows))
+        np.testing.assert_array_equal(mirror.flags(logits, noisy).numpy(), core.flag_table(rows))
     elif role == "corrector":
         core = load_corrector(files[name])
         np.testing.assert_array_equal(mirror.labels(logits, noisy).numpy(), core.predict_table(rows))

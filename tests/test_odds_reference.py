@@ -107,7 +107,7 @@ def test_persistence_round_trip_and_kind_checks(recipe_table, tmp_path):
     with pytest.raises(LogitguardError, match=re.escape("the noise queries are of kinds ['sign:0.05'")):
         loaded.score_table(other)
     with pytest.raises(LogitguardError, match="noise_kinds must give the kind of each of the 3 noise queries"):
-        loaded.predict(test.logits, test.noisy_logits, noise_kinds=["gaussian:0.05"])
+        loaded.flag(test.logits, test.noisy_logits, noise_kinds=["gaussian:0.05"])
 
 
 def test_invalid_options_and_missing_kinds(digits_split_table):

@@ -140,7 +140,7 @@ def _fit(estimator, d):
 def _outputs(estimator, d):
     logits, noisy = np.r_[d["clean"], d["attacked"]], np.r_[d["noisy_clean"], d["noisy_attacked"]]
     if hasattr(estimator, "score_samples"):
-        return estimator.score_samples(logits, noisy), estimator.predict(logits, noisy)
+        return estimator.score_samples(logits, noisy), estimator.flag(logits, noisy)
     return (estimator.predict(logits, noisy),)
 
 

@@ -115,13 +115,13 @@ def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_t
     written = write_ray(apply_ray(dataset, defenses / "guard.npz", kind="guard"), tmp_path / "ray")
     assert written and all(p.exists() for p in written)
     assert_same_table(tmp_path / "ray", tmp_path / "local")
-    # Detector rows: one per input row, flags as Detector.predict gives them.
+    # Detector rows: one per input row, flags as Detector.flag gives them.
     from logitguard.defenses.detectors import load_detector
 
     rows = apply_ray(read_ray(digits_split_dir), defenses / "detector.npz", kind="detector").to_pandas()
     detector = load_detector(defenses / "detector.npz")
     table = read_table(digits_split_dir)
-    expected = dict(zip(zip(table.split, table.attack, table.sample_id), detector.predict_table(table)))
+    expected = dict(zip(zip(table.split, table.attack, table.sample_id), detector.flag_table(table)))
     assert len(rows) == len(table)
     assert all(expected[(r.split, r.attack, r.sample_id)] == r.flagged for r in rows.itertuples())
 

@@ -252,7 +252,7 @@ def test_policies_correct_reject_and_agree(digits_split_table, digits_defense):
     detector, svm = digits_defense
     test = digits_split_table.select(split="test")
     argmax, y = test.logits.argmax(1), test.labels
-    flags, corrected = detector.predict_table(test), svm.predict(test.logits)
+    flags, corrected = detector.flag_table(test), svm.predict(test.logits)
     assert 0 < flags.mean() < 1
     labels = {p: _label_and_flags(GatedDefense(detector, svm, on_flag=p).check_table(test))
               for p in ("correct", "reject", "agree")}
@@ -295,7 +295,7 @@ def test_evaluate_counts_rejections_as_the_docs_say(digits_split_table, digits_d
     row = results.set_index(["subset", "defense"]).loc[("full", "reject")]
     test = digits_split_table.select(split="test")
     clean, attacked = test.select(attacks="clean"), test.select(attacks="fgsm")
-    flag_clean, flag_attacked = detector.predict_table(clean), detector.predict_table(attacked)
+    flag_clean, flag_attacked = detector.flag_table(clean), detector.flag_table(attacked)
     right_clean = clean.logits.argmax(1) == clean.labels
     right_attacked = attacked.logits.argmax(1) == attacked.labels
     assert row["clean_accuracy"] == pytest.approx((right_clean & ~flag_clean).mean())  # rejected clean: error

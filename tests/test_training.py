@@ -159,9 +159,9 @@ def test_cli_trains_an_adversarial_jumprelu_model_and_records_it(tmp_path):
     assert config["train"]["objective"] == {"name": "pgd-at", "eps": 8 / 255, "steps": 2, "alpha": 2.5 * 8 / 255 / 2}
     assert config["train"]["samples"] == 200 and config["train"]["epochs"] == 2
     assert 0 <= config["test_accuracy"] <= 1 and config["train_seconds"] >= 0
-    from producers.cli import _model_metadata
+    from producers.cli.options import model_metadata
 
-    metadata = _model_metadata(load_model(out), str(out))  # what an export of this model records
+    metadata = model_metadata(load_model(out), str(out))  # what an export of this model records
     assert metadata["activation"] == config["activation"] and metadata["train"]["objective"]["name"] == "pgd-at"
 
 

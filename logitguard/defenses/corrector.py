@@ -40,7 +40,6 @@ from .estimator import Estimator, check_logits, not_fitted
 from .math.corrector import corrector_logits
 from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
 
-LEGACY_FORMAT = "logitguard.LogitCorrector"  # torch .pt files before the shared estimator format (still read)
 _INFERENCE_BATCH = 4096
 _GPU_INFERENCE_BATCH = 65536  # rows per chunk on a GPU: large enough to keep the matrix units busy
 _NUMPY_BATCH = 1024  # rows per NumPy forward: the (rows, D) hidden layer stays ~40 MB at D=10,000
@@ -66,13 +65,12 @@ def _torch(purpose: str, hint: str = "applying a corrector saved as .npz on the 
 
 def __getattr__(name: str) -> Any:
     # The torch network (`logitguard.defenses._corrector_net`), imported on first use so that applying a saved corrector
-    # needs no torch. ``_mlp`` and ``_Dropout`` are their names before they were made public (old imports work).
-    public = {"_mlp": "build_mlp", "_Dropout": "FastDropout"}.get(name, name)
-    if public in ("build_mlp", "FastDropout"):
+    # needs no torch.
+    if name in ("build_mlp", "FastDropout"):
         _torch(f"logitguard.defenses.corrector.{name}")
         from . import _corrector_net
 
-        return getattr(_corrector_net, public)
+        return getattr(_corrector_net, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -571,29 +569,6 @@ class LogitCorrector(Estimator):
     def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> LogitCorrector:
         """Read a corrector written by `save` (or a ``.pt`` file of an earlier version); never unpickles."""
         return super().load(path, device=device, progress=False)
-
-    @classmethod
-    def load_legacy(cls, path: str | os.PathLike, *, device: str = "cpu", progress: bool = False,
-                    what: str = "corrector") -> LogitCorrector:
-        """A torch ``.pt`` corrector from before the shared format, read with ``weights_only=True``."""
-        path = Path(path)
-        torch = _torch(f"{path}: reading a {what} in the legacy torch .pt format",
-                       "or, where torch is installed, resave it once as .npz, which loads without torch: "
-                       "LogitCorrector.load(old).save(new)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle, zip and torch errors all mean the same thing here
-            raise LogitguardError(f"{path}: not a logitguard {what} file ({type(exc).__name__})") from None
-        if not isinstance(state, dict) or state.get("format") != LEGACY_FORMAT:
-            raise LogitguardError(f"{path}: not a logitguard corrector file")
-        if state.get("format_version", 0) > 1:
-            raise LogitguardError(f"{path}: written by a newer logitguard (format {state['format_version']}); upgrade")
-        corrector = cls(**state["params"], device=device, progress=progress)
-        try:
-            corrector._restore(state, {k: v.numpy() for k, v in state["state_dict"].items()})
-        except ValueError as exc:
-            raise LogitguardError(f"{path}: {exc}") from None
-        return corrector
 
 
 def _as_logits(values: np.ndarray, name: str) -> np.ndarray:

@@ -147,30 +147,16 @@ def load_estimator(path: str | os.PathLike, *, what: str = "estimator", **runtim
     `what` names the expected kind of file in error messages; `runtime` arguments (``device=…``) are
     passed to estimators that take them. Never unpickles.
     """
-    from .detectors import base as detector_files  # registers every detector kind
-
     path = Path(path)
     if not path.is_file():
         raise LogitguardError(f"no such {what} file: {path}")
     header = read_header(path)
-    if header is None:
-        from .corrector import LogitCorrector  # the only earlier non-npz format: torch .pt correctors
+    if header is None or header.get("format") != FORMAT:
+        from .legacy import load_legacy  # the formats that came before this one
 
-        return LogitCorrector.load_legacy(path, what=what, **runtime)
-    fmt = header.get("format")
-    if fmt == FORMAT:
-        header, arrays = load_arrays(path, FORMAT, what)
-        return from_arrays(header, arrays, str(path), **runtime)
-    if fmt == detector_files.LEGACY_FORMAT:
-        return detector_files.load_legacy(path)
-    if fmt == _LEGACY_SVM_FORMAT:
-        from .svm import SVMCorrector
-
-        return SVMCorrector.load_legacy(path)
-    raise LogitguardError(f"{path}: not a logitguard {what} file (format {fmt!r})")
-
-
-_LEGACY_SVM_FORMAT = "logitguard.SVMCorrector"
+        return load_legacy(path, header, what=what, **runtime)
+    header, arrays = load_arrays(path, FORMAT, what)
+    return from_arrays(header, arrays, str(path), **runtime)
 
 
 def check_logits(

@@ -21,20 +21,16 @@ Two methods (``method``; ``"auto"`` picks exact up to `EXACT_MAX_CLASSES` classe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..files import load_arrays
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits
 from .math.svm import ovr_labels, rbf_kernel, svm_decision, svm_votes, vote_labels, vote_matrices
 from ..tables import CLEAN, LogitTable
 
-LEGACY_FORMAT = "logitguard.SVMCorrector"  # SVM files before the shared estimator format (still read)
 METHODS = ("auto", "exact", "nystroem")
 EXACT_MAX_CLASSES = 50  # method="auto" fits the exact one-vs-one SVC up to this many classes
 DEFAULT_MAX_ROWS = {"exact": 20_000, "nystroem": 200_000}  # max_rows=None: quadratic vs linear training time
@@ -233,17 +229,6 @@ class SVMCorrector(Estimator):
             setattr(self, f"{name}_", arrays[name])
         self.gamma_ = float(self.gamma_)
         self.n_classes_ = len(self.center_)
-
-    @classmethod
-    def load_legacy(cls, path: str | os.PathLike) -> SVMCorrector:
-        """An SVM file from before the shared estimator format."""
-        header, arrays = load_arrays(Path(path), LEGACY_FORMAT, "SVM corrector")
-        svm = cls(**header["params"])
-        try:
-            svm._restore({"attacks": header.get("attacks", [])}, arrays)
-        except KeyError as exc:
-            raise LogitguardError(f"{path}: {exc}") from None
-        return svm
 
 
 _ARRAYS = {  # the saved arrays of each method (nystroem's support vectors are its landmarks)

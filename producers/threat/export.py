@@ -34,6 +34,7 @@ from logitguard.defenses.decision import ABSTAIN
 from logitguard.errors import LogitguardError
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines
 from logitguard.tables import LogitTable
+from logitguard.tables.threat import DEFAULT_BUDGETS
 
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
@@ -71,7 +72,7 @@ def export_through(
     out: str | Path,
     tier: str = "adaptive",
     attacks: Sequence[str] = DEFAULT_ATTACKS,
-    budgets: Sequence[float] = (16 / 255, 8 / 255),
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
     samples: int | None = 1000,
     noise: NoiseRecipe | None,
     attack_params: Mapping[str, Any] | None = None,

@@ -26,6 +26,7 @@ import torch
 
 from logitguard.defenses.pipelines import PipelineSpec
 from logitguard.tables import METADATA_KEY, LogitTable
+from logitguard.tables.threat import DEFAULT_BUDGETS
 
 from ..attacks import QUERY_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
@@ -49,7 +50,7 @@ def export_queries(
     *,
     out: str | Path,
     attacks: Sequence[str] = DEFAULT_QUERY_ATTACKS,
-    budgets: Sequence[float] = (16 / 255, 8 / 255),
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
     samples: int | None = 1000,
     noise: NoiseRecipe | None,
     attack_params: Mapping[str, Any] | None = None,

@@ -1,6 +1,6 @@
 """Detectors of attacked logits. Every detector follows `Detector`'s contract (arrays first, with
 ``*_table`` wrappers): `fit(logits, attacked, …)` returns self, `score_samples(logits, noisy_logits)` is
-higher for more likely adversarial rows, `predict` flags rows above a threshold calibrated on clean rows
+higher for more likely adversarial rows, `flag` flags rows above a threshold calibrated on clean rows
 to a target false-positive rate, and `save`/`load_detector` use plain arrays only.
 
 Kinds: ``msp``, ``maxlogit``, ``energy``, ``nonme`` (baselines, one logit vector), ``odds`` (noise

@@ -4,8 +4,8 @@
 likely adversarial** (scores from papers that run the other way are negated; note that scikit-learn's
 outlier detectors use the opposite sign). ``flag`` returns bool flags, True for rows whose score exceeds a threshold
 calibrated on clean rows to the target false-positive rate ``fpr`` (default 5%); the FPR reached on
-the calibration rows is kept as ``achieved_fpr_``. ``predict`` is an alias of ``flag`` (flags, not labels:
-correctors' ``predict`` returns labels). ``fit_table`` / ``score_table`` / ``flag_table`` do the same on the
+the calibration rows is kept as ``achieved_fpr_``. Detectors ``flag``; correctors ``predict`` labels.
+``fit_table`` / ``score_table`` / ``flag_table`` do the same on the
 rows of a `LogitTable`.
 
 Detectors that read a table column besides the logits name it in `input_column` (``"features"``: the
@@ -18,19 +18,16 @@ logits and refuses them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import clone
 
-from ...files import load_arrays
 from ...errors import LogitguardError
 from ..estimator import Estimator, check_logits
 from ..decision import flag, successful_attack, threshold_at_fpr
 from ...tables import CLEAN, LogitTable, holdout_mask, pair
 
-LEGACY_FORMAT = "logitguard.Detector"  # detector files before the shared estimator format (still read)
 
 
 class Detector(Estimator):
@@ -147,13 +144,6 @@ class Detector(Estimator):
         """Flags (N,) bool: True where the row looks adversarial at the calibrated threshold (`decision.flag`:
         a NaN score is flagged)."""
         return flag(self.score_samples(logits, noisy_logits, features=features), self.threshold_)
-
-    def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        """Alias of `flag` (flags (N,) bool, not labels), kept so code written before `flag` keeps working.
-
-        A detector's output is a verdict on the row, not a class: `flag` says so, and correctors keep
-        ``predict`` for labels. New code should call `flag`."""
-        return self.flag(*args, **kwargs)
 
     def calibrate(self, clean_scores: np.ndarray) -> Detector:
         """Set `threshold_` so that at most ``fpr`` of `clean_scores` exceed it."""
@@ -325,10 +315,6 @@ class Detector(Estimator):
         """`flag` for every row of `table`."""
         return self.flag(table.logits, self._table_noise(table), features=self._table_inputs(table))
 
-    def predict_table(self, table: LogitTable) -> np.ndarray:
-        """Alias of `flag_table` (see `predict`)."""
-        return self.flag_table(table)
-
     def _table_inputs(self, table: LogitTable) -> np.ndarray | None:
         """The `input_column` of `table` (N, F), or None for detectors without one."""
         if self.input_column is None:
@@ -379,21 +365,6 @@ class Detector(Estimator):
 def load_detector(path: str | os.PathLike) -> Detector:
     """Read any detector file (plain arrays only; nothing is unpickled)."""
     return Detector.load(path)
-
-
-def load_legacy(path: Path) -> Detector:
-    """A detector file written before the shared estimator format (``format: logitguard.Detector``)."""
-    from ..estimator import REGISTRY
-
-    header, arrays = load_arrays(path, LEGACY_FORMAT, "detector")
-    if header.get("format_version", 0) > 1:
-        raise LogitguardError(f"{path}: written by a newer logitguard; upgrade")
-    cls = REGISTRY.get(header.get("kind", ""))
-    if cls is None or not issubclass(cls, Detector):
-        raise LogitguardError(f"{path}: unknown detector kind {header.get('kind')!r}")
-    detector = cls(**header["params"])
-    detector._restore({"threshold": header["threshold"], "achieved_fpr": header["achieved_fpr"]}, arrays)
-    return detector
 
 
 def as_float64(logits: np.ndarray, noisy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:

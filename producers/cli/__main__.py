@@ -1,0 +1,5 @@
+"""``python -m producers.cli``: the `logitguard-produce` command."""
+
+from . import main
+
+main()
