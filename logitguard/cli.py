@@ -129,7 +129,7 @@ def main() -> None:
 @json_option
 def inspect(table: str, as_json: bool) -> None:
     """Summarise a logit table: rows, accuracy and attack success per split x attack."""
-    from .tables.stream import summarize_path
+    from .engines.stream import summarize_path
     from .report.summary import format_summary
 
     summary = summarize_path(table)
@@ -231,7 +231,7 @@ def correct(table: str, corrector_path: str, out: str, force: bool, device: str,
             as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
     from .defenses.corrector import LogitCorrector
-    from .tables.stream import correct_path
+    from .engines.stream import correct_path
     from .report.summary import format_summary
 
     claim_output(out, force)
@@ -260,7 +260,7 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
     from .defenses.corrector import LogitCorrector
     from .evaluation.evaluate import format_evaluation
-    from .tables.stream import evaluate_path
+    from .engines.stream import evaluate_path
 
     corrector = LogitCorrector.load(corrector_path, device=device)
     results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)
@@ -419,7 +419,7 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
     from .defenses.detectors import load_detector
     from .evaluation.evaluate import format_detection
-    from .tables.stream import detect_path
+    from .engines.stream import detect_path
 
     if scale := on_ray(engine, workers):
         return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
@@ -499,7 +499,7 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     accuracy when labelled (pred is null where a row is rejected)."""
     from .defenses.gated import GatedDefense, load_corrector
     from .defenses.detectors import load_detector
-    from .tables.stream import defend_path
+    from .engines.stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):

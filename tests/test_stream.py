@@ -22,7 +22,7 @@ from logitguard.defenses.corrector import LogitCorrector
 from logitguard.defenses.gated import GatedDefense
 from logitguard.defenses.detectors import LOGIT_KINDS, make_detector
 from logitguard.evaluation.evaluate import detection_table, evaluate
-from logitguard.tables.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
+from logitguard.engines.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
 from logitguard.report.summary import summarize
 from logitguard.tables import CLEAN, LogitTable, iter_batches, read_keys, write_batches
 

@@ -31,7 +31,7 @@ from ..files import load_arrays, refuse_overwrite, save_arrays
 from .gated import ABSTAIN, Decision, GatedDefense, as_corrector, check_policy
 from ..errors import LogitguardError
 from .estimator import check_logits, from_arrays
-from ..tables import CLEAN, LogitTable, read_table, table_columns, table_files
+from ..tables import CLEAN, LogitTable, read_table, table_files
 from ..evaluation.threat import fill_intervals, threat_model_table, to_records
 from ..files import file_sha256
 from ..tables.threat import DEFAULT_BUDGETS, NO_DEFENSE, THREAT_MODELS, format_budget, threat_of
@@ -241,15 +241,12 @@ class Guard:
     def defend_path(self, path: str | os.PathLike, out: str | os.PathLike, *, split: str | None = None,
                     partition_by: tuple[str, ...] | None = ("split", "attack"), overwrite: bool = False,
                     batch_rows: int | None = None) -> dict[str, Any]:
-        """`defend_table` on every row of the table at `path` (only `split` when given), streamed batch by batch
-        into `out` (`logitguard.tables.stream.defend_path`: memory depends on the batch size, not the table; the output
-        is committed whole at the end). Returns the written files, flagged and rejected rates and the evaluation."""
-        from ..tables.stream import defend_path
+        """`defend_table` on every row of the table at `path`, streamed into `out`
+        (`logitguard.engines.stream.defend_path`, which the CLI calls directly)."""
+        from ..engines.stream import defend_path
 
-        if self.needs_noise and "noisy_logits" not in table_columns(path):
-            raise LogitguardError("this guard needs noise queries (column 'noisy_logits')")
-        return defend_path(self.defense, path, out, split=split, partition_by=partition_by, overwrite=overwrite,
-                           batch_rows=batch_rows, check=self._check_schema)
+        return defend_path(self, path, out, split=split, partition_by=partition_by, overwrite=overwrite,
+                           batch_rows=batch_rows)
 
     def _check_schema(self, table: LogitTable) -> None:
         if table.num_classes != self.num_classes:
