@@ -55,7 +55,7 @@ def table_argument(func):
 
 
 def engine_option(func):
-    """--engine local|ray and --workers: where a command runs (logitguard.scale, docs/scale.md)."""
+    """--engine local|ray and --workers: where a command runs (logitguard.engines.ray, docs/scale.md)."""
     func = click.option("--workers", type=click.IntRange(min=1), default=None,
                         help="With --engine ray: at most this many actors (default: as many as Ray can place).")(func)
     return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -63,7 +63,7 @@ def engine_option(func):
                              "(the 'ray' extra; docs/scale.md).")(func)
 
 
-def on_ray(engine: str, workers: int | None, module: str = "logitguard.scale") -> Any:
+def on_ray(engine: str, workers: int | None, module: str = "logitguard.engines.ray") -> Any:
     """The Ray engine's `module` when --engine ray, else None; the 'ray' extra missing is an Error, not a
     traceback."""
     if engine != "ray":
@@ -238,9 +238,10 @@ def correct(table: str, corrector_path: str, out: str, force: bool, device: str,
     if scale := on_ray(engine, workers):
         if device != "cpu":
             raise click.UsageError("--device applies to --engine local (Ray actors pick their own devices)")
-        return scale.cli_correct(table, corrector_path, out, force=force, as_json=as_json, workers=workers)
-    corrector = LogitCorrector.load(corrector_path, device=device)
-    written, summary = correct_path(corrector, table, out, partition_by=_partition(out), overwrite=force)
+        written, summary = scale.correct(table, corrector_path, out, overwrite=force, workers=workers)
+    else:
+        corrector = LogitCorrector.load(corrector_path, device=device)
+        written, summary = correct_path(corrector, table, out, partition_by=_partition(out), overwrite=force)
     if as_json:
         echo_json({"written": [str(p) for p in written], "summary": summary})
     else:
@@ -422,8 +423,9 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     from .engines.stream import detect_path
 
     if scale := on_ray(engine, workers):
-        return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
-    report = detect_path(load_detector(detector_path), table, split=split)
+        report = scale.detect(table, detector_path, split, workers=workers)
+    else:
+        report = detect_path(load_detector(detector_path), table, split=split)
     rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
         from .evaluation.threat import to_records
@@ -504,10 +506,11 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
         spec = scale.DefenseSpec("defense", detector_path, corrector_path, on_flag)
-        return scale.cli_defend(table, spec, out, split=split, force=force, as_json=as_json, workers=workers)
-    corrector = None if corrector_path is None else load_corrector(corrector_path)
-    defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
-    report = defend_path(defense, table, out, split=split, partition_by=_partition(out), overwrite=force)
+        defense, report = scale.defend(table, spec, out, split=split, overwrite=force, workers=workers)
+    else:
+        corrector = None if corrector_path is None else load_corrector(corrector_path)
+        defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
+        report = defend_path(defense, table, out, split=split, partition_by=_partition(out), overwrite=force)
     _report_defended(defense, report, out, as_json=as_json)
 
 
@@ -517,7 +520,7 @@ def _partition(out: str) -> tuple[str, str] | None:
 
 
 def _report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json: bool) -> None:
-    """Print what `logitguard.tables.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
+    """Print what `logitguard.engines.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
     when the table is labelled and has clean rows."""
     from .evaluation.evaluate import format_evaluation
 
@@ -722,14 +725,17 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
                 workers: int | None, as_json: bool) -> None:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
     from .defenses.guard import Guard
+    from .engines.stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
-        return scale.cli_defend(table, scale.DefenseSpec("guard", guard_path), out, split=split, force=force,
-                                as_json=as_json, workers=workers)
-    loaded = Guard.load(guard_path)
-    report = loaded.defend_path(table, out, split=split, partition_by=_partition(out), overwrite=force)
-    _report_defended(loaded.defense, report, out, as_json=as_json)
+        defense, report = scale.defend(table, scale.DefenseSpec("guard", guard_path), out, split=split,
+                                       overwrite=force, workers=workers)
+    else:
+        loaded = Guard.load(guard_path)
+        defense, report = loaded.defense, defend_path(loaded, table, out, split=split, partition_by=_partition(out),
+                                                      overwrite=force)
+    _report_defended(defense, report, out, as_json=as_json)
 
 
 @guard.command("info")
