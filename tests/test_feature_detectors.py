@@ -171,7 +171,7 @@ def test_fit_path_reads_the_column_and_equals_fit_table(kind, digits_feature_tab
 
 
 def test_detect_streams_the_column(digits_feature_table, tmp_path):
-    from logitguard.tables.stream import detect_path
+    from logitguard.engines.stream import detect_path
 
     path = tmp_path / "table.parquet"
     write_table(digits_feature_table, path)

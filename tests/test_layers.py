@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-grimp = pytest.importorskip("grimp", reason="the dev extra installs import-linter, which brings grimp")
+importlinter = pytest.importorskip("importlinter.cli", reason="the dev extra installs import-linter")
+grimp = pytest.importorskip("grimp")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_import_contracts_hold(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code = importlinter.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+    assert code == 0, "an import runs against the layers; run `lint-imports` for the chains"
 
 
 def _cycles(graph, package: str) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Scale-out on Ray (logitguard.scale, producers.export.scale): a local Ray with 2 CPUs, one session for the module.
+"""Scale-out on Ray (logitguard.engines.ray, producers.export.scale): a local Ray with 2 CPUs, one session for the module.
 
 Every Ray run is checked against the single-process run of the same command: the same rows (per split,
 attack and sample id: logits, pred, flagged, every column), the same metadata and the same report.
@@ -22,7 +22,7 @@ from logitguard.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    from logitguard.scale import init_ray
+    from logitguard.engines.ray import init_ray
 
     if ray.is_initialized():  # pragma: no cover - another module left one running
         ray.shutdown()
@@ -106,7 +106,7 @@ def test_detect_on_ray_equals_local(digits_split_dir, defenses):
 def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_table, defenses, tmp_path):
     from logitguard import write_table
     from logitguard.defenses.guard import Guard
-    from logitguard.scale import apply_ray, read_ray, write_ray
+    from logitguard.engines.ray import apply_ray, read_ray, write_ray
 
     guard = Guard.load(defenses / "guard.npz")
     write_table(guard.defend_table(digits_split_table.select(split="test")), tmp_path / "local",
@@ -164,24 +164,21 @@ def test_ray_errors_are_clear(digits_split_dir, defenses, tmp_path):
 
 
 def test_whole_table_checks_across_batches():
-    import pandas as pd
     import pyarrow as pa
 
+    from logitguard.engines.ray.actors import rows_of
     from logitguard.errors import TableError
-    from logitguard.scale import _check_labels, _check_unique
 
-    keys = pa.table({"split": ["test", "test"], "attack": ["clean", "clean"], "sample_id": [3, 3]})
+    keys = pa.table({"split": ["test", "test"], "attack": ["clean", "clean"], "sample_id": [3, 3], "label": [1, 1]})
     with pytest.raises(TableError, match="duplicate row for \\(split='test', attack='clean', sample_id=3\\)"):
-        _check_unique(keys)
-    rows = pd.DataFrame({"split": ["test", "test"], "attack": ["clean", "pgd"], "sample_id": [3, 3], "label": [1, 2]})
-    with pytest.raises(TableError, match="sample_id 3 \\(split 'test'\\) has different labels"):
-        _check_labels(rows)
+        rows_of([keys.slice(0, 1), keys.slice(1, 1)], {})
 
 
 def test_a_missing_ray_extra_is_an_error_not_a_traceback(digits_split_dir, defenses, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "logitguard.scale")
-    monkeypatch.delattr("logitguard.scale")
+    for name in [m for m in sys.modules if m.startswith("logitguard.engines.ray")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr("logitguard.engines.ray")
     result = CliRunner().invoke(main, ["detect", str(digits_split_dir), "--detector", str(defenses / "detector.npz"),
                                        "--engine", "ray"])
     assert result.exit_code == 1 and "needs the 'ray' extra" in result.output

@@ -1,7 +1,7 @@
 """Streamed commands equal the in-memory ones: every apply path read in many tiny batches.
 
 Each test runs a streamed entry point (`logitguard.tables.stream`, `Detector.fit_path`, `explain_path`,
-`Guard.defend_path`) with batches of a few rows, on a single-file table (row filters) and on the
+a guard) with batches of a few rows, on a single-file table (row filters) and on the
 partitioned directory (partition pruning), and compares with the in-memory function on the loaded table.
 """
 
@@ -22,7 +22,7 @@ from logitguard.defenses.corrector import LogitCorrector
 from logitguard.defenses.gated import GatedDefense
 from logitguard.defenses.detectors import LOGIT_KINDS, make_detector
 from logitguard.evaluation.evaluate import detection_table, evaluate
-from logitguard.tables.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
+from logitguard.engines.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
 from logitguard.report.summary import summarize
 from logitguard.tables import CLEAN, LogitTable, iter_batches, read_keys, write_batches
 
@@ -188,7 +188,7 @@ def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monke
 
     guard = fit_guard(digits_split_dir, detector="odds", budgets=(0.2,))
     guard.save(tmp_path / "g.npz")
-    report = guard.defend_path(digits_split_dir, tmp_path / "out", batch_rows=BATCH)
+    report = defend_path(guard, digits_split_dir, tmp_path / "out", batch_rows=BATCH)
     _same_tables(read_table(tmp_path / "out"), guard.defend_table(read_table(digits_split_dir)))
     assert report["flagged_rate"]["clean"] < report["flagged_rate"]["bim"]
     monkeypatch.setenv("LOGITGUARD_BATCH_ROWS", str(BATCH))
@@ -206,7 +206,7 @@ def test_guard_apply_refuses_a_table_of_other_classes_before_writing(digits_spli
     other = LogitTable.from_arrays(logits=np.zeros((3, 4)), sample_id=[0, 1, 2], split="test", attack="clean")
     write_table(other, tmp_path / "four.parquet")
     with pytest.raises(Exception, match="the table has 4 classes; this guard expects 10"):
-        guard.defend_path(tmp_path / "four.parquet", tmp_path / "out")
+        defend_path(guard, tmp_path / "four.parquet", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 

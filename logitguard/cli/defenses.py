@@ -52,16 +52,17 @@ def correct(table: str, corrector_path: str, out: str, force: bool, device: str,
             as_json: bool) -> None:
     """Write TABLE with corrected logits and predictions, and summarise it."""
     from ..defenses.corrector import LogitCorrector
-    from ..tables.stream import correct_path
+    from ..engines.stream import correct_path
     from ..report.summary import format_summary
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
         if device != "cpu":
             raise click.UsageError("--device applies to --engine local (Ray actors pick their own devices)")
-        return scale.cli_correct(table, corrector_path, out, force=force, as_json=as_json, workers=workers)
-    corrector = LogitCorrector.load(corrector_path, device=device)
-    written, summary = correct_path(corrector, table, out, partition_by=partition(out), overwrite=force)
+        written, summary = scale.correct(table, corrector_path, out, overwrite=force, workers=workers)
+    else:
+        corrector = LogitCorrector.load(corrector_path, device=device)
+        written, summary = correct_path(corrector, table, out, partition_by=partition(out), overwrite=force)
     if as_json:
         echo_json({"written": [str(p) for p in written], "summary": summary})
     else:
@@ -158,11 +159,12 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     """Flag rows; with labels and clean rows, also report AUROC and TPR at 1% and 5% FPR per attack."""
     from ..defenses.detectors import load_detector
     from ..report.evaluation import format_detection
-    from ..tables.stream import detect_path
+    from ..engines.stream import detect_path
 
     if scale := on_ray(engine, workers):
-        return scale.cli_detect(table, detector_path, split, as_json=as_json, workers=workers)
-    report = detect_path(load_detector(detector_path), table, split=split)
+        report = scale.detect(table, detector_path, split, workers=workers)
+    else:
+        report = detect_path(load_detector(detector_path), table, split=split)
     rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
         from ..evaluation.threat import to_records
@@ -237,15 +239,16 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     accuracy when labelled (pred is null where a row is rejected)."""
     from ..defenses.gated import GatedDefense, load_corrector
     from ..defenses.detectors import load_detector
-    from ..tables.stream import defend_path
+    from ..engines.stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
         spec = scale.DefenseSpec("defense", detector_path, corrector_path, on_flag)
-        return scale.cli_defend(table, spec, out, split=split, force=force, as_json=as_json, workers=workers)
-    corrector = None if corrector_path is None else load_corrector(corrector_path)
-    defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
-    report = defend_path(defense, table, out, split=split, partition_by=partition(out), overwrite=force)
+        defense, report = scale.defend(table, spec, out, split=split, overwrite=force, workers=workers)
+    else:
+        corrector = None if corrector_path is None else load_corrector(corrector_path)
+        defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
+        report = defend_path(defense, table, out, split=split, partition_by=partition(out), overwrite=force)
     report_defended(defense, report, out, as_json=as_json)
 
 @main.command("fit-pipelines")

@@ -27,7 +27,7 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
     """Clean and attacked accuracy without and with correction (full split and selected set)."""
     from ..defenses.corrector import LogitCorrector
     from ..report.evaluation import format_evaluation
-    from ..tables.stream import evaluate_path
+    from ..engines.stream import evaluate_path
 
     corrector = LogitCorrector.load(corrector_path, device=device)
     results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)

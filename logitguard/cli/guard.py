@@ -71,14 +71,17 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
                 workers: int | None, as_json: bool) -> None:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
     from ..defenses.guard import Guard
+    from ..engines.stream import defend_path
 
     claim_output(out, force)
     if scale := on_ray(engine, workers):
-        return scale.cli_defend(table, scale.DefenseSpec("guard", guard_path), out, split=split, force=force,
-                                as_json=as_json, workers=workers)
-    loaded = Guard.load(guard_path)
-    report = loaded.defend_path(table, out, split=split, partition_by=partition(out), overwrite=force)
-    report_defended(loaded.defense, report, out, as_json=as_json)
+        defense, report = scale.defend(table, scale.DefenseSpec("guard", guard_path), out, split=split,
+                                       overwrite=force, workers=workers)
+    else:
+        loaded = Guard.load(guard_path)
+        defense, report = loaded.defense, defend_path(loaded, table, out, split=split, partition_by=partition(out),
+                                                      overwrite=force)
+    report_defended(defense, report, out, as_json=as_json)
 
 
 @guard.command("info")

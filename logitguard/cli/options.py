@@ -59,7 +59,7 @@ def table_argument(func):
 
 
 def engine_option(func):
-    """--engine local|ray and --workers: where a command runs (logitguard.scale, docs/scale.md)."""
+    """--engine local|ray and --workers: where a command runs (logitguard.engines.ray, docs/scale.md)."""
     func = click.option("--workers", type=click.IntRange(min=1), default=None,
                         help="With --engine ray: at most this many actors (default: as many as Ray can place).")(func)
     return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -67,7 +67,7 @@ def engine_option(func):
                              "(the 'ray' extra; docs/scale.md).")(func)
 
 
-def on_ray(engine: str, workers: int | None, module: str = "logitguard.scale") -> Any:
+def on_ray(engine: str, workers: int | None, module: str = "logitguard.engines.ray") -> Any:
     """The Ray engine's `module` when --engine ray, else None; the 'ray' extra missing is an Error, not a
     traceback."""
     if engine != "ray":
@@ -176,7 +176,7 @@ def partition(out: str) -> tuple[str, str] | None:
 
 
 def report_defended(defense: Any, report: dict[str, Any], out: str, *, as_json: bool) -> None:
-    """Print what `logitguard.tables.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
+    """Print what `logitguard.engines.stream.defend_path` reports: flagged and rejected rates per attack, and accuracy
     when the table is labelled and has clean rows."""
     from ..report.evaluation import format_evaluation
 

@@ -12,7 +12,7 @@ from .options import echo_json, json_option, main, table_argument
 @json_option
 def inspect(table: str, as_json: bool) -> None:
     """Summarise a logit table: rows, accuracy and attack success per split x attack."""
-    from ..tables.stream import summarize_path
+    from ..engines.stream import summarize_path
     from ..report.summary import format_summary
 
     summary = summarize_path(table)

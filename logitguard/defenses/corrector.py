@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits, not_fitted
 from .math.corrector import corrector_logits
-from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts
+from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts, stream_batch_rows
 
 _INFERENCE_BATCH = 4096
 _GPU_INFERENCE_BATCH = 65536  # rows per chunk on a GPU: large enough to keep the matrix units busy
@@ -238,10 +238,15 @@ class LogitCorrector(Estimator):
         validation, num_classes, class_names = self._stream_validation(path, attacks, split)
         self._start(num_classes, class_names, attacks)
 
+        # Batches of ~8 MiB (`stream_batch_rows`), and one preallocated float32 shuffle buffer filled in place:
+        # no concatenated copy of the buffer, no 64 MiB reader batches per attack (issue 20: under 2 GiB).
+        batch_rows = stream_batch_rows(path)
+
         def batches(rng: np.random.Generator) -> Batches:
-            streams = {name: iter_batches(path, split=split, attacks=name) for name in keep}
+            streams = {name: iter_batches(path, split=split, attacks=name, batch_rows=batch_rows) for name in keep}
             remaining = {name: float(counts[name]) for name in keep}
-            buffered: list[tuple[np.ndarray, np.ndarray]] = []
+            x = np.empty((buffer_rows + batch_rows, num_classes), dtype=np.float32)
+            y = np.empty(buffer_rows + batch_rows, dtype=np.int64)
             size = 0
             while streams:
                 names = list(streams)
@@ -254,12 +259,13 @@ class LogitCorrector(Estimator):
                 remaining[name] -= len(chunk)
                 rows = (rng.random(len(chunk)) < keep[name])
                 rows &= ~holdout_mask(chunk.sample_id, self.validation_fraction, self.seed)
-                buffered.append((chunk.logits[rows], chunk.labels[rows]))
-                size += int(rows.sum())
+                taken = int(rows.sum())
+                np.compress(rows, chunk.logits, axis=0, out=x[size:size + taken])
+                y[size:size + taken] = chunk.labels[rows]
+                size += taken
                 if size >= buffer_rows:
-                    yield from self._shuffled_batches(buffered, rng, drain=False)
-                    size = sum(len(y) for _, y in buffered)
-            yield from self._shuffled_batches(buffered, rng, drain=True)
+                    size = yield from self._shuffled_batches(x, y, size, rng, drain=False)
+            yield from self._shuffled_batches(x, y, size, rng, drain=True)
 
         return self._train(batches, validation)
 
@@ -370,20 +376,22 @@ class LogitCorrector(Estimator):
             idx = order[start:start + self.batch_size]
             yield torch.where(use_clean[idx, None], clean_t[idx], attacked_t[idx]), labels_t[idx]
 
-    def _shuffled_batches(self, buffered: list, rng: np.random.Generator, *, drain: bool) -> Batches:
-        """Shuffle the buffer and emit full mini-batches; keep the remainder unless `drain`."""
-        if not buffered:
-            return
+    def _shuffled_batches(self, x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator, *,
+                          drain: bool) -> Generator[tuple[Any, Any], None, int]:
+        """Shuffle the first `size` rows of the buffer (x (B, C) float32, y (B,) int64) and emit full
+        mini-batches; unless `drain`, move the remainder to the front. Returns the rows left in the buffer."""
+        if not size:
+            return 0
         import torch
 
-        x = np.concatenate([b[0] for b in buffered])
-        y = np.concatenate([b[1] for b in buffered]).astype(np.int64)
-        order = rng.permutation(len(y))
-        cut = len(y) if drain else len(y) - len(y) % self.batch_size
+        order = rng.permutation(size)
+        cut = size if drain else size - size % self.batch_size
         for start in range(0, cut, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-        buffered[:] = [(x[order[cut:]], y[order[cut:]])] if cut < len(y) else []
+        rest = order[cut:]
+        x[:len(rest)], y[:len(rest)] = x[rest], y[rest]
+        return len(rest)
 
     # -- inference ---------------------------------------------------------------------------
 

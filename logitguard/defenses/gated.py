@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from ..errors import LogitguardError
 from .estimator import check_logits
-from .decision import ABSTAIN, Decision
+from .decision import ABSTAIN, Decision, flag
 from ..tables import LogitTable, conform
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class GatedDefense:
         score = np.full(len(logits), np.nan)
         if self.detector is not None:
             score = self.detector.score_samples(logits, noisy)
-            flagged = ~(score <= self.detector.threshold_)  # fails closed: a NaN score (overflow) is flagged
+            flagged = flag(score, self.detector.threshold_)  # the one rule: a NaN score is flagged
         else:
             flagged = np.full(len(logits), self.corrector is not None)
         if flagged.any():
@@ -149,9 +149,12 @@ class GatedDefense:
 
         A rejected row's ``pred`` is stored as null (read back as `ABSTAIN`, -1, by ``table.column("pred")``),
         so the contract's ``0 <= pred < C`` holds for every reader. Logits, labels and noise queries are
-        kept unchanged; the metadata records the defense (``defended_by``, with ``on_flag``).
+        kept unchanged; the metadata records the defense (``defended_by``, with ``on_flag``). The rows go
+        through the one apply path (`logitguard.defenses.apply.apply_batch`), as in every engine.
         """
-        return self.apply_decision(table, self.check_table(table))
+        from .apply import apply_batch
+
+        return apply_batch(self, table).output
 
     def apply_decision(self, table: LogitTable, decision: Decision) -> LogitTable:
         """`defend_table` with the `Decision` already taken for `table`'s rows (`check_table`)."""

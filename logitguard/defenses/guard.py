@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..errors import LogitguardError
 from ..files import load_arrays, refuse_overwrite, save_arrays
-from ..tables import LogitTable, table_columns
+from ..tables import LogitTable
 from .decision import ABSTAIN, Decision
 from .estimator import check_logits, from_arrays
 from .gated import GatedDefense, as_corrector
@@ -109,19 +109,6 @@ class Guard:
         checking that the table has the classes and noise queries this guard expects."""
         self._check_schema(table)
         return self.defense.defend_table(table)
-
-    def defend_path(self, path: str | os.PathLike, out: str | os.PathLike, *, split: str | None = None,
-                    partition_by: tuple[str, ...] | None = ("split", "attack"), overwrite: bool = False,
-                    batch_rows: int | None = None) -> dict[str, Any]:
-        """`defend_table` on every row of the table at `path` (only `split` when given), streamed batch by batch
-        into `out` (`logitguard.tables.stream.defend_path`: memory depends on the batch size, not the table; the output
-        is committed whole at the end). Returns the written files, flagged and rejected rates and the evaluation."""
-        from ..tables.stream import defend_path
-
-        if self.needs_noise and "noisy_logits" not in table_columns(path):
-            raise LogitguardError("this guard needs noise queries (column 'noisy_logits')")
-        return defend_path(self.defense, path, out, split=split, partition_by=partition_by, overwrite=overwrite,
-                           batch_rows=batch_rows, check=self._check_schema)
 
     def _check_schema(self, table: LogitTable) -> None:
         if table.num_classes != self.num_classes:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..defenses.apply import decide
 from ..defenses.decision import ABSTAIN
 from ..errors import LogitguardError
 from ..defenses.guard import Guard
@@ -78,7 +79,7 @@ class _Service:
                 raise RequestError(422, f"{name} row {row} holds a value beyond ±{MAX_ABS:.4g} (float32's range); "
                                         "no model's logits are that large")
         try:
-            decision = guard.check(logits, noisy)
+            decision = decide(guard, logits, noisy)  # the one apply path, as every engine
         except LogitguardError as exc:
             raise RequestError(422, str(exc)) from None
         if guard.defense.detector is not None and not np.isfinite(decision.score).all():

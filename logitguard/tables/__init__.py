@@ -10,7 +10,7 @@ A logit table is a Parquet file, or a directory of Parquet files (hive partition
 - `read`: whole tables, record batches, keys, columns and counts; `write`: files, partitions, batches;
 - `pairing`: clean and attacked rows of one attack, matched by ``sample_id``;
 - `sampling`: the sample-holdout split; `frames`: pandas conversion; `arrays`: Arrow/NumPy helpers;
-- `stream`: the CLI's apply paths streamed batch by batch (memory bounded by the batch, not the table).
+- `stream`: reading a table in passes (`TableStream`, `stream_batches`); the apply commands are `logitguard.engines`.
 
 The names below are the public API (``from logitguard.tables import read_table``); they are the very same
 objects as in the submodules.

@@ -17,8 +17,8 @@ import pyarrow.dataset as ds
 
 from ..errors import TableError
 from .arrays import distinct_values, single_array, string_codes
-from .validation import conform
-from .schema import CLEAN, METADATA_KEY, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, check_columns, parse_metadata
+from .validation import check_schema, conform, row_shapes
+from .schema import CLEAN, METADATA_KEY, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, parse_metadata
 from .table import LogitTable, RowKeys
 
 
@@ -63,7 +63,7 @@ def read_table(
     wanted = wanted_columns(path, present, columns)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    check_columns(present)
+    check_schema(dataset.schema)
     try:
         batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
     except (pa.ArrowException, OSError) as exc:
@@ -117,28 +117,33 @@ def iter_batches(
     of batches ahead). `columns` lists the optional columns to read (default none: keys, labels and
     logits only). Filters as in `read_table`; a filter that matches nothing yields nothing, or with
     `require_rows` raises `read_table`'s `TableError`. The same arguments give the same rows in the same
-    order every time, so a table can be streamed in several passes. Each batch is validated on its own:
-    a key repeated in two batches is only found by a check over all keys (`RowCollector`).
+    order every time, so a table can be streamed in several passes. Each batch is validated as `read_table`
+    validates a whole table (column types from the footers first, `check_schema`), and held to the first
+    batch's per-row shapes (C, K, F), so a table `read_table` refuses is refused here too; only a key repeated
+    in two batches is left to a check over all keys (`RowCollector`).
     """
     path = Path(path)
     if batch_rows < 1:
         raise TableError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     dataset, file_schemas = open_dataset(path)
     metadata = dataset_metadata(file_schemas, path)
-    check_columns(dataset.schema.names)
+    check_schema(dataset.schema)
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     empty, count = True, 0
+    shapes: dict[str, tuple[int, ...]] | None = None  # every batch must have the first one's C, K and F
     try:
         # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
         for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
                            batch_readahead=1, fragment_readahead=1, fragment_scan_options=_STREAM_SCAN):
             if batch.num_rows:
                 empty = False
-                yield conform(pa.Table.from_batches([batch]), metadata=metadata)
+                table = conform(pa.Table.from_batches([batch]), metadata=metadata, shapes=shapes)
+                shapes = shapes or row_shapes(table)
+                yield table
                 count += 1
                 if count % 8 == 0:  # the allocator keeps freed batches' memory otherwise (~100 MiB at C=1000)
                     pa.default_memory_pool().release_unused()
@@ -173,7 +178,7 @@ def read_keys(path: str | os.PathLike, *, split: str | None = None,
     path = Path(path)
     dataset, file_schemas = open_dataset(path)
     metadata = dataset_metadata(file_schemas, path)
-    check_columns(dataset.schema.names)
+    check_schema(dataset.schema)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     try:

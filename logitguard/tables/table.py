@@ -275,9 +275,15 @@ class RowCollector:
         self.rows = 0
         self._finished: RowKeys | None = None
 
-    def add(self, batch: LogitTable, **values: np.ndarray) -> None:
-        parts = {"split": string_codes(batch.arrow.column("split"), self._names["split"]),
-                 "attack": string_codes(batch.arrow.column("attack"), self._names["attack"]),
+    def add(self, batch: LogitTable | RowKeys, **values: np.ndarray) -> None:
+        """The keys of `batch` (a table, or keys already taken from one with their `values`) and `values`, (B,) each."""
+        if isinstance(batch, RowKeys):
+            values = {**batch.values, **values}
+            split, attack = (pa.chunked_array([pa.array(v, pa.string())]) for v in (batch.split, batch.attack))
+        else:
+            split, attack = batch.arrow.column("split"), batch.arrow.column("attack")
+        parts = {"split": string_codes(split, self._names["split"]),
+                 "attack": string_codes(attack, self._names["attack"]),
                  "sample_id": np.array(batch.sample_id), "labels": np.array(batch.labels),
                  **{f"value:{k}": np.asarray(v) for k, v in values.items()}}
         if self.rows and set(parts) != set(self._parts):

@@ -18,13 +18,18 @@ from .schema import METADATA_KEY, NULLABLE_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_C
 from .table import LogitTable
 
 
-def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> LogitTable:
+def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None,
+            shapes: Mapping[str, tuple[int, ...]] | None = None) -> LogitTable:
     """Validate `table` against the contract and cast it to the canonical column types.
 
     Accepts any integer width for integer columns, string/large_string/dictionary for names, and
     list/large_list/fixed_size_list of any float for tensor columns. Metadata defaults to the table's
-    own schema metadata. Raises `TableError` naming the column, the row and what was expected.
+    own schema metadata. `shapes` (`row_shapes` of an earlier batch of the same table) fixes the per-row
+    shape of tensor columns, e.g. ``{"logits": (C,), "noisy_logits": (K, C)}``: every batch of a streamed
+    table must agree with its first, as every row of a table read whole must. Raises `TableError` naming
+    the column, the row and what was expected.
     """
+    shapes = dict(shapes or {})
     if metadata is None:
         metadata = parse_metadata((table.schema.metadata or {}).get(METADATA_KEY), "table")
     metadata = dict(metadata)
@@ -40,7 +45,7 @@ def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> Lo
     out: dict[str, pa.Array] = {}
     for name in ("sample_id", "split", "attack"):
         out[name] = _scalar(table, name, out)
-    num_classes = metadata.get("num_classes")
+    num_classes = metadata.get("num_classes", shapes.get("logits", (None,))[0])
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
         raise TableError(f"metadata 'num_classes' must be an integer >= 2, got {num_classes!r}")
     out["logits"], (num_classes,) = _tensor(_array(table, "logits"), "logits", (num_classes,), out)
@@ -51,9 +56,10 @@ def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> Lo
         if name not in table.column_names:
             continue
         if name == "noisy_logits":
-            out[name], _ = _tensor(_array(table, name), name, (None, num_classes), out)
+            queries = shapes.get(name, (None,))[0]
+            out[name], _ = _tensor(_array(table, name), name, (queries, num_classes), out)
         elif name in VECTOR_COLUMNS:
-            out[name], _ = _tensor(_array(table, name), name, (None,), out)
+            out[name], _ = _tensor(_array(table, name), name, shapes.get(name, (None,))[:1], out)
         else:
             out[name] = _scalar(table, name, out)
     for name in ("label", "pred", "external_label"):
@@ -64,6 +70,46 @@ def conform(table: pa.Table, *, metadata: Mapping[str, Any] | None = None) -> Lo
     metadata["class_names"] = _class_names(metadata.get("class_names"), num_classes)
     order = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in out]
     return LogitTable(pa.table({c: out[c] for c in order}), metadata)
+
+
+def row_shapes(table: LogitTable) -> dict[str, tuple[int, ...]]:
+    """The per-row shape of each tensor column of a conformed table: ``logits`` (C,), ``noisy_logits`` (K, C),
+    ``features`` (F,), ``insen`` (S,); what `conform(…, shapes=…)` holds later batches of the table to."""
+    return {name: tuple(_fixed_shape(table.arrow.schema.field(name).type))
+            for name in TENSOR_DIMS if name in table.columns}
+
+
+def _fixed_shape(kind: pa.DataType) -> list[int]:
+    shape = []
+    while pa.types.is_fixed_size_list(kind):
+        shape.append(kind.list_size)
+        kind = kind.value_type
+    return shape
+
+
+def check_schema(schema: pa.Schema) -> None:
+    """Refuse a table whose Arrow `schema` (from the file footers, before any row is read) gives a column a
+    type the contract does not allow, with `conform`'s message: e.g. float labels are refused by name before
+    a reader casts them. Fixed-size tensor columns must also agree on C (``logits`` and ``noisy_logits``)."""
+    check_columns(schema.names)
+    for field in schema:
+        if field.name in _SCALAR_KINDS:
+            kind = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+            expected, accepts, _ = _SCALAR_KINDS[field.name]
+            if not accepts(kind) and not (pa.types.is_null(kind) and field.name in NULLABLE_COLUMNS):
+                raise TableError(f"column {field.name!r} has type {kind}, expected {expected}")
+        elif field.name in TENSOR_DIMS:
+            kind = field.type
+            listlike = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+            if not any(is_type(kind) for is_type in listlike):
+                raise TableError(f"column {field.name!r} has type {kind}, expected a list of float32 with shape "
+                                 f"({TENSOR_DIMS[field.name]})")
+    if "logits" in schema.names and "noisy_logits" in schema.names:
+        logits = _fixed_shape(schema.field("logits").type)
+        noisy = _fixed_shape(schema.field("noisy_logits").type)
+        if logits and len(noisy) == 2 and noisy[1] != logits[0]:
+            raise TableError(f"column 'noisy_logits' has {noisy[1]} values per entry, expected {logits[0]} "
+                             "(num_classes)")
 
 
 _SCALAR_KINDS = {

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from logitguard.files import StagedDirectory, link_or_copy
-from logitguard.scale import RayErrors, init_ray
+from logitguard.engines.ray import RayErrors, init_ray
 from logitguard.tables import CLEAN, METADATA_KEY
 
 from ..data.datasets import ImageSet
