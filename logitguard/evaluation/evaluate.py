@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from ..defenses.decision import flag
 from ..defenses.corrector import LogitCorrector
 from ..defenses.detectors import Detector
 from ..defenses.gated import GatedDefense
@@ -143,14 +144,14 @@ def detection_records(rows: RowKeys, scores: Mapping[str, np.ndarray], threshold
     for name, row_scores in scores.items():
         threshold = thresholds[name]
         clean_scores = row_scores[clean_index]
-        clean_fpr = float((clean_scores > threshold).mean())
+        clean_fpr = float(flag(clean_scores, threshold).mean())
         for attack in attacks:
             clean, attacked = pair_rows(rows, attack)
             hit = successful_attack(model_label[clean], model_label[attacked], rows.labels[clean])
             scores_ = row_scores[attacked][hit]
             tpr1, fpr1 = tpr_at_fpr(clean_scores, scores_, 0.01)
             tpr5, fpr5 = tpr_at_fpr(clean_scores, scores_, 0.05)
-            threshold_tpr = float((scores_ > threshold).mean()) if scores_.size else float("nan")
+            threshold_tpr = float(flag(scores_, threshold).mean()) if scores_.size else float("nan")
             records.append({
                 "detector": name, "attack": attack, "positives": int(hit.sum()), "negatives": len(clean_scores),
                 **detection_metrics(clean_scores, scores_, intervals=intervals), "tpr_at_1": tpr1, "fpr_at_1": fpr1, "tpr_at_5": tpr5,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from logitguard.defenses.decision import ABSTAIN
+from logitguard.defenses.decision import ABSTAIN, flag
 
 from .defended import DefenseAttack
 
@@ -80,7 +80,7 @@ class QueryAttack(DefenseAttack):
         if self.returns == "labels":
             return Answer(label)
         out = self.defense(logits, noisy, column)
-        flagged = None if out.score is None else out.score > out.threshold
+        flagged = None if out.score is None else flag(out.score, out.threshold)
         return Answer(label, logits.float(), flagged, out.score, out.threshold)
 
     @staticmethod
