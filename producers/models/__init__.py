@@ -1,7 +1,9 @@
-"""Classifiers on the producer side: building, saving and loading them (`classifiers`), their training
-objectives (`training`), input sensitivity (`insen`) and the image-space GRED defense (`gred`).
+"""Classifiers on the producer side: their networks (`networks`), building, saving and loading them
+(`classifiers`), their training objectives (`training`), input sensitivity (`insen`) and the image-space
+GRED defense (`gred`).
 
-The names of `classifiers` are re-exported here: ``from producers.models import load_model`` keeps working.
+The names of `classifiers` (which has those of `networks`) are re-exported here: ``from producers.models import
+load_model`` keeps working.
 """
 
 from .classifiers import (IMAGENET_MEAN, IMAGENET_STD, JUMPRELU_DEFAULT_K, ZOO_ARCHS, ImageClassifier, JumpReLU,
