@@ -130,7 +130,8 @@ class ExportPlan:
                 "classes"
             )
         normalised = {
-            "attacks": tuple(self.attacks), "out": Path(self.out), "samples": dict(self.samples), "specs": tuple(specs), "sweeps": sweeps,
+            "attacks": tuple(self.attacks), "out": Path(self.out), "samples": dict(self.samples),
+            "specs": tuple(specs), "sweeps": sweeps,
             "attack_samples": dict(self.attack_samples or {}),
             "attack_params": {k: dict(v) for k, v in (self.attack_params or {}).items()},
             "device": torch.device(self.device), "metadata": dict(self.metadata or {}),
