@@ -11,6 +11,7 @@ import torch
 from logitguard import LogitguardError, pair, write_table
 from logitguard.tables import holdout_mask
 from logitguard.defenses.corrector import LogitCorrector
+from logitguard.defenses.corrector_training import paired_batches, validation_scores
 
 FAST = dict(hidden=256, epochs=40, lr=1e-3, progress=False)
 
@@ -101,7 +102,8 @@ def test_each_sample_shows_clean_logits_with_probability_p_clean():
     n = 20000
     clean, attacked = np.zeros((n, 2), np.float32), np.ones((n, 2), np.float32)
     corrector = LogitCorrector(p_clean=0.3, batch_size=1000)
-    batches = list(corrector._paired_batches(clean, attacked, np.zeros(n, np.int64), np.random.default_rng(0)))
+    batches = list(paired_batches(clean, attacked, np.zeros(n, np.int64), np.random.default_rng(0),
+                                  p_clean=corrector.p_clean, batch_size=corrector.batch_size))
     shown = torch.cat([x for x, _ in batches])
     assert shown.shape == (n, 2)  # every sample exactly once per epoch
     assert (shown[:, 0] == shown[:, 1]).all()  # a row is wholly clean or wholly attacked
@@ -118,7 +120,8 @@ def test_validation_keeps_the_best_epoch(digits_split_table):
     train = pair(digits_split_table.select(split="train"), "fgsm")
     held = holdout_mask(train.clean.sample_id, 0.25, corrector.seed)
     assert 0.15 < held.mean() < 0.35
-    again = corrector._validate(train.clean.logits[held], train.attacked.logits[held], train.clean.labels[held])
+    again = validation_scores(corrector, train.clean.logits[held], train.attacked.logits[held],
+                              train.clean.labels[held])
     assert again["val_score"] == pytest.approx(max(scores))
 
 

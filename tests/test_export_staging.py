@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitguard import read_table
-from producers.export import logits as ex
+from producers.export import execute
 from producers.cli import main
 from producers.errors import ProducerError
 from producers.export.logits import Shard, export
@@ -37,7 +37,7 @@ def _run(model, sets, out, **kwargs):
 
 def _count_partitions(monkeypatch, fail_at: int | None = None) -> list[str]:
     """Record every partition computed; raise at call number `fail_at` (a crash mid-export)."""
-    calls, real = [], ex.export_partition
+    calls, real = [], execute.export_partition
 
     def counting(model, data, rows, **kwargs):
         calls.append(f"{data.split}/{kwargs['attack']}")
@@ -45,7 +45,7 @@ def _count_partitions(monkeypatch, fail_at: int | None = None) -> list[str]:
             raise RuntimeError("crash")
         return real(model, data, rows, **kwargs)
 
-    monkeypatch.setattr(ex, "export_partition", counting)
+    monkeypatch.setattr(execute, "export_partition", counting)  # what `export` runs
     return calls
 
 
@@ -59,16 +59,16 @@ def test_a_killed_export_leaves_out_untouched_and_the_rerun_resumes(digits_cnn, 
     out = tmp_path / "table"
     code = """
         import os, signal, sys
-        from producers.export import logits as ex
+        from producers.export import execute, logits as ex
         from producers.data.datasets import load_dataset
         from producers.models.classifiers import load_model
-        real, calls = ex.export_partition, []
+        real, calls = execute.export_partition, []
         def dying(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
-        ex.export_partition = dying
+        execute.export_partition = dying
         ex.export(load_model(sys.argv[1]), {s: load_dataset("digits", s) for s in ("train", "test")},
                   attacks=["clean", "fgsm"], out=sys.argv[2], samples={"train": 40, "test": 30},
                   attack_params={"fgsm": {"eps": 0.1}}, noise=None, progress=False)

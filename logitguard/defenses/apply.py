@@ -25,7 +25,9 @@ from ..errors import LogitguardError
 from ..tables import LogitTable, RowKeys
 from .decision import ABSTAIN, Decision, flag
 from .detectors.base import Detector
-from .gated import GatedDefense, as_corrector
+from .corrector import LogitCorrector
+from .gated import Corrector, GatedDefense, as_corrector
+from .guard import Guard
 
 __all__ = ["Applied", "apply_batch", "decide", "defense_kind", "needs_noise", "output_columns"]
 
@@ -49,11 +51,11 @@ def defense_kind(defense: Any) -> str:
         return "detector"
     if isinstance(defense, GatedDefense):
         return "gated"
-    if hasattr(defense, "defense") and hasattr(defense, "class_names"):  # a Guard (not imported: no threat code)
+    if isinstance(defense, Guard):
         return "guard"
-    if hasattr(defense, "correct_table"):
+    if isinstance(defense, LogitCorrector):
         return "corrector"
-    if hasattr(defense, "predict"):
+    if isinstance(defense, Corrector):
         return "gated"
     raise LogitguardError(f"cannot apply a {type(defense).__name__}: expected a detector, a corrector, a gated "
                           "defense or a guard")
@@ -69,7 +71,7 @@ def needs_noise(defense: Any) -> bool:
     kind = defense_kind(defense)
     if kind == "guard":
         return defense.num_queries > 0
-    return kind != "model" and bool(getattr(defense, "needs_noise", False))
+    return kind != "model" and defense.needs_noise
 
 
 def output_columns(defense: Any, available: list[str] | tuple[str, ...]) -> list[str]:
@@ -91,8 +93,8 @@ def check_input(defense: Any, available: list[str] | tuple[str, ...]) -> None:
     """Refuse a table (its column names `available`) that lacks what `defense` reads, before any row is read."""
     kind = defense_kind(defense)
     if needs_noise(defense) and "noisy_logits" not in available:
-        what = {"guard": "this guard", "detector": f"the {getattr(defense, 'kind', '')!r} detector"}.get(
-            kind, "this defense")
+        what = ("this guard" if kind == "guard" else f"the {defense.kind!r} detector" if kind == "detector"
+                else "this defense")
         raise LogitguardError(f"{what} needs noise queries (column 'noisy_logits')")
     if kind == "detector" and defense.input_column is not None and defense.input_column not in available:
         raise LogitguardError(defense._missing_column())
@@ -129,7 +131,7 @@ def apply_batch(defense: Any, batch: LogitTable, *, output: bool = True) -> Appl
         check_input(defense, batch.columns)
     out: LogitTable | None = None
     if kind == "guard":
-        _check_guard_schema(defense, batch)
+        defense.check_schema(batch)
         decision = defense.check(batch.logits, noisy)
         if output:
             out = defense.defense.apply_decision(batch, decision)
@@ -158,15 +160,3 @@ def apply_batch(defense: Any, batch: LogitTable, *, output: bool = True) -> Appl
 def rejected(decision: Decision) -> np.ndarray:
     """(N,) bool: the rows the defense gave no label."""
     return decision.label == ABSTAIN
-
-
-def _check_guard_schema(guard: Any, batch: LogitTable) -> None:
-    """A batch must have the guard's C classes and, where it reads them, its K noise queries."""
-    if batch.num_classes != guard.num_classes:
-        raise LogitguardError(f"the table has {batch.num_classes} classes; this guard expects {guard.num_classes}")
-    if guard.num_queries:
-        if batch.noisy_logits is None:
-            raise LogitguardError("this guard needs noise queries (column 'noisy_logits')")
-        if batch.noisy_logits.shape[1] != guard.num_queries:
-            raise LogitguardError(f"the table has {batch.noisy_logits.shape[1]} noise queries; this guard "
-                                  f"expects {guard.num_queries}")

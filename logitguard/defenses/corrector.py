@@ -4,15 +4,8 @@ A two-layer network C → D → C (ReLU, dropout 0.5) is trained with cross-entr
 which every sample shows its clean logits with probability ``p_clean`` and its adversarial logits
 otherwise. The mix is what lets one network keep most clean accuracy while recovering attacked rows.
 
-Two ways to feed it:
-
-- in memory (`fit` on arrays, or `fit_table` on a table): clean and attacked rows of the same sample
-  are paired, and each pair shows exactly one of the two per epoch, as in Algorithm 1;
-- streamed (`fit_table(path, stream=True)`): mini-batches are drawn from the Parquet files without
-  loading them, for tables larger than memory. Rows are kept independently (clean rows with a
-  probability chosen so that the expected clean share is ``p_clean`` and an epoch has as many rows as
-  there are attacked rows) and shuffled through a buffer; the clean and attacked rows of one sample are
-  not coupled, which is the only difference from the in-memory mix.
+It is fed in memory (`fit`, `fit_table`) or streamed from Parquet files (`fit_table(path, stream=True)`);
+the training loop and both batch builders live in `logitguard.defenses.corrector_training`.
 
 Saved files use the shared estimator format (`logitguard.defenses.estimator`: plain arrays + a JSON header);
 ``.pt`` files from earlier versions still load, through ``torch.load(weights_only=True)``.
@@ -25,32 +18,24 @@ module's weights, read without a copy), so fitting, saving and loading never cha
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits, not_fitted
 from .math.corrector import corrector_logits
-from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, read_table, row_counts, stream_batch_rows
+from ..tables import CLEAN, LogitTable, holdout_mask, pair, read_table, row_counts
 
-_INFERENCE_BATCH = 4096
-_GPU_INFERENCE_BATCH = 65536  # rows per chunk on a GPU: large enough to keep the matrix units busy
 _NUMPY_BATCH = 1024  # rows per NumPy forward: the (rows, D) hidden layer stays ~40 MB at D=10,000
 # The fitted weights, named as in the torch module's state_dict: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
 WEIGHT_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
-
-    Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch(purpose: str, hint: str = "applying a corrector saved as .npz on the CPU does not need it") -> Any:
@@ -181,9 +166,12 @@ class LogitCorrector(Estimator):
         validation = None
         if held_out.any():
             validation = (clean[held_out], attacked[held_out], labels[held_out])
-        train = (clean[~held_out], attacked[~held_out], labels[~held_out])
+        training = (clean[~held_out], attacked[~held_out], labels[~held_out])
         self._start(num_classes, class_names, attacks)
-        return self._train(lambda rng: self._paired_batches(*train, rng), validation)
+        from .corrector_training import paired_batches, train
+
+        return train(self, lambda rng: paired_batches(*training, rng, p_clean=self.p_clean,
+                                                      batch_size=self.batch_size), validation)
 
     def fit_table(
         self,
@@ -213,7 +201,9 @@ class LogitCorrector(Estimator):
             counts = row_counts(table, split=split)
             _check_present(list(counts), attacks, split)
             if stream:
-                return self._fit_stream(Path(table), attacks, split, counts, buffer_rows)
+                from .corrector_training import fit_stream
+
+                return fit_stream(self, Path(table), attacks, split, counts, buffer_rows)
             table = read_table(table, split=split, attacks=[CLEAN, *attacks], columns=[])
         pairs = [pair(table, name) for name in attacks]
         clean = np.concatenate([p.clean.logits for p in pairs])
@@ -227,79 +217,6 @@ class LogitCorrector(Estimator):
         )
         return self
 
-    def _fit_stream(self, path: Path, attacks: list[str], split: str | None, counts: dict[str, int],
-                    buffer_rows: int) -> LogitCorrector:
-        n_attacked = sum(counts[name] for name in attacks)
-        # Keep probabilities: the expected clean share is p_clean, an epoch has ~n_attacked rows.
-        keep = {name: 1.0 - self.p_clean for name in attacks}
-        keep[CLEAN] = self.p_clean * n_attacked / counts[CLEAN]
-        if keep[CLEAN] > 1.0:  # too few clean rows for the share: keep them all, thin the attacked rows
-            keep = {name: keep[name] / keep[CLEAN] for name in keep}
-        validation, num_classes, class_names = self._stream_validation(path, attacks, split)
-        self._start(num_classes, class_names, attacks)
-
-        # Batches of ~8 MiB (`stream_batch_rows`), and one preallocated float32 shuffle buffer filled in place:
-        # no concatenated copy of the buffer, no 64 MiB reader batches per attack (issue 20: under 2 GiB).
-        batch_rows = stream_batch_rows(path)
-
-        def batches(rng: np.random.Generator) -> Batches:
-            streams = {name: iter_batches(path, split=split, attacks=name, batch_rows=batch_rows) for name in keep}
-            remaining = {name: float(counts[name]) for name in keep}
-            x = np.empty((buffer_rows + batch_rows, num_classes), dtype=np.float32)
-            y = np.empty(buffer_rows + batch_rows, dtype=np.int64)
-            size = 0
-            while streams:
-                names = list(streams)
-                weights = np.array([remaining[n] for n in names]) + 1e-9
-                name = names[rng.choice(len(names), p=weights / weights.sum())]
-                chunk = next(streams[name], None)
-                if chunk is None:
-                    del streams[name]
-                    continue
-                remaining[name] -= len(chunk)
-                rows = (rng.random(len(chunk)) < keep[name])
-                rows &= ~holdout_mask(chunk.sample_id, self.validation_fraction, self.seed)
-                taken = int(rows.sum())
-                np.compress(rows, chunk.logits, axis=0, out=x[size:size + taken])
-                y[size:size + taken] = chunk.labels[rows]
-                size += taken
-                if size >= buffer_rows:
-                    size = yield from self._shuffled_batches(x, y, size, rng, drain=False)
-            yield from self._shuffled_batches(x, y, size, rng, drain=True)
-
-        return self._train(batches, validation)
-
-    def _stream_validation(self, path: Path, attacks: list[str], split: str | None):
-        """One pass over the table: the held-out validation pairs, C and the class names."""
-        rows: dict[str, list[LogitTable]] = {name: [] for name in (CLEAN, *attacks)}
-        table = None
-        for table in iter_batches(path, split=split, attacks=list(rows)):
-            if self.validation_fraction:
-                held = holdout_mask(table.sample_id, self.validation_fraction, self.seed)
-                for name in rows:
-                    mask = held & (table.attack == name)
-                    if mask.any():
-                        rows[name].append(table.take(mask))
-        if table is None:
-            raise LogitguardError(f"{path}: no rows in split {split!r}")
-        if not self.validation_fraction:
-            return None, table.num_classes, table.class_names
-        held = [part for parts in rows.values() for part in parts]
-        if not held:
-            raise LogitguardError("validation_fraction holds out no sample; raise it or add data")
-        merged = LogitTable.from_arrays(
-            logits=np.concatenate([p.logits for p in held]),
-            sample_id=np.concatenate([p.sample_id for p in held]),
-            split=np.concatenate([p.split for p in held]),
-            attack=np.concatenate([p.attack for p in held]),
-            label=np.concatenate([p.labels for p in held]),
-            metadata=table.metadata,
-        )
-        pairs = [pair(merged, name) for name in attacks]
-        validation = tuple(np.concatenate(parts) for parts in zip(
-            *[(p.clean.logits, p.attacked.logits, p.clean.labels) for p in pairs]))
-        return validation, table.num_classes, table.class_names
-
     def _start(self, num_classes: int, class_names: Sequence[str] | None, attacks: Sequence[str]) -> None:
         names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
         if len(names) != num_classes:
@@ -307,91 +224,6 @@ class LogitCorrector(Estimator):
         self.n_classes_ = num_classes
         self.class_names_ = names
         self.attacks_ = list(attacks)
-
-    def _train(self, epoch_batches, validation) -> LogitCorrector:
-        """The shared loop: Adam on cross-entropy; with validation keep the best epoch and stop early."""
-        from tqdm.auto import tqdm
-
-        torch = _torch("training a corrector")
-        from torch.nn import functional as F
-
-        from ._corrector_net import build_mlp
-
-        rng = np.random.default_rng(self.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = build_mlp(self.n_classes_, int(self.hidden), self.dropout).to(self.device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            self.history_: list[dict[str, float]] = []
-            best_score, best_state, self.best_epoch_, stale = -np.inf, None, self.epochs, 0
-            bar = tqdm(range(1, self.epochs + 1), desc="corrector", unit="epoch", disable=not self.progress,
-                       leave=False)
-            for epoch in bar:
-                model.train()
-                total, count = 0.0, 0
-                for x, y in epoch_batches(rng):
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    loss = F.cross_entropy(model(x), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.item() * len(y)
-                    count += len(y)
-                if count == 0:
-                    raise LogitguardError("an epoch drew no training rows; add data or lower validation_fraction")
-                record = {"epoch": epoch, "loss": total / count}
-                if validation is not None:
-                    self.model_ = model.eval()
-                    record.update(self._validate(*validation))
-                    if record["val_score"] > best_score:
-                        best_score, self.best_epoch_, stale = record["val_score"], epoch, 0
-                        best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        stale += 1
-                self.history_.append(record)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
-                if stale >= self.patience:
-                    break
-            if best_state is not None:
-                model.load_state_dict(best_state)
-        self.model_ = model.eval()
-        return self
-
-    def _validate(self, clean: np.ndarray, attacked: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        clean_acc = float((self.predict(clean) == labels).mean())
-        robust_acc = float((self.predict(attacked) == labels).mean())
-        score = self.p_clean * clean_acc + (1 - self.p_clean) * robust_acc
-        return {"val_clean_accuracy": clean_acc, "val_robust_accuracy": robust_acc, "val_score": score}
-
-    def _paired_batches(self, clean: np.ndarray, attacked: np.ndarray, labels: np.ndarray,
-                        rng: np.random.Generator) -> Batches:
-        """Algorithm 1: a random permutation; each sample shows clean logits with probability p_clean."""
-        import torch
-
-        clean_t, attacked_t = torch.from_numpy(clean), torch.from_numpy(attacked)
-        labels_t = torch.from_numpy(labels.astype(np.int64))
-        order = torch.from_numpy(rng.permutation(len(labels)))
-        use_clean = torch.from_numpy(rng.random(len(labels)) < self.p_clean)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield torch.where(use_clean[idx, None], clean_t[idx], attacked_t[idx]), labels_t[idx]
-
-    def _shuffled_batches(self, x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator, *,
-                          drain: bool) -> Generator[tuple[Any, Any], None, int]:
-        """Shuffle the first `size` rows of the buffer (x (B, C) float32, y (B,) int64) and emit full
-        mini-batches; unless `drain`, move the remainder to the front. Returns the rows left in the buffer."""
-        if not size:
-            return 0
-        import torch
-
-        order = rng.permutation(size)
-        cut = size if drain else size - size % self.batch_size
-        for start in range(0, cut, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-        rest = order[cut:]
-        x[:len(rest)], y[:len(rest)] = x[rest], y[rest]
-        return len(rest)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -410,15 +242,10 @@ class LogitCorrector(Estimator):
             if weights is not None:
                 return self._correct_numpy(logits, weights)
         model = self.model_
-        torch = _torch("running a corrector on a torch device")
-        if torch.device(self.device).type == "cuda":
-            return self._correct_pipelined(logits)
-        out = np.empty_like(logits)
-        with torch.inference_mode():
-            for start in range(0, len(logits), _INFERENCE_BATCH):
-                x = torch.tensor(logits[start:start + _INFERENCE_BATCH], device=self.device)  # copy: views may be read-only
-                out[start:start + len(x)] = model(x).float().cpu().numpy()
-        return out
+        _torch("running a corrector on a torch device")
+        from ._corrector_net import correct_with_module
+
+        return correct_with_module(model, logits, self.device)
 
     def _plain_weights(self) -> dict[str, np.ndarray] | None:
         """The float32 weights of the plain C → D → C network, or None when `model_` is another module."""
@@ -438,54 +265,6 @@ class LogitCorrector(Estimator):
         out = np.empty_like(logits)
         for start in range(0, len(logits), _NUMPY_BATCH):
             out[start:start + _NUMPY_BATCH] = corrector_logits(logits[start:start + _NUMPY_BATCH], w1t, b1, w2t, b2)
-        return out
-
-    def _correct_pipelined(self, logits: np.ndarray) -> np.ndarray:
-        """`correct` on a GPU: while chunk i computes, chunk i+1 uploads and chunk i-1 downloads.
-
-        Uploads and downloads run on their own CUDA streams through two pairs of pinned host buffers used
-        in turn, so the transfers hide behind the matrix products. (Page-locking NumPy's own memory in
-        place, ``cudaHostRegister``, measured slower: locking 8 GB took longer than the staging copies.)
-        """
-        import torch
-
-        model = self.model_
-        device = torch.device(self.device)
-        n, c = logits.shape
-        rows = min(n, _GPU_INFERENCE_BATCH)
-        out = np.empty_like(logits)
-        host_in, host_out = torch.from_numpy(logits), torch.from_numpy(out)  # torch's CPU copies use every core
-        up, down, compute = torch.cuda.Stream(device), torch.cuda.Stream(device), torch.cuda.current_stream(device)
-        pinned_in = [torch.empty((rows, c), pin_memory=True) for _ in range(2)]
-        pinned_out = [torch.empty((rows, c), pin_memory=True) for _ in range(2)]
-        on_device = [torch.empty((rows, c), device=device) for _ in range(2)]
-        pending: list[tuple[torch.cuda.Event, slice] | None] = [None, None]
-
-        def collect(b: int) -> None:  # wait for buffer b's download and copy it out
-            if pending[b] is not None:
-                event, rows_done = pending[b]
-                event.synchronize()
-                host_out[rows_done].copy_(pinned_out[b][:rows_done.stop - rows_done.start])
-                pending[b] = None
-
-        with torch.inference_mode():
-            for i, start in enumerate(range(0, n, rows)):
-                b, stop = i % 2, min(start + rows, n)
-                collect(b)  # also means buffer b's upload and compute are finished
-                pinned_in[b][:stop - start].copy_(host_in[start:stop])
-                with torch.cuda.stream(up):
-                    on_device[b][:stop - start].copy_(pinned_in[b][:stop - start], non_blocking=True)
-                compute.wait_stream(up)
-                result = model(on_device[b][:stop - start])
-                down.wait_stream(compute)
-                with torch.cuda.stream(down):
-                    pinned_out[b][:stop - start].copy_(result, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(down)
-                result.record_stream(down)
-                pending[b] = (event, slice(start, stop))
-            collect(0)
-            collect(1)
         return out
 
     def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:
@@ -577,6 +356,8 @@ class LogitCorrector(Estimator):
     def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> LogitCorrector:
         """Read a corrector written by `save` (or a ``.pt`` file of an earlier version); never unpickles."""
         return super().load(path, device=device, progress=False)
+
+
 
 
 def _as_logits(values: np.ndarray, name: str) -> np.ndarray:

@@ -60,6 +60,7 @@ class Estimator(BaseEstimator):
     estimator_name: ClassVar[str]
     fitted_attribute: ClassVar[str]
     describes: ClassVar[str] = "estimator"  # what error messages call a file of this class
+    needs_noise: ClassVar[bool] = False  # whether it reads noise queries (N, K, C) beside the logits
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -18,7 +18,7 @@ This module stays free of torch at import: detectors and correctors are loaded l
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +37,10 @@ __all__ = ["ABSTAIN", "ON_FLAG", "Corrector", "Decision", "GatedDefense", "as_co
            "load_corrector"]
 
 
+@runtime_checkable
 class Corrector(Protocol):
-    """Anything that re-labels rows: `LogitCorrector`, `SVMCorrector`, `OddsCorrector`."""
+    """Anything that re-labels rows: `LogitCorrector`, `SVMCorrector`, `OddsCorrector`. Each also says whether
+    `predict` reads noise queries (``needs_noise``; not a protocol member, so `isinstance` never evaluates it)."""
 
     def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray: ...
 
@@ -90,7 +92,7 @@ class GatedDefense:
     @property
     def needs_noise(self) -> bool:
         """Whether `check` needs noise queries (a detector or corrector reads them)."""
-        return any(getattr(part, "needs_noise", False) for part in (self.detector, self.corrector))
+        return any(part is not None and part.needs_noise for part in (self.detector, self.corrector))
 
     def check(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> Decision:
         """Decide every row of logits (N, C) (and noise queries (N, K, C) when a part needs them).

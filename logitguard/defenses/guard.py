@@ -97,7 +97,7 @@ class Guard:
     def check_table(self, table: LogitTable) -> pd.DataFrame:
         """`check` on every row of `table`, as a DataFrame keyed like the table (``split``, ``sample_id``,
         ``attack``) with ``model_label``, ``flagged``, ``score``, ``label`` and ``abstained``."""
-        self._check_schema(table)
+        self.check_schema(table)
         decision = self.check(table.logits, table.noisy_logits if self.needs_noise else None)
         frame = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": table.attack,
                               **decision._asdict()})
@@ -107,10 +107,11 @@ class Guard:
     def defend_table(self, table: LogitTable) -> LogitTable:
         """`table` with ``pred`` (null where rejected) and ``flagged`` (`GatedDefense.defend_table`), after
         checking that the table has the classes and noise queries this guard expects."""
-        self._check_schema(table)
+        self.check_schema(table)
         return self.defense.defend_table(table)
 
-    def _check_schema(self, table: LogitTable) -> None:
+    def check_schema(self, table: LogitTable) -> None:
+        """Refuse a table (or batch) without this guard's C classes or, where it reads them, its K noise queries."""
         if table.num_classes != self.num_classes:
             raise LogitguardError(f"the table has {table.num_classes} classes; this guard expects {self.num_classes}")
         if self.needs_noise:

@@ -1,2 +1,3 @@
-"""Classifiers on the producer side: building, saving and loading them (`classifiers`), their training
-objectives (`training`), input sensitivity (`insen`) and the image-space GRED defense (`gred`)."""
+"""Classifiers on the producer side: their networks (`networks`), building, saving and loading them
+(`classifiers`), their training objectives (`training`), input sensitivity (`insen`) and the image-space
+GRED defense (`gred`)."""

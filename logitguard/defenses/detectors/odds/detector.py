@@ -234,7 +234,7 @@ class OddsTest(Detector):
                     max_rows: int | None) -> None:
         """`_fit` from streamed batches (`Detector.fit_path`): the class moments are sums over every clean row;
         per-pair thresholds and the correction classifiers learn from the features of the rows (or a sample)."""
-        from ..base import as_float64
+        from ..streamed_fit import as_float64
 
         c = stream.keys.num_classes
         self._adopt_kinds(noise_kinds_from_metadata(stream.keys.metadata) if self.noise else None,
