@@ -18,7 +18,7 @@ from logitguard.evaluation.guard import fit_guard
 from logitguard.defenses.decision import ABSTAIN
 from producers.cli import main as produce, parse_sweeps
 from producers.errors import ProducerError
-from producers.export.logits import Sweep, expand_sweeps, sweep_alias
+from producers.export.attack_specs import Sweep, expand_sweeps, sweep_alias
 
 EPS = ("0.03", "0.1", "0.25")
 PARTITIONS = ["pgd-eps-0.03", "pgd-eps-0.1", "pgd-eps-0.25"]

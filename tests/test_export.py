@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from logitguard import pair, read_table
 from producers.cli import main, parse_params
 from producers.errors import ProducerError
-from producers.export.logits import Shard, export
+from producers.export.logits import export
+from producers.export.plan import Shard
 from producers.data.noise import NoiseRecipe, noise_queries
 
 PARAMS = {"fgsm": {"eps": 0.1}, "pgd": {"eps": 0.1, "alpha": 0.02, "steps": 5}}

@@ -20,7 +20,8 @@ from logitguard import read_table
 from producers.export import execute
 from producers.cli import main
 from producers.errors import ProducerError
-from producers.export.logits import Shard, export
+from producers.export.logits import export
+from producers.export.plan import Shard
 from producers.models.classifiers import save_model
 
 ROOT = Path(__file__).resolve().parents[1]

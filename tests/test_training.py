@@ -137,7 +137,7 @@ def test_parse_activation_refuses_bad_specs(spec):
 
 
 def test_training_subset_is_seeded_and_matches_export(digits_sets):
-    from producers.export.logits import select_samples
+    from producers.export.plan import select_samples
 
     train, _ = digits_sets
     a, b, c = training_subset(train, 50, 0), training_subset(train, 50, 0), training_subset(train, 50, 1)

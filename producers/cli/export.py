@@ -72,7 +72,9 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
     from logitguard.files import check_writable
 
     from ..data.datasets import load_dataset
-    from ..export.logits import Shard, expand_sweeps, export as run_export, plan_attacks
+    from ..export.logits import export as run_export
+    from producers.export.plan import Shard
+    from producers.export.attack_specs import expand_sweeps, plan_attacks
     from ..models.classifiers import resolve_model
     from ..data.noise import DEFAULT_NOISE, NoiseRecipe
 
@@ -170,7 +172,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from ..attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from ..data.datasets import load_dataset
-    from ..export.logits import check_attack_params
+    from producers.export.attack_specs import check_attack_params
     from ..models.classifiers import load_model
     from ..data.noise import NoiseRecipe
     from ..threat.export import export_surrogate, export_through
@@ -239,7 +241,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
 def _attacker_attacks(spec: str) -> list[str]:
     """--attacker-attacks: the oblivious attacks of the surrogate attacker's own table, clean included."""
-    from ..export.logits import plan_attacks
+    from producers.export.attack_specs import plan_attacks
 
     chosen = [a.strip() for a in spec.split(",") if a.strip()]
     if "clean" not in chosen:

@@ -18,7 +18,7 @@ from logitguard.report.summary import render_table
 from ..errors import ProducerError
 
 if TYPE_CHECKING:
-    from ..export.logits import Sweep
+    from producers.export.attack_specs import Sweep
 
 __all__ = ["check_positive", "dataset_options", "device_options", "echo_report", "main", "model_metadata",
            "parse_fraction", "parse_params", "parse_sample_caps", "parse_splits", "parse_sweeps", "parse_value"]
@@ -106,7 +106,7 @@ def parse_sweeps(items: tuple[str, ...] | list[str]) -> list[Sweep]:
 
     ATTACK.NAME as in `parse_params`; the values are comma-separated, each read as ``--param`` reads one.
     """
-    from ..export.logits import Sweep
+    from producers.export.attack_specs import Sweep
 
     out = []
     for item in items:
@@ -132,7 +132,7 @@ def parse_value(raw: str, item: str, option: str = "--param") -> Any:
 
 def parse_splits(spec: str) -> list[str]:
     """``"train,test"`` → ``["train", "test"]``; only the dataset splits the producer knows."""
-    from ..export.logits import SPLITS
+    from producers.export.plan import SPLITS
 
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SPLITS]

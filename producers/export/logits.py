@@ -14,7 +14,7 @@ partitions ``transfer-<alias>``. Every attack partition records its threat model
 under ``threat``.
 
 `export` is a thin wrapper: it makes the plan (`producers.export.plan.ExportPlan`, every check before any work)
-and runs it (`producers.export.execute.run_export`). The names of those modules are importable from here.
+and runs it (`producers.export.execute.run_export`).
 """
 
 from __future__ import annotations
@@ -28,20 +28,10 @@ import torch
 from ..data.datasets import ImageSet
 from ..data.noise import NoiseRecipe
 from ..models.classifiers import ImageClassifier
-from .attack_specs import (ALIAS_PATTERN, PARAM_RANGES, TRANSFER_PREFIX, AttackSpec, Sweep, check_attack_params,
-                           expand_sweeps, plan_attacks, sweep_alias)
-from .execute import ExportReport, export_partition, run_export
-from .plan import SPLITS, ExportPlan, PartitionJob, Shard, check_sample_counts, select_samples
-from .staging import ExportStage, check_existing, partition_mismatch
+from .execute import ExportReport, run_export
+from .plan import ExportPlan, Shard
 
-_check_existing = check_existing  # the name `producers.export.scale` imports
-
-__all__ = [
-    "ALIAS_PATTERN", "PARAM_RANGES", "SPLITS", "TRANSFER_PREFIX", "AttackSpec", "ExportPlan", "ExportReport",
-    "ExportStage", "PartitionJob", "Shard", "Sweep", "check_attack_params", "check_existing", "check_sample_counts",
-    "expand_sweeps", "export", "export_partition", "partition_mismatch", "plan_attacks", "run_export",
-    "select_samples", "sweep_alias",
-]
+__all__ = ["export"]
 
 
 def export(

@@ -33,7 +33,11 @@ from logitguard.tables import CLEAN, METADATA_KEY
 
 from ..data.datasets import ImageSet
 from ..errors import ProducerError
-from .logits import TRANSFER_PREFIX, ExportReport, Shard, _check_existing, check_sample_counts, export, plan_attacks
+from .logits import export
+from producers.export.staging import check_existing
+from producers.export.plan import Shard, check_sample_counts
+from producers.export.execute import ExportReport
+from producers.export.attack_specs import TRANSFER_PREFIX, plan_attacks
 from ..models.classifiers import ImageClassifier
 
 __all__ = ["commit_shards", "default_workers", "export_ray", "load_splits"]
@@ -190,7 +194,7 @@ def _check_staged(out: Path, root: Path, files: list[str]) -> None:
         base = {k: v for k, v in meta.items() if k not in ("attacks", "threat", "schema_version")}
         partitions[name] = {key: {name: meta[key][name]} for key in ("attacks", "threat")
                             if name in (meta.get(key) or {})}
-    _check_existing(out, base, partitions)
+    check_existing(out, base, partitions)
 
 
 def _check_layout(out: Path, names: set[str], count: int) -> None:

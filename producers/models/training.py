@@ -199,7 +199,7 @@ def training_subset(data: ImageSet, n: int | None, seed: int) -> ImageSet:
         return data
     if n < 1:
         raise ProducerError(f"--train-samples must be at least 1, got {n}")
-    from ..export.logits import select_samples
+    from producers.export.plan import select_samples
 
     idx = np.sort(select_samples(len(data), n, seed, data.split))
     return ImageSet(data.name, data.split, data.labels[idx], data.class_names, data.image_shape,

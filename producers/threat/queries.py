@@ -32,7 +32,7 @@ from ..attacks import QUERY_ATTACK_NAMES, make_attack
 from ..data.datasets import ImageSet
 from ..data.noise import NoiseRecipe
 from ..errors import ProducerError
-from ..export.logits import ExportReport
+from producers.export.execute import ExportReport
 from ..models.classifiers import ImageClassifier
 from .export import Planned, partition_name, run_plan, run_selection
 from .pipeline import load_pipeline_mirror
