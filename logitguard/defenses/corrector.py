@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import LogitguardError
-from .estimator import Estimator, check_logits, not_fitted
+from .estimator import Estimator, check_logits, choose_attacks, not_fitted
 from .math.corrector import corrector_logits
 from ..tables import CLEAN, LogitTable, holdout_mask, pair, read_table, row_counts
 
@@ -176,29 +176,29 @@ class LogitCorrector(Estimator):
     def fit_table(
         self,
         table: LogitTable | str | os.PathLike,
-        attacks: str | Sequence[str],
+        attacks: str | Sequence[str] | None = None,
         *,
         split: str | None = "train",
         stream: bool = False,
         buffer_rows: int = 65536,
     ) -> LogitCorrector:
-        """Train on the `split` rows of a table for the given attack(s), mixed in one training set.
+        """Train on the `split` rows of a table for the given attack(s) (default: every attack), mixed in one
+        training set.
 
         `table` is a `LogitTable` or the path of one. With ``stream=True`` (a path only) the rows are
         streamed from disk through a shuffle buffer of `buffer_rows` rows instead of being loaded.
         """
         self._check_params()
-        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-        if not attacks or CLEAN in attacks:
-            raise LogitguardError(f"name the attack(s) to train on (not {CLEAN!r}); got {attacks}")
         if isinstance(table, LogitTable):
             if stream:
                 raise LogitguardError("stream=True needs the path of a table, not a loaded LogitTable")
             if split is not None:
                 table = table.select(split=split)
+            attacks = choose_attacks(attacks, table.attacks, split)
             _check_present(table.attacks, attacks, split)
         else:
             counts = row_counts(table, split=split)
+            attacks = choose_attacks(attacks, list(counts), split)
             _check_present(list(counts), attacks, split)
             if stream:
                 from .corrector_training import fit_stream

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,13 +33,13 @@ from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 from ..files import check_format_version, load_arrays, read_header, save_arrays
 from ..errors import LogitguardError
-from ..tables import LogitTable
+from ..tables import CLEAN, LogitTable
 
 FORMAT = "logitguard.Estimator"
 FORMAT_VERSION = 1
 REGISTRY: dict[str, type[Estimator]] = {}
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Estimator", "NotFittedError", "check_logits", "load_estimator"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Estimator", "NotFittedError", "check_logits", "choose_attacks", "load_estimator"]
 
 
 class NotFittedError(LogitguardError, _SklearnNotFittedError):
@@ -158,6 +159,23 @@ def load_estimator(path: str | os.PathLike, *, what: str = "estimator", **runtim
         return load_legacy(path, header, what=what, **runtime)
     header, arrays = load_arrays(path, FORMAT, what)
     return from_arrays(header, arrays, str(path), **runtime)
+
+
+def choose_attacks(attacks: str | Sequence[str] | None, available: Sequence[str], split: str | None) -> list[str]:
+    """The attacked partitions a `fit_table` learns from: `attacks` (one name or several), or every attack of
+    `available` but clean when None; `LogitguardError` when one is missing, clean is named, or none is left.
+
+    Every estimator's ``fit_table(table, attacks=None, *, split="train")`` takes its attacks through here."""
+    chosen = [a for a in available if a != CLEAN] if attacks is None else (
+        [attacks] if isinstance(attacks, str) else list(attacks))
+    if CLEAN in chosen:
+        raise LogitguardError(f"name attacked partitions to learn from, not {CLEAN!r}; got {chosen}")
+    if not chosen:
+        raise LogitguardError(f"no attacked rows to learn from in split {split!r}; it has {list(available)}")
+    missing = [a for a in chosen if a not in available]
+    if missing:
+        raise LogitguardError(f"no rows for attack(s) {missing} in split {split!r}; it has {list(available)}")
+    return chosen
 
 
 def check_logits(

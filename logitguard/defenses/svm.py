@@ -22,14 +22,15 @@ Two methods (``method``; ``"auto"`` picks exact up to `EXACT_MAX_CLASSES` classe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import LogitguardError
-from .estimator import Estimator, check_logits
+from .estimator import Estimator, check_logits, choose_attacks
 from .math.svm import ovr_labels, rbf_kernel, svm_decision, svm_votes, vote_labels, vote_matrices
-from ..tables import CLEAN, LogitTable
+from ..tables import LogitTable
 
 METHODS = ("auto", "exact", "nystroem")
 EXACT_MAX_CLASSES = 50  # method="auto" fits the exact one-vs-one SVC up to this many classes
@@ -109,17 +110,14 @@ class SVMCorrector(Estimator):
             self._fit_nystroem(x, labels, float(gamma))
         return self
 
-    def fit_table(self, table: LogitTable, attacks: str | list[str] = "fgsm", *, split: str | None = "train") -> SVMCorrector:
-        """Train on the attacked rows of `attacks` in `split`."""
-        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-        if CLEAN in attacks or not attacks:
-            raise LogitguardError(f"the SVM corrector trains on attacked rows; name attack(s), not {attacks}")
-        rows = table.select(split=split, attacks=attacks)
+    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None, *,
+                  split: str | None = "train") -> SVMCorrector:
+        """Train on the attacked rows of `attacks` (default: every attack) in `split`."""
+        rows = table if split is None else table.select(split=split)
+        attacks = choose_attacks(attacks, rows.attacks, split)
+        rows = rows.select(attacks=attacks)
         if not rows.has_labels:
             raise LogitguardError("training the SVM corrector needs ground-truth labels")
-        missing = [a for a in attacks if a not in rows.attacks]
-        if missing:
-            raise LogitguardError(f"no rows for attack(s) {missing} in split {split!r}")
         self.attacks_ = attacks
         return self.fit(rows.logits, rows.labels)
 

@@ -18,13 +18,14 @@ logits and refuses them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import clone
 
 from ...errors import LogitguardError
-from ..estimator import Estimator, check_logits
+from ..estimator import Estimator, check_logits, choose_attacks
 from ..decision import flag, successful_attack, threshold_at_fpr
 from ...tables import CLEAN, LogitTable, holdout_mask, pair
 from .streamed_fit import StreamedFit
@@ -167,7 +168,7 @@ class Detector(StreamedFit, Estimator):
 
     # -- tables ------------------------------------------------------------------------------
 
-    def fit_table(self, table: LogitTable, *, attacks: list[str] | None = None,
+    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None, *,
                   split: str | None = "train") -> Detector:
         """`fit` on the `split` rows: clean rows and, for supervised detectors, attacked rows of `attacks`
         (default all; only successful ones where `successful_attacks_only`), grouped by sample id."""
@@ -202,11 +203,7 @@ class Detector(StreamedFit, Estimator):
             raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
         if CLEAN not in available:
             raise LogitguardError(f"fitting a detector needs clean rows; the table has {available}")
-        chosen = [a for a in available if a != CLEAN] if attacks is None else list(attacks)
-        missing = [a for a in chosen if a not in available]
-        if missing:
-            raise LogitguardError(f"no rows for attack(s) {missing}; the table has {available}")
-        return chosen
+        return choose_attacks(attacks, available, None)
 
     def score_table(self, table: LogitTable) -> np.ndarray:
         """`score_samples` of every row of `table`."""
