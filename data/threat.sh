@@ -35,6 +35,13 @@ $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines none --attacks sui
     --param restarts=1 --param "sequence=$BARE" --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines ln-reject,ln-agree --attacks suite \
     --param steps=${STEPS:-25} --param restarts=1 --param eot=1 --param "sequence=$GATED" --out "$TABLE"
+# Continuations at 16/255, each only on the samples every earlier partition left unbroken: APGD-CE with EOT
+# over 4 draws, then APGD-T towards each of the top 3 wrong classes with EOT over 2 draws and 80 steps.
+CONTINUE="$COMMON --model $MODEL --defenses data/defenses/defenses.json --budgets 16/255 --test-samples $N
+          --batch-size 500 --judge-draws 5 --tier adaptive --pipelines ln-reject,ln-agree --param restarts=1"
+$PRODUCE attack-defenses $CONTINUE --attacks apgd-ce --param steps=30 --param eot=4 --after suite --out "$TABLE"
+$PRODUCE attack-defenses $CONTINUE --attacks apgd-t --param targets=3 --param steps=80 --param eot=2 \
+    --after suite,apgd-ce --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines corrector,ln-corrector,ln-odds,odds-odds \
     --attacks routes --param steps=${RELABEL_STEPS:-30} --param restarts=1 --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --param steps=${STEPS:-100} \

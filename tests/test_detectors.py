@@ -36,14 +36,14 @@ def test_every_detector_keeps_the_contract(kind, fitted, test_rows, digits_split
     detector = fitted[kind]
     scores = detector.score_table(test_rows)
     assert scores.shape == (len(test_rows),) and np.isfinite(scores).all()
-    flags = detector.predict_table(test_rows)
+    flags = detector.flag_table(test_rows)
     assert flags.dtype == bool and np.array_equal(flags, scores > detector.threshold_)
     # Calibrated on clean rows: the achieved FPR never exceeds the 5% target...
     assert 0.0 < detector.achieved_fpr_ <= 0.05
     # ...and held-out clean rows are flagged at a similar rate. The test digits are by other writers than
     # the train ones: a density of raw pixels (kdensity's features here) drifts most (15.6% flagged).
     clean_test = test_rows.select(attacks="clean")
-    assert detector.predict_table(clean_test).mean() < (0.2 if kind == "kdensity" else 0.15)
+    assert detector.flag_table(clean_test).mean() < (0.2 if kind == "kdensity" else 0.15)
     # Round trip through a file: identical scores, threshold and parameters.
     loaded = load_detector(detector.save(tmp_path / f"{kind}.npz"))
     assert type(loaded) is type(detector) and loaded.get_params() == detector.get_params()

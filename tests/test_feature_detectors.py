@@ -178,7 +178,7 @@ def test_detect_streams_the_column(digits_feature_table, tmp_path):
     detector = make_detector("kdensity").fit_table(digits_feature_table)
     report = detect_path(detector, path, split="test", batch_rows=100)
     test = digits_feature_table.select(split="test")
-    flags = detector.predict_table(test)
+    flags = detector.flag_table(test)
     assert report["flagged_rate"] == {a: float(flags[test.attack == a].mean()) for a in test.attacks}
 
 

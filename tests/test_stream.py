@@ -137,7 +137,7 @@ def test_detect_streamed_equals_in_memory(source, kind):
     detector = make_detector(kind).fit_table(read_table(source), split="train")
     report = detect_path(detector, source, split="test", batch_rows=BATCH)
     data = read_table(source, split="test")
-    flagged = detector.predict_table(data)
+    flagged = detector.flag_table(data)
     assert report["flagged_rate"] == {a: float(flagged[data.attack == a].mean()) for a in data.attacks}
     pd.testing.assert_frame_equal(report["metrics"], detection_table(data, {detector.kind: detector}, split=None))
 
