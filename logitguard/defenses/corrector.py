@@ -87,7 +87,7 @@ class LogitCorrector(Estimator):
     best_epoch_ : the epoch whose weights were kept.
     """
 
-    estimator_name = "corrector"
+    kind = "corrector"
     fitted_attribute = "weights_"
     describes = "corrector"
 

@@ -54,18 +54,18 @@ def not_fitted(estimator: object) -> NotFittedError:
 class Estimator(BaseEstimator):
     """Base of every fitted logitguard object.
 
-    Subclasses set `estimator_name` (registering the class for `load_estimator`), `fitted_attribute`
+    Subclasses set `kind` (the name files record, registering the class for `load_estimator`), `fitted_attribute`
     (set by `fit`; its absence means "not fitted"), and implement `_state` / `_restore` for persistence.
     """
 
-    estimator_name: ClassVar[str]
+    kind: ClassVar[str]
     fitted_attribute: ClassVar[str]
-    describes: ClassVar[str] = "estimator"  # what error messages call a file of this class
+    describes: ClassVar[str] = "estimator"  # the words error messages use for a file of this class
     needs_noise: ClassVar[bool] = False  # whether it reads noise queries (N, K, C) beside the logits
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("estimator_name") or cls.__dict__.get("kind")
+        name = cls.__dict__.get("kind")
         if name:
             REGISTRY[name] = cls
 
@@ -111,7 +111,7 @@ class Estimator(BaseEstimator):
         return estimator
 
     def _registered_name(self) -> str:
-        return type(self).__dict__.get("estimator_name") or type(self).kind  # type: ignore[attr-defined]
+        return type(self).kind
 
 
 # The module that registers each estimator that is not a detector kind (detectors register through

@@ -193,5 +193,5 @@ class Guard:
 def corrector_name(corrector: Any) -> dict[str, Any]:
     """{"name": corrector, svm or odds, "params": ...}: how a guard names its corrector."""
     estimator = getattr(corrector, "odds", corrector)
-    name = {"LogitCorrector": "corrector", "SVMCorrector": "svm"}.get(type(estimator).__name__, "odds")
+    name = estimator.kind if estimator.kind in ("corrector", "svm") else "odds"  # odds or odds-single: odds
     return {"name": name, "params": estimator.get_params()}

@@ -49,7 +49,7 @@ class SVMCorrector(Estimator):
     for exact, whose training time grows about quadratically, 200,000 for nystroem, linear); ``seed``.
     """
 
-    estimator_name = "svm"
+    kind = "svm"
     fitted_attribute = "coef_"
     describes = "SVM corrector"
 
