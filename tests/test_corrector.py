@@ -181,7 +181,7 @@ def test_bad_inputs_are_refused(fgsm_corrector, digits_split_table):
         fgsm_corrector.predict(np.zeros((2, 3)))
     with pytest.raises(LogitguardError, match=re.escape("logits contain NaN or infinite values")):
         fgsm_corrector.predict(np.full((2, 10), np.nan))
-    with pytest.raises(LogitguardError, match=re.escape("name the attack(s) to train on (not 'clean')")):
+    with pytest.raises(LogitguardError, match=re.escape("name attacked partitions to learn from, not 'clean'")):
         LogitCorrector(**FAST).fit_table(digits_split_table, "clean")
     with pytest.raises(LogitguardError, match=re.escape("every training row needs its true label")):
         LogitCorrector(**FAST).fit(np.zeros((4, 3)), np.zeros((4, 3)), np.array([0, 1, -1, 2]))

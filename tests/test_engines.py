@@ -20,6 +20,7 @@ from logitguard.defenses.apply import apply_batch, decide
 from logitguard.defenses.decision import ABSTAIN, flag
 from logitguard.defenses.detectors import load_detector
 from logitguard.defenses.guard import Guard
+from logitguard.evaluation.guard import fit_guard
 from logitguard.report.summary import summarize
 
 BATCH = 37
@@ -42,7 +43,7 @@ def fitted(digits_split_dir, tmp_path_factory):
     """A detector (msp) and a guard (odds-free: learned detector, reject) fitted on the digits table."""
     root = tmp_path_factory.mktemp("fitted")
     run("fit-detector", digits_split_dir, "--kind", "msp", "--out", root / "detector.npz")
-    Guard.fit(digits_split_dir, detector="msp", corrector=None, on_flag="reject", fpr=0.05,
+    fit_guard(digits_split_dir, detector="msp", corrector=None, on_flag="reject", fpr=0.05,
               budgets=(0.15,)).save(root / "guard.npz")
     return root
 

@@ -203,7 +203,7 @@ class Detector(StreamedFit, Estimator):
             raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
         if CLEAN not in available:
             raise LogitguardError(f"fitting a detector needs clean rows; the table has {available}")
-        return choose_attacks(attacks, available, None)
+        return choose_attacks(attacks, available, None, required=False)
 
     def score_table(self, table: LogitTable) -> np.ndarray:
         """`score_samples` of every row of `table`."""
