@@ -134,3 +134,13 @@ def test_evaluate_refuses_a_detector_where_labels_are_expected(digits_split_tabl
         evaluate(digits_split_table, {"msp": detector})
     gated = evaluate(digits_split_table, {"msp": GatedDefense(detector, None, on_flag="reject")})
     assert set(gated["defense"]) == {"none", "msp"}
+
+
+def test_evaluate_path_refuses_a_detector_like_evaluate(digits_split_dir):
+    from logitguard.defenses.detectors import make_detector
+    from logitguard.engines.stream import evaluate_path
+    from logitguard.tables import read_table
+
+    detector = make_detector("msp", fpr=0.05).fit_table(read_table(digits_split_dir))
+    with pytest.raises(LogitguardError, match="is a detector"):
+        evaluate_path(digits_split_dir, {"msp": detector})

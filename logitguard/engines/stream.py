@@ -84,9 +84,10 @@ def evaluate_path(path: str | os.PathLike, defenses: Mapping[str, Any] | None = 
                   attacks: Sequence[str] | None = None, batch_rows: int | None = None) -> pd.DataFrame:
     """`evaluate(read_table(path, split=split), defenses, split=split, attacks=attacks)`, streamed: one pass
     decides every defense's label per row (`decide`), then the records come from those."""
-    from ..evaluation.evaluate import evaluation_records, select_attacks
+    from ..evaluation.evaluate import check_defenses, evaluation_records, select_attacks
     from ..tables import CLEAN
 
+    check_defenses(defenses or {})
     keys = read_keys(path, split=split)
     keys, attacks = select_attacks(keys, split, attacks)
     defenses = dict(defenses or {})
