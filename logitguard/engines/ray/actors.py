@@ -82,7 +82,7 @@ class DefenseSpec:
 def encode(applied: Applied) -> pa.Table:
     """One output block: the output rows (with their metadata) and ``decision.*`` columns; for a detector,
     the keys and the decision fields unprefixed (``split``, ``attack``, ``sample_id``, ``label``,
-    ``model_label``, ``flagged``, ``score``; the rows `Detector.flag` gives)."""
+    ``model_label``, ``flagged``, ``score``; the rows `Detector.flag` gives) and ``decision.label``."""
     keys, decision = applied.keys, applied.decision
     fields = {"model_label": pa.array(decision.model_label, pa.int64()), "flagged": pa.array(decision.flagged),
               "score": pa.array(decision.score, pa.float64()),
@@ -200,7 +200,8 @@ def apply_ray(
     -------
     A Dataset of output blocks (`encode`): for ``corrector``, ``defense`` and ``guard`` logit-table rows with
     the output metadata (`write_ray` writes them) and ``decision.*`` columns; for ``detector`` one row per
-    input row with ``split``, ``attack``, ``sample_id``, ``label``, ``model_label``, ``score`` and ``flagged``.
+    input row with ``split``, ``attack``, ``sample_id``, ``label``, ``model_label``, ``score``, ``flagged`` and
+    ``decision.label`` (the label the decision acts on: the model's, since a detector never relabels).
     """
     from .io import table_metadata
 

@@ -113,12 +113,12 @@ class LogitTableDatasource(Datasource):
             meta = BlockMetadata(num_rows=None if split is not None else sum(u.rows for u in units),
                                  size_bytes=int(sum(u.size for u in units)), exec_stats=None,
                                  input_files=sorted({u.file for u in units}))
-            tasks.append(ReadTask(lambda units=units: _read_units(units, schema, split, rows), meta, schema=schema,
+            tasks.append(ReadTask(lambda units=units: read_units(units, schema, split, rows), meta, schema=schema,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def _read_units(units: list[_Unit], schema: pa.Schema, split: str | None, batch_rows: int) -> Iterator[pa.Table]:
+def read_units(units: list[_Unit], schema: pa.Schema, split: str | None, batch_rows: int) -> Iterator[pa.Table]:
     """The rows of `units` as tables of `schema` (partition values from the path, missing columns null)."""
     for unit in units:
         keys = dict(unit.keys)

@@ -23,7 +23,7 @@ from ...tables.validation import row_shapes
 from ..report import corrected_summary, defense_report, detection_report
 from .actors import DefenseSpec, apply_ray, rows_of
 from .connection import RayErrors, init_ray
-from .io import LogitTableDatasource, _read_units, write_rows
+from .io import LogitTableDatasource, read_units, write_rows
 
 __all__ = ["correct", "defend", "detect"]
 
@@ -40,7 +40,7 @@ def _prepare(table: str, spec: DefenseSpec, split: str | None,
     check_input(loaded, available)
     source = LogitTableDatasource(table, split=split, columns=spec.columns(available, loaded))
     # The first row through the Ray read path itself (no scanner read-ahead: one row group at most in memory).
-    head = next(_read_units(source.units, source.schema, split, 1024), None)
+    head = next(read_units(source.units, source.schema, split, 1024), None)
     if head is None:
         read_table(table, split=split, columns=[])  # raises the local command's error (no rows match …)
         raise TableError(f"{table}: no rows")
