@@ -196,3 +196,26 @@ def test_gpu_inference_pipeline_matches_the_cpu(fgsm_corrector, digits_split_tab
     gpu = LogitCorrector.load(fgsm_corrector.save(tmp_path / "c.npz"), device="cuda")
     logits = np.tile(digits_split_table.logits, (200, 1))  # more rows than one GPU chunk
     np.testing.assert_allclose(gpu.correct(logits), fgsm_corrector.correct(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_validation_pairs_are_the_held_out_pairs(digits_split_table, tmp_path):
+    """The streamed validation set (filled in place, one copy) is every held-out sample's clean/attacked pair,
+    per attack in sample-id order, as pairing the loaded table gives it."""
+    from logitguard import pair
+    from logitguard.defenses.corrector_training import stream_validation
+    from logitguard.tables import holdout_mask
+
+    path = tmp_path / "table"
+    write_table(digits_split_table, path, partition_by=("split", "attack"))
+    corrector = LogitCorrector(**FAST, validation_fraction=0.25)
+    (clean, attacked, labels), num_classes, _ = stream_validation(corrector, path, ["fgsm", "bim"], "train")
+    train = digits_split_table.select(split="train")
+    parts = []
+    for name in ("fgsm", "bim"):
+        p = pair(train, name)
+        held = np.flatnonzero(holdout_mask(p.clean.sample_id, 0.25, corrector.seed))
+        held = held[np.argsort(p.clean.sample_id[held])]
+        parts.append((p.clean.logits[held], p.attacked.logits[held], p.clean.labels[held]))
+    assert num_classes == train.num_classes and 0 < len(labels) < len(train)
+    for got, want in zip((clean, attacked, labels), zip(*parts)):
+        np.testing.assert_array_equal(got, np.concatenate(want))

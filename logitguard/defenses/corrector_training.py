@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import LogitguardError
-from ..tables import CLEAN, LogitTable, holdout_mask, iter_batches, pair, stream_batch_rows
+from ..tables import CLEAN, holdout_mask, iter_batches, read_keys, stream_batch_rows
 
 if TYPE_CHECKING:
     import torch
@@ -83,35 +83,46 @@ def fit_stream(corrector: LogitCorrector, path: Path, attacks: list[str], split:
 
 def stream_validation(corrector: LogitCorrector, path: Path, attacks: list[str], split: str | None,
                       ) -> tuple[Validation | None, int, list[str]]:
-    """One pass over the table: the held-out validation pairs, C and the class names."""
-    rows: dict[str, list[LogitTable]] = {name: [] for name in (CLEAN, *attacks)}
+    """The held-out validation pairs, C and the class names, in one pass over the logits.
+
+    The pairs' places are known before any logit is read (from the key columns: the held-out samples with a
+    clean and an attacked row, per attack), so each held-out row is copied once, straight into its place in
+    the preallocated (P, C) float32 arrays: the validation set costs its own size in memory, not a multiple."""
+    frac, seed = corrector.validation_fraction, corrector.seed
+    places: dict[str, np.ndarray] = {}  # attack -> the sorted sample ids of its pairs
+    if frac:
+        keys = read_keys(path, split=split, attacks=[CLEAN, *attacks])
+        held = holdout_mask(keys.sample_id, frac, seed)
+        clean_ids = keys.sample_id[held & (keys.attack == CLEAN)]
+        places = {name: np.intersect1d(clean_ids, keys.sample_id[held & (keys.attack == name)]) for name in attacks}
+    offsets = np.cumsum([0, *(len(ids) for ids in places.values())])
+    total = int(offsets[-1])
+    if frac and not total:
+        raise LogitguardError("validation_fraction holds out no sample; raise it or add data")
+    clean = attacked = labels = None
     table = None
-    for table in iter_batches(path, split=split, attacks=list(rows)):
-        if corrector.validation_fraction:
-            held = holdout_mask(table.sample_id, corrector.validation_fraction, corrector.seed)
-            for name in rows:
-                mask = held & (table.attack == name)
-                if mask.any():
-                    rows[name].append(table.take(mask))
+    for table in iter_batches(path, split=split, attacks=[CLEAN, *attacks], batch_rows=stream_batch_rows(path)):
+        if not total:
+            continue
+        if clean is None:
+            clean = np.empty((total, table.num_classes), dtype=np.float32)
+            attacked = np.empty_like(clean)
+            labels = np.empty(total, dtype=np.int64)
+        held = holdout_mask(table.sample_id, frac, seed)
+        for offset, (name, ids) in zip(offsets, places.items()):
+            for source, into in ((CLEAN, clean), (name, attacked)):
+                rows = np.flatnonzero(held & (table.attack == source))
+                at = np.searchsorted(ids, table.sample_id[rows])
+                hit = at < len(ids)
+                hit[hit] = ids[at[hit]] == table.sample_id[rows[hit]]
+                into[offset + at[hit]] = table.logits[rows[hit]]
+                if source == CLEAN:
+                    labels[offset + at[hit]] = table.labels[rows[hit]]
     if table is None:
         raise LogitguardError(f"{path}: no rows in split {split!r}")
-    if not corrector.validation_fraction:
+    if not total:
         return None, table.num_classes, table.class_names
-    held = [part for parts in rows.values() for part in parts]
-    if not held:
-        raise LogitguardError("validation_fraction holds out no sample; raise it or add data")
-    merged = LogitTable.from_arrays(
-        logits=np.concatenate([p.logits for p in held]),
-        sample_id=np.concatenate([p.sample_id for p in held]),
-        split=np.concatenate([p.split for p in held]),
-        attack=np.concatenate([p.attack for p in held]),
-        label=np.concatenate([p.labels for p in held]),
-        metadata=table.metadata,
-    )
-    pairs = [pair(merged, name) for name in attacks]
-    validation = tuple(np.concatenate(parts) for parts in zip(
-        *[(p.clean.logits, p.attacked.logits, p.clean.labels) for p in pairs]))
-    return validation, table.num_classes, table.class_names
+    return (clean, attacked, labels), table.num_classes, table.class_names
 
 
 def train(corrector: LogitCorrector, epoch_batches: Callable[[np.random.Generator], Batches],
