@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from logitguard.defenses.gated import ABSTAIN  # noqa: E402
+from logitguard.defenses.decision import ABSTAIN  # noqa: E402
 from logitguard.defenses.pipelines import load_pipelines  # noqa: E402
 from logitguard.tables import read_table  # noqa: E402
 from producers.attacks import make_attack  # noqa: E402

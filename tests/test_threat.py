@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from logitguard import LogitguardError, LogitTable, read_table, write_table
 from logitguard.cli import main
-from logitguard.defenses.gated import ABSTAIN, GatedDefense
+from logitguard.defenses.gated import GatedDefense
+from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.detectors import Detector, make_detector
 from logitguard.evaluation.evaluate import evaluate
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines

@@ -26,15 +26,14 @@ import pyarrow as pa
 from ..errors import LogitguardError
 from .estimator import check_logits
 from .decision import ABSTAIN, Decision, flag
+from .math.gate import ON_FLAG, gate
 from ..tables import LogitTable, conform
 
 if TYPE_CHECKING:
     from .detectors import Detector
 
-ON_FLAG = ("correct", "reject", "agree")
 
-__all__ = ["ABSTAIN", "ON_FLAG", "Corrector", "Decision", "GatedDefense", "as_corrector", "check_policy",
-           "load_corrector"]
+__all__ = ["ON_FLAG", "Corrector", "GatedDefense", "as_corrector", "check_policy", "load_corrector"]
 
 
 @runtime_checkable
@@ -102,24 +101,18 @@ class GatedDefense:
         """
         logits, noisy = check_logits(logits, noisy_logits, needs_noise=self.needs_noise)
         model_label = logits.argmax(axis=1).astype(np.int64)
-        labels = model_label.copy()
         score = np.full(len(logits), np.nan)
         if self.detector is not None:
             score = self.detector.score_samples(logits, noisy)
             flagged = flag(score, self.detector.threshold_)  # the one rule: a NaN score is flagged
         else:
             flagged = np.full(len(logits), self.corrector is not None)
-        if flagged.any():
-            if self.on_flag == "reject":
-                labels[flagged] = ABSTAIN
-            else:
-                rows = slice(None) if flagged.all() else flagged
-                corrected = np.asarray(self.corrector.predict(logits[rows], None if noisy is None else noisy[rows]),
-                                       dtype=np.int64)
-                if self.on_flag == "correct":
-                    labels[flagged] = corrected
-                else:  # agree
-                    labels[flagged] = np.where(corrected == model_label[flagged], corrected, ABSTAIN)
+        corrected = None
+        if flagged.any() and self.on_flag != "reject":  # the corrector runs on flagged rows only
+            rows = slice(None) if flagged.all() else flagged
+            corrected = model_label.copy()
+            corrected[flagged] = self.corrector.predict(logits[rows], None if noisy is None else noisy[rows])
+        labels = gate(model_label, flagged, corrected, self.on_flag) if flagged.any() else model_label.copy()
         return Decision(model_label, flagged, score, labels)
 
     def predict(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> np.ndarray:

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..defenses.gated import Decision, GatedDefense
+from ..defenses.gated import GatedDefense
+from ..defenses.decision import Decision
 from ..errors import LogitguardError
 from ..tables import CLEAN, LogitTable, RowKeys, read_keys, read_table, table_columns
 from ..tables.threat import NO_DEFENSE, attack_eps, threat_of

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from logitguard.defenses.corrector import WEIGHT_KEYS, LogitCorrector
-from logitguard.defenses.decision import flag
 from logitguard.defenses.detectors import (Detector, InsenDetector, KDensityDetector, LearnedDetector, OddsCorrector,
                                            OddsTest, load_detector)
-from logitguard.defenses.gated import ABSTAIN, load_corrector
+from logitguard.defenses.gated import load_corrector
+from logitguard.defenses.decision import ABSTAIN, flag
 from logitguard.defenses.math import NEG
 from logitguard.defenses.math.baselines import SCORES as _BASELINE_SCORES
 from logitguard.defenses.math.corrector import corrector_logits

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from logitguard.defenses.gated import ABSTAIN, ON_FLAG
+from logitguard.defenses.gated import ON_FLAG
+from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.math.gate import gate
 
 from ..errors import ProducerError

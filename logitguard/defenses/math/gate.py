@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..decision import ABSTAIN
 from . import array_namespace
 
-ABSTAIN = -1  # = logitguard.defenses.decision.ABSTAIN (kept free of imports here)
 ON_FLAG = ("correct", "reject", "agree")
 
 
