@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from ..errors import TableError
 from .arrays import distinct_values, single_array, string_codes
@@ -29,9 +30,10 @@ _UNITED_METADATA = ("attacks", "threat")
 # (Files written without checksums, by older versions or other tools, are read as before.)
 _PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
-# Streaming reads one row group's column chunks at a time instead of pre-buffering several (less memory,
-# and on a local disk no slower).
-_STREAM_SCAN = ds.ParquetFragmentScanOptions(page_checksum_verification=True, pre_buffer=False)
+# Streaming reads each file with its own Parquet reader through a 1 MiB buffered stream: pages are
+# decoded as batches are asked for. (pyarrow's dataset scanner, even with readahead 1 and no pre-buffering,
+# holds about a row group per stream: ~200 MiB of Arrow memory at C=1000 against ~25 MiB this way.)
+_STREAM_BUFFER_BYTES = 1 << 20
 
 
 def read_table(
@@ -136,9 +138,7 @@ def iter_batches(
     empty, count = True, 0
     shapes: dict[str, tuple[int, ...]] | None = None  # every batch must have the first one's C, K and F
     try:
-        # Readahead bounded: pyarrow's defaults (16 batches, 4 files, pre-buffered) hold several row groups.
-        for batch in _scan(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_size=batch_rows,
-                           batch_readahead=1, fragment_readahead=1, fragment_scan_options=_STREAM_SCAN):
+        for batch in _stream_files(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_rows):
             if batch.num_rows:
                 empty = False
                 table = conform(pa.Table.from_batches([batch]), metadata=metadata, shapes=shapes)
@@ -273,16 +273,52 @@ def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: l
                                   dataset.filesystem)
     read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
     for batch in source.to_batches(columns=read, **options):
-        keep = None
-        if split is not None:
-            keep = pc.equal(_names(batch.column("split")), split)
-        if attacks is not None:
-            chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
-            keep = chosen if keep is None else pc.and_(keep, chosen)
-        keep = keep.fill_null(False)
-        if not pc.all(keep).as_py():
-            batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns], schema=batch.schema).filter(keep)
-        yield batch.select(columns)
+        yield from _keep(batch, columns, split, attacks)
+
+
+def _keep(batch: pa.RecordBatch, columns: list[str], split: str | None,
+          attacks: list[str] | None) -> Iterator[pa.RecordBatch]:
+    """`batch` (which holds ``split`` and ``attack``) reduced to the rows of `split` and `attacks`, and to
+    `columns`."""
+    keep = None
+    if split is not None:
+        keep = pc.equal(_names(batch.column("split")), split)
+    if attacks is not None:
+        chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
+        keep = chosen if keep is None else pc.and_(keep, chosen)
+    if keep is not None and not pc.all(keep.fill_null(False)).as_py():
+        batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns],
+                                           schema=batch.schema).filter(keep.fill_null(False))
+    yield batch.select(columns)
+
+
+def _stream_files(dataset: ds.FileSystemDataset, columns: list[str], split: str | None,
+                  attacks: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """As `_scan`, for streaming: each file of the selection is read in turn by its own buffered Parquet
+    reader (bounded memory, see `_STREAM_BUFFER_BYTES`); its partition keys become constant columns and a
+    column the file lacks becomes nulls (refused later by `conform`), as the dataset scanner would give them."""
+    expr = _filter(split, attacks)
+    schema = dataset.schema
+    read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
+    for fragment in dataset.get_fragments(filter=expr):
+        keys = ds.get_partition_keys(fragment.partition_expression)
+        reader = pq.ParquetFile(fragment.path, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES,
+                                page_checksum_verification=True)
+        physical = [c for c in read if c in reader.schema_arrow.names]
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=physical, use_threads=False):
+            n = batch.num_rows
+            arrays = []
+            for name in read:
+                kind = schema.field(name).type
+                if name in physical:
+                    arrays.append(batch.column(name).cast(kind) if batch.column(name).type != kind
+                                  else batch.column(name))
+                elif name in keys:
+                    arrays.append(pa.repeat(pa.scalar(keys[name], kind), n))
+                else:
+                    arrays.append(pa.nulls(n, kind))
+            batch = pa.RecordBatch.from_arrays(arrays, schema=pa.schema([schema.field(c) for c in read]))
+            yield from _keep(batch, columns, split, attacks)
 
 
 def _names(column: pa.Array) -> pa.Array:
