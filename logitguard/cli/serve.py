@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..errors import LogitguardError
-from ..serve import DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ROWS  # imports nothing else
+# These import nothing else: `--help` stays cheap and works without the 'serve' extra.
+from ..serve import (DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW, DEFAULT_HEADER_TIMEOUT,
+                     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
+from ..serve.protection import TOKEN_ENV
 from .options import main
 
 # What the 'serve' extra installs: an ImportError naming one of these means the extra is missing.
@@ -15,19 +20,42 @@ _SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_cli
 @main.command()
 @click.argument("guard", type=click.Path(path_type=str))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. Loopback by default: the service has no authentication of its own.")
+              help="Address to bind. Beyond loopback a token is required (or --no-auth).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help=f"File whose first line is the bearer token every route but the health probes requires (mode "
+                   f"600). Default: ${TOKEN_ENV}, if set.")
+@click.option("--no-auth", is_flag=True, help="Serve beyond loopback without a token (a proxy in front "
+                                              "authenticates).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=DEFAULT_MAX_ROWS, show_default=True,
               help="Rows per request (more: 422).")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_BODY_BYTES / 2**20,
               show_default=True, help="Request body limit in MiB (more: 413).")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=DEFAULT_MAX_CONCURRENCY, show_default=True,
+              help="Requests in flight at most; more are answered 503 with Retry-After at once.")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_HEADER_TIMEOUT,
+              show_default=True, help="Seconds a connection has to send a request head.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BODY_TIMEOUT,
+              show_default=True, help="Seconds a request has to send its body (more: 408).")
+@click.option("--idle-timeout", type=click.FloatRange(min=1), default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+              help="Seconds a kept-alive connection may wait for its next request.")
+@click.option("--drain-timeout", type=click.FloatRange(min=1), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+              help="On SIGTERM, seconds to finish the requests in flight before exiting.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Host header name to accept (repeat for several). Default: localhost names when bound to "
+                   "loopback, any otherwise.")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM certificate: serve HTTPS (with --ssl-keyfile).")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="Its PEM key.")
+@click.option("--docs", is_flag=True, help="Serve the browsable API page at /docs (loads its scripts from a CDN).")
 @click.option("--drift-window", type=click.IntRange(min=1), default=DEFAULT_DRIFT_WINDOW, show_default=True,
               help="Recent rows whose flagged rate is tested against the detector's calibrated FPR.")
-def serve(guard: str, host: str, port: int, max_rows: int, max_body_mb: float, drift_window: int) -> None:
+def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body_mb: float,
+          allowed_hosts: tuple[str, ...], **options: Any) -> None:
     """Serve GUARD (a guard file) over HTTP: POST /v1/check (JSON), /v1/check.arrow (Arrow IPC stream);
     GET /v1/health, /v1/info, /metrics, /openapi.json."""
     try:
-        from ..serve import is_loopback, run
+        from ..serve import is_loopback, read_token, run
     except ImportError as exc:
         if (exc.name or "").split(".")[0] in _SERVE_MODULES:
             raise LogitguardError("the service needs the 'serve' extra: pip install 'logitguard[serve]' "
@@ -35,9 +63,11 @@ def serve(guard: str, host: str, port: int, max_rows: int, max_body_mb: float, d
         raise
     from ..defenses.guard import Guard
 
-    loaded = Guard.load(guard)
-    if not is_loopback(host):
-        click.echo(f"warning: binding to {host} lets other machines reach this service, which has no "
-                   "authentication; put it behind a proxy that authenticates, or bind to 127.0.0.1", err=True)
-    run(loaded, host=host, port=port, max_rows=max_rows, max_body_bytes=max(1, int(max_body_mb * 2**20)),
-        drift_window=drift_window)
+    token = read_token(token_file)
+    if token is None and no_auth and not is_loopback(host):
+        click.echo(f"warning: serving on {host} without authentication (--no-auth): anyone who reaches it can "
+                   "query the guard", err=True)
+    if not allowed_hosts and is_loopback(host):
+        allowed_hosts = ("localhost", "127.0.0.1", "[::1]")
+    run(Guard.load(guard), host=host, token=token, no_auth=no_auth, max_body_bytes=max(1, int(max_body_mb * 2**20)),
+        allowed_hosts=allowed_hosts or None, **options)

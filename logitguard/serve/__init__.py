@@ -18,7 +18,7 @@ Endpoints
     an IPC stream with columns ``model_label`` int64, ``flagged`` bool, ``score`` float64 (null
     without a detector) and ``label`` int64 (null where abstained). For large batches.
 ``GET /v1/health``
-    ``{"status": "ok", "guard", "num_classes", "num_queries"}``.
+    ``{"status": "ok"}``: a liveness probe, open without a token.
 ``GET /v1/info``
     `Guard.info` (classes, C, K, noise recipe, on_flag, detector threshold / FPR / achieved FPR,
     corrector, threat figures, unmeasured threat models, provenance) plus ``server`` (limits) and
@@ -29,17 +29,30 @@ Endpoints
     ``logitguard_rows_flagged_total``, ``logitguard_rows_abstained_total``, ``logitguard_flagged_rate``
     and the ``logitguard_drift_*`` gauges (applicable, alert, window_rows, flagged_rate,
     expected_rate, binomial_pvalue, ks_statistic, ks_pvalue).
-``GET /openapi.json``, ``GET /docs``
-    The OpenAPI spec (with this guard's C, K and row limit) and its browsable form.
+``GET /openapi.json`` (and ``GET /docs``, its browsable form, only with ``docs=True``: it loads a CDN's scripts)
+    The OpenAPI spec (with this guard's C, K and row limit).
+
+Protection (`protection`, `running`)
+------------------------------------
+A bearer token (``token``; ``--token-file`` or ``$LOGITGUARD_TOKEN``) guards every route but the health
+probe; binding beyond loopback requires one unless waived (``no_auth``). At most ``max_concurrency``
+requests are in flight (more: 503 with ``Retry-After``). Deadlines: a request head within
+``header_timeout``, its body within ``body_timeout`` (408), ``idle_timeout`` between kept-alive requests,
+``drain_timeout`` to finish in-flight work after SIGTERM. Callers without a token see no directory and no
+software version. Memory is bounded by the limits: at most ``max_concurrency`` bodies of at most
+``max_body_bytes``, and a JSON body is parsed only if it holds no more numbers than ``max_rows`` rows do.
 
 Status codes
 ------------
-200 decided; 400 malformed body (not JSON, not an Arrow IPC stream); 413 body over ``max_body_bytes``
-(counted while reading, not taken from Content-Length alone); 415 wrong content type, or compressed
-Arrow buffers; 422 well-formed but wrong: more than ``max_rows`` rows, empty batch, C or K differ from
-the guard's, NaN / Infinity (JSON's ``NaN`` token or an overflowing number included), values beyond
-float32's range (±3.4e38), ragged rows, missing noise queries, unknown fields or columns, nulls; 500 an unexpected error, logged, with a
-generic message. Errors are ``{"detail": "one line"}``. Checking runs in a threadpool, so a large
+200 decided; 400 malformed body (not JSON, not an Arrow IPC stream), both Content-Length and
+Transfer-Encoding, or a Host not allowed; 401 missing or wrong token; 408 body too slow; 413 body over
+``max_body_bytes`` (counted while reading, not taken from Content-Length alone); 415 wrong content type, or
+compressed Arrow buffers; 422 well-formed but wrong: more than ``max_rows`` rows (or, in JSON, more numbers
+than they hold), empty batch, C or K differ from the guard's, NaN / Infinity (JSON's ``NaN`` token or an
+overflowing number included), values beyond float32's range (±3.4e38), ragged rows, missing noise queries,
+unknown fields or columns, nulls; 500 an unexpected error, logged, with a generic message; 503 too many
+requests in flight. Errors are ``{"detail": "one line"}`` and never echo more than a short excerpt of the
+request. A client that hangs up is counted under status 499. Checking runs in a threadpool, so a large
 batch does not block the event loop.
 
 Drift
@@ -62,9 +75,16 @@ DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_DRIFT_WINDOW = 1000
 DEFAULT_DRIFT_ALPHA = 1e-3
 DEFAULT_DRIFT_MIN_ROWS = 100
+DEFAULT_MAX_CONCURRENCY = 16
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 5.0
+DEFAULT_DRAIN_TIMEOUT = 10.0
 
-__all__ = ["DEFAULT_DRIFT_ALPHA", "DEFAULT_DRIFT_MIN_ROWS", "DEFAULT_DRIFT_WINDOW", "DEFAULT_MAX_BODY_BYTES",
-           "DEFAULT_MAX_ROWS", "DriftWatch", "create_app", "is_loopback", "run", "serve_in_thread"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_DRAIN_TIMEOUT", "DEFAULT_DRIFT_ALPHA", "DEFAULT_DRIFT_MIN_ROWS", "DEFAULT_DRIFT_WINDOW",
+           "DEFAULT_HEADER_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CONCURRENCY",
+           "DEFAULT_MAX_ROWS", "DriftWatch", "create_app",
+           "is_loopback", "read_token", "run", "serve_in_thread"]
 
 
 def is_loopback(host: str) -> bool:
@@ -81,10 +101,18 @@ def is_loopback(host: str) -> bool:
 
 def __getattr__(name: str) -> Any:
     # The app needs the 'serve' extra (FastAPI, uvicorn, prometheus-client); the drift watch does not.
-    if name in ("create_app", "run", "serve_in_thread"):
-        from . import app
+    if name == "create_app":
+        from .app import create_app
 
-        return getattr(app, name)
+        return create_app
+    if name in ("run", "serve_in_thread"):
+        from . import running
+
+        return getattr(running, name)
+    if name == "read_token":
+        from .protection import read_token
+
+        return read_token
     if name == "DriftWatch":
         from .drift import DriftWatch
 

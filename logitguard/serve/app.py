@@ -5,14 +5,14 @@ See the package docstring (`logitguard.serve`) for the endpoints, formats and st
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..defenses.apply import decide
@@ -29,10 +30,12 @@ from ..defenses.decision import ABSTAIN
 from ..errors import LogitguardError
 from ..defenses.guard import Guard
 from ..evaluation.guard import describe_guard
-from . import DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ROWS
+from . import (DEFAULT_BODY_TIMEOUT, DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW,
+               DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
 from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, RequestError, encode_arrow, encode_json,
-                    parse_arrow, parse_json, request_schema)
+                    json_values_limit, parse_arrow, parse_json, request_schema, short)
 from .drift import DriftWatch
+from .protection import Protection
 
 log = logging.getLogger("logitguard.serve")
 PREFIX = "/v1"
@@ -40,15 +43,22 @@ ENDPOINTS = (f"{PREFIX}/check", f"{PREFIX}/check.arrow", f"{PREFIX}/health", f"{
              "/openapi.json", "/docs")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-__all__ = ["create_app", "run", "serve_in_thread"]
+# Client hang-ups are counted under this status (nginx's "client closed request"): they are not server errors.
+CLIENT_CLOSED = 499
+
+__all__ = ["create_app"]
 
 
 class _Service:
     """What the endpoints share: the guard, the limits, the metrics and the drift watch."""
 
-    def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, drift: DriftWatch) -> None:
+    def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, max_concurrency: int, body_timeout: float,
+                 authenticated: bool, drift: DriftWatch) -> None:
         self.guard, self.max_rows, self.max_body_bytes, self.drift = guard, max_rows, max_body_bytes, drift
-        self.info = _finite(describe_guard(guard))
+        self.max_concurrency, self.body_timeout, self.authenticated = max_concurrency, body_timeout, authenticated
+        self.info = _served_info(describe_guard(guard), authenticated)
+        self.parse_json = functools.partial(parse_json, max_values=json_values_limit(
+            guard.num_classes, guard.num_queries, max_rows))
         self.registry = CollectorRegistry()
         self.requests = Counter("logitguard_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=self.registry)
@@ -99,8 +109,11 @@ class _Service:
         return encode(decision)
 
     def limits(self) -> dict[str, Any]:
-        return {"version": __version__, "max_rows": self.max_rows, "max_body_bytes": self.max_body_bytes,
-                "formats": {f"{PREFIX}/check": JSON, f"{PREFIX}/check.arrow": ARROW_STREAM}}
+        limits = {"max_rows": self.max_rows, "max_body_bytes": self.max_body_bytes,
+                  "max_concurrency": self.max_concurrency, "body_timeout": self.body_timeout,
+                  "authentication": "bearer" if self.authenticated else None,
+                  "formats": {f"{PREFIX}/check": JSON, f"{PREFIX}/check.arrow": ARROW_STREAM}}
+        return {"version": __version__, **limits} if self.authenticated else limits
 
 
 class _GaugeCollector(Collector):
@@ -157,6 +170,9 @@ class _Instrument:
 
         try:
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:  # the client hung up mid-request: its loss, not a server error
+            log.info("client hung up during %s %s", scope.get("method"), endpoint)
+            status = CLIENT_CLOSED
         except Exception:
             log.exception("unexpected error on %s %s", scope.get("method"), scope["path"])
             if not status:  # nothing sent yet: answer; else the connection just ends
@@ -169,22 +185,34 @@ class _Instrument:
 
 
 def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
+               token: str | None = None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
+               docs: bool = False, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
                drift_min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> FastAPI:
     """A FastAPI app serving `guard` (see `logitguard.serve` for the endpoints).
 
-    max_rows : rows per request (more: 422).  max_body_bytes : request body size, enforced while reading
-    (more: 413).  drift_window, drift_alpha, drift_min_rows : the `DriftWatch` on the detector's FPR.
+    max_rows : rows per request (more: 422); a JSON body may also hold no more numbers than that many rows
+    of logits and noise queries, checked before it is parsed.  max_body_bytes : request body size, enforced
+    while reading (more: 413).  token : bearer token every route but the health probes requires (None: no
+    authentication; 401 otherwise).  max_concurrency : requests in flight (more: 503 with Retry-After).
+    body_timeout : seconds a request has to send its body (more: 408).  allowed_hosts : accepted Host names
+    (None: any).  docs : serve the browsable API page at /docs (its scripts come from a CDN; off by default).
+    drift_window, drift_alpha, drift_min_rows : the `DriftWatch` on the detector's FPR.
     The app's state holds the service (``app.state.service``: guard, drift watch, metrics registry).
     """
-    if max_rows < 1 or max_body_bytes < 1:
-        raise LogitguardError(f"max_rows and max_body_bytes must be >= 1, got {max_rows} and {max_body_bytes}")
+    if min(max_rows, max_body_bytes, max_concurrency) < 1 or not body_timeout > 0:
+        raise LogitguardError(f"max_rows, max_body_bytes and max_concurrency must be >= 1 and body_timeout > 0, got "
+                              f"{max_rows}, {max_body_bytes}, {max_concurrency} and {body_timeout}")
     drift = DriftWatch.for_detector(guard.defense.detector, window=drift_window, alpha=drift_alpha,
                                     min_rows=drift_min_rows)
-    service = _Service(guard, max_rows=max_rows, max_body_bytes=max_body_bytes, drift=drift)
-    app = FastAPI(title="logitguard", version=__version__,
-                  description=f"Checks a remote model's logits before acting on them: {guard!r}.")
+    service = _Service(guard, max_rows=max_rows, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
+                       body_timeout=body_timeout, authenticated=token is not None, drift=drift)
+    app = FastAPI(title="logitguard", version=__version__ if token is not None else "withheld",
+                  description=f"Checks a remote model's logits before acting on them: {guard!r}.",
+                  docs_url="/docs" if docs else None, redoc_url=None, redirect_slashes=False)
     app.state.service = service
+    # Starlette runs the last added outermost: every request is counted, refused ones included.
+    app.add_middleware(Protection, token=token, max_concurrency=max_concurrency, allowed_hosts=allowed_hosts)
     app.add_middleware(_Instrument, service=service)
 
     @app.exception_handler(RequestError)
@@ -192,11 +220,14 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
         return JSONResponse({"detail": exc.detail}, exc.status)
 
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in {
-        400: "Malformed body (not JSON / not an Arrow IPC stream).",
+        400: "Malformed body (not JSON / not an Arrow IPC stream), or a request both chunked and with a length.",
+        401: "Missing or wrong bearer token (when the server has one).",
+        408: "The body did not arrive within the server's body timeout.",
         413: "Body over the server's size limit.",
         415: "Wrong content type.",
         422: "Valid syntax, wrong content: shape, C, K, NaN/inf, ragged, empty, too many rows, missing noise queries.",
-        500: "Unexpected server error (logged; no details returned)."}.items()}
+        500: "Unexpected server error (logged; no details returned).",
+        503: "Too many requests in flight; retry after the Retry-After header's seconds."}.items()}
     c, k = guard.num_classes, guard.num_queries
 
     @app.post(f"{PREFIX}/check", response_model=CheckResponse, responses=errors, summary="Check rows (JSON)",
@@ -204,8 +235,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
                   JSON: {"schema": request_schema(c, k, max_rows)}}}})
     async def check(request: Request) -> Response:
         """Decide N rows: ``{"logits": (N, C), "noisy_logits": (N, K, C)}`` → one result per row, in order."""
-        body = await _read_body(request, JSON, max_body_bytes)
-        return Response(await run_in_threadpool(service.check, body, parse_json,
+        body = await _read_body(request, JSON, max_body_bytes, body_timeout)
+        return Response(await run_in_threadpool(service.check, body, service.parse_json,
                                                 lambda decision: encode_json(decision, guard.class_names)),
                         media_type=JSON)
 
@@ -218,13 +249,13 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
             ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
     async def check_arrow(request: Request) -> Response:
         """Decide the rows of an Arrow IPC stream (columns ``logits`` and, with K > 0, ``noisy_logits``)."""
-        body = await _read_body(request, ARROW_STREAM, max_body_bytes)
+        body = await _read_body(request, ARROW_STREAM, max_body_bytes, body_timeout)
         result = await run_in_threadpool(service.check, body, parse_arrow, encode_arrow)
         return Response(memoryview(result), media_type=ARROW_STREAM)
 
-    @app.get(f"{PREFIX}/health", summary="Liveness and the loaded guard")
+    @app.get(f"{PREFIX}/health", summary="Liveness (open without a token: it says nothing about the guard)")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "guard": repr(guard), "num_classes": c, "num_queries": k}
+        return {"status": "ok"}
 
     @app.get(f"{PREFIX}/info", summary="The guard's description, the server's limits and the drift status")
     def info() -> dict[str, Any]:
@@ -240,23 +271,46 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     return app
 
 
-async def _read_body(request: Request, media_type: str, limit: int) -> bytearray:
+async def _read_body(request: Request, media_type: str, limit: int, timeout: float) -> bytearray:
     """The body, after checking the content type (415) and the size (413: a declared Content-Length over
-    `limit`, or more bytes than `limit` actually sent, counted while reading)."""
+    `limit`, or more bytes than `limit` actually sent, counted while reading); 408 when it takes longer than
+    `timeout` seconds to arrive. A client that hangs up raises starlette's `ClientDisconnect`."""
     given = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if given != media_type:
-        raise RequestError(415, f"content type {given or 'missing'!r}; this endpoint takes {media_type!r}")
+        raise RequestError(415, f"content type {short(given) or 'missing'!r}; this endpoint takes {media_type!r}")
     too_large = RequestError(413, f"request body over this server's limit of {limit} bytes; send fewer rows per "
                                   "request")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout:g} s") from None
     return body
+
+
+def _served_info(info: dict[str, Any], authenticated: bool) -> dict[str, Any]:
+    """`describe_guard`'s info as the service shows it: no directory of this machine (files by name only,
+    their hashes identify them), and, to callers who need no token, no software versions."""
+    info = _finite(info)
+    provenance = dict(info.get("provenance") or {})
+    for key in ("table", "manifest"):
+        if isinstance(provenance.get(key), str):
+            provenance[key] = Path(provenance[key]).name
+    for key in ("model", "settings"):
+        if isinstance(provenance.get(key), dict):
+            provenance[key] = {k: Path(v).name if k in ("spec", "manifest") and isinstance(v, str) else v
+                               for k, v in provenance[key].items()}
+    if not authenticated:
+        for key in ("logitguard", "numpy", "scikit-learn", "python"):
+            provenance.pop(key, None)
+    return {**info, "provenance": provenance} if "provenance" in info else info
 
 
 def _finite(value: Any) -> Any:
@@ -270,47 +324,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, np.generic):
         return _finite(value.item())
     return value
-
-
-# -- running ----------------------------------------------------------------------------------
-
-
-def run(guard: Guard | str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-        **limits: Any) -> None:
-    """Serve `guard` (a `Guard` or a guard file) with uvicorn until interrupted; `limits` go to `create_app`."""
-    import uvicorn
-
-    if not isinstance(guard, Guard):
-        guard = Guard.load(guard)
-    uvicorn.run(create_app(guard, **limits), host=host, port=port, log_level=log_level)
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0,
-                    log_level: str = "warning") -> Iterator[str]:
-    """Run `app` with uvicorn in a background thread; yields its base URL (port 0: a free port).
-
-    For tests, notebooks and benchmarks; the server stops when the block ends.
-    """
-    import uvicorn
-
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it every
-    # keep-alive response waits ~40 ms for the client's delayed ACK (Nagle).
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="logitguard-serve")
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        bound = sock.getsockname()
-        yield f"http://{f'[{bound[0]}]' if ':' in bound[0] else bound[0]}:{bound[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()

@@ -24,6 +24,8 @@ COLUMNS = ("logits", "noisy_logits")
 # The largest magnitude accepted: float32's range. Any model's logits fit; far larger finite values
 # overflow float64 arithmetic inside detectors (squares of 1e200 are inf) and yield NaN scores.
 MAX_ABS = float(np.finfo(np.float32).max)
+# Noise queries per row that a guard reading none (K = 0) tolerates, and ignores, in a JSON body.
+IGNORED_QUERIES = 8
 RESULT_SCHEMA = pa.schema([
     pa.field("model_label", pa.int64(), nullable=False),
     pa.field("flagged", pa.bool_(), nullable=False),
@@ -89,8 +91,12 @@ def request_schema(num_classes: int, num_queries: int, max_rows: int) -> dict[st
     row = {"type": "array", "items": number, "minItems": num_classes, "maxItems": num_classes}
     props["logits"].update(type="array", items=row, minItems=1, maxItems=max_rows)
     noisy = props["noisy_logits"]
-    if not num_queries:  # read by nothing: any (N, K, C) array of numbers, or null
-        noisy["description"] = "Ignored: this guard reads no noise queries (K = 0)."
+    if not num_queries:  # read by nothing: up to IGNORED_QUERIES per row of up to C numbers, or null
+        ignored = {"type": "array", "items": {"type": "array", "items": number, "maxItems": num_classes},
+                   "maxItems": IGNORED_QUERIES}
+        noisy.update(anyOf=[{"type": "array", "items": ignored, "maxItems": max_rows}, {"type": "null"}],
+                     description=f"Ignored: this guard reads no noise queries (K = 0); at most {IGNORED_QUERIES} "
+                                 "per row of at most C numbers are tolerated.")
         return schema
     queries = {"type": "array", "items": row, "minItems": num_queries, "maxItems": num_queries}
     noisy.update(anyOf=[{"type": "array", "items": queries, "minItems": 1, "maxItems": max_rows}])
@@ -98,8 +104,15 @@ def request_schema(num_classes: int, num_queries: int, max_rows: int) -> dict[st
     return schema
 
 
-def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """A `CheckRequest` body as logits (N, C) and noise queries (N, K, C) or None (also when the guard reads none)."""
+def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int,
+               max_values: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A `CheckRequest` body as logits (N, C) and noise queries (N, K, C) or None (also when the guard reads none).
+
+    `max_values` bounds the numbers the body may hold, checked on the raw bytes before anything is parsed
+    (see `json_values_bound`): parsing costs memory in proportion to the limits, not to the body."""
+    if max_values is not None and json_values_bound(body) > max_values:
+        raise RequestError(422, f"the body holds more numbers than this server takes ({max_values}: its row limit "
+                                f"of {max_rows} rows of logits and noise queries); split the batch")
     try:
         request = CheckRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -112,6 +125,19 @@ def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int) -> 
             raise RequestError(422, f"noisy_logits has {len(request.noisy_logits)} rows; logits has {len(logits)}")
         noisy = _dense(request.noisy_logits, "noisy_logits", 3)
     return logits, noisy
+
+
+def json_values_bound(body: bytes | bytearray) -> int:
+    """An upper bound on the numbers (and arrays) a JSON body holds: its commas plus its opening brackets
+    (an array of n items has n - 1 commas). Two passes of `bytes.count`, no copy and no parse."""
+    return body.count(b",") + body.count(b"[")
+
+
+def json_values_limit(num_classes: int, num_queries: int, max_rows: int) -> int:
+    """The largest `json_values_bound` of a body of `max_rows` rows of C logits and K noise queries (a guard
+    with K = 0 ignores noise queries: it tolerates `IGNORED_QUERIES` of them per row)."""
+    k = num_queries or IGNORED_QUERIES
+    return max_rows * (num_classes * (1 + k) + k + 2) + 4
 
 
 def encode_json(decision: Decision, class_names: list[str]) -> bytes:
@@ -129,9 +155,10 @@ def encode_json(decision: Decision, class_names: list[str]) -> bytes:
 def _validation_error(exc: ValidationError) -> RequestError:
     errors = exc.errors(include_url=False)
     if any(e["type"] == "json_invalid" for e in errors):
-        return RequestError(400, f"malformed JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}")
+        return RequestError(400, f"malformed JSON: {short(errors[0]['msg'].removeprefix('Invalid JSON: '))}")
     first = errors[0]
-    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(first["loc"]))
+    where = short("".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+                          for i, p in enumerate(first["loc"])))
     message = first["msg"]
     if first["type"] == "finite_number":
         message += " (NaN and Infinity are refused)"
@@ -162,6 +189,13 @@ def _ragged(values: list, name: str, ndim: int) -> str:
     return f"{name} must be an array of shape {('(N, C)', '(N, K, C)')[ndim - 2]}"
 
 
+def short(text: str, limit: int = 80) -> str:
+    """`text` (which may come from the client) on one line and at most about `limit` characters: an error
+    message never echoes a large or multi-line piece of a request."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def check_rows(rows: int, max_rows: int) -> None:
     """Refuse an empty batch and one over `max_rows` (422: the body's size is fine, its content is not)."""
     if rows == 0:
@@ -190,14 +224,14 @@ def parse_arrow(body: bytes | bytearray, *, needs_noise: bool, max_rows: int) ->
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow reports hostile bytes in many ways (ArrowInvalid, OSError,
         # UnicodeDecodeError for names, KeyError for a type it has no Python class for, ...): all are the body's fault
-        raise RequestError(400, f"malformed Arrow IPC stream: {type(exc).__name__}: {exc}") from None
+        raise RequestError(400, f"malformed Arrow IPC stream: {type(exc).__name__}: {short(exc)}") from None
 
 
 def _arrays(body: bytes | bytearray, needs_noise: bool, max_rows: int) -> tuple[np.ndarray, np.ndarray | None]:
     schema, batches = _read_stream(body, max_rows)
     unknown = [c for c in schema.names if c not in COLUMNS]
     if unknown or "logits" not in schema.names:
-        raise RequestError(422, f"the stream has columns {schema.names}; it takes 'logits' and, when the guard "
+        raise RequestError(422, f"the stream has columns {short(schema.names)}; it takes 'logits' and, when the guard "
                                 "reads noise queries, 'noisy_logits'")
     used = ["logits", "noisy_logits"] if needs_noise and "noisy_logits" in schema.names else ["logits"]
     for name in used:  # before any array is built: pyarrow has no Python class for some types
