@@ -1,6 +1,7 @@
 """Serving speed of `logitguard serve` beside the library's own `Guard.check`, on 127.0.0.1.
 
     python bench/serve.py [--count 2000] [--seconds 15] [--concurrency 4] [--batch 4096] [--detector msp]
+                          [--overload 100000] [--only c10,d1000,d10000]
 
 Each guard is saved, served by ``logitguard serve`` in a subprocess, and driven by an httpx client
 that keeps at most N requests in flight, for a fixed count of requests AND a time limit (whichever
@@ -11,12 +12,17 @@ queries per row, rows from the Fashion-MNIST test split); C=1000, a synthetic gu
 (a ``--detector`` detector and a `LogitCorrector` with D=1,000 and D=10,000 trained for one epoch on
 synthetic clean and attacked logits, on_flag "correct", K=0; half the rows attacked). Figures:
 
-1. single-row JSON requests: p50 / p99 latency with 1 request in flight (target at C=1000, D=1,000:
-   p99 <= 5 ms), and requests/s with N in flight; beside them the same figures for GET /v1/health (no
-   work: the floor this machine and client set) and the share of checks the server itself answered
-   within 5 ms (from its latency histogram);
+1. single-row JSON requests at 1, 4 and 16 in flight, without and with dynamic batching
+   (``--max-batch-rows 0`` / the default): p50 / p99 latency and requests/s (targets at C=1000, D=1,000:
+   p99 <= 5 ms at 1 in flight; at 16 in flight, rows/s >= a quarter of in-process batched rows/s);
+   beside them GET /v1/health (no work: the floor this machine and client set) and the share of checks
+   the server itself answered within 5 ms (from its latency histogram);
 2. batched Arrow requests of `--batch` rows, N in flight: rows/s, beside in-process `Guard.check` rows/s
-   on the same batches and their ratio (target: HTTP within 2x of in-process, ratio >= 0.5).
+   on the same batches and their ratio (target: HTTP within 2x of in-process, ratio >= 0.5);
+3. overload (C=10 guard only, `--overload` requests): the server's ``--max-concurrency`` set to 8, the
+   client keeps 16 single-row requests in flight (twice the capacity): the share answered 503, the
+   accepted requests' p50 / p99, and the server's resident memory before, after 10% and at the end of
+   the run (it must not grow).
 
 Client and server share the machine (2 cores here): the client's own CPU time is part of every figure.
 Figures only: nothing is asserted.
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -103,8 +110,8 @@ def json_body(logits: np.ndarray, noisy: np.ndarray | None) -> bytes:
 class Server:
     """``logitguard serve`` on a free loopback port, in a subprocess."""
 
-    def __init__(self, guard: Guard, directory: Path, batch: int) -> None:
-        path = guard.save(directory / f"guard-{id(guard)}.npz")
+    def __init__(self, guard: Guard, directory: Path, batch: int, *options: str) -> None:
+        path = guard.save(directory / "guard.npz", overwrite=True)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -112,7 +119,7 @@ class Server:
         code = "import sys; from logitguard.cli import main; sys.argv[0] = 'logitguard'; main()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, "serve", str(path), "--port", str(port), "--max-rows", str(batch),
-             "--max-body-mb", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             "--max-body-mb", "512", "--max-concurrency", "64", *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -122,6 +129,12 @@ class Server:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start: {self.process.stderr.read()}") from None
                 time.sleep(0.2)
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -143,11 +156,13 @@ def server_share_within(url: str, seconds: float, before: dict[str, float] | Non
 
 
 async def drive(url: str, path: str, bodies: list[bytes], media_type: str, *, count: int, seconds: float,
-                concurrency: int, method: str = "POST") -> tuple[np.ndarray, float]:
+                concurrency: int, method: str = "POST", busy_ok: bool = False,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, float, int]:
     """Send `count` requests (cycling through `bodies`) with at most `concurrency` in flight, stopping at
-    `seconds`; returns (latencies in s, wall seconds). Any non-200 answer stops the run."""
+    `seconds`; returns (latencies of the 200s in s, wall seconds, 503s). Any other answer stops the run, and
+    a 503 too unless `busy_ok`. `progress(sent)` is called before each request."""
     latencies: list[float] = []
-    sent = 0
+    sent = busy = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         async def send(body: bytes) -> httpx.Response:
@@ -160,18 +175,23 @@ async def drive(url: str, path: str, bodies: list[bytes], media_type: str, *, co
         deadline = started + seconds
 
         async def worker() -> None:
-            nonlocal sent
+            nonlocal sent, busy
             while sent < count and time.perf_counter() < deadline:
                 body = bodies[sent % len(bodies)]
                 sent += 1
+                if progress is not None:
+                    progress(sent)
                 t0 = time.perf_counter()
                 response = await send(body)
+                if response.status_code == 503 and busy_ok:
+                    busy += 1
+                    continue
                 latencies.append(time.perf_counter() - t0)
                 if response.status_code != 200:
                     raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return np.array(latencies), time.perf_counter() - started
+        return np.array(latencies), time.perf_counter() - started, busy
 
 
 def in_process_rows_per_s(guard: Guard, batches: list[tuple[np.ndarray, np.ndarray | None]], seconds: float) -> float:
@@ -186,6 +206,48 @@ def in_process_rows_per_s(guard: Guard, batches: list[tuple[np.ndarray, np.ndarr
     return rows / (time.perf_counter() - started)
 
 
+def single_rows(server: Server, single: list[bytes], args: argparse.Namespace, label: str,
+                latency_target: float | None) -> dict[int, float]:
+    """Single-row JSON at 1, 4 and 16 in flight; returns req/s by requests in flight."""
+    rates = {}
+    for in_flight in (1, 4, 16):
+        _, before = server_share_within(server.url, 0.005)
+        lat, wall, _ = asyncio.run(drive(server.url, "/v1/check", single, JSON, count=args.count,
+                                         seconds=args.seconds, concurrency=in_flight))
+        share, _ = server_share_within(server.url, 0.005, before)
+        p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+        rates[in_flight] = len(lat) / wall
+        target = f"  (target p99 <= {latency_target:g} ms: {'met' if p99 <= latency_target else 'MISSED'})" \
+            if latency_target is not None and in_flight == 1 else ""
+        print(f"  single-row JSON, {label:>11}, {in_flight:2d} in flight: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+              f"{rates[in_flight]:6.0f} req/s  [{len(lat)} requests; server-side {100 * share:.1f}% within "
+              f"5 ms]{target}")
+    return rates
+
+
+def overload(guard: Guard, single: list[bytes], args: argparse.Namespace, workdir: Path) -> None:
+    """Twice the capacity: --max-concurrency 8, 16 in flight, `args.overload` requests."""
+    server = Server(guard, workdir, args.batch, "--max-concurrency", "8")
+    try:
+        rss = {"start": server.rss_mib()}
+
+        def note(sent: int) -> None:
+            if sent == args.overload // 10:
+                rss["10%"] = server.rss_mib()
+
+        lat, wall, busy = asyncio.run(drive(server.url, "/v1/check", single, JSON, count=args.overload,
+                                            seconds=3600, concurrency=16, busy_ok=True, progress=note))
+        rss["end"] = server.rss_mib()
+    finally:
+        server.stop()
+    total = len(lat) + busy
+    p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+    print(f"  overload, --max-concurrency 8, 16 in flight, {total:,} requests in {wall:.0f} s: "
+          f"{100 * busy / total:.1f}% answered 503; accepted p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+          f"{len(lat) / wall:.0f} req/s; server RSS {rss['start']:.0f} MiB at start, "
+          f"{rss.get('10%', float('nan')):.0f} after 10%, {rss['end']:.0f} at the end")
+
+
 def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None, args: argparse.Namespace,
           workdir: Path, *, latency_target: float | None = None) -> None:
     print(f"\n{label}: {guard!r}")
@@ -194,26 +256,21 @@ def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None
                for i in range(0, min(len(logits), 4 * batch) - batch + 1, batch)]
     single = [json_body(logits[i:i + 1], None if noisy is None else noisy[i:i + 1]) for i in range(256)]
     arrow = [arrow_body(*b) for b in batches]
-    server = Server(guard, workdir, batch)
+    server = Server(guard, workdir, batch, "--max-batch-rows", "0")
     try:
         floor = asyncio.run(drive(server.url, "/v1/health", [b""], JSON, count=args.count, seconds=args.seconds,
                                   concurrency=1, method="GET"))[0]
         print(f"  transport floor, GET /v1/health, 1 in flight: p50 {np.median(floor) * 1e3:6.2f} ms  "
               f"p99 {np.percentile(floor, 99) * 1e3:6.2f} ms  (no work: what this machine and client cost)")
-        for in_flight in (1, args.concurrency):
-            _, before = server_share_within(server.url, 0.005)
-            lat, wall = asyncio.run(drive(server.url, "/v1/check", single, JSON, count=args.count,
-                                          seconds=args.seconds, concurrency=in_flight))
-            share, _ = server_share_within(server.url, 0.005, before)
-            p50, p99 = np.percentile(lat, [50, 99]) * 1e3
-            target = f"  (target p99 <= {latency_target:g} ms: {'met' if p99 <= latency_target else 'MISSED'})" \
-                if latency_target is not None and in_flight == 1 else ""
-            print(f"  single-row JSON, {in_flight} in flight: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
-                  f"{len(lat) / wall:6.0f} req/s  [{len(lat)} requests; server-side {100 * share:.1f}% "
-                  f"within 5 ms]{target}")
-        lat, wall = asyncio.run(drive(server.url, "/v1/check.arrow", arrow, ARROW_STREAM,
-                                      count=max(args.count // 20, 8), seconds=args.seconds,
-                                      concurrency=args.concurrency))
+        single_rows(server, single, args, "no batching", latency_target)
+    finally:
+        server.stop()
+    server = Server(guard, workdir, batch)
+    try:
+        batched = single_rows(server, single, args, "batching", latency_target)
+        lat, wall, _ = asyncio.run(drive(server.url, "/v1/check.arrow", arrow, ARROW_STREAM,
+                                         count=max(args.count // 20, 8), seconds=args.seconds,
+                                         concurrency=args.concurrency))
     finally:
         server.stop()
     http = len(lat) * batch / wall
@@ -223,6 +280,11 @@ def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None
           f"(p50 {np.median(lat) * 1e3:.1f} ms/request, {len(lat)} requests)")
     print(f"  in-process Guard.check, same batches:   {local:10,.0f} rows/s")
     print(f"  ratio HTTP / in-process: {ratio:.2f}   (target >= 0.5: {'met' if ratio >= 0.5 else 'MISSED'})")
+    quarter = batched[16] / local
+    target = f"   (target >= 0.25: {'met' if quarter >= 0.25 else 'MISSED'})" if latency_target is not None else ""
+    print(f"  single rows at 16 in flight with batching / in-process batched rows/s: {quarter:.3f}{target}")
+    if args.overload and noisy is not None:
+        overload(guard, single, args, workdir)
 
 
 def main() -> None:
@@ -232,15 +294,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="Requests in flight (N).")
     parser.add_argument("--batch", type=int, default=4096, help="Rows per Arrow request.")
     parser.add_argument("--detector", default="msp", choices=["msp", "learned"], help="Detector of the C=1000 guards.")
+    parser.add_argument("--overload", type=int, default=100_000, help="Requests of the overload run (0: none).")
+    parser.add_argument("--only", default="c10,d1000,d10000", help="Guards to run: c10, d1000, d10000.")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; client and server on 127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        guard, logits, noisy = fashion_guard()
-        bench("C=10, embedded ln-reject (K=8)", guard, logits, noisy, args, workdir)
-        for hidden in (1000, 10_000):
+        if "c10" in only:
+            guard, logits, noisy = fashion_guard()
+            bench("C=10, embedded ln-reject (K=8)", guard, logits, noisy, args, workdir)
+        for hidden in [h for h in (1000, 10_000) if f"d{h}" in only]:
             guard, logits = synthetic_guard(1000, hidden, args.detector)
             bench(f"C=1000, D={hidden:,}, synthetic", guard, logits, None, args, workdir,
                   latency_target=5.0 if hidden == 1000 else None)

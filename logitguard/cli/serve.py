@@ -8,8 +8,9 @@ import click
 
 from ..errors import LogitguardError
 # These import nothing else: `--help` stays cheap and works without the 'serve' extra.
-from ..serve import (DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW, DEFAULT_HEADER_TIMEOUT,
-                     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
+from ..serve import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW,
+                     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_BODY_BYTES,
+                     DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
 from ..serve.protection import TOKEN_ENV
 from .options import main
 
@@ -47,10 +48,14 @@ _SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_cli
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PEM certificate: serve HTTPS (with --ssl-keyfile).")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="Its PEM key.")
+@click.option("--max-batch-rows", type=click.IntRange(min=0), default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
+              help="Dynamic batching: concurrent requests' rows decided in one call, up to this many (0: off).")
+@click.option("--batch-delay-ms", type=click.FloatRange(min=0), default=DEFAULT_BATCH_DELAY * 1000, show_default=True,
+              help="Milliseconds a batch waits for more requests (0: it takes what arrived while the last one ran).")
 @click.option("--docs", is_flag=True, help="Serve the browsable API page at /docs (loads its scripts from a CDN).")
 @click.option("--drift-window", type=click.IntRange(min=1), default=DEFAULT_DRIFT_WINDOW, show_default=True,
               help="Recent rows whose flagged rate is tested against the detector's calibrated FPR.")
-def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body_mb: float,
+def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body_mb: float, batch_delay_ms: float,
           allowed_hosts: tuple[str, ...], **options: Any) -> None:
     """Serve GUARD (a guard file) over HTTP: POST /v1/check (JSON), /v1/check.arrow (Arrow IPC stream);
     GET /v1/health, /v1/info, /metrics, /openapi.json."""
@@ -70,4 +75,4 @@ def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body
     if not allowed_hosts and is_loopback(host):
         allowed_hosts = ("localhost", "127.0.0.1", "[::1]")
     run(Guard.load(guard), host=host, token=token, no_auth=no_auth, max_body_bytes=max(1, int(max_body_mb * 2**20)),
-        allowed_hosts=allowed_hosts or None, **options)
+        allowed_hosts=allowed_hosts or None, batch_delay=batch_delay_ms / 1000, **options)

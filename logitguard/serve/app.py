@@ -26,12 +26,13 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..defenses.apply import decide
-from ..defenses.decision import ABSTAIN
+from ..defenses.decision import ABSTAIN, Decision
 from ..errors import LogitguardError
 from ..defenses.guard import Guard
 from ..evaluation.guard import describe_guard
-from . import (DEFAULT_BODY_TIMEOUT, DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW,
-               DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
+from . import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRIFT_ALPHA, DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_WINDOW,
+               DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
+from .batching import MicroBatcher
 from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, RequestError, encode_arrow, encode_json,
                     json_values_limit, parse_arrow, parse_json, request_schema, short)
 from .drift import DriftWatch
@@ -53,8 +54,13 @@ class _Service:
     """What the endpoints share: the guard, the limits, the metrics and the drift watch."""
 
     def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, max_concurrency: int, body_timeout: float,
-                 authenticated: bool, drift: DriftWatch) -> None:
+                 authenticated: bool, drift: DriftWatch, max_batch_rows: int, batch_delay: float) -> None:
         self.guard, self.max_rows, self.max_body_bytes, self.drift = guard, max_rows, max_body_bytes, drift
+        # The one apply path, as every engine; concurrent requests share one call when batching.
+        self.decide: Callable[[np.ndarray, np.ndarray | None], Decision] = functools.partial(decide, guard)
+        self.batcher = None
+        if max_batch_rows:
+            self.batcher = self.decide = MicroBatcher(self.decide, max_rows=max_batch_rows, max_delay=batch_delay)
         self.max_concurrency, self.body_timeout, self.authenticated = max_concurrency, body_timeout, authenticated
         self.info = _served_info(describe_guard(guard), authenticated)
         self.parse_json = functools.partial(parse_json, max_values=json_values_limit(
@@ -89,7 +95,7 @@ class _Service:
                 raise RequestError(422, f"{name} row {row} holds a value beyond ±{MAX_ABS:.4g} (float32's range); "
                                         "no model's logits are that large")
         try:
-            decision = decide(guard, logits, noisy)  # the one apply path, as every engine
+            decision = self.decide(logits, noisy)
         except LogitguardError as exc:
             raise RequestError(422, str(exc)) from None
         if guard.defense.detector is not None and not np.isfinite(decision.score).all():
@@ -109,7 +115,9 @@ class _Service:
         return encode(decision)
 
     def limits(self) -> dict[str, Any]:
-        limits = {"max_rows": self.max_rows, "max_body_bytes": self.max_body_bytes,
+        batching = None if self.batcher is None else {"max_rows": self.batcher.max_rows,
+                                                      "max_delay": self.batcher.max_delay}
+        limits = {"max_rows": self.max_rows, "max_body_bytes": self.max_body_bytes, "batching": batching,
                   "max_concurrency": self.max_concurrency, "body_timeout": self.body_timeout,
                   "authentication": "bearer" if self.authenticated else None,
                   "formats": {f"{PREFIX}/check": JSON, f"{PREFIX}/check.arrow": ARROW_STREAM}}
@@ -187,7 +195,8 @@ class _Instrument:
 def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                token: str | None = None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
-               docs: bool = False, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
+               docs: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+               batch_delay: float = DEFAULT_BATCH_DELAY, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
                drift_min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> FastAPI:
     """A FastAPI app serving `guard` (see `logitguard.serve` for the endpoints).
 
@@ -197,16 +206,21 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     authentication; 401 otherwise).  max_concurrency : requests in flight (more: 503 with Retry-After).
     body_timeout : seconds a request has to send its body (more: 408).  allowed_hosts : accepted Host names
     (None: any).  docs : serve the browsable API page at /docs (its scripts come from a CDN; off by default).
+    max_batch_rows, batch_delay : dynamic batching (`MicroBatcher`): concurrent requests' rows are decided
+    together, up to this many rows, after waiting `batch_delay` seconds for company (0 rows: no batching).
     drift_window, drift_alpha, drift_min_rows : the `DriftWatch` on the detector's FPR.
     The app's state holds the service (``app.state.service``: guard, drift watch, metrics registry).
     """
-    if min(max_rows, max_body_bytes, max_concurrency) < 1 or not body_timeout > 0:
-        raise LogitguardError(f"max_rows, max_body_bytes and max_concurrency must be >= 1 and body_timeout > 0, got "
-                              f"{max_rows}, {max_body_bytes}, {max_concurrency} and {body_timeout}")
+    if min(max_rows, max_body_bytes, max_concurrency) < 1 or not body_timeout > 0 or max_batch_rows < 0 \
+            or not batch_delay >= 0:
+        raise LogitguardError(f"max_rows, max_body_bytes and max_concurrency must be >= 1, body_timeout > 0, "
+                              f"max_batch_rows and batch_delay >= 0; got {max_rows}, {max_body_bytes}, "
+                              f"{max_concurrency}, {body_timeout}, {max_batch_rows} and {batch_delay}")
     drift = DriftWatch.for_detector(guard.defense.detector, window=drift_window, alpha=drift_alpha,
                                     min_rows=drift_min_rows)
     service = _Service(guard, max_rows=max_rows, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-                       body_timeout=body_timeout, authenticated=token is not None, drift=drift)
+                       body_timeout=body_timeout, authenticated=token is not None, drift=drift,
+                       max_batch_rows=max_batch_rows, batch_delay=batch_delay)
     app = FastAPI(title="logitguard", version=__version__ if token is not None else "withheld",
                   description=f"Checks a remote model's logits before acting on them: {guard!r}.",
                   docs_url="/docs" if docs else None, redoc_url=None, redirect_slashes=False)
