@@ -23,7 +23,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,8 @@ def knn_distances(history: np.ndarray, start: int, window: int, neighbours: int,
 
 @dataclass
 class _Client:
-    """One client's last rows (oldest first) and counters."""
+    """One client's last W rows, oldest first, and counters: a sliding window rather than a ring, since each
+    request copies at most W rows (cheaper than its distances) and the rows stay in time order."""
 
     logits: np.ndarray  # (<=W, C) float32, centred
     times: np.ndarray  # (<=W,) float64
@@ -95,7 +96,7 @@ class _Client:
     in_alarm: bool = False
     first_seen: float = 0.0
     last_seen: float = 0.0
-    window_near: int = field(default=0)
+    window_near: int = 0
 
 
 class CampaignWatch:
