@@ -160,6 +160,7 @@ def test_status_is_json_and_hides_client_ids(logits, calibrated):
     dict(threshold=0.0), dict(threshold=float("nan")), dict(threshold=-1.0), dict(threshold="1"),
     dict(window=1), dict(window=10.5), dict(neighbours=0), dict(neighbours=True), dict(neighbours=1000),
     dict(min_queries=0), dict(min_queries=1001), dict(max_clients=0), dict(horizon=0.0), dict(horizon=float("inf")),
+    dict(horizon="10"),
 ])
 def test_bad_parameters_are_refused(params):
     with pytest.raises(LogitguardError, match="campaign watch"):

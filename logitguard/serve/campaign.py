@@ -127,7 +127,7 @@ class CampaignWatch:
                                   f"neighbours={neighbours}, min_queries={min_queries}, window={window}")
         if not (isinstance(threshold, (int, float, np.floating)) and np.isfinite(threshold) and threshold > 0):
             raise LogitguardError(f"campaign watch: threshold must be a finite number > 0, got {threshold!r}")
-        if horizon is not None and not (np.isfinite(horizon) and horizon > 0):
+        if horizon is not None and not (isinstance(horizon, (int, float)) and np.isfinite(horizon) and horizon > 0):
             raise LogitguardError(f"campaign watch: horizon must be > 0 seconds or None, got {horizon!r}")
         self.threshold, self.horizon = float(threshold), None if horizon is None else float(horizon)
         self.num_classes: int | None = None
