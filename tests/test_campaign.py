@@ -179,3 +179,36 @@ def test_bad_input_is_refused(logits, call):
     watch.observe("c", logits[1][:10], now=0.0)  # fixes C = 10
     with pytest.raises(LogitguardError, match="campaign watch"):
         call(watch, logits[1][:20])
+
+
+# -- in the service ------------------------------------------------------------------------------
+
+
+def test_the_service_watches_each_client_and_blocks_an_attack_stream(logits, calibrated):
+    """Through the real server: a client replaying one image's near-identical logits raises the alarm (in
+    /v1/info and /metrics) and, with campaign_block, gets 429 instead of answers; benign rows do not."""
+    import httpx
+
+    from logitguard.evaluation.guard import guard_from_pipeline
+    from logitguard.serve import create_app, serve_in_thread
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    guard = guard_from_pipeline(data / "defenses" / "defenses.json", "ln-reject", data / "fashion-mnist")
+    test = read_table(data / "fashion-mnist", split="test", attacks="clean")
+    app = create_app(guard, campaign=fresh(calibrated), campaign_block=True)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as client:
+        def send(rows, noisy):
+            return client.post("/v1/check", json={"logits": rows.tolist(), "noisy_logits": noisy.tolist()})
+
+        benign = [send(test.logits[i:i + 10], test.noisy_logits[i:i + 10]) for i in range(0, 300, 10)]
+        assert all(r.status_code == 200 for r in benign)
+        assert client.get("/v1/info").json()["campaign"]["clients_in_alarm"] == 0
+        stream = attack_like(test.logits[0], 60, scale=0.01)
+        noisy = np.repeat(test.noisy_logits[:1], 60, axis=0)
+        codes = [send(stream[i:i + 1], noisy[i:i + 1]).status_code for i in range(60)]
+        info = client.get("/v1/info").json()["campaign"]
+        text = client.get("/metrics").text
+    first = codes.index(429)
+    assert 25 <= first <= 40 and set(codes[:first]) == {200} and set(codes[first:]) == {429}, codes
+    assert info["clients_in_alarm"] == 1 and info["block"] is True
+    assert "logitguard_campaign_alarms_total 1.0" in text

@@ -52,11 +52,20 @@ _SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_cli
               help="Dynamic batching: concurrent requests' rows decided in one call, up to this many (0: off).")
 @click.option("--batch-delay-ms", type=click.FloatRange(min=0), default=DEFAULT_BATCH_DELAY * 1000, show_default=True,
               help="Milliseconds a batch waits for more requests (0: it takes what arrived while the last one ran).")
+@click.option("--watch-table", type=click.Path(exists=True), default=None,
+              help="Campaign watch: calibrate it on this table's clean rows (train split, else all), and watch each "
+                   "client address's logit stream for a query attack (alarms in /v1/info and /metrics).")
+@click.option("--watch-threshold", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Campaign watch with this k-NN distance threshold instead of calibrating one.")
+@click.option("--watch-block", is_flag=True, help="Answer 429 to a client whose stream is in alarm.")
+@click.option("--watch-memory-mb", type=click.FloatRange(min=1), default=256, show_default=True,
+              help="Memory the campaign watch may hold; sets how many clients it tracks.")
 @click.option("--docs", is_flag=True, help="Serve the browsable API page at /docs (loads its scripts from a CDN).")
 @click.option("--drift-window", type=click.IntRange(min=1), default=DEFAULT_DRIFT_WINDOW, show_default=True,
               help="Recent rows whose flagged rate is tested against the detector's calibrated FPR.")
 def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body_mb: float, batch_delay_ms: float,
-          allowed_hosts: tuple[str, ...], **options: Any) -> None:
+          allowed_hosts: tuple[str, ...], watch_table: str | None, watch_threshold: float | None, watch_block: bool,
+          watch_memory_mb: float, **options: Any) -> None:
     """Serve GUARD (a guard file) over HTTP: POST /v1/check (JSON), /v1/check.arrow (Arrow IPC stream);
     GET /v1/health, /v1/info, /metrics, /openapi.json."""
     try:
@@ -68,11 +77,38 @@ def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body
         raise
     from ..defenses.guard import Guard
 
+    loaded = Guard.load(guard)
     token = read_token(token_file)
+    campaign = campaign_watch(loaded.num_classes, watch_table, watch_threshold, watch_memory_mb)
+    if watch_block and campaign is None:
+        raise click.UsageError("--watch-block needs a campaign watch: --watch-table or --watch-threshold")
     if token is None and no_auth and not is_loopback(host):
         click.echo(f"warning: serving on {host} without authentication (--no-auth): anyone who reaches it can "
                    "query the guard", err=True)
     if not allowed_hosts and is_loopback(host):
         allowed_hosts = ("localhost", "127.0.0.1", "[::1]")
-    run(Guard.load(guard), host=host, token=token, no_auth=no_auth, max_body_bytes=max(1, int(max_body_mb * 2**20)),
+    run(loaded, host=host, campaign=campaign, campaign_block=watch_block, token=token, no_auth=no_auth, max_body_bytes=max(1, int(max_body_mb * 2**20)),
         allowed_hosts=allowed_hosts or None, batch_delay=batch_delay_ms / 1000, **options)
+
+
+def campaign_watch(num_classes: int, table: str | None, threshold: float | None, memory_mb: float) -> Any:
+    """The `CampaignWatch` the options ask for (None without --watch-table or --watch-threshold); it tracks as
+    many clients as `memory_mb` holds at the default window."""
+    if table is None and threshold is None:
+        return None
+    if table is not None and threshold is not None:
+        raise click.UsageError("give --watch-table or --watch-threshold, not both")
+    from ..serve.campaign import DEFAULT_CAMPAIGN_WINDOW, CampaignWatch
+
+    per_client = DEFAULT_CAMPAIGN_WINDOW * (4 * num_classes + 11)
+    params = {"max_clients": max(1, int(memory_mb * 2**20 // per_client))}
+    if threshold is not None:
+        return CampaignWatch(threshold, **params)
+    from ..tables import CLEAN, read_table
+
+    rows = read_table(table, attacks=CLEAN)
+    if "train" in rows.splits:
+        rows = rows.select(split="train")
+    if rows.num_classes != num_classes:
+        raise LogitguardError(f"--watch-table has {rows.num_classes} classes; the guard has {num_classes}")
+    return CampaignWatch.calibrate(rows.logits, **params)

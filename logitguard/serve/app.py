@@ -35,6 +35,7 @@ from . import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRIFT_ALPHA, D
 from .batching import MicroBatcher
 from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, RequestError, encode_arrow, encode_json,
                     json_values_limit, parse_arrow, parse_json, request_schema, short)
+from .campaign import CampaignWatch
 from .drift import DriftWatch
 from .protection import Protection
 
@@ -54,7 +55,9 @@ class _Service:
     """What the endpoints share: the guard, the limits, the metrics and the drift watch."""
 
     def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, max_concurrency: int, body_timeout: float,
-                 authenticated: bool, drift: DriftWatch, max_batch_rows: int, batch_delay: float) -> None:
+                 authenticated: bool, drift: DriftWatch, max_batch_rows: int, batch_delay: float,
+                 campaign: CampaignWatch | None, campaign_block: bool) -> None:
+        self.campaign, self.campaign_block = campaign, campaign_block
         self.guard, self.max_rows, self.max_body_bytes, self.drift = guard, max_rows, max_body_bytes, drift
         # The one apply path, as every engine; concurrent requests share one call when batching.
         self.decide: Callable[[np.ndarray, np.ndarray | None], Decision] = functools.partial(decide, guard)
@@ -77,8 +80,9 @@ class _Service:
         self.totals = [0, 0]  # rows checked, rows flagged: for the lifetime flagged-rate gauge
         self._lock = threading.Lock()
 
-    def check(self, body: bytes | bytearray, parse: Callable[..., tuple], encode: Callable[..., Any]) -> Any:
-        """Parse, check, count and encode one request (runs in the threadpool)."""
+    def check(self, body: bytes | bytearray, parse: Callable[..., tuple], encode: Callable[..., Any],
+              client: str | None = None) -> Any:
+        """Parse, check, count and encode one request of `client` (its address; runs in the threadpool)."""
         guard = self.guard
         logits, noisy = parse(body, needs_noise=guard.needs_noise, max_rows=self.max_rows)
         if logits.ndim == 2 and logits.shape[1] != guard.num_classes:  # the first thing wrong is said first
@@ -112,6 +116,10 @@ class _Service:
         self.flagged.inc(flagged)
         self.abstained.inc(int((decision.label == ABSTAIN).sum()))
         self.drift.update(decision.flagged, decision.score)
+        if self.campaign is not None and client is not None:
+            alarm = self.campaign.observe(client, logits, decision.flagged, decision.label == ABSTAIN)
+            if self.campaign_block and alarm.any():
+                raise RequestError(429, "this client's queries look like a query attack; answers are withheld")
         return encode(decision)
 
     def limits(self) -> dict[str, Any]:
@@ -154,6 +162,13 @@ class _GaugeCollector(Collector):
         for name, (text, value) in gauges.items():
             yield GaugeMetricFamily(f"logitguard_drift_{name}", text,
                                     value=math.nan if value is None else float(value))
+        if service.campaign is not None:
+            texts = {"alarms_total": "Alarms raised: clients whose stream turned into a query attack's.",
+                     "rows_alarmed_total": "Rows answered while their client was in alarm.",
+                     "clients_in_alarm": "Clients in alarm now.", "clients_tracked": "Clients the watch holds.",
+                     "clients_evicted_total": "Clients dropped to stay within the watch's client limit."}
+            for name, value in service.campaign.metrics().items():
+                yield GaugeMetricFamily(f"logitguard_campaign_{name}", texts.get(name, name), value=float(value))
 
 
 class _Instrument:
@@ -196,7 +211,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
                token: str | None = None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
                docs: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-               batch_delay: float = DEFAULT_BATCH_DELAY, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
+               batch_delay: float = DEFAULT_BATCH_DELAY, campaign: CampaignWatch | None = None,
+               campaign_block: bool = False, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
                drift_min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> FastAPI:
     """A FastAPI app serving `guard` (see `logitguard.serve` for the endpoints).
 
@@ -208,6 +224,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     (None: any).  docs : serve the browsable API page at /docs (its scripts come from a CDN; off by default).
     max_batch_rows, batch_delay : dynamic batching (`MicroBatcher`): concurrent requests' rows are decided
     together, up to this many rows, after waiting `batch_delay` seconds for company (0 rows: no batching).
+    campaign : a `CampaignWatch` on each client address's logit stream (alarms in /v1/info and /metrics);
+    campaign_block : answer 429 instead of the decision once a client's stream is in alarm.
     drift_window, drift_alpha, drift_min_rows : the `DriftWatch` on the detector's FPR.
     The app's state holds the service (``app.state.service``: guard, drift watch, metrics registry).
     """
@@ -220,7 +238,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
                                     min_rows=drift_min_rows)
     service = _Service(guard, max_rows=max_rows, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
                        body_timeout=body_timeout, authenticated=token is not None, drift=drift,
-                       max_batch_rows=max_batch_rows, batch_delay=batch_delay)
+                       max_batch_rows=max_batch_rows, batch_delay=batch_delay, campaign=campaign,
+                       campaign_block=campaign_block)
     app = FastAPI(title="logitguard", version=__version__ if token is not None else "withheld",
                   description=f"Checks a remote model's logits before acting on them: {guard!r}.",
                   docs_url="/docs" if docs else None, redoc_url=None, redirect_slashes=False)
@@ -234,6 +253,7 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
         return JSONResponse({"detail": exc.detail}, exc.status)
 
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in {
+        429: "This client's stream looks like a query attack (with campaign_block).",
         400: "Malformed body (not JSON / not an Arrow IPC stream), or a request both chunked and with a length.",
         401: "Missing or wrong bearer token (when the server has one).",
         408: "The body did not arrive within the server's body timeout.",
@@ -251,8 +271,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
         """Decide N rows: ``{"logits": (N, C), "noisy_logits": (N, K, C)}`` → one result per row, in order."""
         body = await _read_body(request, JSON, max_body_bytes, body_timeout)
         return Response(await run_in_threadpool(service.check, body, service.parse_json,
-                                                lambda decision: encode_json(decision, guard.class_names)),
-                        media_type=JSON)
+                                                lambda decision: encode_json(decision, guard.class_names),
+                                                client_key(request)), media_type=JSON)
 
     @app.post(f"{PREFIX}/check.arrow", responses={
         200: {"description": "An Arrow IPC stream: model_label int64, flagged bool, score float64 (null without a "
@@ -264,7 +284,7 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     async def check_arrow(request: Request) -> Response:
         """Decide the rows of an Arrow IPC stream (columns ``logits`` and, with K > 0, ``noisy_logits``)."""
         body = await _read_body(request, ARROW_STREAM, max_body_bytes, body_timeout)
-        result = await run_in_threadpool(service.check, body, parse_arrow, encode_arrow)
+        result = await run_in_threadpool(service.check, body, parse_arrow, encode_arrow, client_key(request))
         return Response(memoryview(result), media_type=ARROW_STREAM)
 
     @app.get(f"{PREFIX}/health", summary="Liveness (open without a token: it says nothing about the guard)")
@@ -275,7 +295,8 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     def info() -> dict[str, Any]:
         """`Guard.info` (classes, C, K, policy, detector threshold and FPR, threat figures, provenance),
         plus ``server`` (limits, formats) and ``drift`` (`DriftWatch.status`)."""
-        return {**service.info, "server": service.limits(), "drift": service.drift.status()}
+        campaign = None if service.campaign is None else {**service.campaign.status(), "block": service.campaign_block}
+        return {**service.info, "server": service.limits(), "drift": service.drift.status(), "campaign": campaign}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
@@ -307,6 +328,11 @@ async def _read_body(request: Request, media_type: str, limit: int, timeout: flo
     except TimeoutError:
         raise RequestError(408, f"the body did not arrive within {timeout:g} s") from None
     return body
+
+
+def client_key(request: Request) -> str | None:
+    """The key the campaign watch tracks a client by: its address (a shared token cannot tell clients apart)."""
+    return request.client.host if request.client is not None else None
 
 
 def _served_info(info: dict[str, Any], authenticated: bool) -> dict[str, Any]:
