@@ -66,7 +66,7 @@ class _Service:
             self.batcher = self.decide = MicroBatcher(self.decide, max_rows=max_batch_rows, max_delay=batch_delay)
         self.max_concurrency, self.body_timeout, self.authenticated = max_concurrency, body_timeout, authenticated
         self.info = _served_info(describe_guard(guard), authenticated)
-        self.parse_json = functools.partial(parse_json, max_values=json_values_limit(
+        self.parse_json = functools.partial(parse_json, num_classes=guard.num_classes, max_values=json_values_limit(
             guard.num_classes, guard.num_queries, max_rows))
         self.registry = CollectorRegistry()
         self.requests = Counter("logitguard_requests", "HTTP requests by endpoint and status code.",

@@ -92,7 +92,7 @@ def request_schema(num_classes: int, num_queries: int, max_rows: int) -> dict[st
     props["logits"].update(type="array", items=row, minItems=1, maxItems=max_rows)
     noisy = props["noisy_logits"]
     if not num_queries:  # read by nothing: up to IGNORED_QUERIES per row of up to C numbers, or null
-        ignored = {"type": "array", "items": {"type": "array", "items": number, "maxItems": num_classes},
+        ignored = {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "maxItems": num_classes},
                    "maxItems": IGNORED_QUERIES}
         noisy.update(anyOf=[{"type": "array", "items": ignored, "maxItems": max_rows}, {"type": "null"}],
                      description=f"Ignored: this guard reads no noise queries (K = 0); at most {IGNORED_QUERIES} "
@@ -104,12 +104,14 @@ def request_schema(num_classes: int, num_queries: int, max_rows: int) -> dict[st
     return schema
 
 
-def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int,
-               max_values: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int, max_values: int | None = None,
+               num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """A `CheckRequest` body as logits (N, C) and noise queries (N, K, C) or None (also when the guard reads none).
 
     `max_values` bounds the numbers the body may hold, checked on the raw bytes before anything is parsed
-    (see `json_values_bound`): parsing costs memory in proportion to the limits, not to the body."""
+    (see `json_values_bound`): parsing costs memory in proportion to the limits, not to the body. Noise
+    queries a guard does not read are ignored within `request_schema`'s bounds (`IGNORED_QUERIES` per row of
+    at most `num_classes` numbers) and refused beyond them."""
     if max_values is not None and json_values_bound(body) > max_values:
         raise RequestError(422, f"the body holds more numbers than this server takes ({max_values}: its row limit "
                                 f"of {max_rows} rows of logits and noise queries); split the batch")
@@ -120,11 +122,23 @@ def parse_json(body: bytes | bytearray, *, needs_noise: bool, max_rows: int,
     check_rows(len(request.logits), max_rows)
     logits = _dense(request.logits, "logits", 2)
     noisy = None
+    if not needs_noise and request.noisy_logits is not None:
+        _check_ignored(request.noisy_logits, max_rows, num_classes)
     if needs_noise and request.noisy_logits is not None:
         if len(request.noisy_logits) != len(logits):
             raise RequestError(422, f"noisy_logits has {len(request.noisy_logits)} rows; logits has {len(logits)}")
         noisy = _dense(request.noisy_logits, "noisy_logits", 3)
     return logits, noisy
+
+
+def _check_ignored(noisy: list, max_rows: int, num_classes: int | None) -> None:
+    """Refuse ignored noise queries beyond the schema's bounds (lengths only: no number is converted)."""
+    rows = len(noisy)
+    queries = max(map(len, noisy), default=0)
+    widest = max((len(q) for row in noisy for q in row), default=0)
+    if rows > max_rows or queries > IGNORED_QUERIES or (num_classes is not None and widest > num_classes):
+        raise RequestError(422, f"noisy_logits, which this guard ignores (K = 0), may hold at most {max_rows} rows "
+                                f"of {IGNORED_QUERIES} queries of C numbers; got up to {rows} x {queries} x {widest}")
 
 
 def json_values_bound(body: bytes | bytearray) -> int:
