@@ -169,7 +169,7 @@ def query_model(model: Callable[[np.ndarray], Any], images: np.ndarray, recipe: 
     k = 0 if recipe is None else len(recipe)
     per_call = len(x) if batch_size is None else max(1, batch_size // (k + 1))
     logits, noisy = [], []
-    for start in range(0, len(x), max(per_call, 1)):
+    for start in range(0, len(x), per_call or 1):
         chunk = x[start:start + per_call]
         rows = chunk if recipe is None else np.concatenate(
             [chunk.astype(np.result_type(chunk.dtype, np.float32), copy=False),
@@ -179,7 +179,8 @@ def query_model(model: Callable[[np.ndarray], Any], images: np.ndarray, recipe: 
             raise LogitguardError(f"the model must return logits (n, C) for n = {len(rows)} inputs, got shape "
                                   f"{out.shape}")
         logits.append(out[:len(chunk)])
-        noisy.append(out[len(chunk):].reshape(len(chunk), k, -1))
+        if k:
+            noisy.append(out[len(chunk):].reshape(len(chunk), k, -1))
     if not logits:
         raise LogitguardError("no images to query the model on")
     return np.concatenate(logits), None if recipe is None else np.concatenate(noisy)
