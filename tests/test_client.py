@@ -94,7 +94,8 @@ def test_check_model_without_noise_and_without_a_recorded_recipe(digits_split_ta
         check_model(model.decision_function, x[:50], odds)
     with pytest.raises(LogitguardError, match="the recipe makes 2 noise queries; the guard expects K = 3"):
         check_model(model.decision_function, x[:50], odds, recipe=NoiseRecipe.parse("gaussian:0.05", 2))
-    decision = check_model(model.decision_function, x[:50], odds, recipe=NoiseRecipe.parse("gaussian:0.05", 3), seed=0)
+    decision = check_model(model.decision_function, x[:50], odds, seed=0,
+                           recipe=NoiseRecipe.parse("gaussian:0.05", 3))
     assert decision.label.shape == (50,)
     with pytest.raises(LogitguardError, match=r"the model must return logits \(n, C\) for n = 200 inputs"):
         check_model(lambda v: model.decision_function(v)[:10], x[:50], odds, recipe={"recipe": [
