@@ -37,6 +37,8 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["fit_guard", "guard_from_pipeline", "describe_guard"], ".evaluation.guard"),
     **dict.fromkeys(["evaluate", "detection_table"], ".evaluation.evaluate"),
     "threat_model_table": ".evaluation.threat",
+    **dict.fromkeys(["NoiseRecipe", "noisy_copies", "query_model"], ".noise"),
+    **dict.fromkeys(["GuardClient", "ServiceError", "check_model"], ".client"),
 }
 
 __all__ = ["LogitguardError", "TableError", "__version__", *_HOMES]

@@ -170,3 +170,19 @@ def digits_feature_table(digits_model, digits_split_table) -> LogitTable:
         logits=t.logits, sample_id=t.sample_id, split=t.split, attack=t.attack, label=t.labels,
         noisy_logits=t.noisy_logits, linf=t.column("linf"), l2=t.column("l2"), features=images,
         insen=linear_insen(model, images), metadata=t.metadata)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_guard(digits_cnn, digits_sets, tmp_path_factory):
+    """A guard (learned-noisy, 5% FPR, rejects) fitted on `digits_cnn`'s logits: clean and FGSM rows of the
+    digits splits with K = 8 noise queries of the default recipe, made by the producer (torch)."""
+    from logitguard.evaluation.guard import fit_guard
+    from producers.data.noise import DEFAULT_NOISE, NoiseRecipe
+    from producers.export.logits import export
+
+    train, test = digits_sets
+    out = tmp_path_factory.mktemp("digits-cnn") / "table"
+    export(digits_cnn, {"train": train, "test": test}, attacks=["clean", "fgsm"], out=out,
+           samples={"train": 600, "test": 200}, attack_params={"fgsm": {"eps": 0.15}},
+           noise=NoiseRecipe.parse(DEFAULT_NOISE, 8), progress=False)
+    return fit_guard(out, detector="learned-noisy", fpr=0.05, budgets=(0.15,))

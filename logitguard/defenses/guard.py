@@ -30,6 +30,7 @@ import pandas as pd
 
 from ..errors import LogitguardError
 from ..files import load_arrays, refuse_overwrite, save_arrays
+from ..noise import NoiseRecipe
 from ..tables import LogitTable
 from .decision import ABSTAIN, Decision
 from .estimator import check_logits, from_arrays
@@ -52,7 +53,7 @@ class Guard:
     defense : the `GatedDefense`.
     class_names : list of C class names.
     num_queries : K, the noise queries per row that `check` expects (0: none needed).
-    noise : the producer's noise recipe (table metadata ``noise``) or None.
+    noise : the producer's noise recipe (table metadata ``noise``) or None; `noise_recipe` reads it.
     threat : JSON-ready records of `threat_model_table` for this guard (and the bare model, ``none``).
     unmeasured : {threat model: why it has no figure}.
     provenance : table and file fingerprints, versions, creation time.
@@ -82,6 +83,19 @@ class Guard:
     @property
     def needs_noise(self) -> bool:
         return self.num_queries > 0
+
+    @property
+    def noise_recipe(self) -> NoiseRecipe | None:
+        """The `NoiseRecipe` of the K noise queries `check` expects (make them with `logitguard.noisy_copies`);
+        None when the guard reads none (K = 0) or, for a guard fitted on a table without noise metadata, when
+        the recipe is unknown."""
+        if not self.needs_noise:
+            return None
+        recipe = NoiseRecipe.from_metadata(self.noise)
+        if recipe is not None and len(recipe) != self.num_queries:
+            raise LogitguardError(f"this guard expects {self.num_queries} noise queries but its recipe lists "
+                                  f"{len(recipe)}")
+        return recipe
 
     def check(self, logits: np.ndarray, noisy_logits: np.ndarray | None = None) -> Decision:
         """Check logits (N, C) (and noise queries (N, K, C) when `needs_noise`): a `Decision` of (N,) arrays
