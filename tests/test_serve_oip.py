@@ -274,6 +274,7 @@ def test_malformed_binary_requests_get_400_with_one_line(noisy_server, noisy_gua
     cases = [
         ("header longer than the body", body, _header(len(body) + 1), "Inference-Header-Content-Length is"),
         ("header length not a number", body, _header("12abc"), "Inference-Header-Content-Length is"),
+        ("header length of 5000 digits", body, _header("9" * 5000), "Inference-Header-Content-Length is"),
         ("binary sizes without the header", body, {}, "malformed JSON header"),
         ("header cut short", body, _header(length - 5), "malformed JSON header"),
         ("binary data missing", body[:-4], _header(length), "run past the end of the body"),

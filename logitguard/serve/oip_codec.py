@@ -83,7 +83,7 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, *, inputs: t
     size = len(body)
     if header_length is None:
         start = size
-    elif header_length.isascii() and header_length.isdigit() and int(header_length) <= size:
+    elif header_length.isascii() and header_length.isdigit() and len(header_length) < 20 and int(header_length) <= size:
         start = int(header_length)
     else:
         raise bad(f"{HEADER_LENGTH} is {quoted(header_length)}; it must be the JSON header's length in bytes, "
