@@ -359,3 +359,38 @@ def test_byte_level_fuzz_of_a_binary_request_never_crashes_the_server(noisy_guar
         fuzz()
         assert client.get("/v2/health/live").status_code == 200
     assert {200, 400} <= statuses
+
+
+def test_v2_is_behind_the_same_protection_as_v1(th, noisy_guard, digits_test):
+    """With a token, only the v2 probes are open; tritonclient passes the token as a header. Without one,
+    the server metadata withholds the software version, as /v1/info does."""
+    token = "t" * 32
+    x, noisy = digits_test.logits[:5].astype(np.float32), digits_test.noisy_logits[:5].astype(np.float32)
+    with server(noisy_guard, token=token) as (client, url):
+        assert client.get("/v2/health/live").status_code == 200 and client.get("/v2/health/ready").status_code == 200
+        for path in ("/v2", "/v2/models/logitguard", "/v2/models/logitguard/ready"):
+            refused = client.get(path)
+            assert refused.status_code == 401 and refused.json() == {"error": "unauthorized"}, path
+        triton = th.InferenceServerClient(url)
+        with pytest.raises(th.InferenceServerException) as unauthorized:
+            triton.infer("logitguard", triton_inputs(th, x, noisy, binary=True))
+        assert unauthorized.value.status() == "401"
+        bearer = {"Authorization": f"Bearer {token}"}
+        result = triton.infer("logitguard", triton_inputs(th, x, noisy, binary=True), headers=bearer)
+        assert_outputs_match({n: result.as_numpy(n) for n in ALL_OUTPUTS}, noisy_guard, x, noisy)
+        assert triton.get_server_metadata(headers=bearer)["version"] != "withheld"
+    with server(noisy_guard) as (client, _):
+        assert client.get("/v2").json()["version"] == "withheld"
+
+
+def test_a_json_header_is_counted_before_it_is_parsed(noisy_guard):
+    """Parsing costs memory in proportion to the row limit, not to the body: a header holding more numbers
+    than max_rows rows of logits and noise queries is refused from its bytes alone."""
+    with server(noisy_guard, max_rows=5) as (client, _):
+        many = {"inputs": [{"name": "logits", "datatype": "FP32", "shape": [5, 10], "data": [0] * 5000}]}
+        response = client.post(INFER, json=many)
+        assert response.status_code == 400 and "more numbers than this server takes" in response.json()["error"]
+        fits = {"inputs": [{"name": "logits", "datatype": "FP32", "shape": [5, 10], "data": [0.5] * 50},
+                           {"name": "noisy_logits", "datatype": "FP32", "shape": [5, 3, 10], "data": [0.5] * 150}],
+                "outputs": [{"name": n, "parameters": {"binary_data": False}} for n in ALL_OUTPUTS]}
+        assert client.post(INFER, json=fits).status_code == 200
