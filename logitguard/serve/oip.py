@@ -1,10 +1,12 @@
 """The Open Inference Protocol (KServe v2 REST, as Triton, KServe and Seldon MLServer speak it) beside /v1.
 
 `register` adds the /v2 routes to the app; their decisions come from the same `_Service.check` as
-``POST /v1/check`` (the same C, K, range and row checks, metrics and drift watch, `defenses.apply.decide`),
-with the v2 body format (`oip_codec`) plugged in as its parse and encode steps. The guard is served as
-one model (`model_name`, version "1"); errors are ``{"error": "one line"}``. The routes are left out of
-this app's OpenAPI document: the protocol has its own published specification.
+``POST /v1/check`` (the same C, K, range and row checks, batching, metrics, drift and campaign watches,
+`defenses.apply.decide`), with the v2 body format (`oip_codec`) plugged in as its parse and encode steps;
+bodies are read by the app's reader, and the app's `Protection` middleware (token, in-flight limit) covers
+/v2 as it covers /v1. The guard is served as one model (`model_name`, version "1"); errors are
+``{"error": "one line"}``. The routes are left out of this app's OpenAPI document: the protocol has its
+own published specification.
 """
 
 from __future__ import annotations
