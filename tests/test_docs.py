@@ -12,7 +12,8 @@ before a block (one directive per comment; several comments may be stacked) chan
                                                a replace whose OLD is no longer in the block fails (stale)
     <!-- doc-test: env NAME=VALUE ... -->      extra environment variables for the block
     <!-- doc-test: timeout SECONDS -->         the block's time limit (default 120 s)
-    <!-- doc-test: requires fashion-mnist -->  skipped where the Fashion-MNIST IDX files (or `curl`) are missing
+    <!-- doc-test: requires fashion-mnist -->  skipped where the Fashion-MNIST IDX files (or `curl`, or the
+                                               `tritonclient` package) are missing
     <!-- doc-test: background URL -->          a server: started, waited on until URL answers 200, and stopped
                                                once the session ends (later blocks of the document call it)
 
@@ -28,6 +29,7 @@ blocks of its document first, once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -59,6 +61,7 @@ REQUIREMENTS = {
     "fashion-mnist": lambda: Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
     or Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte").is_file(),
     "curl": lambda: shutil.which("curl") is not None,
+    "tritonclient": lambda: importlib.util.find_spec("tritonclient") is not None,  # the dev extra installs it
 }
 
 

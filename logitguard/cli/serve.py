@@ -67,7 +67,8 @@ def serve(guard: str, host: str, token_file: str | None, no_auth: bool, max_body
           allowed_hosts: tuple[str, ...], watch_table: str | None, watch_threshold: float | None, watch_block: bool,
           watch_memory_mb: float, **options: Any) -> None:
     """Serve GUARD (a guard file) over HTTP: POST /v1/check (JSON), /v1/check.arrow (Arrow IPC stream);
-    GET /v1/health, /v1/info, /metrics, /openapi.json."""
+    GET /v1/health, /v1/info, /metrics, /openapi.json; and the Open Inference Protocol (KServe v2, Triton's
+    clients) under /v2, model 'logitguard'."""
     try:
         from ..serve import is_loopback, read_token, run
     except ImportError as exc:

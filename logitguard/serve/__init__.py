@@ -32,6 +32,19 @@ Endpoints
 ``GET /openapi.json`` (and ``GET /docs``, its browsable form, only with ``docs=True``: it loads a CDN's scripts)
     The OpenAPI spec (with this guard's C, K and row limit).
 
+Open Inference Protocol (KServe v2 REST: Triton, KServe, Seldon MLServer, ``tritonclient``; `oip`)
+    The guard is one model, ``model_name`` of `create_app` (default ``"logitguard"``), version ``"1"``.
+    ``GET /v2`` (``{"name", "version", "extensions": ["binary_tensor_data"]}``), ``GET /v2/health/live``,
+    ``GET /v2/health/ready``, ``GET /v2/models/{name}`` (inputs ``logits`` FP32 [-1, C] and, when K > 0,
+    ``noisy_logits`` FP32 [-1, K, C]; outputs ``label`` INT64 [-1] (-1 where rejected), ``flagged`` BOOL,
+    ``score`` FP32 (only with a detector) and ``model_label`` INT64), ``GET /v2/models/{name}/ready``, and
+    ``POST /v2/models/{name}/infer``: JSON tensors (``data`` flat or nested; FP16/FP64/integer datatypes
+    accepted too) or the binary tensor extension (``Inference-Header-Content-Length``,
+    ``binary_data_size``; outputs binary per ``binary_data_output`` / per-output ``binary_data``); the
+    ``outputs`` list and ``id`` are honoured. Also under ``/v2/models/{name}/versions/1/``. Decided by the
+    same path as ``/v1/check``, behind the same protection; left out of the OpenAPI spec (the protocol
+    publishes its own).
+
 Protection (`protection`, `running`)
 ------------------------------------
 A bearer token (``token``; ``--token-file`` or ``$LOGITGUARD_TOKEN``) guards every route but the health
@@ -53,7 +66,9 @@ overflowing number included), values beyond float32's range (±3.4e38), ragged r
 unknown fields or columns, nulls; 500 an unexpected error, logged, with a generic message; 503 too many
 requests in flight. Errors are ``{"detail": "one line"}`` and never echo more than a short excerpt of the
 request. A client that hangs up is counted under status 499. Checking runs in a threadpool, so a large
-batch does not block the event loop.
+batch does not block the event loop. Under ``/v2`` errors are ``{"error": "one line"}`` and a
+wrong request is 400 where /v1 says 422 (as Triton and KServe answer), an unknown model or version 404, a
+compressed body 415; the other statuses are as above.
 
 Drift
 -----

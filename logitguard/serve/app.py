@@ -37,12 +37,13 @@ from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, R
                     json_values_limit, parse_arrow, parse_json, request_schema, short)
 from .campaign import CampaignWatch
 from .drift import DriftWatch
+from .oip import ENDPOINTS as OIP_ENDPOINTS, register as register_oip
 from .protection import Protection
 
 log = logging.getLogger("logitguard.serve")
 PREFIX = "/v1"
 ENDPOINTS = (f"{PREFIX}/check", f"{PREFIX}/check.arrow", f"{PREFIX}/health", f"{PREFIX}/info", "/metrics",
-             "/openapi.json", "/docs")
+             "/openapi.json", "/docs", *OIP_ENDPOINTS)  # /v2's with {model_name}: labelled by the matched route
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Client hang-ups are counted under this status (nginx's "client closed request"): they are not server errors.
@@ -203,6 +204,8 @@ class _Instrument:
                     scope, receive, send)
             status = 500
         finally:
+            route = getattr(scope.get("route"), "path", None)  # set by the router: /v2/models/{model_name}/...
+            endpoint = route if route in ENDPOINTS else endpoint
             self.service.requests.labels(endpoint, str(status)).inc()
             self.service.latency.labels(endpoint).observe(time.perf_counter() - started)
 
@@ -213,7 +216,7 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
                docs: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
                batch_delay: float = DEFAULT_BATCH_DELAY, campaign: CampaignWatch | None = None,
                campaign_block: bool = False, drift_window: int = DEFAULT_DRIFT_WINDOW, drift_alpha: float = DEFAULT_DRIFT_ALPHA,
-               drift_min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> FastAPI:
+               drift_min_rows: int = DEFAULT_DRIFT_MIN_ROWS, model_name: str = "logitguard") -> FastAPI:
     """A FastAPI app serving `guard` (see `logitguard.serve` for the endpoints).
 
     max_rows : rows per request (more: 422); a JSON body may also hold no more numbers than that many rows
@@ -227,6 +230,7 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     campaign : a `CampaignWatch` on each client address's logit stream (alarms in /v1/info and /metrics);
     campaign_block : answer 429 instead of the decision once a client's stream is in alarm.
     drift_window, drift_alpha, drift_min_rows : the `DriftWatch` on the detector's FPR.
+    model_name : the guard's name as an Open Inference Protocol model (``/v2/models/{model_name}``).
     The app's state holds the service (``app.state.service``: guard, drift watch, metrics registry).
     """
     if min(max_rows, max_body_bytes, max_concurrency) < 1 or not body_timeout > 0 or max_batch_rows < 0 \
@@ -303,15 +307,17 @@ def create_app(guard: Guard, *, max_rows: int = DEFAULT_MAX_ROWS, max_body_bytes
     def metrics() -> Response:
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # /v2: the Open Inference Protocol, decided by service.check; bodies read and clients keyed as here
+    register_oip(app, service, model_name=model_name, read_body=_read_body, client_key=client_key)
     return app
 
 
-async def _read_body(request: Request, media_type: str, limit: int, timeout: float) -> bytearray:
+async def _read_body(request: Request, media_type: str | None, limit: int, timeout: float) -> bytearray:
     """The body, after checking the content type (415) and the size (413: a declared Content-Length over
     `limit`, or more bytes than `limit` actually sent, counted while reading); 408 when it takes longer than
-    `timeout` seconds to arrive. A client that hangs up raises starlette's `ClientDisconnect`."""
+    `timeout` seconds to arrive (`media_type` None: any content type). A client that hangs up raises starlette's `ClientDisconnect`."""
     given = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if given != media_type:
+    if media_type is not None and given != media_type:
         raise RequestError(415, f"content type {short(given) or 'missing'!r}; this endpoint takes {media_type!r}")
     too_large = RequestError(413, f"request body over this server's limit of {limit} bytes; send fewer rows per "
                                   "request")
