@@ -111,7 +111,7 @@ def main() -> None:
         fast = reduced(corrector, kind)  # converted once, outside the timing
         speed[kind] = best_time(lambda: fast.correct(x), args.repeats)
     table = read_table(args.data, columns=[])
-    pgd = LogitCorrector(epochs=args.epochs, progress=False).fit_table(table, "pgd")
+    pgd = LogitCorrector(epochs=args.epochs, progress=False).fit_table(table.select(split="train"), "pgd")
     test = table.select(split="test")
     rows = {name: pair(test, "pgd")[i] for i, name in enumerate(("clean", "pgd"))}
     for kind in ("fp32", "bf16", "int8"):

@@ -101,7 +101,7 @@ def variants(path: str, fit_attack: str) -> None:
     for aggregation in AGGREGATIONS:
         for thresholds in ("global", "pair"):
             odds = OddsTest(aggregation=aggregation, thresholds=thresholds).fit_table(train, attacks=[])
-            frame = detection_table(test, {"odds": odds}, split=None, attacks=attacks).set_index("attack")
+            frame = detection_table(test, {"odds": odds}, attacks=attacks).set_index("attack")
             cells = [f"{frame.loc[a, 'auroc']:.3f}/{frame.loc[a, 'tpr_at_5']:.3f}" for a in attacks]
             print(f"{aggregation:>11} {thresholds:>10} " + " ".join(f"{c:>15}" for c in cells))
     print(f"corrected share of flagged successful {fit_attack} rows (thresholds='global'):")
@@ -136,11 +136,11 @@ def main() -> None:
         table = synthetic(rows, classes, args.queries, seed=0)
         small = table.take(np.arange(args.loop_rows))
         odds = OddsTest(min_rows=1)
-        _, t_fit = timed(lambda: odds.fit_table(table, split=None))
+        _, t_fit = timed(lambda: odds.fit_table(table))
         _, t_score = timed(lambda: odds.score_table(table))
         (mean, std), t_loop_fit = timed(lambda: loop_fit(small))
         loop_scores, t_loop_score = timed(lambda: loop_score(small, mean, std))
-        check = OddsTest(min_rows=1).fit_table(small, split=None)
+        check = OddsTest(min_rows=1).fit_table(small)
         diff = float((np.abs(check.score_table(small) - loop_scores) / np.maximum(np.abs(loop_scores), 1.0)).max())
         fit_vec, fit_loop = rows / t_fit, args.loop_rows / t_loop_fit
         score_vec, score_loop = rows / t_score, args.loop_rows / t_loop_score

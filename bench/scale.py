@@ -87,8 +87,7 @@ def main() -> None:
         corrector.history_, corrector.best_epoch_ = [], 0
         corrector.save(work / "corrector.npz")
         train = table.select(split="train")
-        make_detector("learned-noisy", fpr=0.05).fit_table(train.take(train.sample_id < 2500),
-                                                            split=None).save(work / "detector.npz")
+        make_detector("learned-noisy", fpr=0.05).fit_table(train.take(train.sample_id < 2500)).save(work / "detector.npz")
         size = sum(f.stat().st_size for f in (work / "table").rglob("*.parquet")) / 2**20
         print(f"{options.rows:,} rows x {options.classes} classes, K={options.queries} ({size:.0f} MiB of Parquet); "
               f"{os.cpu_count()} CPUs; Ray --workers {options.workers}")

@@ -238,7 +238,7 @@ def in_memory(argv: list[str]) -> None:
         written = write_table(defended, out, partition_by=partition, basename="defended", overwrite=True)
         results = None
         if data.has_labels and CLEAN in data.attacks and len(data.attacks) > 1:
-            results = evaluate(data, {"gated": defense}, split="test" if "test" in data.splits else None)
+            results = evaluate(data.select(split="test") if "test" in data.splits else data, {"gated": defense})
         flagged = {a: float(defended.column("flagged")[data.attack == a].mean()) for a in data.attacks}
         return {"written": [str(p) for p in written], "flagged_rate": flagged,
                 "evaluation": None if results is None else results.to_dict(orient="records")}
@@ -250,7 +250,7 @@ def in_memory(argv: list[str]) -> None:
     elif command == "fit-detector":
         from logitguard.defenses.detectors import make_detector
 
-        detector = make_detector(options["kind"]).fit_table(read_table(table, split=options["split"]), split=None)
+        detector = make_detector(options["kind"]).fit_table(read_table(table, split=options["split"]))
         detector.save(options["out"], overwrite=True)
         report = {"threshold": detector.threshold_}
     elif command == "detect":
@@ -261,7 +261,7 @@ def in_memory(argv: list[str]) -> None:
         data = read_table(table, split="test")
         flagged = detector.flag_table(data)
         report = {"flagged_rate": {a: float(flagged[data.attack == a].mean()) for a in data.attacks},
-                  "metrics": detection_table(data, {detector.kind: detector}, split=None).to_dict(orient="records")}
+                  "metrics": detection_table(data, {detector.kind: detector}).to_dict(orient="records")}
     elif command in ("correct", "evaluate", "explain"):
         from logitguard.defenses.corrector import LogitCorrector
 
@@ -282,9 +282,9 @@ def in_memory(argv: list[str]) -> None:
             from logitguard import explain as ex
 
             data = read_table(table, split="test", columns=[])
-            freqs = ex.supporting_frequencies(corrector, data, None, split=None)
+            freqs = ex.supporting_frequencies(corrector, data, None)
             report = {"bhattacharyya": ex.bhattacharyya_matrix(freqs).to_dict(),
-                      "ablation": [ex.ablation(corrector, data, a, split=None) for a in freqs.columns]}
+                      "ablation": [ex.ablation(corrector, data, a) for a in freqs.columns]}
     elif command == "defend":
         from logitguard.defenses.gated import GatedDefense, load_corrector
         from logitguard.defenses.detectors import load_detector

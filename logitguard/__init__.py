@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported when the name is first used)
 _HOMES: dict[str, str] = {
-    **dict.fromkeys(["LogitTable", "Pair", "pair", "read_table", "to_pandas", "write_table"], ".tables"),
+    **dict.fromkeys(["LogitTable", "Pair", "TableSource", "pair", "read_table", "to_pandas", "write_table"], ".tables"),
     "ABSTAIN": ".defenses.decision",
     "Decision": ".defenses.decision",
     "DETECTOR_KINDS": ".defenses.detector_kinds",

@@ -134,6 +134,17 @@ def digits_split_table(digits_model) -> LogitTable:
     )
 
 
+@pytest.fixture(scope="session")
+def digits_train(digits_split_table) -> LogitTable:
+    """The train rows of `digits_split_table`: what defenses are fitted on (fits take the rows they are given)."""
+    return digits_split_table.select(split="train")
+
+
+@pytest.fixture(scope="session")
+def digits_test(digits_split_table) -> LogitTable:
+    """The test rows of `digits_split_table`: what evaluations are measured on."""
+    return digits_split_table.select(split="test")
+
 
 @pytest.fixture(scope="session")
 def digits_split_dir(digits_split_table, tmp_path_factory):

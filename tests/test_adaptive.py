@@ -37,7 +37,7 @@ def world(digits_cnn, digits_sets, tmp_path_factory):
     export(digits_cnn, {"train": train, "test": test}, attacks=["clean", "pgd"], out=root / "table",
            samples={"train": 600, "test": 80}, attack_params={"pgd": {"eps": EPS, "alpha": 0.04, "steps": 8}},
            noise=RECIPE, progress=False)
-    manifest = fit_shipped(read_table(root / "table"), root / "defenses", attacks=["pgd"])
+    manifest = fit_shipped(read_table(root / "table", split="train"), root / "defenses", attacks=["pgd"])
     return root / "table", manifest, load_pipelines(manifest)
 
 

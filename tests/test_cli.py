@@ -155,7 +155,7 @@ def test_transfer_and_sweep_print_their_tables(digits_split_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["train-corrector", "{table}", "--attacks", "pgd", "--out", "{tmp}/c.pt"],
-     "Error: no rows for attack(s) ['pgd'] in split 'train'; it has ['clean', 'bim', 'fgsm']"),
+     "Error: no rows for attack(s) ['pgd'] in this table; it has ['clean', 'bim', 'fgsm']"),
     (["train-corrector", "{table}", "--attacks", "fgsm", "--out", "{tmp}/c.pt", "--p-clean", "2"],
      "Error: p_clean must be in [0, 1], got 2.0\n"),
     (["evaluate", "{table}", "--corrector", "{tmp}/none.pt"], "Error: no such corrector file: {tmp}/none.pt\n"),

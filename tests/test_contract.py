@@ -282,9 +282,10 @@ def test_one_fitted_check_and_one_message():
     assert messages == {"this X is not fitted yet; call fit() or load() first"}
 
 
-def test_every_estimator_fits_a_table_through_one_signature(digits_split_table):
-    """``fit_table(table, attacks=None, *, split="train")`` for detectors and correctors alike: attacks by
-    position or keyword, every attack of the split by default, clean or a missing attack refused by name."""
+def test_every_estimator_fits_a_table_through_one_signature(digits_train):
+    """``fit_table(table, attacks=None)`` for detectors and correctors alike: every row given (the caller selects
+    the split), attacks by position or keyword, every attack of the table by default, clean or a missing attack
+    refused by name."""
     import inspect
 
     from logitguard.defenses.corrector import LogitCorrector
@@ -293,15 +294,15 @@ def test_every_estimator_fits_a_table_through_one_signature(digits_split_table):
 
     for cls in (LogitCorrector, SVMCorrector, Detector):
         params = list(inspect.signature(cls.fit_table).parameters.values())
-        assert [p.name for p in params[:4]] == ["self", "table", "attacks", "split"], cls
-        assert params[2].default is None and params[3].kind is inspect.Parameter.KEYWORD_ONLY
-        assert params[3].default == "train"
-    svm = SVMCorrector(seed=0).fit_table(digits_split_table)
-    assert svm.attacks_ == [a for a in digits_split_table.select(split="train").attacks if a != "clean"]
-    detector = make_detector("msp", fpr=0.05).fit_table(digits_split_table, "fgsm")
-    assert detector.threshold_ == make_detector("msp", fpr=0.05).fit_table(digits_split_table, ["fgsm"]).threshold_
+        assert [p.name for p in params[:3]] == ["self", "table", "attacks"], cls
+        assert params[2].default is None and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+        assert "split" not in [p.name for p in params], cls
+    svm = SVMCorrector(seed=0).fit_table(digits_train)
+    assert svm.attacks_ == [a for a in digits_train.attacks if a != "clean"]
+    detector = make_detector("msp", fpr=0.05).fit_table(digits_train, "fgsm")
+    assert detector.threshold_ == make_detector("msp", fpr=0.05).fit_table(digits_train, ["fgsm"]).threshold_
     for bad, message in (("clean", "not 'clean'"), ("pgd", r"no rows for attack\(s\) \['pgd'\]")):
         with pytest.raises(LogitguardError, match=message):
-            SVMCorrector().fit_table(digits_split_table, bad)
+            SVMCorrector().fit_table(digits_train, bad)
         with pytest.raises(LogitguardError, match=message):
-            LogitCorrector(hidden=8, epochs=1, progress=False).fit_table(digits_split_table, bad)
+            LogitCorrector(hidden=8, epochs=1, progress=False).fit_table(digits_train, bad)

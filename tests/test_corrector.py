@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from logitguard import LogitguardError, pair, write_table
-from logitguard.tables import holdout_mask
+from logitguard.tables import TableSource, holdout_mask
 from logitguard.defenses.corrector import LogitCorrector
 from logitguard.defenses.corrector_training import paired_batches, validation_scores
 
@@ -17,8 +17,8 @@ FAST = dict(hidden=256, epochs=40, lr=1e-3, progress=False)
 
 
 @pytest.fixture(scope="module")
-def fgsm_corrector(digits_split_table):
-    return LogitCorrector(**FAST).fit_table(digits_split_table, "fgsm")
+def fgsm_corrector(digits_train):
+    return LogitCorrector(**FAST).fit_table(digits_train, "fgsm")
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +82,19 @@ def test_load_refuses_files_that_are_not_correctors(tmp_path, content, capsys):
     assert "unpickled!" not in capsys.readouterr().out
 
 
-def test_training_is_reproducible_under_a_seed(digits_split_table, fgsm_test):
+def test_training_is_reproducible_under_a_seed(digits_train, fgsm_test):
     logits = fgsm_test.attacked.logits
     params = dict(FAST, epochs=3)
-    a = LogitCorrector(seed=1, **params).fit_table(digits_split_table, "fgsm").correct(logits)
-    b = LogitCorrector(seed=1, **params).fit_table(digits_split_table, "fgsm").correct(logits)
-    c = LogitCorrector(seed=2, **params).fit_table(digits_split_table, "fgsm").correct(logits)
+    a = LogitCorrector(seed=1, **params).fit_table(digits_train, "fgsm").correct(logits)
+    b = LogitCorrector(seed=1, **params).fit_table(digits_train, "fgsm").correct(logits)
+    c = LogitCorrector(seed=2, **params).fit_table(digits_train, "fgsm").correct(logits)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
 
-def test_training_leaves_the_global_torch_random_state_alone(digits_split_table):
+def test_training_leaves_the_global_torch_random_state_alone(digits_train):
     before = torch.get_rng_state()
-    LogitCorrector(**dict(FAST, epochs=1)).fit_table(digits_split_table, "fgsm")
+    LogitCorrector(**dict(FAST, epochs=1)).fit_table(digits_train, "fgsm")
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -110,9 +110,9 @@ def test_each_sample_shows_clean_logits_with_probability_p_clean():
     assert (shown[:, 0] == 0).float().mean().item() == pytest.approx(0.3, abs=0.015)
 
 
-def test_validation_keeps_the_best_epoch(digits_split_table):
+def test_validation_keeps_the_best_epoch(digits_train, digits_split_table):
     corrector = LogitCorrector(**dict(FAST, epochs=30), validation_fraction=0.25, patience=3)
-    corrector.fit_table(digits_split_table, "fgsm")
+    corrector.fit_table(digits_train, "fgsm")
     scores = [h["val_score"] for h in corrector.history_]
     assert corrector.best_epoch_ == 1 + int(np.argmax(scores))
     assert len(scores) == 30 or len(scores) == corrector.best_epoch_ + 3  # ran out, or stopped early
@@ -125,8 +125,8 @@ def test_validation_keeps_the_best_epoch(digits_split_table):
     assert again["val_score"] == pytest.approx(max(scores))
 
 
-def test_several_attacks_mix_into_one_training_set(digits_split_table):
-    corrector = LogitCorrector(**FAST).fit_table(digits_split_table, ["fgsm", "bim"])
+def test_several_attacks_mix_into_one_training_set(digits_train, digits_split_table):
+    corrector = LogitCorrector(**FAST).fit_table(digits_train, ["fgsm", "bim"])
     assert corrector.attacks_ == ["fgsm", "bim"]
     test = digits_split_table.select(split="test")
     for attack in ("fgsm", "bim"):
@@ -137,8 +137,8 @@ def test_several_attacks_mix_into_one_training_set(digits_split_table):
 def test_streaming_from_parquet_matches_in_memory_training(digits_split_table, fgsm_test, tmp_path):
     path = tmp_path / "table"
     write_table(digits_split_table, path, partition_by=("split", "attack"))
-    streamed = LogitCorrector(**FAST).fit_table(path, "fgsm", stream=True, buffer_rows=128)
-    in_memory = LogitCorrector(**FAST).fit_table(path, "fgsm")
+    streamed = LogitCorrector(**FAST).fit_table(TableSource(path, split="train"), "fgsm", stream=True, buffer_rows=128)
+    in_memory = LogitCorrector(**FAST).fit_table(TableSource(path, split="train"), "fgsm")
     attacked = fgsm_test.attacked
     assert streamed.score(attacked.logits, attacked.labels) == pytest.approx(
         in_memory.score(attacked.logits, attacked.labels), abs=0.06)
@@ -149,7 +149,7 @@ def test_streaming_validation_holds_out_whole_samples(digits_split_table, tmp_pa
     path = tmp_path / "t.parquet"
     write_table(digits_split_table, path)
     corrector = LogitCorrector(**dict(FAST, epochs=5), validation_fraction=0.25)
-    corrector.fit_table(path, "fgsm", stream=True)
+    corrector.fit_table(TableSource(path, split="train"), "fgsm", stream=True)
     assert len(corrector.history_) == 5 and all("val_score" in h for h in corrector.history_)
 
 
@@ -167,14 +167,14 @@ def test_correct_table_replaces_logits_and_records_the_corrector(fgsm_corrector,
     ({"hidden": 0}, "hidden must be an integer >= 1, got 0"),
     ({"validation_fraction": 1.0}, "validation_fraction must be in [0, 1), got 1.0"),
 ])
-def test_bad_parameters_are_refused(params, message, digits_split_table):
+def test_bad_parameters_are_refused(digits_train, params, message):
     corrector = LogitCorrector(**params)  # scikit-learn style: parameters are stored as given, checked by fit
     assert corrector.get_params()[next(iter(params))] == next(iter(params.values()))
     with pytest.raises(LogitguardError, match=f"^{re.escape(message)}$"):
-        corrector.fit_table(digits_split_table, "fgsm")
+        corrector.fit_table(digits_train, "fgsm")
 
 
-def test_bad_inputs_are_refused(fgsm_corrector, digits_split_table):
+def test_bad_inputs_are_refused(digits_train, fgsm_corrector):
     with pytest.raises(LogitguardError, match=re.escape("not fitted yet")):
         LogitCorrector().predict(np.zeros((2, 10)))
     with pytest.raises(LogitguardError, match=re.escape("logits have 3 classes; expected 10")):
@@ -182,11 +182,11 @@ def test_bad_inputs_are_refused(fgsm_corrector, digits_split_table):
     with pytest.raises(LogitguardError, match=re.escape("logits contain NaN or infinite values")):
         fgsm_corrector.predict(np.full((2, 10), np.nan))
     with pytest.raises(LogitguardError, match=re.escape("name attacked partitions to learn from, not 'clean'")):
-        LogitCorrector(**FAST).fit_table(digits_split_table, "clean")
+        LogitCorrector(**FAST).fit_table(digits_train, "clean")
     with pytest.raises(LogitguardError, match=re.escape("every training row needs its true label")):
         LogitCorrector(**FAST).fit(np.zeros((4, 3)), np.zeros((4, 3)), np.array([0, 1, -1, 2]))
     with pytest.raises(LogitguardError, match=re.escape("stream=True needs the path of a table")):
-        LogitCorrector(**FAST).fit_table(digits_split_table, "fgsm", stream=True)
+        LogitCorrector(**FAST).fit_table(digits_train, "fgsm", stream=True)
 
 
 
@@ -208,7 +208,7 @@ def test_streamed_validation_pairs_are_the_held_out_pairs(digits_split_table, tm
     path = tmp_path / "table"
     write_table(digits_split_table, path, partition_by=("split", "attack"))
     corrector = LogitCorrector(**FAST, validation_fraction=0.25)
-    (clean, attacked, labels), num_classes, _ = stream_validation(corrector, path, ["fgsm", "bim"], "train")
+    (clean, attacked, labels), num_classes, _ = stream_validation(corrector, TableSource(path, split="train"), ["fgsm", "bim"])
     train = digits_split_table.select(split="train")
     parts = []
     for name in ("fgsm", "bim"):

@@ -232,7 +232,7 @@ def test_curves_add_the_attacks_aimed_at_a_defense_labelled_with_their_tier(swep
     result = measure_curves(table, {"msp": pipeline}, sweeps=["pgd.eps"])
     tiers = {(t["pipeline"], t["threat_model"]): t["points"] for t in result["tiers"]}
     assert set(tiers) == {("msp", "adaptive"), ("none", "adaptive")}
-    expected = threat_model_table(table, {"msp": pipeline}, budgets=(0.1, 0.25), split=None)
+    expected = threat_model_table(table, {"msp": pipeline}, budgets=(0.1, 0.25))
     expected = expected[(expected.pipeline == "msp") & (expected.threat_model == "adaptive")]
     assert [p["eps"] for p in tiers[("msp", "adaptive")]] == [0.1, 0.25]
     assert [p["robust_accuracy"] for p in tiers[("msp", "adaptive")]] == pytest.approx(

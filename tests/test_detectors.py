@@ -20,7 +20,7 @@ from logitguard.defenses.svm import SVMCorrector
 @pytest.fixture(scope="module")
 def fitted(digits_feature_table):
     # The feature table: the same rows, plus the features and insen columns kdensity and insen read.
-    return {kind: make_detector(kind).fit_table(digits_feature_table) for kind in KINDS}
+    return {kind: make_detector(kind).fit_table(digits_feature_table.select(split="train")) for kind in KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +58,13 @@ def test_every_detector_keeps_the_contract(kind, fitted, test_rows, digits_split
 @pytest.mark.parametrize("kind", ["msp", "maxlogit", "energy", "learned", "learned-noisy", "odds-single"])
 def test_higher_scores_mean_adversarial(kind, fitted, test_rows):
     """On the logistic regression, these detectors separate successful FGSM rows from clean ones."""
-    result = detection_table(test_rows, {kind: fitted[kind]}, split=None, attacks=["fgsm"]).iloc[0]
+    result = detection_table(test_rows, {kind: fitted[kind]}, attacks=["fgsm"]).iloc[0]
     assert result["auroc"] > 0.75
 
 
 def test_detection_table_matches_hand_computed_metrics(fitted, test_rows):
     detector = fitted["msp"]
-    result = detection_table(test_rows, {"msp": detector}, split=None, attacks=["fgsm"]).iloc[0]
+    result = detection_table(test_rows, {"msp": detector}, attacks=["fgsm"]).iloc[0]
     clean = test_rows.select(attacks="clean")
     attacked = test_rows.select(attacks="fgsm")
     hit = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
@@ -132,34 +132,33 @@ def _odds_by_loops(clean: LogitTable, rows: LogitTable) -> np.ndarray:
     return np.array(scores)
 
 
-def test_vectorised_odds_test_equals_the_loop_reference(digits_split_table, test_rows):
+def test_vectorised_odds_test_equals_the_loop_reference(digits_train, digits_split_table, test_rows):
     train_clean = digits_split_table.select(split="train", attacks="clean")
     counts = np.bincount(train_clean.logits.argmax(1), minlength=10)
     assert counts.min() >= 10  # every class has its own statistics (no pooled fallback involved)
-    odds = OddsTest().fit_table(digits_split_table)
+    odds = OddsTest().fit_table(digits_train)
     np.testing.assert_allclose(odds.score_table(test_rows), _odds_by_loops(train_clean, test_rows), rtol=1e-9, atol=1e-9)
 
 
-def test_odds_pair_thresholds_and_corrections(digits_split_table, test_rows):
-    pair_mode = OddsTest(thresholds="pair").fit_table(digits_split_table)
+def test_odds_pair_thresholds_and_corrections(digits_train, digits_split_table, test_rows):
+    pair_mode = OddsTest(thresholds="pair").fit_table(digits_train)
     train_clean = digits_split_table.select(split="train", attacks="clean")
     y, z = pair_mode.features(train_clean.logits.astype(float), train_clean.noisy_logits.astype(float))
     # Per (y, z) thresholds are the clean 95% quantiles: about 5% of clean rows exceed each.
     exceed = (z > pair_mode.pair_threshold_[y])[np.isfinite(z)]
     assert 0.02 < exceed.mean() < 0.08
-    logistic = OddsTest(correction="logistic").fit_table(digits_split_table)
+    logistic = OddsTest(correction="logistic").fit_table(digits_train)
     labels = logistic.correct_table(test_rows)
     assert labels.shape == (len(test_rows),) and logistic.logistic_fitted_.any()
-    argmax_labels = OddsTest().fit_table(digits_split_table).correct_table(test_rows)
+    argmax_labels = OddsTest().fit_table(digits_train).correct_table(test_rows)
     y_test, z_test = pair_mode.features(test_rows.logits.astype(float), test_rows.noisy_logits.astype(float))
     np.testing.assert_array_equal(argmax_labels, z_test.argmax(1))
     assert (argmax_labels != y_test).all()  # the argmax rule never keeps the predicted class
 
 
-def test_odds_refuses_tables_without_noise_queries(digits_split_table):
-    bare = LogitTable.from_arrays(logits=digits_split_table.logits, sample_id=digits_split_table.sample_id,
-                                  split=digits_split_table.split, attack=digits_split_table.attack,
-                                  label=digits_split_table.labels)
+def test_odds_refuses_tables_without_noise_queries(digits_train):
+    bare = LogitTable.from_arrays(logits=digits_train.logits, sample_id=digits_train.sample_id,
+                                  split=digits_train.split, attack=digits_train.attack, label=digits_train.labels)
     with pytest.raises(LogitguardError, match=re.escape("the 'odds' detector needs noise queries (column 'noisy_logits')")):
         OddsTest().fit_table(bare)
     assert make_detector("odds-single").fit_table(bare).score_table(bare).shape == (len(bare),)
@@ -170,10 +169,10 @@ def test_odds_refuses_tables_without_noise_queries(digits_split_table):
 # -- SVM corrector and gating ------------------------------------------------------------------------
 
 
-def test_svm_corrector_matches_scikit_learn_and_round_trips(digits_split_table, test_rows, tmp_path):
+def test_svm_corrector_matches_scikit_learn_and_round_trips(digits_train, digits_split_table, test_rows, tmp_path):
     from sklearn.svm import SVC
 
-    svm = SVMCorrector().fit_table(digits_split_table, "fgsm")
+    svm = SVMCorrector().fit_table(digits_train, "fgsm")
     train = digits_split_table.select(split="train", attacks="fgsm")
     scale = lambda x: (x - svm.center_) / svm.scale_  # noqa: E731
     reference = SVC().fit(scale(train.logits.astype(np.float64)), train.labels)
@@ -187,14 +186,14 @@ def test_svm_corrector_matches_scikit_learn_and_round_trips(digits_split_table, 
     np.testing.assert_array_equal(loaded.predict(x), svm.predict(x))
 
 
-def test_gated_defense_corrects_only_flagged_rows(fitted, digits_split_table, test_rows):
+def test_gated_defense_corrects_only_flagged_rows(digits_train, digits_test, fitted, test_rows):
     detector = fitted["msp"]
-    svm = SVMCorrector().fit_table(digits_split_table, "fgsm")
+    svm = SVMCorrector().fit_table(digits_train, "fgsm")
     gated = GatedDefense(detector, svm)
     labels, flags = _label_and_flags(gated.check_table(test_rows))
     np.testing.assert_array_equal(labels[~flags], test_rows.logits.argmax(1)[~flags])
     np.testing.assert_array_equal(labels[flags], svm.predict(test_rows.logits[flags]))
-    results = evaluate(digits_split_table, {"svm": svm, "gated": gated})
+    results = evaluate(digits_test, {"svm": svm, "gated": gated})
     full = results[(results["attack"] == "fgsm") & (results["subset"] == "full")].set_index("defense")
     # The SVM alone pays in clean accuracy; gating keeps most of it and still recovers attacked rows.
     assert full.at["gated", "clean_accuracy"] > full.at["svm", "clean_accuracy"]

@@ -32,13 +32,13 @@ NAMES = [f"digit-{i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def table(digits_split_table):
-    return digits_split_table
+def table(digits_test):
+    return digits_test
 
 
 @pytest.fixture(scope="module")
-def corrector(table):
-    return LogitCorrector(**FAST).fit_table(table, "fgsm")
+def corrector(digits_train):
+    return LogitCorrector(**FAST).fit_table(digits_train, "fgsm")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_mean_logit_counts_count_every_row(table):
 
 @pytest.mark.parametrize("call, message", [
     (lambda c, t: supporting_frequencies(c, t, ["pgd"]),
-     "no rows for attack(s) ['pgd'] in split 'test'; it has ['bim', 'fgsm']"),
+     "no rows for attack(s) ['pgd'] in this table; it has ['bim', 'fgsm']"),
     (lambda c, t: supporting_scores(LogitCorrector(), np.zeros((2, 10)), [0, 1]),
      "this LogitCorrector is not fitted yet; call fit() or load() first"),
     (lambda c, t: supporting_scores(c, np.zeros((2, 3)), [0, 1]), "logits have 3 classes; the corrector maps 10"),

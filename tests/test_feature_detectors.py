@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
-from logitguard import LogitguardError, read_table, write_table
+from logitguard import LogitguardError, TableSource, read_table, write_table
 from logitguard.cli import main
 from logitguard.defenses.gated import GatedDefense
 from logitguard.defenses.detectors import InsenDetector, KDensityDetector, load_detector, make_detector
@@ -161,13 +161,14 @@ def test_insen_detector_learns_from_successful_attacks(world, tmp_path):
 def test_fit_path_reads_the_column_and_equals_fit_table(kind, digits_feature_table, digits_split_dir, tmp_path):
     path = tmp_path / "table.parquet"
     write_table(digits_feature_table, path)
-    fitted = make_detector(kind).fit_table(read_table(path), attacks=["fgsm"])
-    streamed = make_detector(kind).fit_path(path, attacks=["fgsm"])
+    train = TableSource(path, split="train")
+    fitted = make_detector(kind).fit_table(read_table(train), attacks=["fgsm"])
+    streamed = make_detector(kind).fit_path(train, attacks=["fgsm"])
     np.testing.assert_array_equal(streamed.calibration_scores_, fitted.calibration_scores_)
     for name, value in fitted._learned().items():
         np.testing.assert_array_equal(streamed._learned()[name], value, err_msg=name)
     with pytest.raises(LogitguardError, match=f"reads the table column '{make_detector(kind).input_column}'"):
-        make_detector(kind).fit_path(digits_split_dir)
+        make_detector(kind).fit_path(TableSource(digits_split_dir, split="train"))
 
 
 def test_detect_streams_the_column(digits_feature_table, tmp_path):
@@ -175,15 +176,15 @@ def test_detect_streams_the_column(digits_feature_table, tmp_path):
 
     path = tmp_path / "table.parquet"
     write_table(digits_feature_table, path)
-    detector = make_detector("kdensity").fit_table(digits_feature_table)
-    report = detect_path(detector, path, split="test", batch_rows=100)
+    detector = make_detector("kdensity").fit_table(digits_feature_table.select(split="train"))
+    report = detect_path(detector, TableSource(path, split="test"), batch_rows=100)
     test = digits_feature_table.select(split="test")
     flags = detector.flag_table(test)
     assert report["flagged_rate"] == {a: float(flags[test.attack == a].mean()) for a in test.attacks}
 
 
 def test_deployable_defenses_refuse_feature_detectors(digits_feature_table):
-    detector = make_detector("kdensity").fit_table(digits_feature_table)
+    detector = make_detector("kdensity").fit_table(digits_feature_table.select(split="train"))
     with pytest.raises(LogitguardError, match="a gated defense decides from logits .* reads the 'features' column"):
         GatedDefense(detector, None, on_flag="reject")
     with pytest.raises(LogitguardError, match="a guard sees only the logits a remote model returns; the 'insen'"):

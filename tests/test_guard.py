@@ -102,8 +102,7 @@ def test_a_guard_from_the_shipped_pipeline_carries_its_adaptive_figures():
     threat_model_table's for that pipeline, adaptive tier included."""
     guard = guard_from_pipeline(DATA / "defenses" / "defenses.json", "ln-reject", DATA / "fashion-mnist")
     table = read_table(DATA / "fashion-mnist", split="test")
-    expected = threat_model_table(table, {"ln-reject": load_pipelines(DATA / "defenses" / "defenses.json")["ln-reject"].build()},
-                                  split=None)
+    expected = threat_model_table(table, {"ln-reject": load_pipelines(DATA / "defenses" / "defenses.json")["ln-reject"].build()})
     got = {(r["threat_model"], r["eps"]): r["robust_accuracy"] for r in guard.threat if r["pipeline"] == "guard"}
     want = {(r.threat_model, r.eps): r.robust_accuracy for r in expected.itertuples() if r.pipeline == "ln-reject"}
     assert set(got) == set(want) and {m for m, _ in got} == {"transfer", "query", "oblivious", "surrogate", "adaptive"}

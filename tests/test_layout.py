@@ -19,7 +19,7 @@ def test_saved_files_name_their_estimator_not_a_module(digits_table, tmp_path):
     from logitguard.defenses.estimator import load_estimator
     from logitguard.files import read_header
 
-    detector = make_detector("msp").fit_table(digits_table, attacks=["fgsm"], split="test")
+    detector = make_detector("msp").fit_table(digits_table, attacks=["fgsm"])
     path = detector.save(tmp_path / "msp.npz")
     header = read_header(path)
     assert header["estimator"] == "msp" and "logitguard.defenses" not in json.dumps(header)

@@ -46,7 +46,7 @@ def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def small_corrector(table) -> LogitCorrector:
-    return LogitCorrector(hidden=48, epochs=3, batch_size=64, progress=False).fit_table(table, "fgsm", split="test")
+    return LogitCorrector(hidden=48, epochs=3, batch_size=64, progress=False).fit_table(table, "fgsm")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def saved(digits_table, tmp_path_factory):
     out = tmp_path_factory.mktemp("light")
     table = digits_table
     corrector = small_corrector(table)
-    svm = SVMCorrector(method="exact").fit_table(table, "fgsm", split="test")
-    learned = make_detector("learned-noisy", seed=0).fit_table(table, attacks=["fgsm"], split="test")
-    odds = make_detector("odds").fit_table(table, attacks=["fgsm"], split="test")
+    svm = SVMCorrector(method="exact").fit_table(table, "fgsm")
+    learned = make_detector("learned-noisy", seed=0).fit_table(table, attacks=["fgsm"])
+    odds = make_detector("odds").fit_table(table, attacks=["fgsm"])
     guard = Guard(GatedDefense(learned, corrector, on_flag="correct"), class_names=table.class_names,
                   num_queries=table.noisy_logits.shape[1])
     paths = {"corrector": corrector.save(out / "corrector.npz"), "svm": svm.save(out / "svm.npz"),
@@ -148,7 +148,7 @@ def test_training_and_legacy_files_say_torch_is_needed(digits_table, tmp_path):
         import sys
         from logitguard.defenses.corrector import LogitCorrector
         from logitguard.errors import LogitguardError
-        for action in (lambda: LogitCorrector(hidden=4, epochs=1).fit_table(read(), "fgsm", split="test"),
+        for action in (lambda: LogitCorrector(hidden=4, epochs=1).fit_table(read(), "fgsm"),
                        lambda: __import__("logitguard.explain"),
                        lambda: LogitCorrector.load(sys.argv[1])):
             try:

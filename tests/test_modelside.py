@@ -23,16 +23,16 @@ from conftest import DIGITS_EPS
 
 
 @pytest.fixture(scope="module")
-def manifest(digits_split_table, tmp_path_factory):
+def manifest(digits_train, tmp_path_factory):
     folder = tmp_path_factory.mktemp("modelside")
-    msp = make_detector("msp", fpr=0.1).fit_table(digits_split_table).save(folder / "msp.npz")
+    msp = make_detector("msp", fpr=0.1).fit_table(digits_train).save(folder / "msp.npz")
     return save_pipelines(folder / "defenses.json", {"none": {}, "msp-reject": {"detector": msp, "on_flag": "reject"}})
 
 
 def test_threat_figures_are_the_threat_tables_own(digits_split_dir, digits_split_table, manifest):
     results = compare_models({"a": (digits_split_dir, manifest)}, pipeline="msp-reject", budgets=(DIGITS_EPS,))
-    expected = threat_model_table(digits_split_table, {"msp-reject": load_pipelines(manifest)["msp-reject"].build()},
-                                  budgets=(DIGITS_EPS,), split="test")
+    expected = threat_model_table(digits_split_table.select(split="test"),
+                                  {"msp-reject": load_pipelines(manifest)["msp-reject"].build()}, budgets=(DIGITS_EPS,))
     got = {(r["pipeline"], r["threat_model"]): r["robust_accuracy"] for r in results["threat"]}
     assert got == {(r.pipeline, r.threat_model): r.robust_accuracy for r in expected.itertuples()}
     assert got[("msp-reject", "oblivious")] > got[("none", "oblivious")]  # rejecting flagged rows helps here
@@ -42,13 +42,13 @@ def test_threat_figures_are_the_threat_tables_own(digits_split_dir, digits_split
     json.dumps(results, allow_nan=False)  # JSON-ready: NaN became None
 
 
-def test_aurocs_follow_seed_001s_positives(digits_split_table):
+def test_aurocs_follow_seed_001s_positives(digits_train, digits_split_table):
     records = {(r["detector"], r["attack"]): r for r in detection_aurocs(digits_split_table, "m")}
     assert {d for d, _ in records} == {"msp", "nonme"}  # no features / insen / external columns here
     test = digits_split_table.select(split="test")
     clean, attacked = pair(test, "fgsm")
     fooled = (clean.logits.argmax(1) == clean.labels) & (attacked.logits.argmax(1) != attacked.labels)
-    msp = make_detector("msp").fit_table(digits_split_table)
+    msp = make_detector("msp").fit_table(digits_train)
     expected = auroc(msp.score_table(clean.take(fooled)), msp.score_table(attacked.take(fooled)))
     assert records[("msp", "fgsm")]["auroc"] == pytest.approx(expected)
     assert records[("msp", "fgsm")]["positives"] == int(fooled.sum()) > 5

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from logitguard import read_table  # noqa: E402
+from logitguard import TableSource, read_table  # noqa: E402
 from logitguard.cli import main  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def test_python_entry_point_takes_a_ray_dataset(digits_split_dir, digits_split_t
     guard = Guard.load(defenses / "guard.npz")
     write_table(guard.defend_table(digits_split_table.select(split="test")), tmp_path / "local",
                 partition_by=("split", "attack"))
-    dataset = read_ray(digits_split_dir, split="test")
+    dataset = read_ray(TableSource(digits_split_dir, split="test"))
     written = write_ray(apply_ray(dataset, defenses / "guard.npz", kind="guard"), tmp_path / "ray")
     assert written and all(p.exists() for p in written)
     assert_same_table(tmp_path / "ray", tmp_path / "local")

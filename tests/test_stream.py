@@ -24,7 +24,7 @@ from logitguard.defenses.detectors import LOGIT_KINDS, make_detector
 from logitguard.evaluation.evaluate import detection_table, evaluate
 from logitguard.engines.stream import correct_path, defend_path, detect_path, evaluate_path, summarize_path
 from logitguard.report.summary import summarize
-from logitguard.tables import CLEAN, LogitTable, iter_batches, read_keys, write_batches
+from logitguard.tables import CLEAN, LogitTable, TableSource, iter_batches, read_keys, write_batches
 
 BATCH = 29  # rows per batch: the whole table is read in over a hundred batches
 
@@ -40,8 +40,8 @@ def source(request, digits_split_table, digits_split_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corrector(digits_split_table):
-    return LogitCorrector(hidden=32, epochs=3, lr=1e-3, progress=False).fit_table(digits_split_table, "fgsm")
+def corrector(digits_train):
+    return LogitCorrector(hidden=32, epochs=3, lr=1e-3, progress=False).fit_table(digits_train, "fgsm")
 
 
 def _same_tables(a: LogitTable, b: LogitTable, *, rounding: bool = False) -> None:
@@ -89,15 +89,15 @@ def test_correct_streamed_equals_in_memory(source, corrector, tmp_path, out):
 @pytest.mark.parametrize("attacks", [None, ["bim"]])
 def test_evaluate_streamed_equals_in_memory(source, corrector, attacks):
     defenses = {"corrector": corrector,
-                "gated": GatedDefense(make_detector("odds").fit_table(read_table(source), split="train"), corrector)}
-    streamed = evaluate_path(source, defenses, split="test", attacks=attacks, batch_rows=BATCH)
+                "gated": GatedDefense(make_detector("odds").fit_table(read_table(source, split="train")), corrector)}
+    streamed = evaluate_path(TableSource(source, split="test"), defenses, attacks=attacks, batch_rows=BATCH)
     pd.testing.assert_frame_equal(streamed, evaluate(read_table(source, split="test"), defenses, attacks=attacks))
 
 
 @pytest.mark.parametrize("kind", LOGIT_KINDS)  # the feature kinds: tests/test_feature_detectors.py
 def test_fit_detector_streamed_equals_in_memory(source, kind):
-    fitted = make_detector(kind).fit_table(read_table(source, split="train"), split=None)
-    streamed = make_detector(kind).fit_path(source, split="train", batch_rows=BATCH)
+    fitted = make_detector(kind).fit_table(read_table(source, split="train"))
+    streamed = make_detector(kind).fit_path(TableSource(source, split="train"), batch_rows=BATCH)
     # The odds test's class moments are sums taken in another order: equal up to float rounding.
     np.testing.assert_allclose(streamed.calibration_scores_, fitted.calibration_scores_, rtol=1e-9)
     assert streamed.threshold_ == pytest.approx(fitted.threshold_, rel=1e-9)
@@ -110,8 +110,9 @@ def test_fit_detector_streamed_equals_in_memory(source, kind):
 @pytest.mark.parametrize("params", [{"correction": "logistic"}, {"thresholds": "pair"}])
 def test_odds_rules_streamed_equal_in_memory(digits_split_dir, params):
     source = digits_split_dir
-    fitted = make_detector("odds", **params).fit_table(read_table(source, split="train"), attacks=["fgsm"], split=None)
-    streamed = make_detector("odds", **params).fit_path(source, attacks=["fgsm"], split="train", batch_rows=BATCH)
+    fitted = make_detector("odds", **params).fit_table(read_table(source, split="train"), attacks=["fgsm"])
+    streamed = make_detector("odds", **params).fit_path(TableSource(source, split="train"), attacks=["fgsm"],
+                                                        batch_rows=BATCH)
     for name, value in fitted._learned().items():
         np.testing.assert_allclose(streamed._learned()[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
     assert streamed.threshold_ == pytest.approx(fitted.threshold_, rel=1e-9)
@@ -119,9 +120,10 @@ def test_odds_rules_streamed_equal_in_memory(digits_split_dir, params):
 
 def test_learned_detector_learns_from_a_seeded_sample_beyond_max_rows(digits_split_dir):
     test = read_table(digits_split_dir, split="test")
-    first = make_detector("learned", seed=3).fit_path(digits_split_dir, split="train", max_rows=300)
-    again = make_detector("learned", seed=3).fit_path(digits_split_dir, split="train", max_rows=300)
-    whole = make_detector("learned", seed=3).fit_path(digits_split_dir, split="train")
+    train = TableSource(digits_split_dir, split="train")
+    first = make_detector("learned", seed=3).fit_path(train, max_rows=300)
+    again = make_detector("learned", seed=3).fit_path(train, max_rows=300)
+    whole = make_detector("learned", seed=3).fit_path(train)
     assert first.stream_fit_rows_ == (300, whole.stream_fit_rows_[1]) and whole.stream_fit_rows_[0] > 300
     np.testing.assert_array_equal(first.w1_, again.w1_)  # the sample is seeded
     # The threshold is still calibrated on every held-out clean row, so the FPR target holds.
@@ -134,19 +136,19 @@ def test_learned_detector_learns_from_a_seeded_sample_beyond_max_rows(digits_spl
 
 @pytest.mark.parametrize("kind", ["msp", "learned-noisy", "odds"])
 def test_detect_streamed_equals_in_memory(source, kind):
-    detector = make_detector(kind).fit_table(read_table(source), split="train")
-    report = detect_path(detector, source, split="test", batch_rows=BATCH)
+    detector = make_detector(kind).fit_table(read_table(source, split="train"))
+    report = detect_path(detector, TableSource(source, split="test"), batch_rows=BATCH)
     data = read_table(source, split="test")
     flagged = detector.flag_table(data)
     assert report["flagged_rate"] == {a: float(flagged[data.attack == a].mean()) for a in data.attacks}
-    pd.testing.assert_frame_equal(report["metrics"], detection_table(data, {detector.kind: detector}, split=None))
+    pd.testing.assert_frame_equal(report["metrics"], detection_table(data, {detector.kind: detector}))
 
 
-def test_detect_without_labels_reports_rates_only(digits_split_table, tmp_path):
+def test_detect_without_labels_reports_rates_only(digits_train, digits_split_table, tmp_path):
     unlabelled = LogitTable.from_arrays(logits=digits_split_table.logits, sample_id=digits_split_table.sample_id,
                                         split=digits_split_table.split, attack=digits_split_table.attack)
     write_table(unlabelled, tmp_path / "u.parquet")
-    detector = make_detector("msp").fit_table(digits_split_table)
+    detector = make_detector("msp").fit_table(digits_train)
     report = detect_path(detector, tmp_path / "u.parquet", batch_rows=BATCH)
     assert report["metrics"] is None and set(report["flagged_rate"]) == {"clean", "fgsm", "bim"}
 
@@ -158,7 +160,7 @@ def test_detect_without_labels_reports_rates_only(digits_split_table, tmp_path):
 def test_defend_streamed_equals_in_memory(source, corrector, tmp_path, on_flag):
     from logitguard.defenses.decision import ABSTAIN
 
-    detector = make_detector("learned-noisy").fit_table(read_table(source), split="train")
+    detector = make_detector("learned-noisy").fit_table(read_table(source, split="train"))
     defense = GatedDefense(detector, None if on_flag == "reject" else corrector, on_flag=on_flag)
     report = defend_path(defense, source, tmp_path / "out", batch_rows=BATCH)
     data = read_table(source)
@@ -170,17 +172,18 @@ def test_defend_streamed_equals_in_memory(source, corrector, tmp_path, on_flag):
     pred, flags = defended.column("pred"), defended.column("flagged")
     assert report["flagged_rate"] == {a: float(flags[data.attack == a].mean()) for a in data.attacks}
     assert report["rejected_rate"] == {a: float((pred[data.attack == a] == ABSTAIN).mean()) for a in data.attacks}
-    pd.testing.assert_frame_equal(report["evaluation"], evaluate(data, {"gated": defense}, split="test"))
+    pd.testing.assert_frame_equal(report["evaluation"], evaluate(data.select(split="test"), {"gated": defense}))
 
 
 def test_defend_one_split_into_a_file(source, corrector, tmp_path):
-    defense = GatedDefense(make_detector("msp").fit_table(read_table(source), split="train"), corrector)
-    report = defend_path(defense, source, tmp_path / "d.parquet", split="train", partition_by=None, batch_rows=BATCH)
+    defense = GatedDefense(make_detector("msp").fit_table(read_table(source, split="train")), corrector)
+    report = defend_path(defense, TableSource(source, split="train"), tmp_path / "d.parquet", partition_by=None,
+                         batch_rows=BATCH)
     assert report["written"] == [tmp_path / "d.parquet"]
     expected = defense.defend_table(read_table(source, split="train"))
     _same_tables(read_table(tmp_path / "d.parquet"), expected)
     pd.testing.assert_frame_equal(report["evaluation"],
-                                  evaluate(read_table(source, split="train"), {"gated": defense}, split="train"))
+                                  evaluate(read_table(source, split="train"), {"gated": defense}))
 
 
 def test_guard_apply_streamed_equals_in_memory(digits_split_dir, tmp_path, monkeypatch):
@@ -216,10 +219,10 @@ def test_guard_apply_refuses_a_table_of_other_classes_before_writing(digits_spli
 def test_explain_streamed_equals_in_memory(source, corrector):
     from logitguard import explain as ex
 
-    freqs, ablations = ex.explain_path(corrector, source, split="test", k=3, batch_rows=BATCH)
+    freqs, ablations = ex.explain_path(corrector, TableSource(source, split="test"), k=3, batch_rows=BATCH)
     data = read_table(source, split="test", columns=[])
-    pd.testing.assert_frame_equal(freqs, ex.supporting_frequencies(corrector, data, None, split=None, k=3))
-    assert ablations == [ex.ablation(corrector, data, a, split=None, k=3) for a in freqs.columns]
+    pd.testing.assert_frame_equal(freqs, ex.supporting_frequencies(corrector, data, None, k=3))
+    assert ablations == [ex.ablation(corrector, data, a, k=3) for a in freqs.columns]
 
 
 # -- the writer and the collector --------------------------------------------------------------
@@ -270,3 +273,31 @@ def test_read_keys_meets_rows_in_stream_order(digits_split_dir):
     np.testing.assert_array_equal(keys.sample_id, np.concatenate([b.sample_id for b in streamed]))
     np.testing.assert_array_equal(keys.attack, np.concatenate([b.attack for b in streamed]))
     assert keys.num_classes == 10 and keys.has_labels
+
+
+@pytest.mark.parametrize("path", ["digits_split_dir", "one_file"])
+def test_a_table_source_selects_the_same_rows_in_every_reader(path, digits_split_dir, digits_split_table, tmp_path,
+                                                              request):
+    """A `TableSource` is the selection made once: read whole, streamed, as keys or counted, the same rows."""
+    from logitguard.tables import row_counts
+    from logitguard.tables.stream import TableStream, stream_batches
+
+    if path == "one_file":  # the split a column inside the file, not a partition of the path
+        write_table(digits_split_table, tmp_path / "t.parquet")
+        path = tmp_path / "t.parquet"
+    else:
+        path = request.getfixturevalue(path)
+    source = TableSource(path, split="test", attacks=("clean", "fgsm"))
+    whole = read_table(source, columns=[])
+    assert whole.splits == ["test"] and whole.attacks == ["clean", "fgsm"]
+    for batches in (list(stream_batches(source, batch_rows=BATCH)), list(iter_batches(source, batch_rows=BATCH)),
+                    [b for _, b in TableStream(source, batch_rows=BATCH).batches()]):
+        _same_tables(LogitTable(pa.concat_tables([b.arrow for b in batches]), whole.metadata), whole)
+    keys = read_keys(source)
+    np.testing.assert_array_equal(keys.sample_id, whole.sample_id)
+    assert row_counts(source) == {"clean": 397, "fgsm": 397}
+    # Narrowing keeps the selection: attacks within it, never another split.
+    assert read_table(source, attacks="fgsm").attacks == ["fgsm"]
+    assert read_table(TableSource(path), split="test").splits == ["test"]
+    with pytest.raises(TableError, match="the source is split 'test'; it cannot be narrowed to 'train'"):
+        read_table(source, split="train")

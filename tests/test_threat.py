@@ -245,8 +245,8 @@ def test_threat_evaluation_needs_labels_and_clean_rows(synthetic):
 
 
 @pytest.fixture(scope="module")
-def digits_defense(digits_split_table):
-    return make_detector("msp").fit_table(digits_split_table), SVMCorrector().fit_table(digits_split_table, "fgsm")
+def digits_defense(digits_train):
+    return make_detector("msp").fit_table(digits_train), SVMCorrector().fit_table(digits_train, "fgsm")
 
 
 def test_policies_correct_reject_and_agree(digits_split_table, digits_defense):
@@ -289,10 +289,10 @@ def test_policy_errors_are_clear(digits_defense):
         GatedDefense(None, svm, on_flag="reject")
 
 
-def test_evaluate_counts_rejections_as_the_docs_say(digits_split_table, digits_defense):
+def test_evaluate_counts_rejections_as_the_docs_say(digits_test, digits_split_table, digits_defense):
     detector, _ = digits_defense
     reject = GatedDefense(detector, None, on_flag="reject")
-    results = evaluate(digits_split_table, {"reject": reject}, attacks=["fgsm"])
+    results = evaluate(digits_test, {"reject": reject}, attacks=["fgsm"])
     row = results.set_index(["subset", "defense"]).loc[("full", "reject")]
     test = digits_split_table.select(split="test")
     clean, attacked = test.select(attacks="clean"), test.select(attacks="fgsm")
@@ -415,7 +415,7 @@ def test_threat_cli_matches_the_library(digits_split_dir, defense_files, digits_
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     pipelines = {name: spec.build() for name, spec in load_pipelines(manifest).items()}
-    expected = threat_model_table(digits_split_table, pipelines, budgets=(0.1, 0.15))
+    expected = threat_model_table(digits_split_table.select(split="test"), pipelines, budgets=(0.1, 0.15))
     got = {(r["pipeline"], r["threat_model"], r["eps"]): r["robust_accuracy"] for r in report["threat_models"]}
     assert got == pytest.approx({(r.pipeline, r.threat_model, r.eps): r.robust_accuracy for r in expected.itertuples()})
     # The digits attacks are FGSM and BIM at 0.15: nothing within 0.1, so only 0.15 rows; all oblivious.

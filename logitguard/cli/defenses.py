@@ -28,10 +28,11 @@ def train_corrector(table: str, attacks: list[str], split: str, out: str, stream
                     as_json: bool, **kwargs: Any) -> None:
     """Train a logit corrector on clean and attacked logits (Algorithm 1) and save it."""
     from ..defenses.corrector import LogitCorrector
+    from ..tables import TableSource
 
     claim_output(out, force, directory=False)  # fail before training, not after
     corrector = LogitCorrector(progress=progress(), **corrector_params(kwargs))
-    corrector.fit_table(table, attacks, split=split, stream=stream).save(out, overwrite=force)
+    corrector.fit_table(TableSource(table, split=split), attacks, stream=stream).save(out, overwrite=force)
     last = corrector.history_[-1]
     report = {"out": out, "attacks": attacks, "epochs_run": last["epoch"], "best_epoch": corrector.best_epoch_,
               "final_loss": last["loss"], "history": corrector.history_}
@@ -136,11 +137,12 @@ def fit_detector(table: str, kind: str, out: str, fpr: float, attacks: list[str]
     Each kind takes --fpr and the options that name it; every other parameter of a detector is fixed at
     its default (docs/detectors.md). kdensity reads the table's features column and insen its insen column."""
     from ..defenses.detectors import make_detector
+    from ..tables import TableSource
 
     params = {"fpr": fpr, **_detector_params(kind, options)}  # refused before claiming --out or reading the table
     detector = make_detector(kind, **params)
     claim_output(out, force, directory=False)
-    detector.fit_path(table, attacks=attacks, split=split).save(out, overwrite=force)
+    detector.fit_path(TableSource(table, split=split), attacks=attacks).save(out, overwrite=force)
     report = {"out": out, "kind": kind, "params": detector.get_params(), "threshold": detector.threshold_,
               "achieved_fpr": detector.achieved_fpr_}
     emit(report, as_json, f"fitted {kind}: threshold {detector.threshold_:.4g} flags "
@@ -160,11 +162,13 @@ def detect(table: str, detector_path: str, split: str, engine: str, workers: int
     from ..defenses.detectors import load_detector
     from ..report.evaluation import format_detection
     from ..engines.stream import detect_path
+    from ..tables import TableSource
 
+    source = TableSource(table, split=split)
     if scale := on_ray(engine, workers):
-        report = scale.detect(table, detector_path, split, workers=workers)
+        report = scale.detect(source, detector_path, workers=workers)
     else:
-        report = detect_path(load_detector(detector_path), table, split=split)
+        report = detect_path(load_detector(detector_path), source)
     rates, metrics = report["flagged_rate"], report["metrics"]
     if as_json:
         from ..evaluation.threat import to_records
@@ -199,7 +203,7 @@ def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: flo
               max_rows: int | None, gamma: str, seed: int, force: bool, as_json: bool) -> None:
     """Train the SVM corrector on attacked logits (FGSM by default) and save it."""
     from ..defenses.svm import SVMCorrector
-    from ..tables import read_table
+    from ..tables import TableSource, read_table
 
     if gamma not in ("scale", "auto"):
         try:
@@ -208,8 +212,7 @@ def train_svm(table: str, attacks: list[str], split: str, out: str, c_value: flo
             raise click.BadParameter(f"expected scale, auto or a number, got {gamma!r}", param_hint="--gamma") from None
     claim_output(out, force, directory=False)
     svm = SVMCorrector(C=c_value, gamma=gamma, method=method, landmarks=landmarks, max_rows=max_rows,
-                       seed=seed).fit_table(
-        read_table(table, split=split, columns=[]), attacks, split=None)
+                       seed=seed).fit_table(read_table(TableSource(table, split=split), columns=[]), attacks)
     svm.save(out, overwrite=force)
     vectors = "landmarks" if svm.method_ == "nystroem" else "support vectors"
     report = {"out": out, "attacks": attacks, "method": svm.method_, "support_vectors": int(len(svm.support_vectors_))}
@@ -240,15 +243,17 @@ def defend(table: str, detector_path: str, corrector_path: str | None, on_flag: 
     from ..defenses.gated import GatedDefense, load_corrector
     from ..defenses.detectors import load_detector
     from ..engines.stream import defend_path
+    from ..tables import TableSource
 
     claim_output(out, force)
+    source = TableSource(table, split=split)
     if scale := on_ray(engine, workers):
         spec = scale.DefenseSpec("defense", detector_path, corrector_path, on_flag)
-        defense, report = scale.defend(table, spec, out, split=split, overwrite=force, workers=workers)
+        defense, report = scale.defend(source, spec, out, overwrite=force, workers=workers)
     else:
         corrector = None if corrector_path is None else load_corrector(corrector_path)
         defense = GatedDefense(load_detector(detector_path), corrector, on_flag=on_flag)
-        report = defend_path(defense, table, out, split=split, partition_by=partition(out), overwrite=force)
+        report = defend_path(defense, source, out, partition_by=partition(out), overwrite=force)
     report_defended(defense, report, out, as_json=as_json)
 
 @main.command("fit-pipelines")

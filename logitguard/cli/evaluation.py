@@ -28,9 +28,10 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
     from ..defenses.corrector import LogitCorrector
     from ..report.evaluation import format_evaluation
     from ..engines.stream import evaluate_path
+    from ..tables import TableSource
 
     corrector = LogitCorrector.load(corrector_path, device=device)
-    results = evaluate_path(table, {"corrector": corrector}, split=split, attacks=attacks)
+    results = evaluate_path(TableSource(table, split=split), {"corrector": corrector}, attacks=attacks)
     if as_json:
         echo_json(results.to_dict(orient="records"))
     else:
@@ -53,9 +54,9 @@ def transfer(table: str, attacks: list[str] | None, train_split: str, split: str
 
     data = read_table(table, columns=[])
     attacks = attacks or [a for a in data.attacks if a != CLEAN]
-    correctors = train_per_attack(data, attacks, split=train_split, progress=progress(),
+    correctors = train_per_attack(data.select(split=train_split), attacks, progress=progress(),
                                   **corrector_params(kwargs))
-    matrix = transfer_matrix(data, correctors, split=split, attacks=attacks)
+    matrix = transfer_matrix(data.select(split=split), correctors, attacks=attacks)
     if as_json:
         echo_json(matrix.to_dict(orient="index"))
     else:
@@ -87,8 +88,9 @@ def sweep_p_clean(table: str, attacks: list[str], values: list[str], train_split
         raise click.BadParameter(f"expected numbers, got {','.join(values)}", param_hint="--values") from None
     if not grid:
         raise click.BadParameter("give at least one p_clean value, e.g. 0,0.5", param_hint="--values")
-    results = sweep(read_table(table, columns=[]), attacks, grid, train_split=train_split, eval_split=split,
-                    progress=progress(), **params)
+    data = read_table(table, columns=[])
+    results = sweep(data.select(split=train_split), data.select(split=split), attacks, grid, progress=progress(),
+                    **params)
     if as_json:
         echo_json(results.reset_index().to_dict(orient="records"))
     else:
@@ -113,7 +115,7 @@ def threat(table: str, manifest: str, budgets: str, split: str, reference: str |
     from ..report.threat_text import format_query_access
     from ..evaluation.checks import attack_failure_indicators, load_reference, tramer_check
     from ..report.threat_text import format_indicators, format_tramer
-    from ..tables import CLEAN, read_table
+    from ..tables import CLEAN, TableSource, read_table
     from ..evaluation.threat import detector_miss_table, threat_model_table, to_records
     from ..report.threat_text import format_detector_misses, format_threat_models
     from ..tables.threat import parse_budgets
@@ -124,16 +126,16 @@ def threat(table: str, manifest: str, budgets: str, split: str, reference: str |
         reference = str(Path(table).resolve().parent / "models" / "comparison.json")
     elif not Path(reference).is_file():
         raise LogitguardError(f"no such file: {reference}")
-    data = read_table(table, split=split)
+    data = read_table(TableSource(table, split=split))
     pipelines = {name: spec.build() for name, spec in specs.items()}
     detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
-    results = threat_model_table(data, pipelines, budgets=eps, split=None)
-    misses = detector_miss_table(data, detectors, budgets=eps, split=None)
+    results = threat_model_table(data, pipelines, budgets=eps)
+    misses = detector_miss_table(data, detectors, budgets=eps)
     clean = data.select(attacks=CLEAN)
     base = float((clean.logits.argmax(axis=1) == clean.labels).mean())
     tramer = tramer_check(results, load_reference(reference), gated=list(detectors), base_accuracy=base)
-    indicators = attack_failure_indicators(data, pipelines, budgets=eps, split=None)
-    access = query_access_table(data, pipelines, budgets=eps, split=None)
+    indicators = attack_failure_indicators(data, pipelines, budgets=eps)
+    access = query_access_table(data, pipelines, budgets=eps)
     emit({"threat_models": to_records(results), "detector_misses": to_records(misses),
           "tramer": to_records(tramer), "indicators": to_records(indicators), "query_access": to_records(access)},
          as_json, "\n\n".join([format_threat_models(results), format_detector_misses(misses), format_tramer(tramer),
@@ -184,9 +186,11 @@ def curve(table: str, sweeps: tuple[str, ...], defenses: tuple[str, ...], x_axis
     defenses; the clean rows are the value-0 point (docs/curves.md)."""
     from ..evaluation.curves import curve_path, load_defenses
     from ..report.curves import FILES, format_curves, write_curves
+    from ..tables import TableSource
 
     claim_output(out, force, directory=True, merge=True, extra=tuple(str(Path(out) / f) for f in FILES))
-    result = curve_path(table, load_defenses(defenses), sweeps=list(sweeps) or None, split=split, x=x_axis)
+    result = curve_path(TableSource(table, split=split), load_defenses(defenses), sweeps=list(sweeps) or None,
+                        x=x_axis)
     written = write_curves(result, out, overwrite=force)
     emit({**result, **written}, as_json, "\n".join(
         [format_curves(result), "", f"wrote {', '.join(written['files'])}"]

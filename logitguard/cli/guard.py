@@ -72,14 +72,16 @@ def guard_apply(table: str, guard_path: str, out: str, split: str | None, force:
     """Check every row of TABLE with a guard; write pred (null where rejected) and flagged."""
     from ..defenses.guard import Guard
     from ..engines.stream import defend_path
+    from ..tables import TableSource
 
     claim_output(out, force)
+    source = TableSource(table, split=split)
     if scale := on_ray(engine, workers):
-        defense, report = scale.defend(table, scale.DefenseSpec("guard", guard_path), out, split=split,
-                                       overwrite=force, workers=workers)
+        defense, report = scale.defend(source, scale.DefenseSpec("guard", guard_path), out, overwrite=force,
+                                       workers=workers)
     else:
         loaded = Guard.load(guard_path)
-        defense, report = loaded.defense, defend_path(loaded, table, out, split=split, partition_by=partition(out),
+        defense, report = loaded.defense, defend_path(loaded, source, out, partition_by=partition(out),
                                                       overwrite=force)
     report_defended(defense, report, out, as_json=as_json)
 

@@ -26,11 +26,12 @@ def explain(table: str, corrector_path: str, attacks: list[str] | None, split: s
     """Supporting classes of a corrector per attack, their Bhattacharyya similarity, and an ablation."""
     from .. import explain as ex
     from ..defenses.corrector import LogitCorrector
+    from ..tables import TableSource
 
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="--top")
     corrector = LogitCorrector.load(corrector_path, device=device)
-    freqs, ablations = ex.explain_path(corrector, table, attacks, split=split, k=k)
+    freqs, ablations = ex.explain_path(corrector, TableSource(table, split=split), attacks, k=k)
     bc = ex.bhattacharyya_matrix(freqs)
     if as_json:
         echo_json({"frequencies": freqs.to_dict(orient="dict"), "top": ex.top_classes_per_attack(freqs, top),

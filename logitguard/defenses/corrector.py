@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits, choose_attacks, not_fitted
 from .math.corrector import corrector_logits
-from ..tables import CLEAN, LogitTable, holdout_mask, pair, read_table, row_counts
+from ..tables import CLEAN, LogitTable, TableSource, holdout_mask, pair, read_keys, read_table, require_one_split
 
 _NUMPY_BATCH = 1024  # rows per NumPy forward: the (rows, D) hidden layer stays ~40 MB at D=10,000
 # The fitted weights, named as in the torch module's state_dict: W1 (D, C), b1 (D,), W2 (C, D), b2 (C,).
@@ -175,36 +174,41 @@ class LogitCorrector(Estimator):
 
     def fit_table(
         self,
-        table: LogitTable | str | os.PathLike,
+        table: LogitTable | TableSource | str | os.PathLike,
         attacks: str | Sequence[str] | None = None,
         *,
-        split: str | None = "train",
         stream: bool = False,
         buffer_rows: int = 65536,
     ) -> LogitCorrector:
-        """Train on the `split` rows of a table for the given attack(s) (default: every attack), mixed in one
-        training set.
+        """Train on the rows of a table, of one split, for the given attack(s) (default: every attack), mixed in
+        one training set.
 
-        `table` is a `LogitTable` or the path of one. With ``stream=True`` (a path only) the rows are
-        streamed from disk through a shuffle buffer of `buffer_rows` rows instead of being loaded.
+        `table` is a `LogitTable` (select its rows first: ``table.select(split="train")``), or a table on disk:
+        a `TableSource` (``TableSource(path, split="train")``) or a path (the whole table). Rows of several
+        splits are refused. With ``stream=True`` (a table on disk only) the rows are streamed from disk through
+        a shuffle buffer of `buffer_rows` rows instead of being loaded.
         """
         self._check_params()
+        purpose = "training a corrector"
         if isinstance(table, LogitTable):
             if stream:
                 raise LogitguardError("stream=True needs the path of a table, not a loaded LogitTable")
-            if split is not None:
-                table = table.select(split=split)
-            attacks = choose_attacks(attacks, table.attacks, split)
-            _check_present(table.attacks, attacks, split)
+            require_one_split(table, purpose, hint="train")
+            attacks = choose_attacks(attacks, table.attacks)
+            _check_present(table.attacks, attacks)
         else:
-            counts = row_counts(table, split=split)
-            attacks = choose_attacks(attacks, list(counts), split)
-            _check_present(list(counts), attacks, split)
+            source = TableSource.of(table)
+            keys = read_keys(source)
+            require_one_split(keys, purpose, hint="train")
+            counts = {name: int((keys.attack == name).sum()) for name in keys.attacks}
+            del keys
+            attacks = choose_attacks(attacks, list(counts))
+            _check_present(list(counts), attacks)
             if stream:
                 from .corrector_training import fit_stream
 
-                return fit_stream(self, Path(table), attacks, split, counts, buffer_rows)
-            table = read_table(table, split=split, attacks=[CLEAN, *attacks], columns=[])
+                return fit_stream(self, source, attacks, counts, buffer_rows)
+            table = read_table(source, attacks=[CLEAN, *attacks], columns=[])
         pairs = [pair(table, name) for name in attacks]
         clean = np.concatenate([p.clean.logits for p in pairs])
         self.fit(
@@ -369,10 +373,10 @@ def _as_logits(values: np.ndarray, name: str) -> np.ndarray:
     return values
 
 
-def _check_present(available: Sequence[str], attacks: Sequence[str], split: str | None) -> None:
+def _check_present(available: Sequence[str], attacks: Sequence[str]) -> None:
     missing = [name for name in (CLEAN, *attacks) if name not in available]
     if missing:
-        raise LogitguardError(f"no {missing} rows in split {split!r}; it has {list(available)}")
+        raise LogitguardError(f"no {missing} rows in this table; it has {list(available)}")
 
 
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import LogitguardError
-from ..tables import CLEAN, holdout_mask, iter_batches, read_keys, stream_batch_rows
+from ..tables import CLEAN, TableSource, holdout_mask, iter_batches, read_keys, stream_batch_rows
 
 if TYPE_CHECKING:
     import torch
@@ -38,23 +37,23 @@ if TYPE_CHECKING:
     Validation = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def fit_stream(corrector: LogitCorrector, path: Path, attacks: list[str], split: str | None,
-               counts: dict[str, int], buffer_rows: int) -> LogitCorrector:
-    """Train `corrector` on the `split` rows of the table at `path`, streamed through a shuffle buffer."""
+def fit_stream(corrector: LogitCorrector, source: TableSource, attacks: list[str], counts: dict[str, int],
+               buffer_rows: int) -> LogitCorrector:
+    """Train `corrector` on the rows of `source` (of one split), streamed through a shuffle buffer."""
     n_attacked = sum(counts[name] for name in attacks)
     # Keep probabilities: the expected clean share is p_clean, an epoch has ~n_attacked rows.
     keep = {name: 1.0 - corrector.p_clean for name in attacks}
     keep[CLEAN] = corrector.p_clean * n_attacked / counts[CLEAN]
     if keep[CLEAN] > 1.0:  # too few clean rows for the share: keep them all, thin the attacked rows
         keep = {name: keep[name] / keep[CLEAN] for name in keep}
-    validation, num_classes, class_names = stream_validation(corrector, path, attacks, split)
+    validation, num_classes, class_names = stream_validation(corrector, source, attacks)
     corrector._start(num_classes, class_names, attacks)
     # Reader batches of ~8 MiB (`stream_batch_rows`) and one preallocated float32 shuffle buffer filled in
     # place: no concatenated copy of the buffer, which keeps `train-corrector --stream` under 2 GiB.
-    batch_rows = stream_batch_rows(path)
+    batch_rows = stream_batch_rows(source)
 
     def batches(rng: np.random.Generator) -> Batches:
-        streams = {name: iter_batches(path, split=split, attacks=name, batch_rows=batch_rows) for name in keep}
+        streams = {name: iter_batches(source, attacks=name, batch_rows=batch_rows) for name in keep}
         remaining = {name: float(counts[name]) for name in keep}
         x = np.empty((buffer_rows + batch_rows, num_classes), dtype=np.float32)
         y = np.empty(buffer_rows + batch_rows, dtype=np.int64)
@@ -81,7 +80,7 @@ def fit_stream(corrector: LogitCorrector, path: Path, attacks: list[str], split:
     return train(corrector, batches, validation)
 
 
-def stream_validation(corrector: LogitCorrector, path: Path, attacks: list[str], split: str | None,
+def stream_validation(corrector: LogitCorrector, source: TableSource, attacks: list[str],
                       ) -> tuple[Validation | None, int, list[str]]:
     """The held-out validation pairs, C and the class names, in one pass over the logits.
 
@@ -91,7 +90,7 @@ def stream_validation(corrector: LogitCorrector, path: Path, attacks: list[str],
     frac, seed = corrector.validation_fraction, corrector.seed
     places: dict[str, np.ndarray] = {}  # attack -> the sorted sample ids of its pairs
     if frac:
-        keys = read_keys(path, split=split, attacks=[CLEAN, *attacks])
+        keys = read_keys(source, attacks=[CLEAN, *attacks])
         held = holdout_mask(keys.sample_id, frac, seed)
         clean_ids = keys.sample_id[held & (keys.attack == CLEAN)]
         places = {name: np.intersect1d(clean_ids, keys.sample_id[held & (keys.attack == name)]) for name in attacks}
@@ -101,7 +100,7 @@ def stream_validation(corrector: LogitCorrector, path: Path, attacks: list[str],
         raise LogitguardError("validation_fraction holds out no sample; raise it or add data")
     clean = attacked = labels = None
     table = None
-    for table in iter_batches(path, split=split, attacks=[CLEAN, *attacks], batch_rows=stream_batch_rows(path)):
+    for table in iter_batches(source, attacks=[CLEAN, *attacks], batch_rows=stream_batch_rows(source)):
         if not total:
             continue
         if clean is None:
@@ -119,7 +118,7 @@ def stream_validation(corrector: LogitCorrector, path: Path, attacks: list[str],
                 if source == CLEAN:
                     labels[offset + at[hit]] = table.labels[rows[hit]]
     if table is None:
-        raise LogitguardError(f"{path}: no rows in split {split!r}")
+        raise LogitguardError(f"{source}: no rows")
     if not total:
         return None, table.num_classes, table.class_names
     return (clean, attacked, labels), table.num_classes, table.class_names

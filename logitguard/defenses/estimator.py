@@ -161,22 +161,22 @@ def load_estimator(path: str | os.PathLike, *, what: str = "estimator", **runtim
     return from_arrays(header, arrays, str(path), **runtime)
 
 
-def choose_attacks(attacks: str | Sequence[str] | None, available: Sequence[str], split: str | None, *,
+def choose_attacks(attacks: str | Sequence[str] | None, available: Sequence[str], *,
                    required: bool = True) -> list[str]:
     """The attacked partitions a `fit_table` learns from: `attacks` (one name or several), or every attack of
     `available` but clean when None; `LogitguardError` when one is missing, clean is named, or (when
     `required`: every corrector; a detector may learn from clean rows alone) none is left.
 
-    Every estimator's ``fit_table(table, attacks=None, *, split="train")`` takes its attacks through here."""
+    Every estimator's ``fit_table(table, attacks=None)`` takes its attacks through here."""
     chosen = [a for a in available if a != CLEAN] if attacks is None else (
         [attacks] if isinstance(attacks, str) else list(attacks))
     if CLEAN in chosen:
         raise LogitguardError(f"name attacked partitions to learn from, not {CLEAN!r}; got {chosen}")
     if required and not chosen:
-        raise LogitguardError(f"no attacked rows to learn from in split {split!r}; it has {list(available)}")
+        raise LogitguardError(f"no attacked rows to learn from in this table; it has {list(available)}")
     missing = [a for a in chosen if a not in available]
     if missing:
-        raise LogitguardError(f"no rows for attack(s) {missing} in split {split!r}; it has {list(available)}")
+        raise LogitguardError(f"no rows for attack(s) {missing} in this table; it has {list(available)}")
     return chosen
 
 

@@ -63,9 +63,9 @@ def fit_guard_parts(
     _check_logit_detector(detector)
     if "train" not in table.splits:
         raise LogitguardError(f"fitting a guard needs a 'train' split; the table has {table.splits}")
+    train = table.select(split="train")
     if attacks is None:
-        attacks = [a for a in table.select(split="train").attacks
-                   if a != CLEAN and threat_of(table.metadata, a)["model"] == "oblivious"]
+        attacks = [a for a in train.attacks if a != CLEAN and threat_of(table.metadata, a)["model"] == "oblivious"]
     if not attacks:
         raise LogitguardError("the table has no oblivious attack to learn from; name --attacks")
     fitted_detector = None
@@ -73,8 +73,8 @@ def fit_guard_parts(
         params: dict[str, Any] = {"fpr": fpr}
         if detector in ("learned", "learned-noisy"):
             params["seed"] = seed
-        fitted_detector = make_detector(detector, **params).fit_table(table, attacks=attacks)
-    fitted_corrector = None if corrector is None else _fit_corrector(corrector, table, attacks, seed)
+        fitted_detector = make_detector(detector, **params).fit_table(train, attacks=attacks)
+    fitted_corrector = None if corrector is None else _fit_corrector(corrector, train, attacks, seed)
     guard = Guard(GatedDefense(fitted_detector, fitted_corrector, on_flag=on_flag),
                   class_names=table.class_names, num_queries=_queries(table, fitted_detector),
                   noise=table.metadata.get("noise"),

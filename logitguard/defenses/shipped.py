@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..files import refuse_overwrite, staged_output
 from ..errors import LogitguardError
-from ..tables import LogitTable
+from ..tables import LogitTable, require_one_split
 
 # The demo's corrector settings (see report.demo_text.DEMO_CORRECTOR): within a point of the paper's defaults here.
 CORRECTOR = {"hidden": 1000, "epochs": 30, "lr": 1e-3, "attack": "pgd"}
@@ -47,7 +47,8 @@ MANIFEST = "defenses.json"
 
 def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,
                 attacks: list[str] | None = None) -> Path:
-    """Fit the shipped pipelines' parts on the ``train`` rows of `table` and write them plus a manifest.
+    """Fit the shipped pipelines' parts on the rows of `table` (one split: the ``train`` rows,
+    ``table.select(split="train")``) and write them plus a manifest.
 
     `attacks` limits the attacked rows the supervised detectors learn from (default: every attack in the
     table). Returns the manifest's path, ``out/defenses.json``.
@@ -56,6 +57,7 @@ def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, ove
     from .detectors import make_detector
     from .pipelines import save_pipelines
 
+    require_one_split(table, "fitting the shipped pipelines", hint="train")
     out = Path(out)
     refuse_overwrite([out / name for name in (*FILES.values(), MANIFEST)], overwrite)
     if table.noisy_logits is None:

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import LogitguardError
 from .estimator import Estimator, check_logits, choose_attacks
 from .math.svm import ovr_labels, rbf_kernel, svm_decision, svm_votes, vote_labels, vote_matrices
-from ..tables import LogitTable
+from ..tables import LogitTable, require_one_split
 
 METHODS = ("auto", "exact", "nystroem")
 EXACT_MAX_CLASSES = 50  # method="auto" fits the exact one-vs-one SVC up to this many classes
@@ -110,12 +110,12 @@ class SVMCorrector(Estimator):
             self._fit_nystroem(x, labels, float(gamma))
         return self
 
-    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None, *,
-                  split: str | None = "train") -> SVMCorrector:
-        """Train on the attacked rows of `attacks` (default: every attack) in `split`."""
-        rows = table if split is None else table.select(split=split)
-        attacks = choose_attacks(attacks, rows.attacks, split)
-        rows = rows.select(attacks=attacks)
+    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None) -> SVMCorrector:
+        """Train on the attacked rows of `attacks` (default: every attack) of `table`, of one split (select
+        them first: ``table.select(split="train")``)."""
+        require_one_split(table, "training the SVM corrector", hint="train")
+        attacks = choose_attacks(attacks, table.attacks)
+        rows = table.select(attacks=attacks)
         if not rows.has_labels:
             raise LogitguardError("training the SVM corrector needs ground-truth labels")
         self.attacks_ = attacks

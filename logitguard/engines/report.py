@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..defenses.decision import ABSTAIN
-from ..tables import CLEAN, RowKeys
+from ..tables import CLEAN, RowKeys, require_one_split
 from ..tables.threat import NO_DEFENSE
 
 __all__ = ["corrected_summary", "defense_report", "detection_report", "table_summary"]
@@ -44,27 +44,29 @@ def _compared(rows: RowKeys) -> bool:
 
 
 def detection_report(rows: RowKeys, kind: str, threshold: float) -> dict[str, Any]:
-    """``flagged_rate`` (attack -> share flagged) and ``metrics`` (`detection_table`'s records; None when the
-    rows are unlabelled or lack clean rows or attacks)."""
+    """``flagged_rate`` (attack -> share flagged) and ``metrics`` (`detection_table`'s records, for rows of one
+    split; None when the rows are unlabelled or lack clean rows or attacks)."""
     from ..evaluation.evaluate import detection_records
 
     metrics = None
     if _compared(rows):
+        require_one_split(rows, "detection metrics")
         metrics = detection_records(rows, {kind: rows.values["score"]}, {kind: threshold},
                                     [a for a in rows.attacks if a != CLEAN])
     return {"flagged_rate": _rates(rows, rows.values["flagged"]), "metrics": metrics}
 
 
-def defense_report(rows: RowKeys, split: str | None = None) -> dict[str, Any]:
+def defense_report(rows: RowKeys) -> dict[str, Any]:
     """``flagged_rate`` and ``rejected_rate`` (attack -> share of rows) and ``evaluation`` (`evaluate` of the
-    defense, named ``gated``, beside the bare model on `split`, else the ``test`` split when there is one;
-    None when the rows are unlabelled or lack clean rows or attacks)."""
+    defense, named ``gated``, beside the bare model on the ``test`` rows when there are some, else on the rows'
+    one split; None when the rows are unlabelled, lack clean rows or attacks, or hold several splits but no
+    ``test`` one)."""
     from ..evaluation.evaluate import evaluation_records, select_attacks
 
     evaluation = None
-    if _compared(rows):
-        test = split or ("test" if "test" in rows.splits else None)
-        chosen, attacks = select_attacks(rows, test, None)
+    chosen = rows.select(split="test") if _compared(rows) and "test" in rows.splits else rows
+    if _compared(rows) and len(chosen.splits) == 1:
+        attacks = select_attacks(chosen, None)
         evaluation = evaluation_records(
             chosen, {NO_DEFENSE: chosen.values["model_label"], "gated": chosen.values["label"]}, attacks)
     return {"flagged_rate": _rates(rows, rows.values["flagged"]),

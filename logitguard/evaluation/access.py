@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from ..tables import CLEAN, LogitTable
+from ..tables import CLEAN, LogitTable, require_one_split
 from .threat import threat_model_table
 from ..tables.threat import DEFAULT_BUDGETS, judge_draws, threat_of
 
@@ -26,7 +26,6 @@ def query_access_table(
     pipelines: Mapping[str, object],
     *,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    split: str | None = "test",
 ) -> pd.DataFrame:
     """Per pipeline x budget x query attack: what the attacker saw (``returns``), its query budget, the samples,
     robust accuracy with its 95% interval (judge draws included) and the median queries of its successes.
@@ -35,8 +34,7 @@ def query_access_table(
     threat table's rules (`threat_model_table`), so the figures are those of the query tier restricted to
     one attack. Empty when the table has no query partitions.
     """
-    if split is not None:
-        table = table.select(split=split)
+    require_one_split(table, "query-access evaluation")
     draws = judge_draws(table.metadata, table.attacks)
     records = []
     for attack in table.attacks:
@@ -47,8 +45,7 @@ def query_access_table(
             continue
         own = [attack, *(a for a, (parent, _) in draws.items() if parent == attack)]
         name = entry["target"]
-        frame = threat_model_table(table.select(attacks=[CLEAN, *own]), {name: pipelines[name]}, budgets=budgets,
-                                   split=None)
+        frame = threat_model_table(table.select(attacks=[CLEAN, *own]), {name: pipelines[name]}, budgets=budgets)
         for row in frame[(frame.pipeline == name) & (frame.threat_model == "query")].to_dict(orient="records"):
             records.append({"pipeline": name, "eps": row["eps"], "attack": entry.get("attack", attack),
                             "returns": entry.get("returns"), "query_budget": entry.get("query_budget"),

@@ -135,7 +135,6 @@ def attack_failure_indicators(
     pipelines: Mapping[str, Defense],
     *,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    split: str | None = "test",
 ) -> pd.DataFrame:
     """Pintor et al.'s indicators of attack failure per pipeline x budget where the pipeline has adaptive
     attacks of its own (samples and rows as in `threat_model_table`).
@@ -148,7 +147,7 @@ def attack_failure_indicators(
     ``indicators`` of the partitions run at this eps; None when no partition recorded them) and ``producer``
     (the per-attack records: partition, attack and the four counts).
     """
-    rows = _Rows(table, split, budgets)
+    rows = _Rows(table, budgets)
     t = rows.table
     labels = rows.labels[rows.rows]
     records = []

@@ -37,7 +37,7 @@ import pandas as pd
 from ..defenses.gated import GatedDefense
 from ..defenses.decision import Decision
 from ..errors import LogitguardError
-from ..tables import CLEAN, LogitTable, RowKeys, read_keys, read_table, table_columns
+from ..tables import CLEAN, LogitTable, RowKeys, TableSource, read_keys, read_table, require_one_split, table_columns
 from ..tables.threat import NO_DEFENSE, attack_eps, threat_of
 
 AIMED_TIERS = ("surrogate", "query", "adaptive")  # tiers whose attacks aim at a named defense
@@ -139,13 +139,15 @@ def load_defenses(specs: Sequence[str]) -> dict[str, DefenseLike]:
     return out
 
 
-def curve_path(path: str | os.PathLike, defenses: Mapping[str, DefenseLike] | None = None, *,
-               sweeps: Sequence[str] | None = None, split: str | None = "test", x: str = "param") -> dict[str, Any]:
-    """`measure_curves` on the table at `path`, reading only the clean and swept partitions of `split` and
-    the columns the defenses need (never ``features``)."""
-    keys = read_keys(path, split=split)
+def curve_path(path: TableSource | str | os.PathLike, defenses: Mapping[str, DefenseLike] | None = None, *,
+               sweeps: Sequence[str] | None = None, x: str = "param") -> dict[str, Any]:
+    """`measure_curves` on the rows of `path` (a `TableSource` of one split, ``TableSource(path, split="test")``,
+    or a path), reading only the clean and swept partitions and the columns the defenses need (never
+    ``features``)."""
+    source = TableSource.of(path)
+    keys = read_keys(source)
     found = find_sweeps(keys.metadata, attacks=list(np.unique(keys.attack)), names=sweeps)
-    present = table_columns(path)
+    present = table_columns(source)
     columns = [c for c in ("linf", "l2") if c in present]
     if "noisy_logits" in present and any(_needs_noise(d) for d in (defenses or {}).values()):
         columns.append("noisy_logits")
@@ -153,17 +155,17 @@ def curve_path(path: str | os.PathLike, defenses: Mapping[str, DefenseLike] | No
     present_attacks = list(np.unique(keys.attack))
     if _aimed(keys.metadata, present_attacks, defenses or {}):
         wanted = present_attacks  # a tier's worst case is over every attack of the tier, the oblivious ones too
-    table = read_table(path, split=split, attacks=wanted, columns=columns)
-    result = measure_curves(table, defenses, sweeps=[s.name for s in found], split=None, x=x)
-    return {"table": str(path), **result, "split": split}
+    table = read_table(source, attacks=wanted, columns=columns)
+    result = measure_curves(table, defenses, sweeps=[s.name for s in found], x=x)
+    return {"table": str(source), **result}
 
 
 def measure_curves(table: LogitTable, defenses: Mapping[str, DefenseLike] | None = None, *,
-                      sweeps: Sequence[str] | None = None, split: str | None = "test",
-                      x: str = "param") -> dict[str, Any]:
-    """Accuracy and detection rate per point of every sweep (`sweeps` names, e.g. ``["pgd.eps"]``; default all).
+                      sweeps: Sequence[str] | None = None, x: str = "param") -> dict[str, Any]:
+    """Accuracy and detection rate per point of every sweep (`sweeps` names, e.g. ``["pgd.eps"]``; default all)
+    on the rows of `table`, of one split (``table.select(split="test")``).
 
-    Returns a JSON-ready dict: ``split``, ``x`` (the plotted axis: ``param``, ``eps``, ``linf`` or ``l2``),
+    Returns a JSON-ready dict: ``split`` (the rows' split), ``x`` (the plotted axis: ``param``, ``eps``, ``linf`` or ``l2``),
     ``defenses`` (name → description), and ``curves``: one per (sweep, threat model) with ``sweep``,
     ``attack``, ``param``, ``threat_model``, ``threat``, ``samples`` and ``points``; each point has
     ``partition``, ``value`` (0 for clean), ``linf`` and ``l2`` (mean measured size, None without the column),
@@ -172,8 +174,7 @@ def measure_curves(table: LogitTable, defenses: Mapping[str, DefenseLike] | None
     """
     if x not in CURVE_X:
         raise LogitguardError(f"unknown x axis {x!r}; choose from {', '.join(CURVE_X)}")
-    if split is not None:
-        table = table.select(split=split)
+    split = require_one_split(table, "robustness curves")
     if not table.has_labels:
         raise LogitguardError("robustness curves need ground-truth labels, and some rows have none")
     if CLEAN not in table.attacks:
@@ -217,7 +218,7 @@ def _tier_points(table: LogitTable, defenses: Mapping[str, DefenseLike]) -> list
     if not budgets:
         return []
     gated = {name: d if isinstance(d, GatedDefense) else d.defense for name, d in defenses.items()}
-    frame = threat_model_table(table, gated, budgets=budgets, split=None)
+    frame = threat_model_table(table, gated, budgets=budgets)
     keep = frame[frame["threat_model"].isin(AIMED_TIERS) & (frame["pipeline"] != NO_DEFENSE)
                  | (frame["pipeline"] == NO_DEFENSE) & (frame["threat_model"] == "adaptive")]
     extra = [c for c in ("robust_accuracy_low", "robust_accuracy_high") if c in frame.columns]

@@ -27,7 +27,7 @@ from ..defenses.gated import GatedDefense
 from ..errors import LogitguardError
 from .metrics import (attack_success_rate, clean_accuracy, coverage, detection_metrics, robust_accuracy,
                       successful_attack, tpr_at_fpr)
-from ..tables import CLEAN, LogitTable, RowKeys, pair_rows
+from ..tables import CLEAN, LogitTable, RowKeys, pair_rows, require_one_split
 from ..tables.threat import NO_DEFENSE
 
 METRICS = ("clean_accuracy", "coverage", "robust_accuracy", "attack_success_rate")
@@ -41,10 +41,10 @@ def evaluate(
     table: LogitTable,
     defenses: Mapping[str, Defense] | None = None,
     *,
-    split: str | None = "test",
     attacks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Clean and attacked accuracy without and with each defense, on the full split and the selected set.
+    """Clean and attacked accuracy without and with each defense, on every row of `table` (the full set) and
+    the selected set. The rows must be of one split (select them first: ``table.select(split="test")``).
 
     The *selected* set holds the samples the undefended model classifies correctly when clean (seed
     Table 2). Rows are aligned clean/attacked pairs of each attack (see `pair`).
@@ -57,7 +57,7 @@ def evaluate(
     docs/threat-models.md.
     """
     check_defenses(defenses or {})
-    table, attacks = select_attacks(table, split, attacks)
+    attacks = select_attacks(table, attacks)
     table = _only(table, attacks)
     defenses = {NO_DEFENSE: GatedDefense(None, None), **(defenses or {})}
     predictions = {name: np.asarray(defense.predict_table(table)) for name, defense in defenses.items()}
@@ -107,14 +107,13 @@ def detection_table(
     table: LogitTable,
     detectors: Mapping[str, Detector],
     *,
-    split: str | None = "test",
     attacks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR (pytorch-ood's names, each with ``_low`` / ``_high``, its
     95% stratified-bootstrap interval: `logitguard.evaluation.metrics.detection_metrics`), TPR at 1% and 5%
     FPR (with the FPR achieved) and the calibrated detector's rates.
 
-    Negatives are all clean rows of the split. Positives are each attack's *successful* rows: the clean
+    Negatives are all clean rows of `table` (of one split, as for `evaluate`). Positives are each attack's *successful* rows: the clean
     row is classified correctly and the attacked one is not. A failed attack leaves logits that are
     as good as clean, and counting it would penalise a detector for the attack's failure.
     ``detection_accuracy`` is the balanced accuracy, the mean of TPR and 1 − FPR at the detector's own
@@ -122,7 +121,7 @@ def detection_table(
 
     Returns one row per (detector, attack).
     """
-    table, attacks = select_attacks(table, split, attacks)
+    attacks = select_attacks(table, attacks)
     table = _only(table, attacks)
     scores = {name: detector.score_table(table) for name, detector in detectors.items()}
     thresholds = {name: detector.threshold_ for name, detector in detectors.items()}
@@ -165,17 +164,17 @@ def train_per_attack(
     table: LogitTable,
     attacks: Iterable[str],
     *,
-    split: str | None = "train",
     progress: bool = True,
     **params: Any,
 ) -> dict[str, LogitCorrector]:
-    """One `LogitCorrector(**params)` per attack, each trained on that attack alone."""
+    """One `LogitCorrector(**params)` per attack, each trained on that attack's rows of `table` alone (of one
+    split: ``table.select(split="train")``)."""
     from tqdm.auto import tqdm
 
     attacks = list(attacks)
     correctors = {}
     for attack in tqdm(attacks, desc="correctors", unit="attack", disable=not progress):
-        correctors[attack] = LogitCorrector(progress=progress, **params).fit_table(table, attack, split=split)
+        correctors[attack] = LogitCorrector(progress=progress, **params).fit_table(table, attack)
     return correctors
 
 
@@ -183,16 +182,15 @@ def transfer_matrix(
     table: LogitTable,
     defenses: Mapping[str, Defense],
     *,
-    split: str | None = "test",
     attacks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Accuracy of each defense (columns, e.g. "trained on pgd") on each attack's rows (rows; seed Table 3).
 
     The first row, "clean", is each defense's accuracy on the clean rows: what the transfer costs.
-    Accuracy is over every row of the split for that attack (the full set, not the selected one);
+    Accuracy is over every row of `table` (of one split) for that attack (the full set, not the selected one);
     abstentions count as in docs/threat-models.md (an error on clean rows, defended on attacked rows).
     """
-    table, attacks = select_attacks(table, split, attacks)
+    attacks = select_attacks(table, attacks)
     matrix = pd.DataFrame(index=pd.Index([CLEAN, *attacks], name="evaluated on"),
                           columns=pd.Index(list(defenses), name="trained on"), dtype=float)
     for attack in matrix.index:
@@ -204,30 +202,29 @@ def transfer_matrix(
 
 
 def sweep_p_clean(
-    table: LogitTable,
+    train: LogitTable,
+    test: LogitTable,
     attacks: str | Sequence[str],
     values: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
     *,
-    train_split: str | None = "train",
-    eval_split: str | None = "test",
     progress: bool = True,
     **params: Any,
 ) -> pd.DataFrame:
-    """Train one corrector per ``p_clean`` value and report the clean-vs-robust trade-off.
+    """Train one corrector per ``p_clean`` value on the rows of `train` and report the clean-vs-robust
+    trade-off on those of `test` (each of one split: ``table.select(split="train")``, ``…"test"``).
 
-    Returns a DataFrame indexed by ``p_clean`` with ``clean_accuracy`` and ``robust_accuracy`` (full
-    evaluation split, attacked rows of `attacks` pooled).
+    Returns a DataFrame indexed by ``p_clean`` with ``clean_accuracy`` and ``robust_accuracy`` (every row of
+    `test`, attacked rows of `attacks` pooled).
     """
     from tqdm.auto import tqdm
 
     attacks = [attacks] if isinstance(attacks, str) else list(attacks)
-    evaluation, _ = select_attacks(table, eval_split, attacks)
-    clean_rows = evaluation.select(attacks=CLEAN)
-    attacked_rows = evaluation.select(attacks=attacks)
+    select_attacks(test, attacks)
+    clean_rows, attacked_rows = test.select(attacks=CLEAN), test.select(attacks=attacks)
     records = []
     for p in tqdm(list(values), desc="p_clean sweep", disable=not progress):
         corrector = LogitCorrector(p_clean=p, progress=progress, **params)
-        corrector.fit_table(table, attacks, split=train_split)
+        corrector.fit_table(train, attacks)
         records.append({
             "p_clean": p,
             "clean_accuracy": clean_accuracy(corrector.predict_table(clean_rows), clean_rows.labels),
@@ -236,18 +233,18 @@ def sweep_p_clean(
     return pd.DataFrame.from_records(records).set_index("p_clean")
 
 
-def select_attacks(table: LogitTable, split: str | None, attacks: Sequence[str] | None) -> tuple[LogitTable, list[str]]:
-    """Rows of `split` (all when None) and the attacks to evaluate (default: every attack but clean).
+def select_attacks(table: LogitTable | RowKeys, attacks: Sequence[str] | None) -> list[str]:
+    """The attacks to evaluate on the rows of `table` (default: every attack but clean).
 
-    Raises `LogitguardError` when labels are missing or an attack has no rows.
+    Raises `TableError` when the rows are of several splits (`require_one_split`), `LogitguardError` when
+    labels are missing or an attack has no rows.
     """
-    if split is not None:
-        table = table.select(split=split)
+    require_one_split(table, "evaluation")
     if not table.has_labels:
         raise LogitguardError("evaluation needs ground-truth labels, and some rows have none")
     available = [a for a in table.attacks if a != CLEAN]
     attacks = available if attacks is None else list(attacks)
     unknown = [a for a in attacks if a not in available]
     if unknown or not attacks:
-        raise LogitguardError(f"no rows for attack(s) {unknown or attacks} in split {split!r}; it has {available}")
-    return table, attacks
+        raise LogitguardError(f"no rows for attack(s) {unknown or attacks} in this table; it has {available}")
+    return attacks

@@ -64,7 +64,7 @@ def measure_guard(guard: Guard, table: LogitTable, *, name: str = GUARD_NAME,
     if "test" not in table.splits:
         raise LogitguardError(f"evaluating a guard needs a 'test' split; the table has {table.splits}")
     rows = table.select(split="test", attacks=usable)
-    frame = threat_model_table(rows, {name: guard.defense}, budgets=budgets, split=None)
+    frame = threat_model_table(rows, {name: guard.defense}, budgets=budgets)
     frame["pipeline"] = frame["pipeline"].replace({name: GUARD_NAME} if name != GUARD_NAME else {})
     guard.threat = to_records(frame)
     measured = set(frame.loc[frame["pipeline"] == GUARD_NAME, "threat_model"])

@@ -68,7 +68,7 @@ def compare_models(
             # A saved detector of a compared kind (the kdensity one the adaptive attack aimed at) is used as is.
             saved = {n: load_detector(spec.detector) for n, spec in specs.items()
                      if n in DETECTORS and spec.detector is not None}
-            frame = threat_model_table(table, {pipeline: specs[pipeline].build()}, budgets=budgets, split="test")
+            frame = threat_model_table(table.select(split="test"), {pipeline: specs[pipeline].build()}, budgets=budgets)
             frame.insert(0, "model", name)
             threat += to_records(frame.assign(attacks=frame["attacks"].map(list)))
         detection += detection_aurocs(table, name, saved)
@@ -114,8 +114,7 @@ def detection_aurocs(table: LogitTable, name: str = "", saved: Mapping[str, Any]
         if detector not in KINDS or (train is None and detector in _NEEDS):
             continue  # the learned detectors need a train split
         fit_on = test if train is None else train  # the fixed scores only need clean rows to calibrate on
-        fitted = make_detector(detector).fit_table(fit_on, attacks=[a for a in fit_on.attacks if a != CLEAN] or None,
-                                                   split=None)
+        fitted = make_detector(detector).fit_table(fit_on, attacks=[a for a in fit_on.attacks if a != CLEAN] or None)
         scorers[detector] = fitted.score_table
     scores = {detector: np.asarray(score(test), dtype=np.float64) for detector, score in scorers.items()}
     records = []

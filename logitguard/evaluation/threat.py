@@ -25,7 +25,7 @@ from ..defenses.gated import GatedDefense
 from ..errors import LogitguardError, TableError
 from .intervals import binomial_interval, paired_bootstrap_interval
 from .metrics import ABSTAIN, successful_attack
-from ..tables import CLEAN, LogitTable
+from ..tables import CLEAN, LogitTable, require_one_split
 from ..tables.threat import BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, judge_draws, threat_of, tier_parts
 
 if TYPE_CHECKING:
@@ -40,9 +40,8 @@ class _Rows:
     """What every pipeline's evaluation shares: the selected samples, their clean and attacked rows, and
     which attacked rows are within each budget."""
 
-    def __init__(self, table: LogitTable, split: str | None, budgets: Sequence[float]) -> None:
-        if split is not None:
-            table = table.select(split=split)
+    def __init__(self, table: LogitTable, budgets: Sequence[float]) -> None:
+        require_one_split(table, "threat-model evaluation")
         if not table.has_labels:
             raise LogitguardError("threat-model evaluation needs ground-truth labels, and some rows have none")
         if CLEAN not in table.attacks:
@@ -147,13 +146,12 @@ def threat_model_table(
     pipelines: Mapping[str, Defense],
     *,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    split: str | None = "test",
 ) -> pd.DataFrame:
     """Clean accuracy, coverage and per-sample worst-case robust accuracy per pipeline x threat model x budget.
 
     Over the *selected* samples (the bare model is right on the clean row) that have a row in every
-    partition of the split, so every tier and pipeline is measured on the same samples. A sample is robust under a
-    tier at budget eps when the pipeline is right or abstains on every row of that sample from the tier's
+    partition of `table` (rows of one split: ``table.select(split="test")``), so every tier and pipeline is
+    measured on the same samples. A sample is robust under a tier at budget eps when the pipeline is right or abstains on every row of that sample from the tier's
     attacks (`tier_attacks`) whose ``linf`` <= eps + 1e-6, and on its clean row. Rows without ``linf``
     use the attack's metadata eps; an unbounded attack with neither is in every budget. The bare model is
     added as "none" when `pipelines` has no pipeline of that name.
@@ -181,7 +179,7 @@ def threat_model_table(
     - ``judge_gaps``: samples missing from a judge-draw partition of the tier that no earlier draw broke
       (the producer's rule says it may leave out only broken samples; 0 when all is well).
     """
-    rows = _Rows(table, split, budgets)
+    rows = _Rows(table, budgets)
     t = rows.table
     if NO_DEFENSE not in pipelines:
         pipelines = {NO_DEFENSE: GatedDefense(None, None), **pipelines}
@@ -284,7 +282,6 @@ def detector_miss_table(
     detectors: Mapping[str, Detector],
     *,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    split: str | None = "test",
     fprs: Sequence[float] = (0.01, 0.05),
 ) -> pd.DataFrame:
     """Share of successful attacks each detector does not flag, per detector x threat model x budget.
@@ -301,7 +298,7 @@ def detector_miss_table(
     ``missed_at_5`` (recalibrated on its clean calibration scores to 1% and 5% FPR, `Detector.with_fpr`;
     one column per entry of `fprs`) and ``attacks``. Shares are NaN when no attack succeeded.
     """
-    rows = _Rows(table, split, budgets)
+    rows = _Rows(table, budgets)
     records = []
     for name, detector in detectors.items():
         scores = np.asarray(detector.score_table(rows.table))[rows.rows]

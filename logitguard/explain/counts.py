@@ -15,7 +15,7 @@ import pandas as pd
 from ..defenses.corrector import LogitCorrector
 from ..errors import LogitguardError
 from ..evaluation.evaluate import select_attacks
-from ..tables import LogitTable
+from ..tables import LogitTable, TableSource, require_one_split
 from .attribution import check_k, network_forward, network_of, network_scores, top_supporting
 
 if TYPE_CHECKING:
@@ -27,19 +27,19 @@ def supporting_frequencies(
     table: LogitTable,
     attacks: str | Sequence[str] | None = None,
     *,
-    split: str | None = "test",
     k: int | None = None,
     include_true: bool = False,
 ) -> pd.DataFrame:
-    """How often each class is among the top-k supporting classes of an attack's rows.
+    """How often each class is among the top-k supporting classes of an attack's rows (`table`: rows of one
+    split, ``table.select(split="test")``).
 
     Returns a DataFrame indexed by class name (C rows), one column per attack (default: every attack
-    of `split` but clean). Entry (c, a) = (number of `a` rows with c in their top k) / (rows × k):
+    of `table` but clean). Entry (c, a) = (number of `a` rows with c in their top k) / (rows × k):
     the share of the attack's top-k slots that class c holds, i.e. the share of rows in which c
     appears divided by k. Each column therefore sums to 1. The true class is left out of each row's
     ranking unless `include_true`.
     """
-    table, attacks = select_attacks(table, split, [attacks] if isinstance(attacks, str) else attacks)
+    attacks = select_attacks(table, [attacks] if isinstance(attacks, str) else attacks)
     net = network_of(corrector)
     num_classes = table.num_classes
     k = check_k(k, num_classes, exclude_true=not include_true)
@@ -66,12 +66,11 @@ def ablation(
     table: LogitTable,
     attack: str,
     *,
-    split: str | None = "test",
     k: int | None = None,
     delta: float = 20.0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Corrected accuracy on `attack`'s rows before and after lowering k logits by `delta` (seed §5.2).
+    """Corrected accuracy on `attack`'s rows of `table` (of one split) before and after lowering k logits by `delta` (seed §5.2).
 
     Lowered per row: its top-k supporting classes, or (control) k distinct classes drawn uniformly
     with ``numpy.random.default_rng(seed)``. The true class is excluded from both: it is the top
@@ -83,7 +82,7 @@ def ablation(
     ``accuracy_supporting_lowered``, ``accuracy_random_lowered`` and ``true_in_top_k``.
     """
     _check_delta(delta)
-    table, _ = select_attacks(table, split, [attack])
+    select_attacks(table, [attack])
     rows = table.select(attacks=attack)
     k = check_k(k, table.num_classes, exclude_true=True)
     tally = _Tally(table.num_classes, k, delta, seed)
@@ -144,33 +143,33 @@ class _Tally:
 
 def explain_path(
     corrector: LogitCorrector | nn.Module,
-    path: str | os.PathLike,
+    path: TableSource | str | os.PathLike,
     attacks: str | Sequence[str] | None = None,
     *,
-    split: str | None = "test",
     k: int | None = None,
     delta: float = 20.0,
     seed: int = 0,
     batch_rows: int | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """`supporting_frequencies` and one `ablation` per attack for the table at `path`, streamed in one pass.
+    """`supporting_frequencies` and one `ablation` per attack for the rows of `path` (a `TableSource` of one
+    split, ``TableSource(path, split="test")``, or a path), streamed in one pass.
 
     Returns (frequencies: classes x attacks, ablations: one dict per attack, in the frequencies' column
-    order), equal to ``supporting_frequencies(corrector, read_table(path, split=split), attacks, split=None,
-    k=k)`` and ``[ablation(corrector, table, a, split=None, k=k, delta=delta, seed=seed) for a in …]``.
+    order), equal to ``supporting_frequencies(corrector, read_table(path), attacks, k=k)`` and
+    ``[ablation(corrector, table, a, k=k, delta=delta, seed=seed) for a in …]``.
     Memory depends on the batch size, not on the table.
     """
     from ..tables.stream import stream_batches
     from ..tables import read_keys
 
     _check_delta(delta)
-    keys, attacks = select_attacks(read_keys(path, split=split), split,
-                                   [attacks] if isinstance(attacks, str) else attacks)
+    keys = read_keys(path)
+    attacks = select_attacks(keys, [attacks] if isinstance(attacks, str) else attacks)
     net = network_of(corrector)
     num_classes = keys.num_classes
     k = check_k(k, num_classes, exclude_true=True)
     tallies = {attack: _Tally(num_classes, k, delta, seed) for attack in attacks}
-    for batch in stream_batches(path, split=split, attacks=attacks, batch_rows=batch_rows):
+    for batch in stream_batches(path, attacks=attacks, batch_rows=batch_rows):
         for attack in dict.fromkeys(batch.attack):
             rows = batch.attack == attack
             every = rows.all()
@@ -182,20 +181,18 @@ def explain_path(
     return frame, [tallies[a].ablation(a) for a in frame.columns]
 
 
-def mean_logit_counts(table: LogitTable, *, split: str | None = "test", bins: int | Sequence[float] = 30
-                      ) -> pd.DataFrame:
+def mean_logit_counts(table: LogitTable, *, bins: int | Sequence[float] = 30) -> pd.DataFrame:
     """Histogram counts of each row's mean logit per attack, clean included (seed Figure 1; drawn by
     `logitguard.report.plots.mean_logit_histogram`).
 
-    All attacks share one set of bin edges (`numpy.histogram_bin_edges` over the split's rows; or the
-    edges given as `bins`). Returns a DataFrame indexed by bin centre (``mean_logit``), one column of
-    counts per attack; each column sums to the attack's row count when `bins` is a number. The edges
+    All attacks share one set of bin edges (`numpy.histogram_bin_edges` over the rows of `table`, of one
+    split; or the edges given as `bins`). Returns a DataFrame indexed by bin centre (``mean_logit``), one
+    column of counts per attack; each column sums to the attack's row count when `bins` is a number. The edges
     are in ``frame.attrs["bin_edges"]``.
     """
     if isinstance(bins, (int, np.integer)) and bins < 1:
         raise LogitguardError(f"bins must be an integer >= 1 or a sequence of edges, got {bins!r}")
-    if split is not None:
-        table = table.select(split=split)
+    require_one_split(table, "mean-logit histogram")
     means = table.logits.mean(axis=1, dtype=np.float64)
     edges = np.histogram_bin_edges(means, bins)
     counts = {attack: np.histogram(means[table.attack == attack], edges)[0] for attack in table.attacks}

@@ -88,12 +88,14 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
     attacks = [a for a in full.select(split="train").attacks
                if a != CLEAN and threat_of(full.metadata, a)["model"] == "oblivious"]
     table = full.select(attacks=[CLEAN, *attacks])
-    summary: dict[str, Any] = {"data": str(data), "table": summarize(table.select(split="test"))}
+    train, test = table.select(split="train"), table.select(split="test")  # fits on train, figures on test
+    summary: dict[str, Any] = {"data": str(data), "table": summarize(test)}
     seeds = load_reference(reference)
     summary["reference"] = seeds.get("_path")
 
     step("threat models (saved pipelines)")
-    threat = _threat_models(full, defenses if defenses is not None else Path(data).parent / "defenses" / MANIFEST)
+    manifest = defenses if defenses is not None else Path(data).parent / "defenses" / MANIFEST
+    threat = _threat_models(full.select(split="test"), manifest)
     if threat is not None:
         summary["threat_models"] = to_records(threat)
 
@@ -102,27 +104,27 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
         summary["model_side"] = model_side["results"]
 
     step(f"training one corrector per attack ({', '.join(attacks)})")
-    correctors = train_per_attack(table, attacks, progress=False, **DEMO_CORRECTOR)
+    correctors = train_per_attack(train, attacks, progress=False, **DEMO_CORRECTOR)
     main_attack = "pgd" if "pgd" in attacks else attacks[0]
-    accuracy = evaluate(table, {f"corrector({main_attack})": correctors[main_attack]})
-    transfer = transfer_matrix(table, correctors)
+    accuracy = evaluate(test, {f"corrector({main_attack})": correctors[main_attack]})
+    transfer = transfer_matrix(test, correctors)
 
     step(f"p_clean sweep on {main_attack}")
-    sweep = sweep_p_clean(table, main_attack, P_CLEAN_VALUES, progress=False, **DEMO_CORRECTOR)
+    sweep = sweep_p_clean(train, test, main_attack, P_CLEAN_VALUES, progress=False, **DEMO_CORRECTOR)
 
     # The logits-only detectors (kdensity and insen read other columns: section 8 compares them).
     step("fitting detectors (" + ", ".join(LOGIT_KINDS) + ")")
     has_noise = table.noisy_logits is not None
-    detectors = {kind: make_detector(kind).fit_table(table) for kind in LOGIT_KINDS
+    detectors = {kind: make_detector(kind).fit_table(train) for kind in LOGIT_KINDS
                  if has_noise or not make_detector(kind).needs_noise}
-    detection = detection_table(table, detectors)
+    detection = detection_table(test, detectors)
 
     step("gated pipelines")
-    svm = SVMCorrector().fit_table(table, "fgsm" if "fgsm" in attacks else main_attack)
+    svm = SVMCorrector().fit_table(train, "fgsm" if "fgsm" in attacks else main_attack)
     pipelines: dict[str, Any] = {f"corrector({main_attack}) alone": correctors[main_attack], "SVM alone": svm,
                                  "msp@5% → SVM": GatedDefense(detectors["msp"], svm)}
     if has_noise:
-        odds_logistic = make_detector("odds", correction="logistic").fit_table(table)
+        odds_logistic = make_detector("odds", correction="logistic").fit_table(train)
         strict = detectors["learned-noisy"].with_fpr(0.01)
         pipelines |= {
             "odds@5% → SVM": GatedDefense(detectors["odds"], svm),
@@ -130,18 +132,18 @@ def _run_demo(data: str | os.PathLike, out: Path, stage: Path, *, log: Callable[
             f"learned-noisy@1% → corrector({main_attack})": GatedDefense(strict, correctors[main_attack]),
             "learned-noisy@1% → odds-logistic": GatedDefense(strict, odds_logistic),
         }
-    gated = evaluate(table, pipelines)
+    gated = evaluate(test, pipelines)
 
     step("supporting classes, ablation and Bhattacharyya similarity")
-    freqs = pd.concat([explain.supporting_frequencies(correctors[a], table, a) for a in attacks], axis=1)
+    freqs = pd.concat([explain.supporting_frequencies(correctors[a], test, a) for a in attacks], axis=1)
     bc = explain.bhattacharyya_matrix(freqs)
     agreement = {name: _safe(lambda r=relative: explain.rank_agreement(bc, transfer, relative=r))
                  for name, relative in (("absolute", False), ("relative", True))}
-    ablations = pd.DataFrame([explain.ablation(correctors[a], table, a) for a in attacks]).set_index("attack")
-    example = pair(table.select(split="test"), main_attack).attacked
+    ablations = pd.DataFrame([explain.ablation(correctors[a], test, a) for a in attacks]).set_index("attack")
+    example = pair(test, main_attack).attacked
     row = int(np.flatnonzero(example.logits.argmax(1) != example.labels)[0])
     instance = explain.instance_view(correctors[main_attack], example.logits[row], int(example.labels[row]))
-    histogram = explain.mean_logit_counts(table)
+    histogram = explain.mean_logit_counts(test)
 
     figures: list[str] = []
     if plots:
@@ -246,7 +248,7 @@ def _model_side(folder: Path, stage: Path) -> dict[str, Any] | None:
 
 
 def _threat_models(table: LogitTable, manifest: Path) -> pd.DataFrame | None:
-    """The threat-model table of the saved pipelines in `manifest` on the test split (None without it)."""
+    """The threat-model table of the saved pipelines in `manifest` on `table`, the test rows (None without it)."""
     from ..defenses.pipelines import load_pipelines
     from ..evaluation.threat import detector_miss_table, threat_model_table
 
@@ -254,9 +256,9 @@ def _threat_models(table: LogitTable, manifest: Path) -> pd.DataFrame | None:
     if not manifest.is_file():
         return None
     pipelines = {name: spec.build() for name, spec in load_pipelines(manifest).items()}
-    frame = threat_model_table(table, pipelines, split="test")
+    frame = threat_model_table(table, pipelines)
     detectors = {name: p.detector for name, p in pipelines.items() if p.detector is not None}
-    frame.attrs["misses"] = detector_miss_table(table, detectors, split="test")
+    frame.attrs["misses"] = detector_miss_table(table, detectors)
     frame.attrs["describe"] = {name: {"detector": None if p.detector is None else p.detector.kind,
                                       "fpr": None if p.detector is None else p.detector.fpr,
                                       "corrector": None if p.corrector is None else type(p.corrector).__name__,

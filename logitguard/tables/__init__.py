@@ -5,7 +5,9 @@ A logit table is a Parquet file, or a directory of Parquet files (hive partition
 ``docs/tables.md``; this package is its only implementation, one idea per module:
 
 - `schema`: the column names, schema version and metadata key, and their checks;
-- `table`: the in-memory `LogitTable` and its logit-free row keys (`RowKeys`, `RowCollector`);
+- `table`: the in-memory `LogitTable` and its logit-free row keys (`RowKeys`, `RowCollector`); a fit or an
+  evaluation uses every row it is given and refuses rows of several splits (`require_one_split`);
+- `source`: `TableSource`, the rows of a table on disk a command reads (one split, some attacks), made once;
 - `validation`: `conform`, an Arrow table in, a `LogitTable` (or a `TableError` naming column and row) out;
 - `read`: whole tables, record batches, keys, columns and counts; `write`: files, partitions, batches;
 - `pairing`: clean and attacked rows of one attack, matched by ``sample_id``;
@@ -28,14 +30,16 @@ from .read import (BATCH_ROWS_ENV, STREAM_BATCH_BYTES, dataset_metadata, iter_ba
 from .sampling import holdout_mask
 from .schema import (CLEAN, METADATA_KEY, NULLABLE_COLUMNS, OPTIONAL_COLUMNS, PARTITION_COLUMNS, REQUIRED_COLUMNS,
                      SCHEMA_VERSION, VECTOR_COLUMNS, check_columns, parse_metadata)
-from .table import LogitTable, RowCollector, RowKeys
+from .source import TableSource
+from .table import LogitTable, RowCollector, RowKeys, require_one_split
 from .write import table_partitions, with_metadata, write_batches, write_parquet, write_table
 
 __all__ = [
     "BATCH_ROWS_ENV", "CLEAN", "METADATA_KEY", "NULLABLE_COLUMNS", "OPTIONAL_COLUMNS", "PARTITION_COLUMNS",
-    "REQUIRED_COLUMNS", "SCHEMA_VERSION", "STREAM_BATCH_BYTES", "VECTOR_COLUMNS", "LogitTable", "Pair", "RowCollector",
-    "RowKeys", "check_columns", "conform", "dataset_metadata", "distinct_values", "holdout_mask", "iter_batches",
-    "noise_queries", "open_dataset", "pair", "pair_rows", "parse_metadata", "read_keys", "read_table", "row_counts",
-    "stream_batch_rows", "table_columns", "table_files", "table_partitions", "to_pandas", "unreadable_error",
-    "wanted_columns", "with_metadata", "write_batches", "write_parquet", "write_table",
+    "REQUIRED_COLUMNS", "SCHEMA_VERSION", "STREAM_BATCH_BYTES", "VECTOR_COLUMNS", "LogitTable", "Pair",
+    "RowCollector", "RowKeys", "TableSource", "check_columns", "conform", "dataset_metadata", "distinct_values",
+    "holdout_mask", "iter_batches", "noise_queries", "open_dataset", "pair", "pair_rows", "parse_metadata",
+    "read_keys", "read_table", "require_one_split", "row_counts", "stream_batch_rows", "table_columns",
+    "table_files", "table_partitions", "to_pandas", "unreadable_error", "wanted_columns", "with_metadata",
+    "write_batches", "write_parquet", "write_table"
 ]

@@ -20,6 +20,7 @@ from ..errors import TableError
 from .arrays import distinct_values, single_array, string_codes
 from .validation import check_schema, conform, row_shapes
 from .schema import CLEAN, METADATA_KEY, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, parse_metadata
+from .source import TableSource
 from .table import LogitTable, RowKeys
 
 
@@ -37,7 +38,7 @@ _STREAM_BUFFER_BYTES = 1 << 20
 
 
 def read_table(
-    path: str | os.PathLike,
+    path: TableSource | str | os.PathLike,
     *,
     split: str | None = None,
     attacks: str | Sequence[str] | None = None,
@@ -47,8 +48,9 @@ def read_table(
 
     Parameters
     ----------
-    path : a ``.parquet`` file or a directory (hive partitions ``split=…/attack=…`` allowed).
-    split : keep only this split.
+    path : a ``.parquet`` file or a directory (hive partitions ``split=…/attack=…`` allowed), or a
+        `TableSource` (its rows only).
+    split : keep only this split (narrows a `TableSource`: `TableSource.narrow`).
     attacks : keep only these attacks (a name or a list of names).
     columns : optional columns to read besides the required ones (default: all that are present).
         Pass ``[]`` to skip the large ``noisy_logits`` and ``features`` columns.
@@ -58,26 +60,26 @@ def read_table(
     TableError : the path is missing or unreadable, a requested split/attack/column is absent, nothing
         matches the filters, or the table breaks the contract.
     """
-    path = Path(path)
+    source = TableSource.of(path, split=split, attacks=attacks)
+    path = source.path
     dataset, file_schemas = open_dataset(path)
     metadata = dataset_metadata(file_schemas, path)
     present = set(dataset.schema.names)
     wanted = wanted_columns(path, present, columns)
-    if attacks is not None:
-        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     check_schema(dataset.schema)
     try:
-        batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], split, attacks))
+        batches = list(_scan(dataset, [*REQUIRED_COLUMNS, *wanted], source))
     except (pa.ArrowException, OSError) as exc:
         raise unreadable_error(path, exc) from None
     arrow = pa.Table.from_batches(batches) if batches else None
     if arrow is None or arrow.num_rows == 0:
-        raise _no_rows(dataset, path, split, attacks)
+        raise _no_rows(dataset, source)
     return conform(arrow, metadata=metadata)
 
 
-def _no_rows(dataset: ds.Dataset, path: Path, split: str | None, attacks: list[str] | None) -> TableError:
+def _no_rows(dataset: ds.Dataset, source: TableSource) -> TableError:
     """The error for a read that matched no row: the table is empty, or says which splits and attacks it has."""
+    path, split, attacks = source.path, source.split, None if source.attacks is None else list(source.attacks)
     if split is None and attacks is None:
         return TableError(f"{path}: the table has no rows")
     try:
@@ -105,7 +107,7 @@ def wanted_columns(path: Path, present: Sequence[str], columns: Sequence[str] | 
 
 
 def iter_batches(
-    path: str | os.PathLike,
+    path: TableSource | str | os.PathLike,
     *,
     split: str | None = None,
     attacks: str | Sequence[str] | None = None,
@@ -124,7 +126,8 @@ def iter_batches(
     batch's per-row shapes (C, K, F), so a table `read_table` refuses is refused here too; only a key repeated
     in two batches is left to a check over all keys (`RowCollector`).
     """
-    path = Path(path)
+    source = TableSource.of(path, split=split, attacks=attacks)
+    path = source.path
     if batch_rows < 1:
         raise TableError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     dataset, file_schemas = open_dataset(path)
@@ -133,12 +136,10 @@ def iter_batches(
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise TableError(f"{path}: requested column(s) {missing} not in the table")
-    if attacks is not None:
-        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     empty, count = True, 0
     shapes: dict[str, tuple[int, ...]] | None = None  # every batch must have the first one's C, K and F
     try:
-        for batch in _stream_files(dataset, [*REQUIRED_COLUMNS, *columns], split, attacks, batch_rows):
+        for batch in _stream_files(dataset, [*REQUIRED_COLUMNS, *columns], source, batch_rows):
             if batch.num_rows:
                 empty = False
                 table = conform(pa.Table.from_batches([batch]), metadata=metadata, shapes=shapes)
@@ -150,44 +151,44 @@ def iter_batches(
     except (pa.ArrowException, OSError) as exc:
         raise unreadable_error(path, exc) from None
     if empty and require_rows:
-        raise _no_rows(dataset, path, split, attacks)
+        raise _no_rows(dataset, source)
 
 
-def table_columns(path: str | os.PathLike) -> list[str]:
+def table_columns(path: TableSource | str | os.PathLike) -> list[str]:
     """The column names of the table at `path`, read from the file footers only."""
-    dataset, _ = open_dataset(Path(path))
+    dataset, _ = open_dataset(TableSource.of(path).path)
     return list(dataset.schema.names)
 
 
-def row_counts(path: str | os.PathLike, *, split: str | None = None) -> dict[str, int]:
+def row_counts(path: TableSource | str | os.PathLike, *, split: str | None = None) -> dict[str, int]:
     """Rows per attack (reading only the key columns), e.g. ``{"clean": 10000, "pgd": 10000}``."""
-    path = Path(path)
+    source = TableSource.of(path, split=split)
+    path = source.path
     dataset, _ = open_dataset(path)
     try:
-        keys = dataset.to_table(columns=["attack"], filter=_filter(split, None)).column("attack")
+        keys = dataset.to_table(columns=["attack"], filter=_filter(source)).column("attack")
     except (pa.ArrowException, OSError) as exc:
         raise unreadable_error(path, exc) from None
     counts = pd.Series(keys.to_numpy(zero_copy_only=False)).value_counts()
     return {name: int(counts[name]) for name in distinct_values(counts.index.to_numpy(), first=CLEAN)}
 
 
-def read_keys(path: str | os.PathLike, *, split: str | None = None,
+def read_keys(path: TableSource | str | os.PathLike, *, split: str | None = None,
               attacks: str | Sequence[str] | None = None) -> RowKeys:
     """The keys and labels of the matching rows (reading only those columns, never the logits), in the
     order `read_table` and `iter_batches` give them. Raises `read_table`'s `TableError` when nothing matches."""
-    path = Path(path)
+    source = TableSource.of(path, split=split, attacks=attacks)
+    path = source.path
     dataset, file_schemas = open_dataset(path)
     metadata = dataset_metadata(file_schemas, path)
     check_schema(dataset.schema)
-    if attacks is not None:
-        attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     try:
-        batches = list(_scan(dataset, ["split", "attack", "sample_id", "label"], split, attacks))
+        batches = list(_scan(dataset, ["split", "attack", "sample_id", "label"], source))
     except (pa.ArrowException, OSError) as exc:
         raise unreadable_error(path, exc) from None
     keys = pa.Table.from_batches(batches) if batches else None
     if keys is None or keys.num_rows == 0:
-        raise _no_rows(dataset, path, split, attacks)
+        raise _no_rows(dataset, source)
     names = {}
     for c in ("split", "attack"):
         lookup: dict[str, int] = {}
@@ -214,7 +215,7 @@ STREAM_BATCH_BYTES = 8 << 20
 BATCH_ROWS_ENV = "LOGITGUARD_BATCH_ROWS"
 
 
-def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> int:
+def stream_batch_rows(path: TableSource | str | os.PathLike, columns: Sequence[str] = ()) -> int:
     """Rows per batch for streaming `path` with optional `columns`: about `STREAM_BATCH_BYTES` of tensors per
     batch (2097 rows of 1000 logits), between 256 and 65536 rows. The environment variable
     ``LOGITGUARD_BATCH_ROWS`` overrides it (tests use it to force many batches)."""
@@ -227,8 +228,9 @@ def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> i
         if rows < 1:
             raise TableError(f"{BATCH_ROWS_ENV} must be an integer >= 1, got {override!r}")
         return rows
-    dataset, file_schemas = open_dataset(Path(path))
-    num_classes = dataset_metadata(file_schemas, Path(path)).get("num_classes")
+    path = TableSource.of(path).path
+    dataset, file_schemas = open_dataset(path)
+    num_classes = dataset_metadata(file_schemas, path).get("num_classes")
     floats = 0
     for name in ("logits", *columns):
         if name not in dataset.schema.names:
@@ -242,10 +244,11 @@ def stream_batch_rows(path: str | os.PathLike, columns: Sequence[str] = ()) -> i
     return int(min(65536, max(256, STREAM_BATCH_BYTES // (4 * max(floats, 1)))))
 
 
-def noise_queries(path: str | os.PathLike) -> tuple[int, int] | None:
+def noise_queries(path: TableSource | str | os.PathLike) -> tuple[int, int] | None:
     """(K, C) of the table's noise queries, or None when it has none; read from the schema (one batch of the
     column when its lists are not fixed-size)."""
-    dataset, _ = open_dataset(Path(path))
+    path = TableSource.of(path).path
+    dataset, _ = open_dataset(path)
     if "noisy_logits" not in dataset.schema.names:
         return None
     kind = dataset.schema.field("noisy_logits").type
@@ -256,16 +259,16 @@ def noise_queries(path: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
-def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: list[str] | None,
-          **options: Any) -> Iterator[pa.RecordBatch]:
-    """Record batches of `columns` for the rows of `split` and `attacks`, in file order.
+def _scan(dataset: ds.Dataset, columns: list[str], source: TableSource, **options: Any) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns` for the rows of `source` (its split and attacks), in file order.
 
     pyarrow prunes files and partitions with the filter, but rows are filtered here: pyarrow's filter and
     take kernels (pyarrow 26) misread a fixed_size_list of fixed_size_list (``noisy_logits``) whose batch
     is a slice of a larger one (a row group larger than the batch), returning other rows' noise queries.
     Such columns are rebuilt from their values (no copy) before the rows are filtered.
     """
-    expr = _filter(split, attacks)
+    split, attacks = source.split, source.attacks
+    expr = _filter(source)
     if expr is None:
         yield from dataset.to_batches(columns=columns, **options)
         return
@@ -277,14 +280,14 @@ def _scan(dataset: ds.Dataset, columns: list[str], split: str | None, attacks: l
 
 
 def _keep(batch: pa.RecordBatch, columns: list[str], split: str | None,
-          attacks: list[str] | None) -> Iterator[pa.RecordBatch]:
+          attacks: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
     """`batch` (which holds ``split`` and ``attack``) reduced to the rows of `split` and `attacks`, and to
     `columns`."""
     keep = None
     if split is not None:
         keep = pc.equal(_names(batch.column("split")), split)
     if attacks is not None:
-        chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(attacks, pa.string()))
+        chosen = pc.is_in(_names(batch.column("attack")), value_set=pa.array(list(attacks), pa.string()))
         keep = chosen if keep is None else pc.and_(keep, chosen)
     if keep is not None and not pc.all(keep.fill_null(False)).as_py():
         batch = pa.RecordBatch.from_arrays([_unsliced(c) for c in batch.columns],
@@ -292,12 +295,13 @@ def _keep(batch: pa.RecordBatch, columns: list[str], split: str | None,
     yield batch.select(columns)
 
 
-def _stream_files(dataset: ds.FileSystemDataset, columns: list[str], split: str | None,
-                  attacks: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _stream_files(dataset: ds.FileSystemDataset, columns: list[str], source: TableSource,
+                  batch_rows: int) -> Iterator[pa.RecordBatch]:
     """As `_scan`, for streaming: each file of the selection is read in turn by its own buffered Parquet
     reader (bounded memory, see `_STREAM_BUFFER_BYTES`); its partition keys become constant columns and a
     column the file lacks becomes nulls (refused later by `conform`), as the dataset scanner would give them."""
-    expr = _filter(split, attacks)
+    split, attacks = source.split, source.attacks
+    expr = _filter(source)
     schema = dataset.schema
     read = [*columns, *(c for c in ("split", "attack") if c not in columns)]
     for fragment in dataset.get_fragments(filter=expr):
@@ -338,12 +342,13 @@ def _unsliced(column: pa.Array) -> pa.Array:
                                              type=kind)
 
 
-def _filter(split: str | None, attacks: str | Sequence[str] | None) -> ds.Expression | None:
+def _filter(source: TableSource) -> ds.Expression | None:
+    """The partition filter of `source`'s selection (None: every row)."""
     expr = None
-    if split is not None:
-        expr = ds.field("split") == split
-    if attacks is not None:
-        in_attacks = ds.field("attack").isin([attacks] if isinstance(attacks, str) else list(attacks))
+    if source.split is not None:
+        expr = ds.field("split") == source.split
+    if source.attacks is not None:
+        in_attacks = ds.field("attack").isin(list(source.attacks))
         expr = in_attacks if expr is None else expr & in_attacks
     return expr
 

@@ -10,34 +10,32 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import LogitguardError, TableError
-from . import OPTIONAL_COLUMNS, LogitTable, RowKeys, iter_batches, read_keys, stream_batch_rows, table_columns
+from . import OPTIONAL_COLUMNS, LogitTable, RowKeys, TableSource, iter_batches, read_keys, stream_batch_rows, table_columns
 
 __all__ = ["TableStream", "all_columns", "stream_batches"]
 
 
 class TableStream:
-    """The rows of `path` that match `split` and `attacks`, read batch by batch as often as needed.
+    """The rows of `source` (a `TableSource`, or a path: the whole table) of `attacks`, read batch by batch as
+    often as needed.
 
     `keys` (read up front from the key columns alone, or given) numbers the rows 0..N-1 in stream order;
     every pass checks that it meets the same rows in the same order (a table rewritten in between is an
     error, not a silent mix-up).
     """
 
-    def __init__(self, path: str | os.PathLike, *, split: str | None = None, attacks: Sequence[str] | None = None,
+    def __init__(self, source: TableSource | str | os.PathLike, *, attacks: Sequence[str] | None = None,
                  columns: Sequence[str] = (), batch_rows: int | None = None, keys: RowKeys | None = None) -> None:
-        self.path = Path(path)
-        self.split = split
-        self.attacks = None if attacks is None else list(attacks)
+        self.source = TableSource.of(source, attacks=attacks)
+        self.path = self.source.path
         self.columns = list(columns)
         self.batch_rows = batch_rows or stream_batch_rows(self.path, self.columns)
-        self.keys = read_keys(self.path, split=split, attacks=self.attacks) if keys is None else keys
+        self.keys = read_keys(self.source) if keys is None else keys
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,8 +46,8 @@ class TableStream:
         columns, or only `columns`."""
         rows = np.arange(len(self.keys)) if attacks is None else np.flatnonzero(np.isin(self.keys.attack, attacks))
         start = 0
-        for batch in iter_batches(self.path, split=self.split, attacks=self.attacks if attacks is None else attacks,
-                                  columns=self.columns if columns is None else columns, batch_rows=self.batch_rows):
+        for batch in iter_batches(self.source, attacks=attacks, columns=self.columns if columns is None else columns,
+                                  batch_rows=self.batch_rows):
             index = rows[start:start + len(batch)]
             if len(index) != len(batch) or not np.array_equal(self.keys.sample_id[index], batch.sample_id):
                 raise TableError(f"{self.path}: the table changed while it was being read; run again")
@@ -98,15 +96,15 @@ class TableStream:
         return outputs
 
 
-def all_columns(path: str | os.PathLike) -> list[str]:
+def all_columns(path: TableSource | str | os.PathLike) -> list[str]:
     """The optional columns present in the table at `path` (what `read_table` reads by default)."""
     present = table_columns(path)
     return [c for c in OPTIONAL_COLUMNS if c in present]
 
 
-def stream_batches(path: str | os.PathLike, *, split: str | None = None, attacks: Sequence[str] | None = None,
+def stream_batches(source: TableSource | str | os.PathLike, *, attacks: Sequence[str] | None = None,
                    columns: Sequence[str] = (), batch_rows: int | None = None) -> Iterator[LogitTable]:
-    """`iter_batches` of the rows the streamed passes read (refusing a selection with no rows), `batch_rows`
-    defaulting to `stream_batch_rows` for the table and `columns`."""
-    return iter_batches(path, split=split, attacks=attacks, columns=columns,
-                        batch_rows=batch_rows or stream_batch_rows(path, columns), require_rows=True)
+    """`iter_batches` of the rows of `source` (of `attacks` among them, when given) that the streamed passes
+    read, refusing a selection with no rows; `batch_rows` defaults to `stream_batch_rows` for `columns`."""
+    return iter_batches(source, attacks=attacks, columns=columns,
+                        batch_rows=batch_rows or stream_batch_rows(source, columns), require_rows=True)

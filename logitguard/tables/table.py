@@ -204,6 +204,17 @@ class LogitTable(_Rows):
         return self.take(_selection(self, split, attacks))
 
 
+def require_one_split(rows: LogitTable | RowKeys, purpose: str, *, hint: str = "test") -> str | None:
+    """The one split `rows` hold (None when they have no row). Rows of several splits are refused with a
+    `TableError` that says how to select them (with the split `hint`): a fit or an evaluation uses every row
+    it is given, so a forgotten selection must not fit on test rows or mix splits in one figure."""
+    splits = rows.splits
+    if len(splits) > 1:
+        raise TableError(f"{purpose}: the table holds splits {splits}; select the rows of one first: "
+                         f"table.select(split={hint!r}), or TableSource(path, split={hint!r}) for a table on disk")
+    return splits[0] if splits else None
+
+
 def _selection(table: LogitTable | RowKeys, split: str | None, attacks: str | Sequence[str] | None) -> np.ndarray:
     """The (N,) mask of `select`; raises `TableError` when nothing matches."""
     mask = np.ones(len(table), dtype=bool)

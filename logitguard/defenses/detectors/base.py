@@ -27,7 +27,7 @@ from sklearn.base import clone
 from ...errors import LogitguardError
 from ..estimator import Estimator, check_logits, choose_attacks
 from ..decision import flag, successful_attack, threshold_at_fpr
-from ...tables import CLEAN, LogitTable, holdout_mask, pair
+from ...tables import CLEAN, LogitTable, holdout_mask, pair, require_one_split
 from .streamed_fit import StreamedFit
 
 
@@ -168,12 +168,11 @@ class Detector(StreamedFit, Estimator):
 
     # -- tables ------------------------------------------------------------------------------
 
-    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None, *,
-                  split: str | None = "train") -> Detector:
-        """`fit` on the `split` rows: clean rows and, for supervised detectors, attacked rows of `attacks`
-        (default all; only successful ones where `successful_attacks_only`), grouped by sample id."""
-        if split is not None:
-            table = table.select(split=split)
+    def fit_table(self, table: LogitTable, attacks: str | Sequence[str] | None = None) -> Detector:
+        """`fit` on the rows of `table`, of one split (select them first: ``table.select(split="train")``):
+        clean rows and, for supervised detectors, attacked rows of `attacks` (default all; only successful
+        ones where `successful_attacks_only`), grouped by sample id."""
+        require_one_split(table, f"fitting a {self.kind} detector", hint="train")
         chosen = self._attacks_to_fit(table.attacks, attacks, has_noise=table.noisy_logits is not None)
         self._table_inputs(table)  # a missing input column is refused before any work
         parts = [table.select(attacks=CLEAN)]
@@ -203,7 +202,7 @@ class Detector(StreamedFit, Estimator):
             raise LogitguardError(f"the {self.kind!r} detector needs noise queries (column 'noisy_logits')")
         if CLEAN not in available:
             raise LogitguardError(f"fitting a detector needs clean rows; the table has {available}")
-        return choose_attacks(attacks, available, None, required=False)
+        return choose_attacks(attacks, available, required=False)
 
     def score_table(self, table: LogitTable) -> np.ndarray:
         """`score_samples` of every row of `table`."""

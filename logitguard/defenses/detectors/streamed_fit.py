@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ...errors import LogitguardError
-from ...tables import CLEAN, holdout_mask
+from ...tables import CLEAN, TableSource, holdout_mask, require_one_split
 from ..decision import successful_attack
 
 if TYPE_CHECKING:
@@ -27,9 +27,10 @@ class StreamedFit:
     # A streamed fit holds the rows it learns from (`_fit_stream`) up to about this many bytes of features.
     stream_fit_bytes: ClassVar[int] = 256 << 20
 
-    def fit_path(self, path: str | os.PathLike, *, attacks: list[str] | None = None, split: str | None = "train",
+    def fit_path(self, source: TableSource | str | os.PathLike, *, attacks: list[str] | None = None,
                  batch_rows: int | None = None, max_rows: int | None = None) -> Detector:
-        """`fit_table(read_table(path, split=split), attacks=attacks, split=None)` without loading the table.
+        """`fit_table(read_table(source), attacks=attacks)` without loading the table: `source` is a `TableSource`
+        (``TableSource(path, split="train")``) or a path (the whole table); rows of several splits are refused.
 
         The rows are read in batches, in a few passes, so memory depends on the batch size and `max_rows`,
         not on the table. The threshold is calibrated on the scores of every calibration row, exactly as
@@ -49,12 +50,14 @@ class StreamedFit:
         from ...tables import noise_queries, pair_rows, read_keys, table_columns
 
         self._check_params()
-        keys = read_keys(path, split=split)
+        path = TableSource.of(source)
+        keys = read_keys(path)
+        require_one_split(keys, f"fitting a {self.kind} detector", hint="train")
         if self.input_column is not None:
-            return self._fit_path_in_memory(path, keys, attacks, split)
+            return self._fit_path_in_memory(path, keys, attacks)
         chosen = self._attacks_to_fit(keys.attacks, attacks, has_noise="noisy_logits" in table_columns(path))
         wanted = [CLEAN, *dict.fromkeys(chosen)]
-        stream = TableStream(path, split=split, attacks=wanted, columns=["noisy_logits"] if self.needs_noise else [],
+        stream = TableStream(path, attacks=wanted, columns=["noisy_logits"] if self.needs_noise else [],
                              batch_rows=batch_rows, keys=keys.select(attacks=wanted))
         rows = stream.keys
         # The rows `fit_table` passes to `fit`, as row numbers of the stream: clean rows, then each attack's.
@@ -82,8 +85,7 @@ class StreamedFit:
         (scores,) = stream.collect(calibrate, lambda z, q: (self._scores(*as_float64(z, q)),), noise=self.needs_noise)
         return self.calibrate(scores)
 
-    def _fit_path_in_memory(self, path: str | os.PathLike, keys: Any, attacks: list[str] | None,
-                            split: str | None) -> Detector:
+    def _fit_path_in_memory(self, path: TableSource, keys: Any, attacks: list[str] | None) -> Detector:
         """`fit_path` for detectors with an `input_column`: read only the rows and columns the fit uses."""
         from ...tables import read_table, table_columns
 
@@ -94,8 +96,8 @@ class StreamedFit:
         # Unsupervised detectors learn from clean rows only: reading the attacked ones would be wasted.
         wanted = [CLEAN, *dict.fromkeys(chosen)] if self.successful_attacks_only else [CLEAN]
         columns = [self.input_column, *(["noisy_logits"] if self.needs_noise else [])]
-        table = read_table(path, split=split, attacks=wanted, columns=columns)
-        return self.fit_table(table, attacks=wanted[1:], split=None)
+        table = read_table(path, attacks=wanted, columns=columns)
+        return self.fit_table(table, attacks=wanted[1:])
 
     def _fit_stream(self, stream: Any, rows: np.ndarray, attacked: np.ndarray, labels: np.ndarray | None,
                     max_rows: int | None) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 
@@ -132,8 +131,8 @@ class _ApplyActor:
     """One Ray Data actor: loads the defense once, then moves batch after batch through `apply_batch`."""
 
     def __init__(self, spec: DefenseSpec, metadata: dict[str, Any] | None, shapes: dict[str, tuple] | None,
-                 split: str | None, device: str, threads: int) -> None:
-        self.spec, self.metadata, self.shapes, self.split = spec, metadata, shapes, split
+                 device: str, threads: int) -> None:
+        self.spec, self.metadata, self.shapes = spec, metadata, shapes
         self.loaded = spec.load(device)
         if threads > 0 and "torch" in sys.modules:  # a torch corrector: one thread per CPU Ray gave the actor
             sys.modules["torch"].set_num_threads(threads)
@@ -143,8 +142,6 @@ class _ApplyActor:
         if metadata is None:
             metadata = parse_metadata((batch.schema.metadata or {}).get(METADATA_KEY), "batch")
         batch = _plain_tensors(batch)
-        if self.split is not None:
-            batch = batch.filter(pc.equal(batch.column("split"), self.split))
         if batch.num_rows == 0:
             return pa.table({})
         table = conform(batch.replace_schema_metadata(None), metadata=metadata, shapes=self.shapes)
@@ -175,7 +172,6 @@ def apply_ray(
     on_flag: str = "correct",
     metadata: Mapping[str, Any] | str | os.PathLike | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
-    split: str | None = None,
     batch_rows: int = BATCH_ROWS,
     workers: int | None = None,
     num_cpus: float = 1,
@@ -185,14 +181,14 @@ def apply_ray(
 
     Parameters
     ----------
-    dataset : rows with the table's columns (`read_ray`, or ``ray.data.read_parquet`` of a table).
+    dataset : rows with the table's columns (`read_ray`, or ``ray.data.read_parquet`` of a table); every row is
+        decided: select them when the dataset is read (``read_ray(TableSource(path, split="test"))``).
     defense : the saved file (see `DefenseSpec`), or a `DefenseSpec`.
     kind : ``corrector``, ``detector``, ``defense`` or ``guard``.
     corrector, on_flag : for ``defense``: the corrector file and the policy.
     metadata : the input table's metadata, or the path of the table to read it from; None: taken from the
         blocks (`read_ray` puts it there; ``read_parquet`` does not: then class names default to 0..C-1).
     shapes : per-row shapes every batch must have (`logitguard.tables.validation.row_shapes` of a first batch).
-    split : keep only rows of this split.
     workers : at most this many actors (default: as many as Ray can place); each takes `num_cpus` CPUs and
         `num_gpus` GPUs (a corrector then runs on ``cuda``).
 
@@ -216,7 +212,7 @@ def apply_ray(
     compute = ray.data.ActorPoolStrategy(min_size=1, max_size=workers)
     return dataset.map_batches(
         _ApplyActor, fn_constructor_args=(spec, None if metadata is None else dict(metadata),
-                                          None if shapes is None else dict(shapes), split, device,
+                                          None if shapes is None else dict(shapes), device,
                                           int(num_cpus) if not num_gpus else 0),
         batch_format="pyarrow", batch_size=batch_rows, compute=compute, num_cpus=num_cpus, num_gpus=num_gpus,
         zero_copy_batch=True)

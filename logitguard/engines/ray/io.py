@@ -35,8 +35,8 @@ from ray.data.datasource import Datasink
 
 from ...errors import TableError
 from ...files import atomic_output, staged_output
-from ...tables import (METADATA_KEY, PARTITION_COLUMNS, REQUIRED_COLUMNS, conform, dataset_metadata, open_dataset,
-                       parse_metadata, table_partitions, unreadable_error, wanted_columns, with_metadata,
+from ...tables import (METADATA_KEY, PARTITION_COLUMNS, REQUIRED_COLUMNS, TableSource, conform, dataset_metadata,
+                       open_dataset, parse_metadata, table_partitions, unreadable_error, wanted_columns, with_metadata,
                        write_parquet)
 from ...tables.validation import check_schema
 from .actors import BATCH_ROWS, rows_of, split_decisions
@@ -67,20 +67,21 @@ class LogitTableDatasource(Datasource):
     """A logit table (a Parquet file or a hive-partitioned directory) as a Ray Data source.
 
     One read task per row group (groups merged down to the requested parallelism). Blocks hold
-    `columns` (the required columns first) and carry the table metadata as Arrow schema metadata.
+    `columns` (the required columns first) and carry the table metadata as Arrow schema metadata. `path` is a
+    `TableSource` (only its split's and attacks' rows are read) or a path (every row).
     """
 
-    def __init__(self, path: str | os.PathLike, *, split: str | None = None,
+    def __init__(self, path: TableSource | str | os.PathLike, *,
                  columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS) -> None:
         super().__init__()
-        path = Path(path)
+        self.source = source = TableSource.of(path)
+        path = source.path
         dataset, file_schemas = open_dataset(path)
         self.metadata = dataset_metadata(file_schemas, path)
         present = list(dataset.schema.names)
         check_schema(dataset.schema)
         wanted = wanted_columns(path, present, columns)
         self.path = str(path)
-        self.split = split
         self.batch_rows = batch_rows
         self.schema = pa.schema([dataset.schema.field(c) for c in (*REQUIRED_COLUMNS, *wanted)],
                                 metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()})
@@ -88,7 +89,7 @@ class LogitTableDatasource(Datasource):
         try:
             for fragment in dataset.get_fragments():
                 keys = {k: str(v) for k, v in ds.get_partition_keys(fragment.partition_expression).items()}
-                if split is not None and keys.get("split", split) != split:
+                if not _may_match(source, keys):
                     continue
                 footer = fragment.metadata
                 for group in range(footer.num_row_groups):
@@ -107,19 +108,29 @@ class LogitTableDatasource(Datasource):
         count = max(1, min(int(parallelism) if parallelism and parallelism > 0 else len(self.units),
                            len(self.units)))
         groups = [self.units[i::count] for i in range(count)] if self.units else []
-        schema, split, rows = self.schema, self.split, self.batch_rows
+        schema, source, rows = self.schema, self.source, self.batch_rows
+        selected = source.split is not None or source.attacks is not None
         tasks = []
         for units in groups:
-            meta = BlockMetadata(num_rows=None if split is not None else sum(u.rows for u in units),
+            meta = BlockMetadata(num_rows=None if selected else sum(u.rows for u in units),
                                  size_bytes=int(sum(u.size for u in units)), exec_stats=None,
                                  input_files=sorted({u.file for u in units}))
-            tasks.append(ReadTask(lambda units=units: read_units(units, schema, split, rows), meta, schema=schema,
+            tasks.append(ReadTask(lambda units=units: read_units(units, schema, source, rows), meta, schema=schema,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def read_units(units: list[_Unit], schema: pa.Schema, split: str | None, batch_rows: int) -> Iterator[pa.Table]:
-    """The rows of `units` as tables of `schema` (partition values from the path, missing columns null)."""
+def _may_match(source: TableSource, keys: Mapping[str, str]) -> bool:
+    """Whether a file with hive partition values `keys` may hold rows of `source` (False only when a value
+    the path gives is not selected)."""
+    if source.split is not None and keys.get("split", source.split) != source.split:
+        return False
+    return source.attacks is None or "attack" not in keys or keys["attack"] in source.attacks
+
+
+def read_units(units: list[_Unit], schema: pa.Schema, source: TableSource, batch_rows: int) -> Iterator[pa.Table]:
+    """The rows of `units` that `source` selects, as tables of `schema` (partition values from the path,
+    missing columns null)."""
     for unit in units:
         keys = dict(unit.keys)
         try:
@@ -138,24 +149,27 @@ def read_units(units: list[_Unit], schema: pa.Schema, split: str | None, batch_r
                     else:
                         arrays.append(pa.nulls(n, field.type))
                 table = pa.Table.from_arrays(arrays, schema=schema)
-                if split is not None and "split" not in keys:
-                    table = table.filter(pc.equal(table.column("split"), split))
+                if source.split is not None and "split" not in keys:
+                    table = table.filter(pc.equal(table.column("split"), source.split))
+                if source.attacks is not None and "attack" not in keys:
+                    table = table.filter(pc.is_in(table.column("attack"),
+                                                  value_set=pa.array(list(source.attacks), pa.string())))
                 if table.num_rows:
                     yield table
         except (pa.ArrowException, OSError) as exc:
             raise unreadable_error(Path(unit.file), exc) from None
 
 
-def read_ray(path: str | os.PathLike, *, split: str | None = None, columns: Sequence[str] | None = None,
+def read_ray(path: TableSource | str | os.PathLike, *, columns: Sequence[str] | None = None,
              batch_rows: int = BATCH_ROWS) -> ray.data.Dataset:
-    """The logit table at `path` as a Ray Dataset (`LogitTableDatasource`); filters and `columns` as in
-    `read_table`. Its blocks carry the table metadata, so `apply_ray` needs no `metadata` argument.
+    """The logit table at `path` (a `TableSource`, e.g. ``TableSource(path, split="test")``, or a path: every
+    row) as a Ray Dataset (`LogitTableDatasource`); `columns` as in `read_table`. Its blocks carry the table metadata, so `apply_ray` needs no `metadata` argument.
 
     (``ray.data.read_parquet(path)`` also works with `apply_ray`; it drops the metadata, so pass
     ``metadata=table_metadata(path)``, and it does not verify page checksums.)
     """
     init_ray()
-    return ray.data.read_datasource(LogitTableDatasource(path, split=split, columns=columns, batch_rows=batch_rows))
+    return ray.data.read_datasource(LogitTableDatasource(path, columns=columns, batch_rows=batch_rows))
 class _TableSink(Datasink):
     """Writes each block's partitions as Parquet files under `stage`, as `write_table` writes them, and returns
     the files and the narrow per-row result."""
