@@ -87,7 +87,7 @@ class GuardClient:
     # -- what the guard expects -----------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """``GET /v1/health``: status, guard, C, K."""
+        """``GET /v1/health``: ``{"status": "ok"}`` while the service is up (open without a token)."""
         return self._request("GET", "/v1/health").json()
 
     def info(self, *, refresh: bool = False) -> dict[str, Any]:

@@ -122,6 +122,21 @@ def test_the_services_refusals_become_service_errors(url, digits_cnn_guard):
     assert info.value.status is None
 
 
+def test_a_token_protected_service_answers_with_the_token_and_refuses_without(digits_cnn_guard, cnn, images):
+    token = "s3cret-token-for-the-client-0123456789"
+    with serve_in_thread(create_app(digits_cnn_guard, token=token)) as base:
+        with GuardClient(base, token=token) as client:
+            assert_same(check_model(cnn, images[:10], client, seed=1),
+                        check_model(cnn, images[:10], digits_cnn_guard, seed=1))
+        with GuardClient(base) as client:
+            assert client.health()["status"] == "ok"  # the probe is open
+            with pytest.raises(ServiceError, match="answered 401 to GET /v1/info") as info:
+                client.noise_recipe
+            assert info.value.status == 401
+        with GuardClient(base, token="wrong") as client, pytest.raises(ServiceError, match="401"):
+            client.check(np.zeros((1, 10)), np.zeros((1, 8, 10)))
+
+
 def test_the_token_goes_in_the_authorization_header_and_odd_errors_keep_one_line():
     seen = []
 
