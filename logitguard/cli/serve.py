@@ -10,8 +10,7 @@ from ..errors import LogitguardError
 # These import nothing else: `--help` stays cheap and works without the 'serve' extra.
 from ..serve import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW,
                      DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_BODY_BYTES,
-                     DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS)
-from ..serve.protection import TOKEN_ENV
+                     DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS, TOKEN_ENV)
 from .options import main
 
 # What the 'serve' extra installs: an ImportError naming one of these means the extra is missing.

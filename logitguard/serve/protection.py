@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LogitguardError
-
-TOKEN_ENV = "LOGITGUARD_TOKEN"
+from . import TOKEN_ENV
 # Probes of liveness and readiness: open without a token, and they say nothing about the guard.
 OPEN_PATHS = frozenset({"/v1/health", "/v2/health/live", "/v2/health/ready"})
 RETRY_AFTER_SECONDS = 1
