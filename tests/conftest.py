@@ -147,6 +147,22 @@ def digits_test(digits_split_table) -> LogitTable:
 
 
 @pytest.fixture(scope="session")
+def noisy_guard(digits_split_table):
+    """A guard on digits that reads noise queries: learned-noisy detector at 1% FPR, reject; C=10, K=3."""
+    from logitguard.evaluation.guard import fit_guard
+
+    return fit_guard(digits_split_table)
+
+
+@pytest.fixture(scope="session")
+def plain_guard(digits_split_table):
+    """A guard on digits without noise queries: MSP detector and SVM corrector, correct."""
+    from logitguard.evaluation.guard import fit_guard
+
+    return fit_guard(digits_split_table, detector="msp", corrector="svm", on_flag="correct")
+
+
+@pytest.fixture(scope="session")
 def digits_split_dir(digits_split_table, tmp_path_factory):
     """`digits_split_table` written as a hive-partitioned directory (split=…/attack=…), as producers write."""
     from logitguard import write_table

@@ -136,23 +136,6 @@ def metrics(client: httpx.Client) -> dict[tuple, float]:
 
 
 @pytest.fixture(scope="module")
-def noisy_guard(digits_split_table):
-    """Learned-noisy detector, reject: needs K=3 noise queries."""
-    return fit_guard(digits_split_table)
-
-
-@pytest.fixture(scope="module")
-def plain_guard(digits_split_table):
-    """MSP detector and SVM corrector, correct: no noise queries."""
-    return fit_guard(digits_split_table, detector="msp", corrector="svm", on_flag="correct")
-
-
-@pytest.fixture(scope="module")
-def digits_test(digits_split_table):
-    return digits_split_table.select(split="test")
-
-
-@pytest.fixture(scope="module")
 def noisy_server(noisy_guard):
     with server(noisy_guard, max_rows=2000) as running:
         yield running

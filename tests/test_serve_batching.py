@@ -14,19 +14,18 @@ import pytest
 
 from logitguard.defenses.apply import decide
 from logitguard.errors import LogitguardError
-from logitguard.evaluation.guard import fit_guard
 from logitguard.serve import create_app, serve_in_thread
 from logitguard.serve.batching import MicroBatcher
 
 
 @pytest.fixture(scope="module")
-def guard(digits_split_table):
-    return fit_guard(digits_split_table)  # learned-noisy, reject: K = 3 noise queries
+def guard(noisy_guard):
+    return noisy_guard  # learned-noisy, reject: K = 3 noise queries
 
 
 @pytest.fixture(scope="module")
-def test_rows(digits_split_table):
-    return digits_split_table.select(split="test")
+def test_rows(digits_test):
+    return digits_test
 
 
 def slow(guard, calls):
