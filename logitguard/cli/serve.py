@@ -98,10 +98,9 @@ def campaign_watch(num_classes: int, table: str | None, threshold: float | None,
         return None
     if table is not None and threshold is not None:
         raise click.UsageError("give --watch-table or --watch-threshold, not both")
-    from ..serve.campaign import DEFAULT_CAMPAIGN_WINDOW, CampaignWatch
+    from ..serve.campaign import CampaignWatch, client_bytes
 
-    per_client = DEFAULT_CAMPAIGN_WINDOW * (4 * num_classes + 11)
-    params = {"max_clients": max(1, int(memory_mb * 2**20 // per_client))}
+    params = {"max_clients": max(1, int(memory_mb * 2**20 // client_bytes(num_classes)))}
     if threshold is not None:
         return CampaignWatch(threshold, **params)
     from ..tables import CLEAN, read_table

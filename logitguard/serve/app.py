@@ -58,14 +58,14 @@ class _Service:
     def __init__(self, guard: Guard, *, max_rows: int, max_body_bytes: int, max_concurrency: int, body_timeout: float,
                  authenticated: bool, drift: DriftWatch, max_batch_rows: int, batch_delay: float,
                  campaign: CampaignWatch | None, campaign_block: bool) -> None:
-        self.campaign, self.campaign_block = campaign, campaign_block
         self.guard, self.max_rows, self.max_body_bytes, self.drift = guard, max_rows, max_body_bytes, drift
+        self.max_concurrency, self.body_timeout, self.authenticated = max_concurrency, body_timeout, authenticated
+        self.campaign, self.campaign_block = campaign, campaign_block
         # The one apply path, as every engine; concurrent requests share one call when batching.
         self.decide: Callable[[np.ndarray, np.ndarray | None], Decision] = functools.partial(decide, guard)
         self.batcher = None
         if max_batch_rows:
             self.batcher = self.decide = MicroBatcher(self.decide, max_rows=max_batch_rows, max_delay=batch_delay)
-        self.max_concurrency, self.body_timeout, self.authenticated = max_concurrency, body_timeout, authenticated
         self.info = _served_info(describe_guard(guard), authenticated)
         self.parse_json = functools.partial(parse_json, num_classes=guard.num_classes, max_values=json_values_limit(
             guard.num_classes, guard.num_queries, max_rows))

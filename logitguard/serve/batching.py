@@ -111,8 +111,9 @@ class MicroBatcher:
             decisions = []
         for request, decision in zip(batch, decisions):
             request.result = decision
-        with self._lock:
-            self.batches += 1 if decisions else 0
-            self.rows += sum(len(r.logits) for r in batch) if decisions else 0
+        if decisions:
+            with self._lock:
+                self.batches += 1
+                self.rows += sum(len(r.logits) for r in batch)
         for request in batch:
             request.wake.set()

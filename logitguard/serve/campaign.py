@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import LogitguardError
 
-__all__ = ["DEFAULT_CAMPAIGN_FPR", "DEFAULT_CAMPAIGN_MAX_CLIENTS", "DEFAULT_CAMPAIGN_MIN_QUERIES",
+__all__ = ["client_bytes", "DEFAULT_CAMPAIGN_FPR", "DEFAULT_CAMPAIGN_MAX_CLIENTS", "DEFAULT_CAMPAIGN_MIN_QUERIES",
            "DEFAULT_CAMPAIGN_NEIGHBOURS", "DEFAULT_CAMPAIGN_WINDOW", "CampaignWatch", "knn_distances"]
 
 DEFAULT_CAMPAIGN_WINDOW = 1000
@@ -41,6 +41,11 @@ DEFAULT_CAMPAIGN_FPR = 1e-3
 # new rows compared with their history at once: memory O(_CHUNK × (window + _CHUNK)); small enough that
 # OpenBLAS runs each product on one thread (larger ones went threaded and were 1000x slower on a busy host)
 _CHUNK = 64
+
+
+def client_bytes(num_classes: int, window: int = DEFAULT_CAMPAIGN_WINDOW) -> int:
+    """The most one client's state holds: `window` rows of C float32 logits, a float64 time and three flags."""
+    return window * (4 * num_classes + 11)
 
 
 def centred(logits: np.ndarray) -> np.ndarray:
