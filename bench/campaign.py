@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from logitguard.defenses.pipelines import load_pipelines  # noqa: E402
+from logitguard.evaluation.intervals import binomial_interval  # noqa: E402
 from logitguard.serve.campaign import CampaignWatch  # noqa: E402
 from logitguard.tables import read_table  # noqa: E402
 from producers.attacks import make_attack  # noqa: E402
@@ -75,6 +76,12 @@ def augment(x: torch.Tensor, rng: np.random.Generator, variants: int) -> torch.T
             shifted = torch.roll(image, shifts=(int(dy), int(dx)), dims=(1, 2))
             out.append((shifted * float(rng.uniform(0.85, 1.15))).clamp(0, 1))
     return torch.stack(out)
+
+
+def interval(k: int, n: int) -> str:
+    """k / n as a percentage with its 95% interval (the project's `binomial_interval`)."""
+    low, high = binomial_interval(k, n)
+    return f"{100 * k / n:.0f}% [{100 * float(low):.0f}, {100 * float(high):.0f}]"
 
 
 def pct(values: list[float], q: float) -> str:
@@ -149,11 +156,11 @@ def main() -> None:
         rows.append((name, len(chosen), queries, success_at, alarm_at, caught, alarmed, time.perf_counter() - start))
 
     print(f"\n{'attack stream':14} {'streams':>7} {'queries':>8} {'succeeded':>9} {'success q':>10} "
-          f"{'alarmed':>7} {'alarm q med':>11} {'p90':>5} {'caught before success':>22} {'attack s':>8}")
+          f"{'alarmed':>7} {'alarm q med':>11} {'p90':>5} {'caught before success [95% CI]':>30} {'attack s':>8}")
     for name, n, queries, success_at, alarm_at, caught, alarmed, seconds in rows:
-        share = f"{caught}/{len(success_at)}" + (f" ({100 * caught / len(success_at):.0f}%)" if success_at else "")
+        share = f"{caught}/{len(success_at)}" + (f" ({interval(caught, len(success_at))})" if success_at else "")
         print(f"{name:14} {n:7} {queries:8} {len(success_at):9} {pct(success_at, 50):>10} {alarmed:7} "
-              f"{pct(alarm_at, 50):>11} {pct(alarm_at, 90):>5} {share:>22} {seconds:8.0f}")
+              f"{pct(alarm_at, 50):>11} {pct(alarm_at, 90):>5} {share:>30} {seconds:8.0f}")
 
     # benign streams: one client each, fed one row per request at one query a second
     clean = test.logits
@@ -176,7 +183,9 @@ def main() -> None:
         total, alarmed_total = total + len(stream), alarmed_total + int(alarms.sum())
         print(f"{name:30} {len(stream):8} {int(alarms.sum()):12} {1e4 * alarms.mean():8.1f} {onsets:12} "
               f"{summary['near_total']:9}")
-    print(f"{'all benign':30} {total:8} {alarmed_total:12} {1e4 * alarmed_total / total:8.1f}")
+    high = 1e4 * float(binomial_interval(alarmed_total, total)[1])
+    print(f"{'all benign':30} {total:8} {alarmed_total:12} {1e4 * alarmed_total / total:8.1f}  (95% CI upper "
+          f"bound {high:.1f} per 10k)")
 
     print(f"\n{'observe cost':30} {'window':>7} {'rows/request':>12} {'us/row':>8}")
     for window in (100, 1000):
