@@ -265,7 +265,9 @@ class LogitCorrector(Estimator):
         """The eval-mode forward in NumPy (`logitguard.defenses.math.corrector`, shared with the producer's
         mirror): relu(x W1ᵀ + b1) W2ᵀ + b2 for x (N, C) float32, batch by batch."""
         w1, b1, w2, b2 = (np.asarray(weights[k], dtype=np.float32) for k in WEIGHT_KEYS)
-        w1t, w2t = np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T)  # (C, D), (D, C)
+        # Transposed views, not copies: BLAS reads them as they lie, and a copy would cost a pass over
+        # every weight per call (8 MB at C=1000, D=1,000), more than the product itself for one row.
+        w1t, w2t = w1.T, w2.T  # (C, D), (D, C)
         out = np.empty_like(logits)
         for start in range(0, len(logits), _NUMPY_BATCH):
             out[start:start + _NUMPY_BATCH] = corrector_logits(logits[start:start + _NUMPY_BATCH], w1t, b1, w2t, b2)
