@@ -110,6 +110,16 @@ def test_binding_beyond_loopback_needs_a_token_or_an_explicit_waiver(guard, tmp_
     assert refused.exit_code == 1 and "Error: binding to 0.0.0.0 exposes the guard" in refused.output
 
 
+def test_run_caps_the_blas_threads_of_its_process(guard, monkeypatch):
+    """`run` owns its process: a check's arithmetic gets `compute_threads` BLAS / OpenMP threads."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr("uvicorn.Server.run", lambda self: None)  # configure, do not serve
+    with threadpoolctl.threadpool_limits(limits=None):  # restores the suite's own limits afterwards
+        run(guard, port=0, compute_threads=1)
+        pools = threadpoolctl.threadpool_info()
+        assert pools and all(pool["num_threads"] == 1 for pool in pools)
+
+
 def test_tokens_are_read_safely(tmp_path, monkeypatch):
     monkeypatch.delenv("LOGITGUARD_TOKEN", raising=False)
     assert read_token() is None

@@ -8,7 +8,7 @@ import click
 
 from ..errors import LogitguardError
 # These import nothing else: `--help` stays cheap and works without the 'serve' extra.
-from ..serve import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW,
+from ..serve import (DEFAULT_BATCH_DELAY, DEFAULT_BODY_TIMEOUT, DEFAULT_COMPUTE_THREADS, DEFAULT_DRAIN_TIMEOUT, DEFAULT_DRIFT_WINDOW,
                      DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_BODY_BYTES,
                      DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ROWS, TOKEN_ENV)
 from .options import main
@@ -51,6 +51,9 @@ _SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_cli
               help="Dynamic batching: concurrent requests' rows decided in one call, up to this many (0: off).")
 @click.option("--batch-delay-ms", type=click.FloatRange(min=0), default=DEFAULT_BATCH_DELAY * 1000, show_default=True,
               help="Milliseconds a batch waits for more requests (0: it takes what arrived while the last one ran).")
+@click.option("--compute-threads", type=click.IntRange(min=1), default=DEFAULT_COMPUTE_THREADS, show_default=True,
+              help="BLAS / OpenMP threads a check may use. Requests already run in parallel; raise it for few, "
+                   "large batches.")
 @click.option("--watch-table", type=click.Path(exists=True), default=None,
               help="Campaign watch: calibrate it on this table's clean rows (train split, else all), and watch each "
                    "client address's logit stream for a query attack (alarms in /v1/info and /metrics).")

@@ -98,8 +98,11 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_MAX_BATCH_ROWS = 4096
 TOKEN_ENV = "LOGITGUARD_TOKEN"  # where `read_token` looks for the bearer token without a token file
 DEFAULT_BATCH_DELAY = 0.0
+# BLAS / OpenMP threads per check: concurrency comes from concurrent requests, and BLAS threads that spin
+# between calls take the cores those requests (and a client on the same machine) need.
+DEFAULT_COMPUTE_THREADS = 1
 
-__all__ = ["DEFAULT_BATCH_DELAY", "DEFAULT_BODY_TIMEOUT", "DEFAULT_DRAIN_TIMEOUT", "DEFAULT_DRIFT_ALPHA", "DEFAULT_DRIFT_MIN_ROWS", "DEFAULT_DRIFT_WINDOW",
+__all__ = ["DEFAULT_BATCH_DELAY", "DEFAULT_BODY_TIMEOUT", "DEFAULT_COMPUTE_THREADS", "DEFAULT_DRAIN_TIMEOUT", "DEFAULT_DRIFT_ALPHA", "DEFAULT_DRIFT_MIN_ROWS", "DEFAULT_DRIFT_WINDOW",
            "DEFAULT_HEADER_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_BATCH_ROWS", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CONCURRENCY",
            "DEFAULT_MAX_ROWS", "TOKEN_ENV", "DriftWatch", "create_app",
            "is_loopback", "read_token", "run", "serve_in_thread"]
