@@ -239,6 +239,18 @@ def _header(length) -> dict:
     return {HEADER_LENGTH: str(length)}
 
 
+def test_unknown_routes_answer_in_each_protocols_error_shape(noisy_server):
+    client, _ = noisy_server
+    for method, path, status in [("GET", "/v2/nothing/here", 404), ("GET", "/v2/models/logitguard/infer", 405),
+                                 ("POST", "/v2/health/live", 405)]:
+        reply = client.request(method, path)
+        assert reply.status_code == status, (method, path)
+        assert set(reply.json()) == {"error"} and "the protocol's routes are" in reply.json()["error"]
+        assert "here" not in reply.json()["error"]  # nothing of the request is echoed
+    assert client.get("/v2/models/logitguard/infer").headers["allow"] == "POST"
+    assert client.get("/v1/nothing").json() == {"detail": "Not Found"}  # /v1 keeps FastAPI's shape
+
+
 def test_malformed_binary_requests_get_400_with_one_line(noisy_server, noisy_guard, digits_test):
     client, _ = noisy_server
     x, noisy = digits_test.logits[:3].astype(np.float32), digits_test.noisy_logits[:3].astype(np.float32)

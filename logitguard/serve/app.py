@@ -38,7 +38,7 @@ from .codec import (ARROW_STREAM, JSON, MAX_ABS, CheckResponse, ErrorResponse, R
 from .campaign import CampaignWatch
 from .drift import DriftWatch
 from .oip import ENDPOINTS as OIP_ENDPOINTS, register as register_oip
-from .protection import Protection
+from .protection import Protection, error_key
 
 log = logging.getLogger("logitguard.serve")
 PREFIX = "/v1"
@@ -200,7 +200,7 @@ class _Instrument:
         except Exception:
             log.exception("unexpected error on %s %s", scope.get("method"), scope["path"])
             if not status:  # nothing sent yet: answer; else the connection just ends
-                await JSONResponse({"detail": "internal server error; the error was logged"}, 500)(
+                await JSONResponse({error_key(scope["path"]): "internal server error; the error was logged"}, 500)(
                     scope, receive, send)
             status = 500
         finally:

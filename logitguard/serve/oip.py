@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.exception_handlers import http_exception_handler
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..defenses.decision import Decision
@@ -24,6 +26,7 @@ from ..defenses.guard import Guard
 from ..errors import LogitguardError
 from .codec import JSON, RequestError, json_values_limit
 from .oip_codec import HEADER_LENGTH, InferRequest, encode_infer, outputs_of, parse_infer, quoted
+from .protection import error_key
 
 VERSION = "1"  # the one model version served
 MODEL = "/v2/models/{model_name}"
@@ -85,6 +88,16 @@ def register(app: FastAPI, service: CheckService, *, model_name: str,
         if version is not None and version != VERSION:
             raise RequestError(404, f"unknown version {quoted(version)} of model {model_name!r}; it has "
                                     f"{VERSION!r}")
+
+    async def routing_error(request: Request, exc: HTTPException) -> Response:
+        """The router's own 404 and 405 in the protocol's shape under /v2 (FastAPI's everywhere else)."""
+        if error_key(request.url.path) == "detail":
+            return await http_exception_handler(request, exc)
+        routes = "/v2, /v2/health/{live,ready}, /v2/models/{name}[/versions/1][/ready], POST .../infer"
+        return JSONResponse({"error": f"{str(exc.detail).lower()}; the protocol's routes are {routes}"},
+                            exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, routing_error)
 
     @app.get("/v2", **hidden)
     async def server_metadata() -> dict[str, Any]:

@@ -116,11 +116,15 @@ def _host(headers: dict[bytes, list[bytes]]) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def error_key(path: str) -> str:
+    """The key of an error reply on `path`: "error" under the Open Inference Protocol's /v2, else "detail"."""
+    return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+
+
 async def _refuse(send: Callable, path: str, status: int, message: str, *, close: bool = False,
                   extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Answer `status` with the route's error shape, and nothing from the request in it."""
-    key = "error" if path.startswith("/v2") else "detail"
-    body = b'{"%s":"%s"}' % (key.encode(), message.encode())
+    body = b'{"%s":"%s"}' % (error_key(path).encode(), message.encode())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     if close:
         headers.append((b"connection", b"close"))
