@@ -19,10 +19,12 @@ synthetic clean and attacked logits, on_flag "correct", K=0; half the rows attac
    the server itself answered within 5 ms (from its latency histogram);
 2. batched Arrow requests of `--batch` rows, N in flight: rows/s, beside in-process `Guard.check` rows/s
    on the same batches and their ratio (target: HTTP within 2x of in-process, ratio >= 0.5);
-3. overload (C=10 guard only, `--overload` requests): the server's ``--max-concurrency`` set to 8, the
-   client keeps 16 single-row requests in flight (twice the capacity): the share answered 503, the
-   accepted requests' p50 / p99, and the server's resident memory before, after 10% and at the end of
-   the run (it must not grow).
+3. overload (`--overload` requests, on the C=10 guard and on the D=10,000 one): the server's
+   ``--max-concurrency`` set to 8, the client keeps 16 single-row requests in flight (twice the capacity)
+   and sends the next at once, 503 or not: the share answered 503, the accepted requests' p50 / p99, and
+   the server's resident memory before, after 10% and at the end of the run (it must not grow). The C=10
+   guard answers faster than one client on the same cores can send, so only the slow D=10,000 guard
+   (a single row reads its 80 MB of weights) holds more than 8 requests at the server.
 
 Client and server share the machine (2 cores here): the client's own CPU time is part of every figure.
 Figures only: nothing is asserted.
@@ -249,7 +251,7 @@ def overload(guard: Guard, single: list[bytes], args: argparse.Namespace, workdi
 
 
 def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None, args: argparse.Namespace,
-          workdir: Path, *, latency_target: float | None = None) -> None:
+          workdir: Path, *, latency_target: float | None = None, overload_run: bool = False) -> None:
     print(f"\n{label}: {guard!r}")
     batch = args.batch
     batches = [(logits[i:i + batch], None if noisy is None else noisy[i:i + batch])
@@ -283,7 +285,7 @@ def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None
     quarter = batched[16] / local
     target = f"   (target >= 0.25: {'met' if quarter >= 0.25 else 'MISSED'})" if latency_target is not None else ""
     print(f"  single rows at 16 in flight with batching / in-process batched rows/s: {quarter:.3f}{target}")
-    if args.overload and noisy is not None:
+    if args.overload and overload_run:
         overload(guard, single, args, workdir)
 
 
@@ -305,11 +307,11 @@ def main() -> None:
         workdir = Path(tmp)
         if "c10" in only:
             guard, logits, noisy = fashion_guard()
-            bench("C=10, embedded ln-reject (K=8)", guard, logits, noisy, args, workdir)
+            bench("C=10, embedded ln-reject (K=8)", guard, logits, noisy, args, workdir, overload_run=True)
         for hidden in [h for h in (1000, 10_000) if f"d{h}" in only]:
             guard, logits = synthetic_guard(1000, hidden, args.detector)
             bench(f"C=1000, D={hidden:,}, synthetic", guard, logits, None, args, workdir,
-                  latency_target=5.0 if hidden == 1000 else None)
+                  latency_target=5.0 if hidden == 1000 else None, overload_run=hidden == 10_000)
 
 
 if __name__ == "__main__":
