@@ -13,7 +13,7 @@ queries per row, rows from the Fashion-MNIST test split); C=1000, a synthetic gu
 synthetic clean and attacked logits, on_flag "correct", K=0; half the rows attacked). Figures:
 
 1. single-row JSON requests at 1, 4 and 16 in flight, without and with dynamic batching
-   (``--max-batch-rows 0`` / the default): p50 / p99 latency and requests/s (targets at C=1000, D=1,000:
+   (``--max-batch-rows 0``, the default / ``4096``): p50 / p99 latency and requests/s (targets at C=1000, D=1,000:
    p99 <= 5 ms at 1 in flight; at 16 in flight, rows/s >= a quarter of in-process batched rows/s);
    beside them GET /v1/health (no work: the floor this machine and client set) and the share of checks
    the server itself answered within 5 ms (from its latency histogram);
@@ -227,9 +227,10 @@ def single_rows(server: Server, single: list[bytes], args: argparse.Namespace, l
     return rates
 
 
-def overload(guard: Guard, single: list[bytes], args: argparse.Namespace, workdir: Path) -> None:
+def overload(guard: Guard, single: list[bytes], args: argparse.Namespace, workdir: Path, batching: bool) -> None:
     """Twice the capacity: --max-concurrency 8, 16 in flight, `args.overload` requests."""
-    server = Server(guard, workdir, args.batch, "--max-concurrency", "8")
+    server = Server(guard, workdir, args.batch, "--max-concurrency", "8",
+                    "--max-batch-rows", "4096" if batching else "0")
     try:
         rss = {"start": server.rss_mib()}
 
@@ -244,7 +245,8 @@ def overload(guard: Guard, single: list[bytes], args: argparse.Namespace, workdi
         server.stop()
     total = len(lat) + busy
     p50, p99 = np.percentile(lat, [50, 99]) * 1e3
-    print(f"  overload, --max-concurrency 8, 16 in flight, {total:,} requests in {wall:.0f} s: "
+    print(f"  overload, --max-concurrency 8, 16 in flight, {'batching' if batching else 'no batching'}, "
+          f"{total:,} requests in {wall:.0f} s: "
           f"{100 * busy / total:.1f}% answered 503; accepted p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
           f"{len(lat) / wall:.0f} req/s; server RSS {rss['start']:.0f} MiB at start, "
           f"{rss.get('10%', float('nan')):.0f} after 10%, {rss['end']:.0f} at the end")
@@ -267,7 +269,7 @@ def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None
         single_rows(server, single, args, "no batching", latency_target)
     finally:
         server.stop()
-    server = Server(guard, workdir, batch)
+    server = Server(guard, workdir, batch, "--max-batch-rows", "4096")
     try:
         batched = single_rows(server, single, args, "batching", latency_target)
         lat, wall, _ = asyncio.run(drive(server.url, "/v1/check.arrow", arrow, ARROW_STREAM,
@@ -286,7 +288,8 @@ def bench(label: str, guard: Guard, logits: np.ndarray, noisy: np.ndarray | None
     target = f"   (target >= 0.25: {'met' if quarter >= 0.25 else 'MISSED'})" if latency_target is not None else ""
     print(f"  single rows at 16 in flight with batching / in-process batched rows/s: {quarter:.3f}{target}")
     if args.overload and overload_run:
-        overload(guard, single, args, workdir)
+        for batching in (False, True):
+            overload(guard, single, args, workdir, batching)
 
 
 def main() -> None:

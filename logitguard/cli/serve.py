@@ -48,7 +48,8 @@ _SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_cli
               help="PEM certificate: serve HTTPS (with --ssl-keyfile).")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="Its PEM key.")
 @click.option("--max-batch-rows", type=click.IntRange(min=0), default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
-              help="Dynamic batching: concurrent requests' rows decided in one call, up to this many (0: off).")
+              help="Dynamic batching: concurrent requests' rows decided in one call, up to this many (0: off; "
+                   "try 4096 where one check is slow, as with a wide corrector).")
 @click.option("--batch-delay-ms", type=click.FloatRange(min=0), default=DEFAULT_BATCH_DELAY * 1000, show_default=True,
               help="Milliseconds a batch waits for more requests (0: it takes what arrived while the last one ran).")
 @click.option("--compute-threads", type=click.IntRange(min=1), default=DEFAULT_COMPUTE_THREADS, show_default=True,

@@ -95,7 +95,9 @@ DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 5.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
-DEFAULT_MAX_BATCH_ROWS = 4096
+# Dynamic batching is off by default: with one BLAS thread per check, per-request HTTP and JSON work, not
+# the guard's arithmetic, bounds a CPU server, and batching lowered requests/s (bench/serve.py).
+DEFAULT_MAX_BATCH_ROWS = 0
 TOKEN_ENV = "LOGITGUARD_TOKEN"  # where `read_token` looks for the bearer token without a token file
 DEFAULT_BATCH_DELAY = 0.0
 # BLAS / OpenMP threads per check: concurrency comes from concurrent requests, and BLAS threads that spin
