@@ -182,7 +182,6 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from ..attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from ..data.datasets import load_dataset
-    from producers.export.attack_specs import check_attack_params
     from ..models.classifiers import load_model
     from ..data.noise import NoiseRecipe
     from ..threat.export import export_surrogate, export_through
@@ -205,16 +204,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     if not chosen or unknown:
         what = "query attacks" if tier == "query" else "defense-aware attacks"
         raise ProducerError(f"--attacks takes {what} {list(known)} with --tier {tier}, got {attacks!r}")
-    attack_params = {}
-    for item in params:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
-        attack_params[key] = parse_value(raw, item)
-    if "eps" in attack_params:
-        raise ProducerError("--param eps: the budgets come from --budgets")
-    for attack in chosen:  # every --param goes to every attack: each must accept it
-        check_attack_params(attack, attack_params, where=f"--param for attack {attack}")
+    attack_params = defense_params(params, chosen)
     eps = parse_budgets(budgets)
     if any(e > 1 for e in eps):
         raise ProducerError(f"--budgets must be at most 1 (pixels in [0, 1]), got {budgets!r}")
@@ -254,6 +244,24 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                                   workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
                                   attacker_attacks=_attacker_attacks(attacker_attacks), **common)
     echo_report(report, out, as_json)
+
+
+def defense_params(params: tuple[str, ...], attacks: list[str]) -> dict:
+    """--param NAME=VALUE (repeatable) of the defense-aware commands: every parameter goes to every attack in
+    `attacks`, so each must accept it (checked before anything is loaded); eps comes from --budgets."""
+    from producers.export.attack_specs import check_attack_params
+
+    attack_params = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
+        attack_params[key] = parse_value(raw, item)
+    if "eps" in attack_params:
+        raise ProducerError("--param eps: the budgets come from --budgets")
+    for attack in attacks:  # every --param goes to every attack: each must accept it
+        check_attack_params(attack, attack_params, where=f"--param for attack {attack}")
+    return attack_params
 
 
 def _attacker_attacks(spec: str) -> list[str]:
