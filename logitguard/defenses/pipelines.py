@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 _ROLES = ("detector", "corrector")
 _KEYS = (*_ROLES, "on_flag")
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "PipelineSpec", "load_pipelines", "save_pipelines"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "PipelineSpec", "load_pipelines", "manifest_provenance", "save_pipelines"]
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,28 @@ def load_pipelines(path: str | os.PathLike) -> dict[str, PipelineSpec]:
     return specs
 
 
+def manifest_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``provenance`` a manifest was saved with (`save_pipelines`), None when it has none."""
+    path = Path(path)
+    load_pipelines(path)  # refuses what is not a manifest
+    value = json.loads(path.read_text(encoding="utf-8")).get("provenance")
+    if value is not None and not isinstance(value, dict):
+        raise LogitguardError(f"{path}: \"provenance\" must be an object, got {value!r}")
+    return value
+
+
 def save_pipelines(
     path: str | os.PathLike,
     pipelines: Mapping[str, Mapping[str, Any] | PipelineSpec],
     *,
     overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a manifest atomically: ``{name: {"detector": path, "corrector": path, "on_flag": policy}}``
     (any key optional) or ``{name: PipelineSpec}``.
+
+    `provenance` (JSON-serialisable): how the files were made, stored under the manifest's ``provenance`` key
+    (e.g. the rounds of an adversarial fit) and read back by `manifest_provenance`; readers ignore it.
 
     File paths are ordinary paths (relative ones to the current directory, as everywhere in Python) and
     are stored relative to the manifest's folder. Refuses to replace an existing manifest unless
@@ -154,7 +168,9 @@ def save_pipelines(
         if roles:
             out["on_flag"] = on_flag
         entries[name] = out
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipelines": entries}
+    doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipelines": entries}
+    if provenance is not None:
+        doc["provenance"] = dict(provenance)
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return path

@@ -86,7 +86,7 @@ def package_pipeline(manifest: str | os.PathLike, name: str,
                      table: LogitTable | str | os.PathLike) -> tuple[Guard, LogitTable, dict[str, str]]:
     """Pipeline `name` of a manifest (`logitguard.defenses.pipelines`) as an unmeasured guard for `table`:
     (guard, the table read, the sha256 of the pipeline's files)."""
-    from .pipelines import load_pipelines
+    from .pipelines import load_pipelines, manifest_provenance
 
     specs = load_pipelines(manifest)
     if name not in specs:
@@ -95,9 +95,12 @@ def package_pipeline(manifest: str | os.PathLike, name: str,
     source, table = open_table(table)
     defense = spec.build()
     files = spec.fingerprints()
+    settings: dict[str, Any] = {"manifest": str(manifest), "pipeline": name, "files": files}
+    fitted = manifest_provenance(manifest)  # how the manifest's files were made (an adversarial fit's rounds)
+    if fitted is not None:
+        settings["manifest_provenance"] = fitted
     guard = Guard(defense, class_names=table.class_names, num_queries=_queries(table, defense.detector),
-                  noise=table.metadata.get("noise"),
-                  provenance=_provenance(source, table, {"manifest": str(manifest), "pipeline": name, "files": files}))
+                  noise=table.metadata.get("noise"), provenance=_provenance(source, table, settings))
     return guard, table, files
 
 

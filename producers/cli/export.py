@@ -140,6 +140,13 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
               help="Parameter for every attack, e.g. steps=100, restarts=2, eot=1 (repeatable).")
 @click.option("--test-samples", type=int, default=1000, show_default=True,
               help="Test samples (the first of the table's seeded selection).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="adaptive: the split to attack. train: the attacker's view of what the defender learns from, "
+                   "for fitting detectors on adaptive attacks; partitions adaptive-train.PIPELINE.ATTACK.eN, on "
+                   "--train-samples samples outside the detector's calibration hold-out.")
+@click.option("--train-samples", type=int, default=1000, show_default=True,
+              help="With --split train: samples (the first of the train split's seeded selection outside the "
+                   "detectors' calibration hold-out; each must have a clean row in the table).")
 @click.option("--after", default=None, metavar="ATTACKS",
               help="adaptive: continue earlier runs: attack only the samples that each pipeline's partitions of "
                    "these attacks (comma-separated, e.g. suite) in --out left unbroken.")
@@ -156,11 +163,14 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
 def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, device: str, model_spec: str,
                     defenses: str, pipelines: str | None, tier: str, attacks: str | None, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
-                    workdir: str | None, out: str, as_json: bool, judge_draws: int, after: str | None) -> None:
+                    workdir: str | None, out: str, as_json: bool, judge_draws: int, after: str | None,
+                    split: str = "test", train_samples: int = 1000) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
 
     Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
     whose rows the real defenses judge later (`logitguard threat`). Finished partitions are skipped.
+    With --split train (adaptive only) the partitions go to the train split as ``adaptive-train.…``, for
+    fitting a detector on them (`logitguard fit-pipelines --attacks`; `fit-adversarially` does it in rounds).
     """
     from pathlib import Path
 
@@ -172,14 +182,20 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
 
     from ..attacks import DEFENSE_ATTACK_NAMES, QUERY_ATTACK_NAMES
     from ..data.datasets import load_dataset
-    from producers.export.attack_specs import check_attack_params
     from ..models.classifiers import load_model
     from ..data.noise import NoiseRecipe
     from ..threat.export import export_surrogate, export_through
     from ..threat.queries import DEFAULT_QUERY_ATTACKS, export_queries
 
     check_positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size,
-              judge_draws=judge_draws)
+              judge_draws=judge_draws, train_samples=train_samples)
+    if split != "test" and tier != "adaptive":
+        raise ProducerError(f"--split {split} is for --tier adaptive (the {tier} tier attacks the test split)")
+    given = click.get_current_context().get_parameter_source
+    wrong = "train_samples" if split == "test" else "test_samples"
+    if given(wrong).name != "DEFAULT":
+        raise ProducerError(f"--{wrong.replace('_', '-')} does not apply with --split {split}; use "
+                            f"--{split}-samples")
     known = QUERY_ATTACK_NAMES if tier == "query" else DEFENSE_ATTACK_NAMES
     if attacks is None:
         attacks = ",".join(DEFAULT_QUERY_ATTACKS) if tier == "query" else "routes,defended-pgd,min-margin"
@@ -188,16 +204,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     if not chosen or unknown:
         what = "query attacks" if tier == "query" else "defense-aware attacks"
         raise ProducerError(f"--attacks takes {what} {list(known)} with --tier {tier}, got {attacks!r}")
-    attack_params = {}
-    for item in params:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
-        attack_params[key] = parse_value(raw, item)
-    if "eps" in attack_params:
-        raise ProducerError("--param eps: the budgets come from --budgets")
-    for attack in chosen:  # every --param goes to every attack: each must accept it
-        check_attack_params(attack, attack_params, where=f"--param for attack {attack}")
+    attack_params = defense_params(params, chosen)
     eps = parse_budgets(budgets)
     if any(e > 1 for e in eps):
         raise ProducerError(f"--budgets must be at most 1 (pixels in [0, 1]), got {budgets!r}")
@@ -215,13 +222,13 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     meta = {k: v for k, v in table.metadata.items() if k not in ("attacks", "threat", "schema_version")}
     recipe = NoiseRecipe.from_metadata(meta.get("noise"))
     model = load_model(model_spec, device=device)
-    test = load_dataset(dataset, "test", root=root)
+    test = load_dataset(dataset, split, root=root)  # the split attacked (train: --split train)
     # The new partitions carry the per-row columns the table has, so they join it.
     columns = set(table_columns(out))
     if "external_score" in columns:
         raise ProducerError(f"{out} has an external system's columns (external_score): attack-defenses does not "
                             "run that system; export it into a table of its own")
-    common = dict(attacks=chosen, budgets=eps, samples=test_samples, noise=recipe, attack_params=attack_params,
+    common = dict(attacks=chosen, budgets=eps, samples=test_samples if split == "test" else train_samples, noise=recipe, attack_params=attack_params,
                   seed=seed, batch_size=batch_size, device=device, metadata=meta, judge_draws=judge_draws,
                   features="features" in columns, insen="insen" in columns)
     if after and tier != "adaptive":
@@ -237,6 +244,24 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                                   workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
                                   attacker_attacks=_attacker_attacks(attacker_attacks), **common)
     echo_report(report, out, as_json)
+
+
+def defense_params(params: tuple[str, ...], attacks: list[str]) -> dict:
+    """--param NAME=VALUE (repeatable) of the defense-aware commands: every parameter goes to every attack in
+    `attacks`, so each must accept it (checked before anything is loaded); eps comes from --budgets."""
+    from producers.export.attack_specs import check_attack_params
+
+    attack_params = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ProducerError(f"--param {item!r} must look like NAME=VALUE, e.g. steps=100")
+        attack_params[key] = parse_value(raw, item)
+    if "eps" in attack_params:
+        raise ProducerError("--param eps: the budgets come from --budgets")
+    for attack in attacks:  # every --param goes to every attack: each must accept it
+        check_attack_params(attack, attack_params, where=f"--param for attack {attack}")
+    return attack_params
 
 
 def _attacker_attacks(spec: str) -> list[str]:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from logitguard.defenses.pipelines import PipelineSpec, load_pipelines
-from logitguard.tables import LogitTable
+from logitguard.errors import LogitguardError
+from logitguard.tables import LogitTable, holdout_mask
 from logitguard.tables.threat import DEFAULT_BUDGETS
 
 from ..attacks import DEFENSE_ATTACK_NAMES, make_attack
@@ -55,8 +56,27 @@ BARE_ATTACKS = ("routes", "defended-pgd", "apgd-ce", "apgd-dlr", "apgd-t", "suit
 
 
 def partition_name(tier: str, pipeline: str, attack: str, eps: float) -> str:
-    """``adaptive.ln-odds.routes.e16`` for ε = 16/255."""
+    """``adaptive.ln-odds.routes.e16`` for ε = 16/255. `tier` is the name's first part: a partition of another
+    split than test is named ``adaptive-train.…`` (`train_prefix`), an adversarial fit's ``adaptive-round2.…``."""
     return f"{tier}.{pipeline}.{attack}.e{round(eps * 255):g}"
+
+
+def train_prefix(tier: str, split: str) -> str:
+    """The first part of a defense-aware partition's name on `split`: the tier on ``test`` (as always),
+    ``<tier>-<split>`` elsewhere. The ``threat`` metadata is one entry per partition name for the whole table,
+    so a train partition must not share its name with the test partition of the same attack."""
+    return tier if split == "test" else f"{tier}-{split}"
+
+
+def calibration_holdout(pipelines: Mapping[str, PipelineSpec]) -> float:
+    """The largest share of samples any of these pipelines' detectors holds out to calibrate its threshold
+    (`Detector.calibration_fraction`; the samples are `logitguard.tables.holdout_mask(ids, share, seed=0)`,
+    a hash of the sample id, the same in any table)."""
+    share = 0.0
+    for spec in pipelines.values():
+        detector = None if spec.detector is None else spec.build().detector
+        share = max(share, float(getattr(detector, "calibration_fraction", 0.0)))
+    return share
 
 
 def export_through(
@@ -82,6 +102,8 @@ def export_through(
     judge_draws: int = 5,
     judges: Mapping[str, PipelineSpec] | None = None,
     after: Sequence[str] = (),
+    prefix: str | None = None,
+    threat_extra: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> ExportReport:
     """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
@@ -100,15 +122,30 @@ def export_through(
     are broken already, so the per-sample worst case is unchanged) and the threat entry names the partitions.
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
+
+    On another split than ``test`` (`data` is the train split: the attacker's view of what the defender learnt
+    from, for an adversarial fit) partitions are named ``<tier>-<split>.…`` (`train_prefix`; `prefix`
+    overrides the first part of every name), their threat entry records ``split`` and ``calibration_holdout``,
+    the samples are the first `samples` of the split's seeded selection *outside* the pipelines' detector
+    calibration hold-out (`calibration_holdout`: the clean rows their thresholds are set on are never
+    attacked), and every chosen sample must have a clean row in `out`'s split (refused otherwise).
+    `threat_extra` is added to every threat entry (an adversarial fit's ``round``).
     """
     if tier not in TIERS:
         raise ProducerError(f"tier must be one of {TIERS}, got {tier!r}")
     unknown = sorted(set(attacks) - set(DEFENSE_ATTACK_NAMES))
     if unknown:
         raise ProducerError(f"unknown defense-aware attack(s) {unknown}; known: {list(DEFENSE_ATTACK_NAMES)}")
+    holdout = 0.0 if data.split == "test" else calibration_holdout(pipelines)
     rows, base_meta = run_selection(data, budgets=budgets, judge_draws=judge_draws, samples=samples, seed=seed,
-                                    noise=noise, metadata=metadata)
+                                    noise=noise, metadata=metadata, holdout=holdout)
     out, device = Path(out), torch.device(device)
+    if data.split != "test":
+        _check_clean_rows(out, data.split, rows, samples, seed)
+    extra = dict(threat_extra or {})
+    if data.split != "test":
+        extra = {"split": data.split, "calibration_holdout": holdout, **extra}
+    first = prefix or train_prefix(tier, data.split)
     model = model.to(device).eval()
     plan = []  # (partition name, attacker, metadata): everything is built and checked before any attack
     for key, spec in pipelines.items():
@@ -118,15 +155,16 @@ def export_through(
         bare = spec.detector is None and spec.corrector is None
         for eps in budgets:
             for attack in (a for a in attacks if not bare or a in BARE_ATTACKS):
-                name = partition_name(tier, target, attack, eps)
+                name = partition_name(first, target, attack, eps)
                 try:
                     attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps,
                                            batch_size=batch_size, device=device, **dict(attack_params or {}))
                 except (TypeError, ValueError) as exc:
                     raise ProducerError(f"attack {attack}: {exc}") from None
-                threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files}
+                threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files,
+                          **extra}
                 if after:
-                    earlier = [partition_name(tier, target, a, eps) for a in after]
+                    earlier = [partition_name(first, target, a, eps) for a in after]
                     threat["after"] = earlier
                     judged_by = (judges or pipelines)[key]
                     attacker = Unbroken(attacker, ~broken_by_partitions(out, data.split, earlier, rows, judged_by))
@@ -144,19 +182,43 @@ def export_through(
 
 
 def run_selection(data: ImageSet, *, budgets: Sequence[float], judge_draws: int, samples: int | None, seed: int,
-                  noise: NoiseRecipe | None, metadata: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
+                  noise: NoiseRecipe | None, metadata: Mapping[str, Any] | None,
+                  holdout: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
     """What every defense-aware export checks and shares: the budgets and judge draws (refused when out of
     range), the sorted sample ids (the first `samples` of the split's seeded selection, the oblivious
-    partitions' samples) and the table metadata every partition carries."""
+    partitions' samples; with `holdout` > 0, of those outside ``holdout_mask(ids, holdout, seed=0)``, a
+    detector's calibration hold-out) and the table metadata every partition carries."""
     if judge_draws < 1:
         raise ProducerError(f"judge_draws must be >= 1, got {judge_draws!r}")
     if not budgets or any(not 0 < eps <= 1 for eps in budgets):
         raise ProducerError(f"budgets must be in (0, 1] (pixels in [0, 1]), got {list(budgets)}")
-    rows = np.sort(select_samples(len(data), samples, seed, data.split))
+    if holdout > 0:
+        order = select_samples(len(data), None, seed, data.split)
+        order = order[~holdout_mask(order, holdout, seed=0)]  # seed 0: `Detector.fit`'s hold-out
+        rows = np.sort(order if samples is None else order[:samples])
+    else:
+        rows = np.sort(select_samples(len(data), samples, seed, data.split))
     meta = {"num_classes": len(data.class_names), "class_names": list(data.class_names),
             "noise": None if noise is None else {**noise.to_metadata(), "seed": seed}, "seed": seed,
             **dict(metadata or {})}
     return rows, meta
+
+
+def _check_clean_rows(out: Path, split: str, rows: np.ndarray, samples: int | None, seed: int) -> None:
+    """Refuse samples of `split` without a clean row in the table `out`: their attacked rows would pair with
+    nothing, and the defender never saw them (another --seed, or more samples than the table's split holds)."""
+    from logitguard.tables import read_table
+
+    try:
+        have = read_table(out, split=split, attacks=["clean"], columns=[]).sample_id
+    except LogitguardError as exc:
+        raise ProducerError(f"{out}: cannot read the clean rows of split {split!r} ({exc})") from None
+    missing = rows[~np.isin(rows, have)]
+    if len(missing):
+        raise ProducerError(f"{len(missing)} of the {len(rows)} {split} samples chosen (seed {seed}, {samples} "
+                            f"samples outside the detector's calibration hold-out) have no clean row in {out}'s "
+                            f"{split} split ({len(have)} samples), e.g. sample {int(missing[0])}: attack fewer "
+                            f"samples or use the seed the table was exported with")
 
 
 @dataclass
