@@ -42,6 +42,10 @@ CONTINUE="$COMMON --model $MODEL --defenses data/defenses/defenses.json --budget
 $PRODUCE attack-defenses $CONTINUE --attacks apgd-ce --param steps=30 --param eot=4 --after suite --out "$TABLE"
 $PRODUCE attack-defenses $CONTINUE --attacks apgd-t --param targets=3 --param steps=80 --param eot=2 \
     --after suite,apgd-ce --out "$TABLE"
+# Then a Lagrangian that fools the model first (multiplier from 0.01, margin 2), EOT over 4 draws, 200 steps.
+$PRODUCE attack-defenses $CONTINUE --attacks lagrangian --param steps=200 --param eot=4 --param kappa=2 \
+    --param lambda_init=0.01 --param lambda_min=0.001 --param update_every=10 \
+    --after routes,defended-pgd,suite,apgd-ce,apgd-t --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines corrector,ln-corrector,ln-odds,odds-odds \
     --attacks routes --param steps=${RELABEL_STEPS:-30} --param restarts=1 --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --param steps=${STEPS:-100} \
