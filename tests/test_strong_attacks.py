@@ -19,6 +19,7 @@ from logitguard.evaluation.threat import threat_model_table
 from producers.attacks import make_attack
 from producers.attacks.apgd import checkpoints, defended_loss
 from producers.data.noise import NoiseRecipe
+from producers.errors import ProducerError
 from producers.export.logits import export
 from producers.threat.export import export_through, partition_name
 from producers.threat.pipeline import load_pipeline_mirror
@@ -199,6 +200,27 @@ def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_
     assert len(draw) and not np.isin(draw.sample_id, broken).any()
     frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS,))
     assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
+
+
+def test_an_alias_runs_an_attack_again_under_another_name(world, digits_cnn, digits_sets, tmp_path):
+    """ALIAS=ATTACK: a second lagrangian with other parameters continues the first under its own partition
+    name; the threat entry records the attack it ran."""
+    table_dir, _, specs = world
+    out = tmp_path / "table"
+    shutil.copytree(table_dir, out)
+    chosen = {"ln-reject": specs["ln-reject"]}
+    common = dict(out=out, budgets=(EPS,), samples=30, noise=RECIPE, batch_size=16, progress=False, judge_draws=1)
+    export_through(digits_cnn, digits_sets[1], chosen, attacks=("lagrangian",), attack_params={"steps": 2}, **common)
+    export_through(digits_cnn, digits_sets[1], chosen, attacks=("lagrangian-fool=lagrangian",), after=["lagrangian"],
+                   attack_params={"steps": 2, "kappa": 2.0, "lambda_init": 0.01}, **common)
+    table = read_table(out, split="test")
+    first, second = (partition_name("adaptive", "ln-reject", a, EPS) for a in ("lagrangian", "lagrangian-fool"))
+    assert {first, second} <= set(table.attacks)
+    threat = table.metadata["threat"][second]
+    assert threat["attack"] == "lagrangian" and threat["after"] == [first]
+    assert table.metadata["attacks"][second]["kappa"] == 2.0
+    with pytest.raises(ProducerError, match="unknown defense-aware attack"):
+        export_through(digits_cnn, digits_sets[1], chosen, attacks=("x=nothing",), **common)
 
 
 def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):

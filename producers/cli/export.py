@@ -131,7 +131,9 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
               help="Defense-aware attacks: routes, defended-pgd, min-margin, evade, apgd-ce, apgd-dlr, apgd-t, "
                    "orthogonal-pgd, selective-pgd, lagrangian, logit-match, or suite (the sequenced suite: each "
                    "attack only on the samples still robust; --param 'sequence=[...]' to choose its attacks) "
-                   "[default: routes,defended-pgd,min-margin]; with --tier query: square, rays [default: both].")
+                   "[default: routes,defended-pgd,min-margin]; ALIAS=ATTACK runs ATTACK again under the partition "
+                   "name ALIAS (e.g. lagrangian-fool=lagrangian, to continue with other --param); with --tier "
+                   "query: square, rays [default: both].")
 @click.option("--judge-draws", type=int, default=5, show_default=True,
               help="Fresh noise draws each partition through a noise-reading pipeline is judged on: draws 1..R-1 "
                    "are written as PARTITION.rK, holding only the samples no earlier draw broke.")
@@ -184,7 +186,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     from ..data.datasets import load_dataset
     from ..models.classifiers import load_model
     from ..data.noise import NoiseRecipe
-    from ..threat.export import export_surrogate, export_through
+    from ..threat.export import export_surrogate, export_through, split_alias
     from ..threat.queries import DEFAULT_QUERY_ATTACKS, export_queries
 
     check_positive(test_samples=test_samples, attacker_samples=attacker_samples, batch_size=batch_size,
@@ -200,11 +202,12 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     if attacks is None:
         attacks = ",".join(DEFAULT_QUERY_ATTACKS) if tier == "query" else "routes,defended-pgd,min-margin"
     chosen = [a.strip() for a in attacks.split(",") if a.strip()]
-    unknown = sorted(set(chosen) - set(known))
-    if not chosen or unknown:
+    real = chosen if tier == "query" else [split_alias(a)[1] for a in chosen]
+    unknown = sorted(set(real) - set(known))
+    if not chosen or unknown or any(not split_alias(a)[0] for a in chosen):
         what = "query attacks" if tier == "query" else "defense-aware attacks"
         raise ProducerError(f"--attacks takes {what} {list(known)} with --tier {tier}, got {attacks!r}")
-    attack_params = defense_params(params, chosen)
+    attack_params = defense_params(params, real)
     eps = parse_budgets(budgets)
     if any(e > 1 for e in eps):
         raise ProducerError(f"--budgets must be at most 1 (pixels in [0, 1]), got {budgets!r}")

@@ -61,6 +61,14 @@ def partition_name(tier: str, pipeline: str, attack: str, eps: float) -> str:
     return f"{tier}.{pipeline}.{attack}.e{round(eps * 255):g}"
 
 
+def split_alias(item: str) -> tuple[str, str]:
+    """``(partition part, attack)`` of an `export_through` attack item: ``"lagrangian"`` names itself,
+    ``"lagrangian-fool=lagrangian"`` runs ``lagrangian`` again under another partition name (a second
+    continuation of one attack with other parameters)."""
+    name, sep, attack = item.partition("=")
+    return (name.strip(), attack.strip()) if sep else (item, item)
+
+
 def train_prefix(tier: str, split: str) -> str:
     """The first part of a defense-aware partition's name on `split`: the tier on ``test`` (as always),
     ``<tier>-<split>`` elsewhere. The ``threat`` metadata is one entry per partition name for the whole table,
@@ -116,7 +124,8 @@ def export_through(
     `insen` add those columns (as `export` does), so the partitions join a table that has them.
     `judge_draws` R: noise draws each partition through a noise-reading pipeline is judged on (see module),
     by `judges` (pipeline key -> the real pipeline's spec; default `pipelines` themselves).
-    `after` (attack names, e.g. ``["suite"]``): a continuation, in the manner of AutoAttack across runs: each
+    An attack item ``ALIAS=ATTACK`` (`split_alias`) runs ATTACK under the partition name ALIAS.
+    `after` (attack names or aliases, e.g. ``["suite"]``): a continuation, in the manner of AutoAttack across runs: each
     pipeline x budget is attacked only on the samples that its partitions of those attacks in `out` (judge
     draws included) left unbroken, judged by the core pipeline; the others are submitted unperturbed (they
     are broken already, so the per-sample worst case is unchanged) and the threat entry names the partitions.
@@ -133,7 +142,7 @@ def export_through(
     """
     if tier not in TIERS:
         raise ProducerError(f"tier must be one of {TIERS}, got {tier!r}")
-    unknown = sorted(set(attacks) - set(DEFENSE_ATTACK_NAMES))
+    unknown = sorted({attack for _, attack in map(split_alias, attacks)} - set(DEFENSE_ATTACK_NAMES))
     if unknown:
         raise ProducerError(f"unknown defense-aware attack(s) {unknown}; known: {list(DEFENSE_ATTACK_NAMES)}")
     holdout = 0.0 if data.split == "test" else calibration_holdout(pipelines)
@@ -154,8 +163,10 @@ def export_through(
         files = dict((defense_files or {}).get(key) or spec.fingerprints())
         bare = spec.detector is None and spec.corrector is None
         for eps in budgets:
-            for attack in (a for a in attacks if not bare or a in BARE_ATTACKS):
-                name = partition_name(first, target, attack, eps)
+            for alias, attack in (split_alias(a) for a in attacks):
+                if bare and attack not in BARE_ATTACKS:
+                    continue
+                name = partition_name(first, target, alias, eps)
                 try:
                     attacker = make_attack(attack, model, defense=mirror, noise=noise, eps=eps,
                                            batch_size=batch_size, device=device, **dict(attack_params or {}))
