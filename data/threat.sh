@@ -46,6 +46,10 @@ $PRODUCE attack-defenses $CONTINUE --attacks apgd-t --param targets=3 --param st
 $PRODUCE attack-defenses $CONTINUE --attacks lagrangian --param steps=200 --param eot=4 --param kappa=2 \
     --param lambda_init=0.01 --param lambda_min=0.001 --param update_every=10 \
     --after routes,defended-pgd,suite,apgd-ce,apgd-t --out "$TABLE"
+# And once more through ln-reject, deeper first (margin 4, multiplier from 0.001), under the alias lagrangian-fool.
+$PRODUCE attack-defenses ${CONTINUE/ln-reject,ln-agree/ln-reject} --attacks lagrangian-fool=lagrangian --param steps=200 \
+    --param eot=4 --param kappa=4 --param lambda_init=0.001 --param lambda_min=0.0001 --param update_every=10 \
+    --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines corrector,ln-corrector,ln-odds,odds-odds \
     --attacks routes --param steps=${RELABEL_STEPS:-30} --param restarts=1 --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --param steps=${STEPS:-100} \
