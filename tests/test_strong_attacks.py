@@ -223,6 +223,34 @@ def test_an_alias_runs_an_attack_again_under_another_name(world, digits_cnn, dig
         export_through(digits_cnn, digits_sets[1], chosen, attacks=("x=nothing",), **common)
 
 
+def test_a_targeted_lagrangian_aims_at_each_top_wrong_class_in_turn(world, digits_cnn, digits_sets, monkeypatch):
+    """targets=2: the first runs push every unbroken sample towards its clean model's best wrong class, the next
+    ones push the samples still unbroken towards the second best; the attack still breaks the pipeline."""
+    x, y = _batch(digits_sets[1])
+    attack = make_attack("lagrangian", digits_cnn, defense=load_pipeline_mirror(world[2]["ln-reject"]), noise=RECIPE,
+                         eps=EPS, steps=8, restarts=1, targets=2, batch_size=48)
+    aims = []
+    state = attack._state
+    monkeypatch.setattr(attack, "_state", lambda z, labels, g, target=None: (
+        aims.append((attack._active_rows.clone(), target.clone())), state(z, labels, g, target))[1])
+    generator = torch.Generator().manual_seed(0)
+    adv = attack(x, y, generator=generator)
+    with torch.no_grad():
+        ranked = digits_cnn(x).scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+    runs = {}  # rows of a run -> its targets, in order; the 8 steps of one run share their rows
+    for rows, target in aims:
+        runs.setdefault(tuple(rows.tolist()), target)
+    assert len(runs) == 2 and len(aims) == 2 * 8
+    (first, t1), (second, t2) = ((torch.tensor(r), t) for r, t in runs.items())
+    assert torch.equal(t1, ranked[first, 0]) and torch.equal(t2, ranked[second, 1])
+    assert set(second.tolist()) < set(first.tolist())  # the second class is tried on what the first left
+    assert attack.succeeded(adv, y, generator).float().mean() > attack.succeeded(x, y, generator, 4).float().mean() + 0.2
+    assert attack.params()["targets"] == 2
+    with pytest.raises(ValueError, match="targets"):
+        make_attack("lagrangian", digits_cnn, defense=load_pipeline_mirror(world[2]["ln-reject"]), noise=RECIPE,
+                    targets=-1)
+
+
 def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):
     from click.testing import CliRunner
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .defended import DefenseAttack, _StallTracker
+from .defended import DefenseAttack, _StallTracker, top_wrong_classes
 
 _TINY = 1e-300  # float64
 
@@ -107,12 +107,7 @@ class APGD(DefenseAttack):
         return ("defended",)
 
     def _attack(self, x, y, generator, best, found) -> None:
-        order = [None]
-        if self.targets:
-            with torch.no_grad():
-                logits = self.model(x).float().scatter(1, y[:, None], -math.inf)
-            k = min(self.targets, logits.shape[1] - 1)
-            order = list(logits.argsort(dim=1, descending=True)[:, :k].T)
+        order = top_wrong_classes(self.model, x, y, self.targets) if self.targets else [None]
         for target in order:
             for restart in range(self.restarts):
                 rows = (~found).nonzero()[:, 0]

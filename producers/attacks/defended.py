@@ -31,6 +31,7 @@ then push −log KD below the calibrated threshold (C&W-wb: below η, the median
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -162,18 +163,21 @@ class DefenseAttack(Attack):
         final = self.decide(x, generator, draws)
         return ((final != y) & (final != ABSTAIN)).all(dim=0)
 
-    def _state(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> _State:
-        """Margins and flag excess on `x`, averaged over `eot` draws (differentiable)."""
+    def _state(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+               target: torch.Tensor | None = None) -> _State:
+        """Margins and flag excess on `x`, averaged over `eot` draws (differentiable); the margins towards
+        `target` (B,) when given, else towards each score's best wrong class."""
         out = self.defense(*self._forward(x, generator, self.eot))
         b = len(x)
         yy = y.repeat(self.eot)
-        model_margin = _margin(out.logits, yy)
+        tt = None if target is None else target.repeat(self.eot)
+        model_margin = _margin(out.logits, yy, tt)
         corrector_margin = both = excess = None
         if out.corrected is not None:
-            corrector_margin = _margin(out.corrected, yy)
+            corrector_margin = _margin(out.corrected, yy, tt)
             # towards the model's best wrong class, so that model and corrector agree on one wrong answer
-            target = _best_other(out.logits, yy)
-            both = torch.maximum(_margin(out.logits, yy, target), _margin(out.corrected, yy, target))
+            common = _best_other(out.logits, yy) if tt is None else tt
+            both = torch.maximum(_margin(out.logits, yy, common), _margin(out.corrected, yy, common))
         if out.score is not None:
             excess = (out.score - out.threshold) / self._score_scale
         mean = lambda t: None if t is None else t.view(self.eot, b).mean(dim=0)  # noqa: E731
@@ -280,6 +284,15 @@ class DefenseAttack(Attack):
 
     def routes(self) -> Sequence[str]:
         return routes_for(self.defense)
+
+
+def top_wrong_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The `k` highest-scoring wrong classes of the clean model on `x`, best first: k tensors (B,) (fewer when
+    the model has fewer wrong classes); the targets of a targeted attack's successive runs."""
+    with torch.no_grad():
+        logits = model(x).float().scatter(1, y[:, None], -math.inf)
+    k = min(k, logits.shape[1] - 1)
+    return list(logits.argsort(dim=1, descending=True)[:, :k].T)
 
 
 def _margin(scores: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

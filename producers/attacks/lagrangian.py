@@ -8,6 +8,11 @@ the sample is still flagged (by the margin), divided by 1.5 when it is not, clip
 ``lambda_max``] — the dual ascent of the constrained problem "misclassify subject to not being flagged",
 so no single weight between the two terms has to fit every sample. Without a detector: PGD on the hinge
 of the model's margin (the corrector's where a corrector answers every row).
+
+``targets`` > 0: the margin is taken towards one class t (s_y − s_t) instead of the best wrong one, once for
+each of the ``targets`` highest wrong classes of the clean model, on the samples still unbroken (as APGD-T
+does). A sample whose nearest wrong class lies where the detector fires may still be fooled, unflagged,
+towards its second or third.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .defended import DefenseAttack
+from .defended import DefenseAttack, top_wrong_classes
 
 
 class Lagrangian(DefenseAttack):
@@ -25,25 +30,39 @@ class Lagrangian(DefenseAttack):
 
     name: ClassVar[str] = "lagrangian"
     param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + (
-        "lambda_init", "lambda_min", "lambda_max", "update_every")
+        "lambda_init", "lambda_min", "lambda_max", "update_every", "targets")
 
     def __init__(self, model: nn.Module, *, lambda_init: float = 1.0, lambda_min: float = 0.01,
-                 lambda_max: float = 100.0, update_every: int = 5, **kwargs: Any):
+                 lambda_max: float = 100.0, update_every: int = 5, targets: int = 0, **kwargs: Any):
         super().__init__(model, **kwargs)
         if not 0 < lambda_min <= lambda_init <= lambda_max or update_every < 1:
             raise ValueError("need 0 < lambda_min <= lambda_init <= lambda_max and update_every >= 1")
+        if targets < 0:
+            raise ValueError(f"targets must be >= 0, got {targets!r}")
+        self.targets = int(targets)
+        self._target: torch.Tensor | None = None  # (B,) the class the current runs aim for, None: any
         self.lambda_init, self.lambda_min, self.lambda_max = float(lambda_init), float(lambda_min), float(lambda_max)
         self.update_every = int(update_every)
 
     def routes(self):
         return ("lagrangian",)
 
+    def _attack(self, x, y, generator, best, found) -> None:
+        if not self.targets:
+            return super()._attack(x, y, generator, best, found)
+        try:
+            for self._target in top_wrong_classes(self.model, x, y, self.targets):
+                super()._attack(x, y, generator, best, found)
+        finally:
+            self._target = None
+
     def _begin_run(self, n: int) -> None:
         self._lam = torch.full((n,), self.lambda_init, dtype=torch.float64, device=self.device)
         self._step = 0
 
     def _step_direction(self, route, loss_fn, x_adv, y, generator):
-        s = self._state(x_adv, y, generator)
+        target = None if self._target is None else self._target[self._active_rows]
+        s = self._state(x_adv, y, generator, target)
         margin = s.model_margin if s.corrector_margin is None or s.flag_excess is not None else s.corrector_margin
         loss = (margin + self.kappa).clamp(min=0).double()
         if s.flag_excess is not None:
