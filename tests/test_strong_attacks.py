@@ -202,6 +202,33 @@ def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_
     assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
 
 
+def test_a_focused_continuation_attacks_only_what_the_bare_model_lost(world, digits_cnn, digits_sets, tmp_path):
+    """focus=("none", …, ["suite"]): only the samples the bare model's suite broke are attacked; the others come
+    back unperturbed and are judged on every draw (as a failed attack's rows), so the core counts no gap."""
+    table_dir, _, specs = world
+    out = tmp_path / "table"
+    shutil.copytree(table_dir, out)
+    common = dict(out=out, budgets=(EPS / 3,), samples=40, noise=RECIPE, batch_size=16, progress=False,
+                  judge_draws=2)
+    export_through(digits_cnn, digits_sets[1], {"none": specs["none"]}, attacks=("suite",),
+                   attack_params={"steps": 2, "sequence": ["apgd-ce"]}, **common)
+    export_through(digits_cnn, digits_sets[1], {"ln-reject": specs["ln-reject"]}, attacks=("lagrangian",),
+                   focus=("none", specs["none"], ["suite"]), attack_params={"steps": 3}, **common)
+    table = read_table(out, split="test")
+    bare, name = (partition_name("adaptive", p, a, EPS / 3) for p, a in (("none", "suite"), ("ln-reject", "lagrangian")))
+    rows = table.select(attacks=bare)
+    lost = rows.sample_id[rows.logits.argmax(axis=1) != rows.labels]
+    part = table.select(attacks=name)
+    attacked, moved = np.isin(part.sample_id, lost), part.column("linf") > 0
+    assert 0 < attacked.sum() < len(part) and moved[attacked].any() and not moved[~attacked].any()
+    assert table.metadata["threat"][name]["focus"] == [bare]
+    judge = specs["ln-reject"].build()
+    draw = table.select(attacks=f"{name}.r1")
+    assert np.isin(draw.sample_id, part.sample_id[~attacked]).any()  # the unattacked rows get their draws too
+    frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS / 3,))
+    assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
+
+
 def test_an_alias_runs_an_attack_again_under_another_name(world, digits_cnn, digits_sets, tmp_path):
     """ALIAS=ATTACK: a second lagrangian with other parameters continues the first under its own partition
     name; the threat entry records the attack it ran."""
@@ -272,6 +299,9 @@ def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):
     assert table.metadata["attacks"][name]["sequence"][0]["attack"] == "apgd-ce"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "wrote 0 file(s)" in again.output  # resumes despite the recorded results
+    for focus, error in (("nothing:suite", "no pipeline 'nothing'"), ("none", "PIPELINE:ATTACKS")):
+        refused = CliRunner().invoke(main, [*args, "--focus", focus])
+        assert refused.exit_code != 0 and error in refused.output, refused.output
 
 
 @pytest.mark.parametrize("name", ["orthogonal-pgd", "selective-pgd"])

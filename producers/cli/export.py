@@ -152,6 +152,10 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
 @click.option("--after", default=None, metavar="ATTACKS",
               help="adaptive: continue earlier runs: attack only the samples that each pipeline's partitions of "
                    "these attacks (comma-separated, e.g. suite) in --out left unbroken.")
+@click.option("--focus", default=None, metavar="PIPELINE:ATTACKS",
+              help="adaptive: attack only the samples that PIPELINE's partitions of ATTACKS (same budget) broke, "
+                   "e.g. none:suite: where the bare model holds, a pipeline that answers its label or abstains "
+                   "holds too, so those are the samples its gain rests on.")
 @click.option("--attacker-samples", type=int, default=5000, show_default=True,
               help="surrogate: training samples the attacker uses (never the defender's).")
 @click.option("--attacker-attacks", default="clean,fgsm,bim,pgd,mim,deepfool,cw", show_default=True,
@@ -166,7 +170,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                     defenses: str, pipelines: str | None, tier: str, attacks: str | None, budgets: str,
                     params: tuple[str, ...], test_samples: int, attacker_samples: int, attacker_attacks: str,
                     workdir: str | None, out: str, as_json: bool, judge_draws: int, after: str | None,
-                    split: str = "test", train_samples: int = 1000) -> None:
+                    focus: str | None = None, split: str = "test", train_samples: int = 1000) -> None:
     """Attack through saved defenses (adaptive) or through the attacker's own copy (surrogate).
 
     Writes one test partition per pipeline x attack x budget, ``TIER.PIPELINE.ATTACK.eN`` (N = budget x 255),
@@ -214,7 +218,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     if workdir is not None:
         check_writable(workdir, directory=True, error=ProducerError)
     check_writable(out, directory=True, error=ProducerError)
-    specs = load_pipelines(defenses)
+    specs = every_spec = load_pipelines(defenses)
     if pipelines:
         names = [p.strip() for p in pipelines.split(",") if p.strip()]
         unknown = sorted(set(names) - set(specs))
@@ -234,11 +238,12 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     common = dict(attacks=chosen, budgets=eps, samples=test_samples if split == "test" else train_samples, noise=recipe, attack_params=attack_params,
                   seed=seed, batch_size=batch_size, device=device, metadata=meta, judge_draws=judge_draws,
                   features="features" in columns, insen="insen" in columns)
-    if after and tier != "adaptive":
-        raise ProducerError("--after continues adaptive runs; use it with --tier adaptive")
+    if (after or focus) and tier != "adaptive":
+        raise ProducerError("--after and --focus continue adaptive runs; use them with --tier adaptive")
     if tier == "adaptive":
         chosen_after = [a.strip() for a in (after or "").split(",") if a.strip()]
-        report = export_through(model, test, specs, out=out, after=chosen_after, **common)
+        report = export_through(model, test, specs, out=out, after=chosen_after,
+                                focus=_focus(focus, every_spec, defenses), **common)
     elif tier == "query":
         report = export_queries(model, test, specs, out=out, **common)
     else:
@@ -247,6 +252,19 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
                                   workdir=work, defender_ids=table.sample_id, attacker_samples=attacker_samples,
                                   attacker_attacks=_attacker_attacks(attacker_attacks), **common)
     echo_report(report, out, as_json)
+
+
+def _focus(raw: str | None, specs: dict, defenses: str) -> tuple | None:
+    """--focus PIPELINE:ATTACKS as `export_through`'s ``(pipeline, spec, attacks)``, or None."""
+    if raw is None:
+        return None
+    name, _, attacks = raw.partition(":")
+    chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not name.strip() or not chosen:
+        raise ProducerError(f"--focus takes PIPELINE:ATTACKS (e.g. none:suite), got {raw!r}")
+    if name.strip() not in specs:
+        raise ProducerError(f"--focus: no pipeline {name.strip()!r} in {defenses}; it has {sorted(specs)}")
+    return name.strip(), specs[name.strip()], chosen
 
 
 def defense_params(params: tuple[str, ...], attacks: list[str]) -> dict:

@@ -110,6 +110,7 @@ def export_through(
     judge_draws: int = 5,
     judges: Mapping[str, PipelineSpec] | None = None,
     after: Sequence[str] = (),
+    focus: tuple[str, PipelineSpec, Sequence[str]] | None = None,
     prefix: str | None = None,
     threat_extra: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -129,6 +130,11 @@ def export_through(
     pipeline x budget is attacked only on the samples that its partitions of those attacks in `out` (judge
     draws included) left unbroken, judged by the core pipeline; the others are submitted unperturbed (they
     are broken already, so the per-sample worst case is unchanged) and the threat entry names the partitions.
+    `focus` ``(pipeline, its spec, attacks)``, e.g. the bare model ``("none", spec, ["suite"])``: attack only the
+    samples that pipeline's partitions of those attacks (same tier and budget, judge draws included) broke; where
+    the bare model holds, a gated pipeline that only answers its label or abstains holds too, so those are the
+    samples its gain rests on. The others are submitted unperturbed as a failed attack would be, and judged on
+    every draw; the threat entry names the ``focus`` partitions.
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
 
@@ -174,11 +180,19 @@ def export_through(
                     raise ProducerError(f"attack {attack}: {exc}") from None
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files,
                           **extra}
-                if after:
-                    earlier = [partition_name(first, target, a, eps) for a in after]
-                    threat["after"] = earlier
-                    judged_by = (judges or pipelines)[key]
-                    attacker = Unbroken(attacker, ~broken_by_partitions(out, data.split, earlier, rows, judged_by))
+                if after or focus:
+                    settled = np.zeros(len(rows), bool)  # broken by the partitions continued
+                    if after:
+                        earlier = [partition_name(first, target, a, eps) for a in after]
+                        threat["after"] = earlier
+                        settled = broken_by_partitions(out, data.split, earlier, rows, (judges or pipelines)[key])
+                    chosen = ~settled
+                    if focus:
+                        other, other_spec, other_attacks = focus
+                        focused = [partition_name(first, other, a, eps) for a in other_attacks]
+                        threat["focus"] = focused
+                        chosen &= broken_by_partitions(out, data.split, focused, rows, other_spec)
+                    attacker = Unbroken(attacker, chosen, settled)
                 draws = judge_draws if mirror.needs_noise else 1
                 if draws > 1:
                     threat["judge_draws"] = draws

@@ -55,10 +55,10 @@ def export_judged(stage: ExportStage, *, name: str, attacker: Any, meta: dict[st
     stage.write(partition_rel(data.split, name), finish(table, broken))
     if draws < 2 or broken is None:
         return
-    # a continuation's unattacked rows are broken by the partitions it continued: no draws for them
-    attacked = getattr(attacker, "attack_rows", None)
-    if attacked is not None:
-        broken = broken | ~attacked
+    # a continuation's rows that the partitions it continued broke need no draws
+    settled = getattr(attacker, "settled", None)
+    if settled is not None:
+        broken = broken | settled
     adv = torch.cat(recording.images)
     for k in range(1, draws):
         alive = np.flatnonzero(~broken)
@@ -144,10 +144,13 @@ def broken_by_partitions(out: Path, split: str, partitions: Sequence[str], rows:
 
 class Unbroken:
     """Wraps an attacker so that it attacks only the rows marked in `attack_rows` (in the order export passes
-    images); the other rows come back unperturbed."""
+    images); the other rows come back unperturbed. `settled` (default: the rows not attacked) marks the rows
+    that earlier partitions broke: they get no judge draws (a row left out for another reason is judged as a
+    failed attack's would be)."""
 
-    def __init__(self, attacker: Any, attack_rows: np.ndarray) -> None:
+    def __init__(self, attacker: Any, attack_rows: np.ndarray, settled: np.ndarray | None = None) -> None:
         self.attacker, self.attack_rows, self.at = attacker, np.asarray(attack_rows, bool), 0
+        self.settled = ~self.attack_rows if settled is None else np.asarray(settled, bool)
 
     def __getattr__(self, name: str) -> Any:  # params(), record(), names, … of the wrapped attacker
         return getattr(self.attacker, name)
