@@ -278,6 +278,23 @@ def test_a_targeted_lagrangian_aims_at_each_top_wrong_class_in_turn(world, digit
                     targets=-1)
 
 
+def test_a_lagrangian_with_fallback_submits_its_nearest_miss(world, digits_cnn, digits_sets):
+    """fallback: the same run (same draws), but a sample it never broke comes back at an iterate that fools the
+    model (the detector then decides on fresh draws) instead of clean; the successes are unchanged."""
+    x, y = _batch(digits_sets[1])
+    mirror = load_pipeline_mirror(world[2]["ln-reject"])
+    runs = {}
+    for fallback in (False, True):
+        attack = make_attack("lagrangian", digits_cnn, defense=mirror, noise=RECIPE, eps=EPS / 2, steps=4,
+                             restarts=1, fallback=fallback, batch_size=48)
+        runs[fallback] = attack(x, y, generator=torch.Generator().manual_seed(0))
+    moved = {k: (adv - x).flatten(1).abs().amax(dim=1) > 0 for k, adv in runs.items()}
+    assert torch.equal(runs[True][moved[False]], runs[False][moved[False]])
+    near = moved[True] & ~moved[False]
+    assert near.any() and (digits_cnn(runs[True][near]).argmax(dim=1) != y[near]).all()
+    assert ((runs[True] - x).abs().amax() <= EPS / 2 + 1e-6) and attack.params()["fallback"] is True
+
+
 def test_cli_suite_with_judge_draws(world, digits_cnn, tmp_path):
     from click.testing import CliRunner
 

@@ -238,11 +238,15 @@ class DefenseAttack(Attack):
                     hit = self.succeeded(x_adv, ys, generator, self.check_draws)
                     sub_best[hit] = x_adv[hit]
                     sub_found |= hit
+            self._end_run(sub_best, sub_found)
             best[rows], found[rows] = sub_best, sub_found
             self.stalled[rows] = tracker.stalled() & ~sub_found
 
     def _begin_run(self, n: int) -> None:
         """Hook: a PGD run on `n` samples (``self._active_rows`` of the batch) starts."""
+
+    def _end_run(self, best: torch.Tensor, found: torch.Tensor) -> None:
+        """Hook: the run ends; `best` / `found` (its samples') may still be changed in place."""
 
     def _step_direction(self, route: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         x_adv: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None

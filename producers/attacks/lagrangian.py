@@ -13,10 +13,15 @@ of the model's margin (the corrector's where a corrector answers every row).
 each of the ``targets`` highest wrong classes of the clean model, on the samples still unbroken (as APGD-T
 does). A sample whose nearest wrong class lies where the detector fires may still be fooled, unflagged,
 towards its second or third.
+
+``fallback``: a sample the attack never saw succeed on a check draw is submitted, instead of the clean image,
+at the iterate that fooled the model with the lowest detector excess (mean over the step's EOT draws). Against
+a randomised detector judged on fresh draws, such a near miss may still get through on one of them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -30,16 +35,17 @@ class Lagrangian(DefenseAttack):
 
     name: ClassVar[str] = "lagrangian"
     param_names: ClassVar[tuple[str, ...]] = DefenseAttack.param_names + (
-        "lambda_init", "lambda_min", "lambda_max", "update_every", "targets")
+        "lambda_init", "lambda_min", "lambda_max", "update_every", "targets", "fallback")
 
     def __init__(self, model: nn.Module, *, lambda_init: float = 1.0, lambda_min: float = 0.01,
-                 lambda_max: float = 100.0, update_every: int = 5, targets: int = 0, **kwargs: Any):
+                 lambda_max: float = 100.0, update_every: int = 5, targets: int = 0, fallback: bool = False,
+                 **kwargs: Any):
         super().__init__(model, **kwargs)
         if not 0 < lambda_min <= lambda_init <= lambda_max or update_every < 1:
             raise ValueError("need 0 < lambda_min <= lambda_init <= lambda_max and update_every >= 1")
         if targets < 0:
             raise ValueError(f"targets must be >= 0, got {targets!r}")
-        self.targets = int(targets)
+        self.targets, self.fallback = int(targets), bool(fallback)
         self._target: torch.Tensor | None = None  # (B,) the class the current runs aim for, None: any
         self.lambda_init, self.lambda_min, self.lambda_max = float(lambda_init), float(lambda_min), float(lambda_max)
         self.update_every = int(update_every)
@@ -48,6 +54,8 @@ class Lagrangian(DefenseAttack):
         return ("lagrangian",)
 
     def _attack(self, x, y, generator, best, found) -> None:
+        # the lowest excess seen so far on an iterate that fooled the model, per sample of the batch
+        self._near = torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
         if not self.targets:
             return super()._attack(x, y, generator, best, found)
         try:
@@ -59,10 +67,31 @@ class Lagrangian(DefenseAttack):
     def _begin_run(self, n: int) -> None:
         self._lam = torch.full((n,), self.lambda_init, dtype=torch.float64, device=self.device)
         self._step = 0
+        self._near_x = None  # this run's near misses (`fallback`)
+
+    def _keep_near_miss(self, x_adv: torch.Tensor, s) -> None:
+        """Remember each sample's iterate that fooled the model with the lowest excess so far (`fallback`)."""
+        if s.flag_excess is None:
+            return
+        rows = self._active_rows
+        excess = s.flag_excess.detach().double()
+        closer = (s.model_margin.detach() < 0) & (excess < self._near[rows])
+        if closer.any():
+            if self._near_x is None:
+                self._near_x = torch.full_like(x_adv, math.nan).detach()
+            self._near_x[closer] = x_adv.detach()[closer]
+            self._near[rows[closer]] = excess[closer]
+
+    def _end_run(self, best: torch.Tensor, found: torch.Tensor) -> None:
+        if self._near_x is not None:
+            near = ~found & ~self._near_x.flatten(1).isnan().any(dim=1)
+            best[near] = self._near_x[near]
 
     def _step_direction(self, route, loss_fn, x_adv, y, generator):
         target = None if self._target is None else self._target[self._active_rows]
         s = self._state(x_adv, y, generator, target)
+        if self.fallback:
+            self._keep_near_miss(x_adv, s)
         margin = s.model_margin if s.corrector_margin is None or s.flag_excess is not None else s.corrector_margin
         loss = (margin + self.kappa).clamp(min=0).double()
         if s.flag_excess is not None:
