@@ -46,10 +46,28 @@ $PRODUCE attack-defenses $CONTINUE --attacks apgd-t --param targets=3 --param st
 $PRODUCE attack-defenses $CONTINUE --attacks lagrangian --param steps=200 --param eot=4 --param kappa=2 \
     --param lambda_init=0.01 --param lambda_min=0.001 --param update_every=10 \
     --after routes,defended-pgd,suite,apgd-ce,apgd-t --out "$TABLE"
-# And once more through ln-reject, deeper first (margin 4, multiplier from 0.001), under the alias lagrangian-fool.
-$PRODUCE attack-defenses ${CONTINUE/ln-reject,ln-agree/ln-reject} --attacks lagrangian-fool=lagrangian --param steps=200 \
+# And once more, deeper first (margin 4, multiplier from 0.001), under the alias lagrangian-fool.
+$PRODUCE attack-defenses $CONTINUE --attacks lagrangian-fool=lagrangian --param steps=200 \
     --param eot=4 --param kappa=4 --param lambda_init=0.001 --param lambda_min=0.0001 --param update_every=10 \
     --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian --out "$TABLE"
+# Then the same fool-first Lagrangian towards each of the top 3 wrong classes (100 steps, EOT 4; it broke
+# nothing through either pipeline, and stays because later continuations name it).
+FOOL="--param kappa=2 --param lambda_init=0.01 --param lambda_min=0.001 --param update_every=10"
+$PRODUCE attack-defenses $CONTINUE --attacks lagrangian-t=lagrangian --param targets=3 --param steps=100 \
+    --param eot=4 $FOOL --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian,lagrangian-fool --out "$TABLE"
+# Last, only on the samples the bare model's suite broke (the guard's whole gain rests on them): the
+# fool-first Lagrangian with EOT 8 that submits its nearest miss when it never saw a success (fallback).
+# (ln-agree's ran beside its lagrangian-t, so it continues the partitions before that one.)
+NEAR="--attacks lagrangian-near=lagrangian --param fallback=true --param steps=200 --param eot=8 $FOOL
+      --focus none:suite --out $TABLE"
+$PRODUCE attack-defenses ${CONTINUE/ln-reject,ln-agree/ln-reject} $NEAR \
+    --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian,lagrangian-fool,lagrangian-t
+$PRODUCE attack-defenses ${CONTINUE/ln-reject,ln-agree/ln-agree} $NEAR \
+    --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian,lagrangian-fool
+# And through ln-agree, on the same focused samples, APGD-T towards the top 3 wrong classes with EOT 8, 100 steps.
+$PRODUCE attack-defenses ${CONTINUE/ln-reject,ln-agree/ln-agree} --attacks apgd-t-deep=apgd-t --param targets=3 \
+    --param steps=100 --param eot=8 --focus none:suite --out "$TABLE" \
+    --after routes,defended-pgd,suite,apgd-ce,apgd-t,lagrangian,lagrangian-fool,lagrangian-t,lagrangian-near
 $PRODUCE attack-defenses $THROUGH --tier adaptive --pipelines corrector,ln-corrector,ln-odds,odds-odds \
     --attacks routes --param steps=${RELABEL_STEPS:-30} --param restarts=1 --out "$TABLE"
 $PRODUCE attack-defenses $THROUGH --tier surrogate --attacks routes --param steps=${STEPS:-100} \
