@@ -67,7 +67,7 @@ class Lagrangian(DefenseAttack):
     def _begin_run(self, n: int) -> None:
         self._lam = torch.full((n,), self.lambda_init, dtype=torch.float64, device=self.device)
         self._step = 0
-        self._near_x = None  # this run's near misses (`fallback`)
+        self._near_x = self._near_here = None  # this run's near misses (`fallback`) and which samples have one
 
     def _keep_near_miss(self, x_adv: torch.Tensor, s) -> None:
         """Remember each sample's iterate that fooled the model with the lowest excess so far (`fallback`)."""
@@ -78,13 +78,15 @@ class Lagrangian(DefenseAttack):
         closer = (s.model_margin.detach() < 0) & (excess < self._near[rows])
         if closer.any():
             if self._near_x is None:
-                self._near_x = torch.full_like(x_adv, math.nan).detach()
+                self._near_x = torch.empty_like(x_adv).detach()
+                self._near_here = torch.zeros_like(closer)
             self._near_x[closer] = x_adv.detach()[closer]
+            self._near_here |= closer
             self._near[rows[closer]] = excess[closer]
 
     def _end_run(self, best: torch.Tensor, found: torch.Tensor) -> None:
         if self._near_x is not None:
-            near = ~found & ~self._near_x.flatten(1).isnan().any(dim=1)
+            near = ~found & self._near_here
             best[near] = self._near_x[near]
 
     def _step_direction(self, route, loss_fn, x_adv, y, generator):

@@ -7,7 +7,7 @@ from functools import partial
 
 import click
 
-from logitguard.cli.options import budgets_option, engine_option, json_option, on_ray
+from logitguard.cli.options import budgets_option, comma_list, engine_option, json_option, on_ray
 
 from ..errors import ProducerError
 from .options import (check_positive, dataset_options, device_options, echo_report, main, model_metadata,
@@ -84,7 +84,7 @@ def export(dataset: str, root: str | None, batch_size: int, seed: int, device: s
         raise ProducerError(f"--noise-queries must be 0 (none) or more, got {noise_queries}")
     if sweeps and click.get_current_context().get_parameter_source("attacks").name == "DEFAULT":
         attacks = "clean"  # a sweep's table: the clean rows and the swept attack only
-    attack_names = [a.strip() for a in attacks.split(",") if a.strip()]
+    attack_names = comma_list(attacks)
     attack_params, attack_samples = parse_params(params), parse_sample_caps(caps)
     attack_names, attack_params, attack_samples, sweep_entries = expand_sweeps(
         attack_names, attack_params, attack_samples, parse_sweeps(sweeps))
@@ -205,7 +205,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     known = QUERY_ATTACK_NAMES if tier == "query" else DEFENSE_ATTACK_NAMES
     if attacks is None:
         attacks = ",".join(DEFAULT_QUERY_ATTACKS) if tier == "query" else "routes,defended-pgd,min-margin"
-    chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    chosen = comma_list(attacks)
     real = chosen if tier == "query" else [split_alias(a)[1] for a in chosen]
     unknown = sorted(set(real) - set(known))
     if not chosen or unknown or any(not split_alias(a)[0] for a in chosen):
@@ -220,7 +220,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     check_writable(out, directory=True, error=ProducerError)
     specs = every_spec = load_pipelines(defenses)
     if pipelines:
-        names = [p.strip() for p in pipelines.split(",") if p.strip()]
+        names = comma_list(pipelines)
         unknown = sorted(set(names) - set(specs))
         if unknown:
             raise ProducerError(f"no pipeline(s) {unknown} in {defenses}; it has {sorted(specs)}")
@@ -241,7 +241,7 @@ def attack_defenses(dataset: str, root: str | None, batch_size: int, seed: int, 
     if (after or focus) and tier != "adaptive":
         raise ProducerError("--after and --focus continue adaptive runs; use them with --tier adaptive")
     if tier == "adaptive":
-        chosen_after = [a.strip() for a in (after or "").split(",") if a.strip()]
+        chosen_after = comma_list(after or "")
         report = export_through(model, test, specs, out=out, after=chosen_after,
                                 focus=_focus(focus, every_spec, defenses), **common)
     elif tier == "query":
@@ -259,7 +259,7 @@ def _focus(raw: str | None, specs: dict, defenses: str) -> tuple | None:
     if raw is None:
         return None
     name, _, attacks = raw.partition(":")
-    chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    chosen = comma_list(attacks)
     if not name.strip() or not chosen:
         raise ProducerError(f"--focus takes PIPELINE:ATTACKS (e.g. none:suite), got {raw!r}")
     if name.strip() not in specs:
@@ -289,7 +289,7 @@ def _attacker_attacks(spec: str) -> list[str]:
     """--attacker-attacks: the oblivious attacks of the surrogate attacker's own table, clean included."""
     from producers.export.attack_specs import plan_attacks
 
-    chosen = [a.strip() for a in spec.split(",") if a.strip()]
+    chosen = comma_list(spec)
     if "clean" not in chosen:
         raise ProducerError(f"--attacker-attacks must include clean (the copy calibrates on clean rows), got {spec!r}")
     plan_attacks(chosen, {}, {})

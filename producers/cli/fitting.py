@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from logitguard.cli.options import budgets_option, echo_json, json_option
+from logitguard.cli.options import budgets_option, comma_list, echo_json, json_option
 
 from ..errors import ProducerError
 from .export import defense_params
@@ -66,7 +66,7 @@ def fit_adversarially_command(dataset: str, root: str | None, batch_size: int, s
     check_positive(rounds=rounds, train_samples=train_samples, batch_size=batch_size, judge_draws=judge_draws)
     if not 0 <= tolerance < 1:
         raise ProducerError(f"--tolerance must be in [0, 1), got {tolerance}")
-    chosen = [a.strip() for a in attacks.split(",") if a.strip()]
+    chosen = comma_list(attacks)
     unknown = sorted(set(chosen) - set(DEFENSE_ATTACK_NAMES))
     if not chosen or unknown:
         raise ProducerError(f"--attacks takes defense-aware attacks {list(DEFENSE_ATTACK_NAMES)}, got {attacks!r}")
@@ -74,8 +74,8 @@ def fit_adversarially_command(dataset: str, root: str | None, batch_size: int, s
     eps = parse_budgets(budgets)
     if any(e > 1 for e in eps):
         raise ProducerError(f"--budgets must be at most 1 (pixels in [0, 1]), got {budgets!r}")
-    names = [p.strip() for p in pipelines.split(",") if p.strip()]
-    learn = None if fit_attacks is None else [a.strip() for a in fit_attacks.split(",") if a.strip()]
+    names = comma_list(pipelines)
+    learn = None if fit_attacks is None else comma_list(fit_attacks)
     check_writable(out, directory=True, error=ProducerError)
     check_writable(workdir, directory=True, error=ProducerError)
     model = load_model(model_spec, device=device)
