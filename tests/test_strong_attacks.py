@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from logitguard import read_table
+from logitguard import LogitTable, read_table, write_table
 from logitguard.defenses.pipelines import load_pipelines
 from logitguard.defenses.shipped import fit_shipped
 from logitguard.evaluation.threat import threat_model_table
@@ -21,6 +21,7 @@ from producers.attacks.apgd import checkpoints, defended_loss
 from producers.data.noise import NoiseRecipe
 from producers.errors import ProducerError
 from producers.export.logits import export
+from producers.export.plan import select_samples
 from producers.threat.export import export_through, partition_name
 from producers.threat.pipeline import load_pipeline_mirror
 
@@ -144,7 +145,8 @@ def test_judge_draws_export_survivors_with_metadata(world, digits_cnn, digits_se
     threat = table.metadata["threat"]
     assert threat[parent]["judge_draws"] == 3 and threat[parent]["sequence"] == ["apgd-ce", "evade"]
     assert "judge_draws" not in threat[other]
-    assert len(threat[parent]["broken_by"]) == 40
+    # one entry per row (the 40 samples less those the model gets wrong when clean)
+    assert len(threat[parent]["broken_by"]) == len(table.select(attacks=parent)) > 30
     assert {i["attack"] for i in threat[parent]["indicators"]} == {"apgd-ce", "evade"}
     assert all(i["judge_rejected"] <= i["claimed"] for i in threat[parent]["indicators"])
     judge = specs["ln-reject"].build()
@@ -172,8 +174,8 @@ def test_judge_draws_export_survivors_with_metadata(world, digits_cnn, digits_se
 
 
 def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_cnn, digits_sets, tmp_path):
-    """after=["suite"]: a second attack runs only on the samples the suite (and its judge draws) did not break;
-    the rest come back unperturbed, and the threat entry names the partitions it continued."""
+    """after=["suite"]: a second attack runs on, and writes, only the samples the suite (and its judge draws) did
+    not break; the threat entry names the partitions it continued, and the core still measures every sample."""
     table_dir, _, specs = world
     out = tmp_path / "table"
     shutil.copytree(table_dir, out)
@@ -191,20 +193,48 @@ def test_a_continuation_attacks_only_what_earlier_partitions_left(world, digits_
     broken = np.unique(earlier.sample_id[(pred != earlier.labels) & (pred != -1)])
     name = partition_name("adaptive", "ln-reject", "lagrangian", EPS)
     part = table.select(attacks=name)
-    assert table.metadata["threat"][name]["after"] == [parent] and len(part) == 40
-    moved = part.column("linf") > 0
-    assert len(broken) and not moved[np.isin(part.sample_id, broken)].any()
-    assert moved[~np.isin(part.sample_id, broken)].any()
+    assert table.metadata["threat"][name]["after"] == [parent]
+    ids = np.sort(table.select(attacks=parent).sample_id)
+    assert len(broken) and np.array_equal(np.sort(part.sample_id), ids[~np.isin(ids, broken)])
+    assert (part.column("linf") > 0).any()
     # its judge draws hold only samples it attacked, and the core counts no gap for those it left out
     draw = table.select(attacks=f"{name}.r1")
-    assert len(draw) and not np.isin(draw.sample_id, broken).any()
+    assert len(draw) and np.isin(draw.sample_id, part.sample_id).all()
     frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS,))
-    assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
+    row = frame[(frame.pipeline == "ln-reject") & (frame.threat_model == "adaptive")].iloc[0]
+    assert row.judge_gaps == 0 and name in row.attacks
+    # the continuation's fewer rows do not shrink the samples measured
+    without = table.select(attacks=[a for a in table.attacks if not a.startswith(name)])
+    assert row.samples == threat_model_table(without, {"ln-reject": judge}, budgets=(EPS,)).samples.iloc[0]
+    assert row.samples > len(part)
 
+
+def test_only_samples_the_model_gets_right_when_clean_are_attacked(world, digits_cnn, digits_sets, tmp_path):
+    """No robustness figure counts a sample the bare model gets wrong on its clean row, so a defense-aware
+    export leaves such samples out (judged by the clean rows stored in the table)."""
+    table_dir, _, specs = world
+    out = tmp_path / "table"
+    shutil.copytree(table_dir, out)
+    clean_file = next((out / "split=test").glob("attack=clean/*.parquet"))
+    clean = read_table(clean_file.parent)
+    ids = np.sort(select_samples(len(digits_sets[1]), 20, 0, "test"))  # the samples the export picks
+    logits = np.array(clean.logits)
+    flip = np.isin(clean.sample_id, ids[:3])  # the model now "gets" three of the first 20 samples wrong
+    logits[flip] = np.roll(logits[flip], 1, axis=1)
+    wrong = clean.sample_id[logits.argmax(axis=1) != clean.labels]
+    assert np.isin(ids[:3], wrong).all()
+    write_table(LogitTable.from_arrays(logits=logits, sample_id=clean.sample_id, label=clean.labels, split="test",
+                                       attack="clean", noisy_logits=clean.noisy_logits, metadata=clean.metadata),
+                clean_file, overwrite=True)
+    export_through(digits_cnn, digits_sets[1], {"none": specs["none"]}, out=out, attacks=("suite",),
+                   budgets=(EPS,), samples=20, noise=RECIPE, batch_size=20, progress=False,
+                   attack_params={"steps": 2, "sequence": ["apgd-ce"]})
+    part = read_table(out, split="test", attacks=[partition_name("adaptive", "none", "suite", EPS)], columns=[])
+    assert np.array_equal(np.sort(part.sample_id), ids[~np.isin(ids, wrong)])
 
 def test_a_focused_continuation_attacks_only_what_the_bare_model_lost(world, digits_cnn, digits_sets, tmp_path):
-    """focus=("none", …, ["suite"]): only the samples the bare model's suite broke are attacked; the others come
-    back unperturbed and are judged on every draw (as a failed attack's rows), so the core counts no gap."""
+    """focus=("none", …, ["suite"]): only the samples the bare model's suite broke are attacked and written; the
+    core counts no judge gap and still measures every sample."""
     table_dir, _, specs = world
     out = tmp_path / "table"
     shutil.copytree(table_dir, out)
@@ -219,14 +249,15 @@ def test_a_focused_continuation_attacks_only_what_the_bare_model_lost(world, dig
     rows = table.select(attacks=bare)
     lost = rows.sample_id[rows.logits.argmax(axis=1) != rows.labels]
     part = table.select(attacks=name)
-    attacked, moved = np.isin(part.sample_id, lost), part.column("linf") > 0
-    assert 0 < attacked.sum() < len(part) and moved[attacked].any() and not moved[~attacked].any()
+    assert 0 < len(part) < len(rows) and np.array_equal(np.sort(part.sample_id), np.sort(lost))
+    assert (part.column("linf") > 0).any()
     assert table.metadata["threat"][name]["focus"] == [bare]
     judge = specs["ln-reject"].build()
     draw = table.select(attacks=f"{name}.r1")
-    assert np.isin(draw.sample_id, part.sample_id[~attacked]).any()  # the unattacked rows get their draws too
+    assert np.isin(draw.sample_id, lost).all()
     frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS / 3,))
-    assert (frame[frame.pipeline == "ln-reject"].judge_gaps == 0).all()
+    mine = frame[frame.pipeline == "ln-reject"]
+    assert (mine.judge_gaps == 0).all() and (mine.samples > len(part)).all()
 
 
 def test_an_alias_runs_an_attack_again_under_another_name(world, digits_cnn, digits_sets, tmp_path):

@@ -26,7 +26,7 @@ from logitguard.defenses.svm import SVMCorrector
 from logitguard.evaluation.threat import detector_miss_table, threat_model_table
 from logitguard.report.threat_text import format_detector_misses, format_threat_models
 from logitguard.files import file_sha256
-from logitguard.tables.threat import THREAT_MODELS, parse_budgets, threat_of, tier_attacks
+from logitguard.tables.threat import THREAT_MODELS, parse_budgets, subset_partitions, threat_of, tier_attacks
 
 E8, E16 = 8 / 255, 16 / 255
 LABELS = np.array([0, 1, 2, 0, 1])  # samples 0..4; sample 4 is not selected (bare model wrong when clean)
@@ -660,3 +660,28 @@ def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():
     assert "measured on fewer samples (query attacks may cover the first ones only): gated query 16/255: 2" in \
         format_threat_models(threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})},
                                                 budgets=(E16,)))
+
+
+def test_a_continuation_holds_only_the_samples_it_attacked():
+    """A continuation (``after``, or ``focus``) writes only the samples earlier partitions left unbroken: the
+    sample set stays whole, its breaks join the worst case, and its judge draw (of its own samples) has no gap."""
+    cont = "adaptive.gated.lagrangian.e16"
+    entry = {"model": "adaptive", "target": "gated", "attack": "lagrangian", "eps": E16, "after": [PARENT],
+             "judge_draws": 2}
+    spec = {**JUDGED, cont: (entry, [2, 3], "RRRW", E16),
+            cont + ".r1": ({**entry, "judge_draw": 1, "judge_of": cont}, [2], "RRRR", E16)}
+    labels = np.array([0, 1, 2, 0])
+    parts = [(a, np.array(s)) for a, (_, s, _, _) in spec.items()]
+    bare = {a: "RRRR" for a in spec} | {"pgd": "RWRR"}
+    table = LogitTable.from_arrays(
+        logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
+        sample_id=np.concatenate([s for _, s in parts]), split="test",
+        attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
+        linf=np.concatenate([np.full(len(s), spec[a][3]) for a, s in parts]),
+        metadata={"threat": {a: t for a, (t, _, _, _) in spec.items() if t is not None}})
+    assert sorted(subset_partitions(table.metadata, table.attacks)) == [cont, cont + ".r1", PARENT + ".r1", PARENT + ".r2"]
+    frame = threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})}, budgets=(E16,))
+    adaptive = _by(frame)[("gated", "adaptive", 16)]
+    # draws broke samples 0 and 1, the continuation breaks sample 3: only sample 2 holds, on all 4 samples
+    assert adaptive["samples"] == 4 and adaptive["robust_accuracy"] == 0.25 and cont in adaptive["attacks"]
+    assert adaptive["judge_gaps"] == 1  # the suite's draw 2 still lacks sample 2; the continuation's draw lacks none

@@ -26,7 +26,8 @@ from ..errors import LogitguardError, TableError
 from .intervals import binomial_interval, paired_bootstrap_interval
 from .metrics import ABSTAIN, successful_attack
 from ..tables import CLEAN, LogitTable, require_one_split
-from ..tables.threat import BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, judge_draws, threat_of, tier_parts
+from ..tables.threat import (BUDGET_TOLERANCE, DEFAULT_BUDGETS, NO_DEFENSE, attack_eps, judge_draws, subset_partitions,
+                             threat_of, tier_parts)
 
 if TYPE_CHECKING:
     from ..defenses.detectors import Detector
@@ -49,13 +50,11 @@ class _Rows:
         if not budgets:
             raise LogitguardError("give at least one budget")
         # Every tier is measured on the same samples: those with a row in every partition (attacks run on
-        # fewer samples, such as the adaptive ones, set the sample set for all). Two kinds of partition hold a
-        # subset by design and do not take part: judge draws (partitions with `judge_of`) hold only the
-        # samples not broken on an earlier draw; query attacks, thousands of queries per sample, may run on
-        # the first samples only, and the query tier is then measured on the samples they cover.
+        # fewer samples, such as the adaptive ones, set the sample set for all), except the partitions that
+        # hold a subset by design (`subset_partitions`: judge draws, continuations, and query attacks, whose
+        # tier is measured on the samples they cover).
         self.draws = judge_draws(table.metadata, table.attacks)
-        self.subset = [a for a in table.attacks
-                       if a in self.draws or (a != CLEAN and threat_of(table.metadata, a)["model"] == "query")]
+        self.subset = subset_partitions(table.metadata, table.attacks)
         counted = pd.Series(table.attack).where(~np.isin(table.attack, self.subset))
         keys = pd.DataFrame({"split": table.split, "sample_id": table.sample_id, "attack": counted})
         partitions = keys.groupby(["split", "sample_id"])["attack"].transform("nunique").to_numpy()

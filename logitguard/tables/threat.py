@@ -20,7 +20,8 @@ from ..errors import LogitguardError, TableError
 from .schema import CLEAN
 
 __all__ = ["BUDGET_TOLERANCE", "DEFAULT_BUDGETS", "NO_DEFENSE", "THREAT_MODELS", "TIERS", "attack_eps",
-           "format_budget", "judge_draws", "parse_budgets", "threat_of", "tier_attacks", "tier_parts"]
+           "format_budget", "judge_draws", "parse_budgets", "subset_partitions", "threat_of", "tier_attacks",
+           "tier_parts"]
 
 THREAT_MODELS = ("oblivious", "transfer", "query", "surrogate", "adaptive")
 # Report order: from the attacker who knows least about the deployed system to the one who knows most.
@@ -74,6 +75,21 @@ def judge_draws(metadata: Mapping[str, Any], attacks: Sequence[str]) -> dict[str
             out[attack] = (str(entry["judge_of"]), int(entry.get("judge_draw", 1)))
     return out
 
+
+def subset_partitions(metadata: Mapping[str, Any], attacks: Sequence[str]) -> list[str]:
+    """The partitions among `attacks` that hold a subset of the samples by design, and so do not set which
+    samples a threat-model evaluation covers: judge draws (the samples no earlier draw broke), query
+    attacks (thousands of queries per sample: the first samples only) and continuations (entries with
+    ``after`` or ``focus``: the samples they attacked, which earlier partitions left unbroken)."""
+    draws = judge_draws(metadata, attacks)
+    out = []
+    for attack in attacks:
+        if attack == CLEAN:
+            continue
+        entry = threat_of(metadata, attack)
+        if attack in draws or entry["model"] == "query" or entry.get("after") or entry.get("focus"):
+            out.append(attack)
+    return out
 
 
 def tier_attacks(metadata: Mapping[str, Any], attacks: Sequence[str], pipeline: str) -> dict[str, list[str]]:

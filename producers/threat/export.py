@@ -20,6 +20,7 @@ also records ``sequence``, ``broken_by`` (per row, by sample id) and ``indicator
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from ..export.plan import select_samples
 from ..export.staging import ExportStage
 from ..models.classifiers import ImageClassifier
 from ..data.noise import NoiseRecipe
-from .judging import Unbroken, broken_by_partitions, export_judged, partition_rel, staged_draws, suite_record
+from .judging import broken_by_partitions, export_judged, partition_rel, staged_draws, suite_record
 from .pipeline import load_pipeline_mirror
 
 TIERS = ("adaptive", "surrogate")
@@ -118,7 +119,8 @@ def export_through(
     """Attack every pipeline in `pipelines` at every budget with every attack; one partition each.
 
     Samples are the first `samples` of the split's seeded selection (`select_samples`), so they are the
-    same samples as the oblivious partitions of an export with the same seed. `attack_params` apply to
+    same samples as the oblivious partitions of an export with the same seed, less those whose clean row in
+    `out` the model gets wrong (no robustness figure counts them). `attack_params` apply to
     every attack (``steps``, ``restarts``, ``eot``, …). `target_names` maps a pipeline key to the name
     recorded as its target (surrogate copies are named after the real pipeline they stand in for);
     `defense_files` overrides the fingerprints recorded (default: the files of each spec). `features` and
@@ -128,13 +130,13 @@ def export_through(
     An attack item ``ALIAS=ATTACK`` (`split_alias`) runs ATTACK under the partition name ALIAS.
     `after` (attack names or aliases, e.g. ``["suite"]``): a continuation, in the manner of AutoAttack across runs: each
     pipeline x budget is attacked only on the samples that its partitions of those attacks in `out` (judge
-    draws included) left unbroken, judged by the core pipeline; the others are submitted unperturbed (they
-    are broken already, so the per-sample worst case is unchanged) and the threat entry names the partitions.
+    draws included) left unbroken, judged by the core pipeline, and the threat entry names the partitions.
     `focus` ``(pipeline, its spec, attacks)``, e.g. the bare model ``("none", spec, ["suite"])``: attack only the
     samples that pipeline's partitions of those attacks (same tier and budget, judge draws included) broke; where
     the bare model holds, a gated pipeline that only answers its label or abstains holds too, so those are the
-    samples its gain rests on. The others are submitted unperturbed as a failed attack would be, and judged on
-    every draw; the threat entry names the ``focus`` partitions.
+    samples its gain rests on; the threat entry names the ``focus`` partitions. A continuation's partition holds
+    only the samples it attacked (the core reads it as a subset: `subset_partitions`); one with nothing left
+    to attack is not written.
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
 
@@ -157,6 +159,7 @@ def export_through(
     out, device = Path(out), torch.device(device)
     if data.split != "test":
         _check_clean_rows(out, data.split, rows, samples, seed)
+    rows = _right_when_clean(out, data.split, rows)
     extra = dict(threat_extra or {})
     if data.split != "test":
         extra = {"split": data.split, "calibration_holdout": holdout, **extra}
@@ -180,19 +183,19 @@ def export_through(
                     raise ProducerError(f"attack {attack}: {exc}") from None
                 threat = {"model": tier, "target": target, "attack": attack, "eps": eps, "defense_files": files,
                           **extra}
-                if after or focus:
-                    settled = np.zeros(len(rows), bool)  # broken by the partitions continued
-                    if after:
-                        earlier = [partition_name(first, target, a, eps) for a in after]
-                        threat["after"] = earlier
-                        settled = broken_by_partitions(out, data.split, earlier, rows, (judges or pipelines)[key])
-                    chosen = ~settled
-                    if focus:
-                        other, other_spec, other_attacks = focus
-                        focused = [partition_name(first, other, a, eps) for a in other_attacks]
-                        threat["focus"] = focused
-                        chosen &= broken_by_partitions(out, data.split, focused, rows, other_spec)
-                    attacker = Unbroken(attacker, chosen, settled)
+                chosen = np.ones(len(rows), bool)  # a continuation attacks (and writes) only some samples
+                if after:
+                    earlier = [partition_name(first, target, a, eps) for a in after]
+                    threat["after"] = earlier
+                    chosen &= ~broken_by_partitions(out, data.split, earlier, rows, (judges or pipelines)[key])
+                if focus:
+                    other, other_spec, other_attacks = focus
+                    focused = [partition_name(first, other, a, eps) for a in other_attacks]
+                    threat["focus"] = focused
+                    chosen &= broken_by_partitions(out, data.split, focused, rows, other_spec)
+                if not chosen.any():
+                    print(f"{name}: every sample is settled, nothing to attack; not written", file=sys.stderr)
+                    continue
                 draws = judge_draws if mirror.needs_noise else 1
                 if draws > 1:
                     threat["judge_draws"] = draws
@@ -201,7 +204,8 @@ def export_through(
                 meta = {**base_meta, "attacks": {name: {**attacker.params(), "attack": attack}},
                         "threat": {name: threat}}
                 judge = (judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None
-                plan.append(Planned(name, attacker, meta, draws, judge, suite_record(attacker, name)))
+                plan.append(Planned(name, attacker, meta, draws, judge, suite_record(attacker, name),
+                                    rows=rows[chosen]))
     return run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
                     features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
 
@@ -229,6 +233,20 @@ def run_selection(data: ImageSet, *, budgets: Sequence[float], judge_draws: int,
     return rows, meta
 
 
+def _right_when_clean(out: Path, split: str, rows: np.ndarray) -> np.ndarray:
+    """The samples among `rows` that the model gets right on their clean row in the table `out`, and those
+    without a clean row there. A robustness figure counts only the samples the bare model gets right when clean
+    (the selected ones), so attacking the others would cost compute and rows for nothing."""
+    from logitguard.tables import read_table
+
+    try:
+        clean = read_table(out, split=split, attacks=["clean"], columns=[])
+    except LogitguardError:
+        return rows
+    wrong = clean.sample_id[clean.logits.argmax(axis=1) != clean.labels]
+    return rows[~np.isin(rows, wrong)]
+
+
 def _check_clean_rows(out: Path, split: str, rows: np.ndarray, samples: int | None, seed: int) -> None:
     """Refuse samples of `split` without a clean row in the table `out`: their attacked rows would pair with
     nothing, and the defender never saw them (another --seed, or more samples than the table's split holds)."""
@@ -250,7 +268,8 @@ def _check_clean_rows(out: Path, split: str, rows: np.ndarray, samples: int | No
 class Planned:
     """One partition to export: its attacker and metadata, its judge draws and the core pipeline that judges
     them (None: no judging), ``finish(table, broken) -> table``, which adds the attack's own results (the
-    suite's record, a query attack's counts) to its threat entry once it has run, and `recognise`."""
+    suite's record, a query attack's counts) to its threat entry once it has run, `recognise`, and the sample
+    ids it attacks (None: the run's; a continuation's are fewer)."""
 
     name: str
     attacker: Any
@@ -261,6 +280,7 @@ class Planned:
     # recognise(meta, [finished file, staged file]) -> the metadata a finished run of these settings wrote
     # (a run's results are not settings: a rerun must still recognise the partition)
     recognise: Callable[[dict[str, Any], list[Path]], dict[str, Any]] | None = None
+    rows: np.ndarray | None = None
 
 
 def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, rows: np.ndarray, seed: int,
@@ -274,7 +294,7 @@ def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, r
         for item in plan:
             rel = partition_rel(data.split, item.name)
             meta = item.meta if item.recognise is None else item.recognise(item.meta, [out / rel, stage.stage.path / rel])
-            state = stage.classify(rel, meta, item.name, rows, features=features, insen=insen)
+            state = stage.classify(rel, meta, item.name, _rows_of(item, rows), features=features, insen=insen)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
@@ -283,13 +303,17 @@ def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, r
                 stage.files += staged_draws(stage, data.split, item.name, item.draws)
         for item in todo:
             started = time.perf_counter()
-            export_judged(stage, name=item.name, attacker=item.attacker, meta=item.meta, rows=rows, seed=seed,
-                          draws=item.draws, judge=item.judge, finish=item.finish, data=data, features=features,
-                          insen=insen, **export)
-            report.timings.append({"split": data.split, "attack": item.name, "rows": len(rows),
+            export_judged(stage, name=item.name, attacker=item.attacker, meta=item.meta, rows=_rows_of(item, rows),
+                          seed=seed, draws=item.draws, judge=item.judge, finish=item.finish, data=data,
+                          features=features, insen=insen, **export)
+            report.timings.append({"split": data.split, "attack": item.name, "rows": len(_rows_of(item, rows)),
                                    "seconds": time.perf_counter() - started})
         report.written = stage.commit()
     return report
+
+
+def _rows_of(item: Planned, rows: np.ndarray) -> np.ndarray:
+    return rows if item.rows is None else item.rows
 
 
 def export_surrogate(

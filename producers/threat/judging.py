@@ -4,7 +4,7 @@ A partition attacked through a randomised (noise-reading) pipeline is judged on 
 never saw (`export_judged`; see `producers.threat.export`): draw 0 is the partition itself, draws 1..R−1 re-query
 the same images (`_Replay` of what `_Recording` kept) and hold only the samples the core's NumPy pipeline did not
 break on an earlier draw. The suite's record goes into the partition's threat entry (`suite_record`), and a
-continuation (``after``) attacks only the samples earlier partitions left unbroken (`broken_by_partitions`, `Unbroken`).
+continuation (``after``) attacks only the samples earlier partitions left unbroken (`broken_by_partitions`).
 """
 
 from __future__ import annotations
@@ -55,10 +55,6 @@ def export_judged(stage: ExportStage, *, name: str, attacker: Any, meta: dict[st
     stage.write(partition_rel(data.split, name), finish(table, broken))
     if draws < 2 or broken is None:
         return
-    # a continuation's rows that the partitions it continued broke need no draws
-    settled = getattr(attacker, "settled", None)
-    if settled is not None:
-        broken = broken | settled
     adv = torch.cat(recording.images)
     for k in range(1, draws):
         alive = np.flatnonzero(~broken)
@@ -140,31 +136,6 @@ def broken_by_partitions(out: Path, split: str, partitions: Sequence[str], rows:
     table = read_table(out, split=split, attacks=chosen)
     ids = table.sample_id[_broken(judge, table)]
     return np.isin(rows, ids)
-
-
-class Unbroken:
-    """Wraps an attacker so that it attacks only the rows marked in `attack_rows` (in the order export passes
-    images); the other rows come back unperturbed. `settled` (default: the rows not attacked) marks the rows
-    that earlier partitions broke: they get no judge draws (a row left out for another reason is judged as a
-    failed attack's would be)."""
-
-    def __init__(self, attacker: Any, attack_rows: np.ndarray, settled: np.ndarray | None = None) -> None:
-        self.attacker, self.attack_rows, self.at = attacker, np.asarray(attack_rows, bool), 0
-        self.settled = ~self.attack_rows if settled is None else np.asarray(settled, bool)
-
-    def __getattr__(self, name: str) -> Any:  # params(), record(), names, … of the wrapped attacker
-        return getattr(self.attacker, name)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, on_batch: Any = None,
-                 **kwargs: Any) -> torch.Tensor:
-        keep = torch.from_numpy(self.attack_rows[self.at:self.at + len(images)])
-        self.at += len(images)
-        out = images.clone()
-        if keep.any():
-            out[keep] = self.attacker(images[keep], labels[keep], on_batch=on_batch, **kwargs)
-        if on_batch is not None:
-            on_batch(int((~keep).sum()))
-        return out
 
 
 class _Replay:
