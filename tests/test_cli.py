@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from logitguard import write_table
+from logitguard import LogitTable, read_table, write_table
 from logitguard.cli import main
 from producers.cli import main as produce_main
 
@@ -141,12 +142,24 @@ def test_correct_writes_a_table_inspect_can_read(digits_split_dir, corrector_pat
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
 
 
-def test_transfer_and_sweep_print_their_tables(digits_split_dir):
+def test_transfer_and_sweep_print_their_tables(digits_split_dir, tmp_path):
     result = CliRunner().invoke(main, ["transfer", str(digits_split_dir), "--attacks", "fgsm,bim", *FAST_ARGS,
                                        "--json"])
     assert result.exit_code == 0, result.output
     matrix = json.loads(result.output)
     assert set(matrix) == {"clean", "fgsm", "bim"} and set(matrix["bim"]) == {"fgsm", "bim"}
+    # by default every attack with rows in both splits: a test-only partition (aimed at a defense) is left out
+    table = read_table(digits_split_dir)
+    extra = table.select(split="test", attacks="fgsm")
+    extra = LogitTable.from_arrays(logits=extra.logits, sample_id=extra.sample_id, label=extra.labels, split="test",
+                                   attack="adaptive.x.routes.e16", metadata=extra.metadata)
+    both = tmp_path / "table"
+    shutil.copytree(digits_split_dir, both)
+    write_table(extra, tmp_path / "extra", partition_by=("split", "attack"))
+    shutil.move(tmp_path / "extra" / "split=test" / "attack=adaptive.x.routes.e16", both / "split=test")
+    result = CliRunner().invoke(main, ["transfer", str(both), *FAST_ARGS, "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.output)) == {"clean", *(a for a in table.attacks if a != "clean")}
     result = CliRunner().invoke(main, ["sweep-p-clean", str(digits_split_dir), "--attacks", "fgsm",
                                        "--values", "0,1", *FAST_ARGS])
     assert result.exit_code == 0, result.output

@@ -40,7 +40,8 @@ def evaluate(table: str, corrector_path: str, split: str, attacks: list[str] | N
 
 @main.command()
 @table_argument
-@click.option("--attacks", type=comma_list, default=None, help="Attacks to train on and evaluate (default: all).")
+@click.option("--attacks", type=comma_list, default=None,
+              help="Attacks to train on and evaluate (default: every attack with rows in both splits).")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
 @corrector_options
@@ -53,7 +54,9 @@ def transfer(table: str, attacks: list[str] | None, train_split: str, split: str
     from ..tables import CLEAN, read_table
 
     data = read_table(table, columns=[])
-    attacks = attacks or [a for a in data.attacks if a != CLEAN]
+    # a test split may hold attacks with no train rows to learn from (e.g. those aimed at a defense)
+    both = set(data.select(split=train_split).attacks) & set(data.select(split=split).attacks)
+    attacks = attacks or [a for a in data.attacks if a != CLEAN and a in both]
     correctors = train_per_attack(data.select(split=train_split), attacks, progress=progress(),
                                   **corrector_params(kwargs))
     matrix = transfer_matrix(data.select(split=split), correctors, attacks=attacks)
