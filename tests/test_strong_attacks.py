@@ -258,6 +258,10 @@ def test_a_focused_continuation_attacks_only_what_the_bare_model_lost(world, dig
     frame = threat_model_table(table, {"ln-reject": judge}, budgets=(EPS / 3,))
     mine = frame[frame.pipeline == "ln-reject"]
     assert (mine.judge_gaps == 0).all() and (mine.samples > len(part)).all()
+    # a continuation with no sample left to attack (the bare model's, after and focused on its own suite)
+    report = export_through(digits_cnn, digits_sets[1], {"none": specs["none"]}, attacks=("apgd-ce",),
+                            after=["suite"], focus=("none", specs["none"], ["suite"]), **common)
+    assert report.settled == [partition_name("adaptive", "none", "apgd-ce", EPS / 3)] and not report.written
 
 
 def test_an_alias_runs_an_attack_again_under_another_name(world, digits_cnn, digits_sets, tmp_path):

@@ -76,13 +76,15 @@ def echo_report(report, out: str, as_json: bool) -> None:
     """What an export wrote and skipped, with seconds and rows/s per partition (or all of it as JSON)."""
     if as_json:
         echo_json({"written": [str(p) for p in report.written], "skipped": [str(p) for p in report.skipped],
-                   "timings": report.timings})
+                   "settled": report.settled, "timings": report.timings})
         return
     rows = [[t["split"], t["attack"], str(t["rows"]), f"{t['seconds']:.1f}", f"{t['rows'] / t['seconds']:.0f}"]
             for t in report.timings]
     if rows:
         click.echo("\n".join(render_table(["split", "attack", "rows", "seconds", "rows/s"], rows, left=2)))
     click.echo(f"wrote {len(report.written)} file(s), skipped {len(report.skipped)} existing under {out}")
+    if report.settled:
+        click.echo(f"not written, no sample left to attack: {', '.join(report.settled)}")
 
 
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:

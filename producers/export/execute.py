@@ -40,6 +40,7 @@ class ExportReport:
     skipped: list[Path] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)
     staged: list[str] = field(default_factory=list)  # with commit=False: partitions left staged, for the caller
+    settled: list[str] = field(default_factory=list)  # continuations with no sample left to attack: not written
 
 
 def run_export(plan: ExportPlan, *, progress: bool = True, commit: bool = True) -> ExportReport:

@@ -20,7 +20,6 @@ also records ``sequence``, ``broken_by`` (per row, by sample id) and ``indicator
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -136,7 +135,7 @@ def export_through(
     the bare model holds, a gated pipeline that only answers its label or abstains holds too, so those are the
     samples its gain rests on; the threat entry names the ``focus`` partitions. A continuation's partition holds
     only the samples it attacked (the core reads it as a subset: `subset_partitions`); one with nothing left
-    to attack is not written.
+    to attack is not written (`ExportReport.settled` names it).
     Partitions already in `out` are skipped (refused when made with other settings); the run's new ones are
     added to `out` together at the end, and an interrupted run resumes from what it staged (`ExportStage`).
 
@@ -166,6 +165,7 @@ def export_through(
     first = prefix or train_prefix(tier, data.split)
     model = model.to(device).eval()
     plan = []  # (partition name, attacker, metadata): everything is built and checked before any attack
+    settled = []  # continuations with no sample left to attack
     for key, spec in pipelines.items():
         target = (target_names or {}).get(key, key)
         mirror = load_pipeline_mirror(spec)
@@ -194,7 +194,7 @@ def export_through(
                     threat["focus"] = focused
                     chosen &= broken_by_partitions(out, data.split, focused, rows, other_spec)
                 if not chosen.any():
-                    print(f"{name}: every sample is settled, nothing to attack; not written", file=sys.stderr)
+                    settled.append(name)
                     continue
                 draws = judge_draws if mirror.needs_noise else 1
                 if draws > 1:
@@ -206,8 +206,10 @@ def export_through(
                 judge = (judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None
                 plan.append(Planned(name, attacker, meta, draws, judge, suite_record(attacker, name),
                                     rows=rows[chosen]))
-    return run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
-                    features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
+    report = run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
+                      features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
+    report.settled = settled
+    return report
 
 
 def run_selection(data: ImageSet, *, budgets: Sequence[float], judge_draws: int, samples: int | None, seed: int,
