@@ -522,22 +522,31 @@ JUDGED = {
 }
 
 
-@pytest.fixture(scope="module")
-def judged() -> LogitTable:
+def _spec_table(spec: dict) -> LogitTable:
+    """The table of `spec` (attack: (threat entry, samples present, gated verdicts, linf), as `JUDGED`): labels
+    0, 1, 2, 0 for samples 0..3, the bare model right on every row but pgd's sample 1."""
     labels = np.array([0, 1, 2, 0])
-    parts = [(a, np.array(s)) for a, (_, s, _, _) in JUDGED.items()]
-    bare = {a: "RRRR" for a in JUDGED} | {"pgd": "RWRR"}
+    parts = [(a, np.array(s)) for a, (_, s, _, _) in spec.items()]
+    bare = {a: "RRRR" for a in spec} | {"pgd": "RWRR"}
     return LogitTable.from_arrays(
         logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
         sample_id=np.concatenate([s for _, s in parts]), split="test",
         attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
-        linf=np.concatenate([np.full(len(s), JUDGED[a][3]) for a, s in parts]),
-        metadata={"threat": {a: t for a, (t, _, _, _) in JUDGED.items() if t is not None}},
-    )
+        linf=np.concatenate([np.full(len(s), spec[a][3]) for a, s in parts]),
+        metadata={"threat": {a: t for a, (t, _, _, _) in spec.items() if t is not None}})
+
+
+def _gated(spec: dict) -> Fixed:
+    return Fixed({a: v for a, (_, _, v, _) in spec.items()})
+
+
+@pytest.fixture(scope="module")
+def judged() -> LogitTable:
+    return _spec_table(JUDGED)
 
 
 def _gated_judged() -> Fixed:
-    return Fixed({a: v for a, (_, _, v, _) in JUDGED.items()})
+    return _gated(JUDGED)
 
 
 def test_judge_draws_make_a_sample_robust_only_on_every_draw(judged):
@@ -640,17 +649,8 @@ def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():
     query = "query.gated.square.e16"
     spec = {**JUDGED, query: ({"model": "query", "target": "gated", "attack": "square", "eps": E16}, [2, 3],
                               "RRWR", E16)}
-    labels = np.array([0, 1, 2, 0])
-    parts = [(a, np.array(s)) for a, (_, s, _, _) in spec.items()]
-    bare = {a: "RRRR" for a in spec} | {"pgd": "RWRR"}
-    table = LogitTable.from_arrays(
-        logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
-        sample_id=np.concatenate([s for _, s in parts]), split="test",
-        attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
-        linf=np.concatenate([np.full(len(s), spec[a][3]) for a, s in parts]),
-        metadata={"threat": {a: t for a, (t, _, _, _) in spec.items() if t is not None}})
-    rows = _by(threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})},
-                                  budgets=(E16,)))
+    table = _spec_table(spec)
+    rows = _by(threat_model_table(table, {"gated": _gated(spec)}, budgets=(E16,)))
     q = rows[("gated", "query", 16)]
     assert q["samples"] == 2 and q["robust_accuracy"] == 0.5 and np.isnan(q["harm"]) and not isinstance(q["no_harm"], str)
     assert rows[("gated", "oblivious", 16)]["samples"] == 4
@@ -658,8 +658,7 @@ def test_a_query_partition_on_the_first_samples_is_measured_on_those_alone():
     # draws broke samples 0 and 1; the query attack breaks sample 2: only sample 3 holds
     assert adaptive["samples"] == 4 and adaptive["robust_accuracy"] == 0.25 and query in adaptive["attacks"]
     assert "measured on fewer samples (query attacks may cover the first ones only): gated query 16/255: 2" in \
-        format_threat_models(threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})},
-                                                budgets=(E16,)))
+        format_threat_models(threat_model_table(table, {"gated": _gated(spec)}, budgets=(E16,)))
 
 
 def test_a_continuation_holds_only_the_samples_it_attacked():
@@ -670,17 +669,9 @@ def test_a_continuation_holds_only_the_samples_it_attacked():
              "judge_draws": 2}
     spec = {**JUDGED, cont: (entry, [2, 3], "RRRW", E16),
             cont + ".r1": ({**entry, "judge_draw": 1, "judge_of": cont}, [2], "RRRR", E16)}
-    labels = np.array([0, 1, 2, 0])
-    parts = [(a, np.array(s)) for a, (_, s, _, _) in spec.items()]
-    bare = {a: "RRRR" for a in spec} | {"pgd": "RWRR"}
-    table = LogitTable.from_arrays(
-        logits=np.concatenate([_logits(labels[s], "".join(bare[a][i] for i in s)) for a, s in parts]),
-        sample_id=np.concatenate([s for _, s in parts]), split="test",
-        attack=np.concatenate([[a] * len(s) for a, s in parts]), label=np.concatenate([labels[s] for _, s in parts]),
-        linf=np.concatenate([np.full(len(s), spec[a][3]) for a, s in parts]),
-        metadata={"threat": {a: t for a, (t, _, _, _) in spec.items() if t is not None}})
+    table = _spec_table(spec)
     assert sorted(subset_partitions(table.metadata, table.attacks)) == [cont, cont + ".r1", PARENT + ".r1", PARENT + ".r2"]
-    frame = threat_model_table(table, {"gated": Fixed({a: v for a, (_, _, v, _) in spec.items()})}, budgets=(E16,))
+    frame = threat_model_table(table, {"gated": _gated(spec)}, budgets=(E16,))
     adaptive = _by(frame)[("gated", "adaptive", 16)]
     # draws broke samples 0 and 1, the continuation breaks sample 3: only sample 2 holds, on all 4 samples
     assert adaptive["samples"] == 4 and adaptive["robust_accuracy"] == 0.25 and cont in adaptive["attacks"]
