@@ -259,12 +259,12 @@ def _focus(raw: str | None, specs: dict, defenses: str) -> tuple | None:
     if raw is None:
         return None
     name, _, attacks = raw.partition(":")
-    chosen = comma_list(attacks)
-    if not name.strip() or not chosen:
+    name, chosen = name.strip(), comma_list(attacks)
+    if not name or not chosen:
         raise ProducerError(f"--focus takes PIPELINE:ATTACKS (e.g. none:suite), got {raw!r}")
-    if name.strip() not in specs:
-        raise ProducerError(f"--focus: no pipeline {name.strip()!r} in {defenses}; it has {sorted(specs)}")
-    return name.strip(), specs[name.strip()], chosen
+    if name not in specs:
+        raise ProducerError(f"--focus: no pipeline {name!r} in {defenses}; it has {sorted(specs)}")
+    return name, specs[name], chosen
 
 
 def defense_params(params: tuple[str, ...], attacks: list[str]) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,7 @@ def export_through(
     rows, base_meta = run_selection(data, budgets=budgets, judge_draws=judge_draws, samples=samples, seed=seed,
                                     noise=noise, metadata=metadata, holdout=holdout)
     out, device = Path(out), torch.device(device)
-    if data.split != "test":
-        _check_clean_rows(out, data.split, rows, samples, seed)
-    rows = _right_when_clean(out, data.split, rows)
+    rows = _right_when_clean(out, data.split, rows, samples, seed)
     extra = dict(threat_extra or {})
     if data.split != "test":
         extra = {"split": data.split, "calibration_holdout": holdout, **extra}
@@ -206,7 +204,7 @@ def export_through(
                 judge = (judges or pipelines)[key] if draws > 1 or hasattr(attacker, "record") else None
                 plan.append(Planned(name, attacker, meta, draws, judge, suite_record(attacker, name),
                                     rows=rows[chosen]))
-    report = run_plan(plan, out=out, tier=tier, data=data, rows=rows, seed=seed, model=model, noise=noise,
+    report = run_plan(plan, out=out, tier=tier, data=data, seed=seed, model=model, noise=noise,
                       features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
     report.settled = settled
     return report
@@ -235,43 +233,36 @@ def run_selection(data: ImageSet, *, budgets: Sequence[float], judge_draws: int,
     return rows, meta
 
 
-def _right_when_clean(out: Path, split: str, rows: np.ndarray) -> np.ndarray:
-    """The samples among `rows` that the model gets right on their clean row in the table `out`, and those
-    without a clean row there. A robustness figure counts only the samples the bare model gets right when clean
-    (the selected ones), so attacking the others would cost compute and rows for nothing."""
+def _right_when_clean(out: Path, split: str, rows: np.ndarray, samples: int | None, seed: int) -> np.ndarray:
+    """`rows` less the samples the model gets wrong on their clean row in the table `out`: a robustness figure
+    counts only the samples the bare model gets right when clean, so attacking the others would cost compute
+    and rows for nothing. On the test split a sample without a clean row there is kept (and a table without
+    clean rows keeps all); on another split it is refused: its attacked rows would pair with nothing, and the
+    defender never saw it (another --seed, or more samples than the table's split holds)."""
     from logitguard.tables import read_table
 
     try:
         clean = read_table(out, split=split, attacks=["clean"], columns=[])
-    except LogitguardError:
-        return rows
-    wrong = clean.sample_id[clean.logits.argmax(axis=1) != clean.labels]
-    return rows[~np.isin(rows, wrong)]
-
-
-def _check_clean_rows(out: Path, split: str, rows: np.ndarray, samples: int | None, seed: int) -> None:
-    """Refuse samples of `split` without a clean row in the table `out`: their attacked rows would pair with
-    nothing, and the defender never saw them (another --seed, or more samples than the table's split holds)."""
-    from logitguard.tables import read_table
-
-    try:
-        have = read_table(out, split=split, attacks=["clean"], columns=[]).sample_id
     except LogitguardError as exc:
+        if split == "test":
+            return rows
         raise ProducerError(f"{out}: cannot read the clean rows of split {split!r} ({exc})") from None
-    missing = rows[~np.isin(rows, have)]
-    if len(missing):
+    missing = rows[~np.isin(rows, clean.sample_id)]
+    if split != "test" and len(missing):
         raise ProducerError(f"{len(missing)} of the {len(rows)} {split} samples chosen (seed {seed}, {samples} "
                             f"samples outside the detector's calibration hold-out) have no clean row in {out}'s "
-                            f"{split} split ({len(have)} samples), e.g. sample {int(missing[0])}: attack fewer "
+                            f"{split} split ({len(clean)} samples), e.g. sample {int(missing[0])}: attack fewer "
                             f"samples or use the seed the table was exported with")
+    wrong = clean.sample_id[clean.logits.argmax(axis=1) != clean.labels]
+    return rows[~np.isin(rows, wrong)]
 
 
 @dataclass
 class Planned:
     """One partition to export: its attacker and metadata, its judge draws and the core pipeline that judges
     them (None: no judging), ``finish(table, broken) -> table``, which adds the attack's own results (the
-    suite's record, a query attack's counts) to its threat entry once it has run, `recognise`, and the sample
-    ids it attacks (None: the run's; a continuation's are fewer)."""
+    suite's record, a query attack's counts) to its threat entry once it has run, `recognise`, and `rows`, the
+    sample ids it attacks (a continuation's are fewer than the run's)."""
 
     name: str
     attacker: Any
@@ -282,10 +273,10 @@ class Planned:
     # recognise(meta, [finished file, staged file]) -> the metadata a finished run of these settings wrote
     # (a run's results are not settings: a rerun must still recognise the partition)
     recognise: Callable[[dict[str, Any], list[Path]], dict[str, Any]] | None = None
-    rows: np.ndarray | None = None
+    rows: np.ndarray = field(kw_only=True)
 
 
-def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, rows: np.ndarray, seed: int,
+def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, seed: int,
              features: bool, insen: bool, **export: Any) -> ExportReport:
     """Export every planned partition not yet in `out` (refused when made with other settings) with its judge
     draws, staged under `tier` and added to `out` together at the end; an interrupted run resumes from what
@@ -296,7 +287,7 @@ def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, r
         for item in plan:
             rel = partition_rel(data.split, item.name)
             meta = item.meta if item.recognise is None else item.recognise(item.meta, [out / rel, stage.stage.path / rel])
-            state = stage.classify(rel, meta, item.name, _rows_of(item, rows), features=features, insen=insen)
+            state = stage.classify(rel, meta, item.name, item.rows, features=features, insen=insen)
             if state == "done":
                 report.skipped.append(out / rel)
             elif state == "todo":
@@ -305,17 +296,13 @@ def run_plan(plan: Sequence[Planned], *, out: Path, tier: str, data: ImageSet, r
                 stage.files += staged_draws(stage, data.split, item.name, item.draws)
         for item in todo:
             started = time.perf_counter()
-            export_judged(stage, name=item.name, attacker=item.attacker, meta=item.meta, rows=_rows_of(item, rows),
+            export_judged(stage, name=item.name, attacker=item.attacker, meta=item.meta, rows=item.rows,
                           seed=seed, draws=item.draws, judge=item.judge, finish=item.finish, data=data,
                           features=features, insen=insen, **export)
-            report.timings.append({"split": data.split, "attack": item.name, "rows": len(_rows_of(item, rows)),
+            report.timings.append({"split": data.split, "attack": item.name, "rows": len(item.rows),
                                    "seconds": time.perf_counter() - started})
         report.written = stage.commit()
     return report
-
-
-def _rows_of(item: Planned, rows: np.ndarray) -> np.ndarray:
-    return rows if item.rows is None else item.rows
 
 
 def export_surrogate(

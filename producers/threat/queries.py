@@ -95,10 +95,11 @@ def export_queries(
                         "threat": {name: threat}}
                 plan.append(Planned(name, attacker, meta, draws, spec if draws > 1 else None,
                                     _query_record(attacker, meta, name, len(rows)),
-                                    recognise=lambda meta, files, name=name: _with_results_of(meta, name, files)))
+                                    recognise=lambda meta, files, name=name: _with_results_of(meta, name, files),
+                                    rows=rows))
     for item in plan:
         item.attacker.take_queries()  # nothing left over from another run
-    return run_plan(plan, out=out, tier=TIER, data=data, rows=rows, seed=seed, model=model, noise=noise,
+    return run_plan(plan, out=out, tier=TIER, data=data, seed=seed, model=model, noise=noise,
                     features=features, insen=insen, batch_size=batch_size, device=device, progress=progress)
 
 
