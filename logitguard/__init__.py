@@ -27,7 +27,7 @@ _HOMES: dict[str, str] = {
     "DETECTOR_KINDS": ".defenses.detector_kinds",
     **dict.fromkeys(["Detector", "load_detector", "make_detector", "MSPDetector", "MaxLogitDetector",
                      "EnergyDetector", "NonMEDetector", "InsenDetector", "KDensityDetector", "LearnedDetector",
-                     "NoisyLearnedDetector", "OddsTest", "SingleShotOddsTest", "OddsCorrector"],
+                     "NoisyLearnedDetector", "RankedNoisyLearnedDetector", "OddsTest", "SingleShotOddsTest", "OddsCorrector"],
                     ".defenses.detectors"),
     "LogitCorrector": ".defenses.corrector",
     "SVMCorrector": ".defenses.svm",

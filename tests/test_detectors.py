@@ -55,7 +55,8 @@ def test_every_detector_keeps_the_contract(kind, fitted, test_rows, digits_split
     assert loaded.threshold_ == detector.threshold_ and strict.fpr == 0.01 and loaded.fpr == 0.05
 
 
-@pytest.mark.parametrize("kind", ["msp", "maxlogit", "energy", "learned", "learned-noisy", "odds-single"])
+@pytest.mark.parametrize("kind", ["msp", "maxlogit", "energy", "learned", "learned-noisy", "learned-ranked",
+                                  "odds-single"])
 def test_higher_scores_mean_adversarial(kind, fitted, test_rows):
     """On the logistic regression, these detectors separate successful FGSM rows from clean ones."""
     result = detection_table(test_rows, {kind: fitted[kind]}, attacks=["fgsm"]).iloc[0]
@@ -227,3 +228,24 @@ def test_loading_refuses_what_is_not_a_detector(tmp_path, fitted):
 def _label_and_flags(decision):
     """(defended labels, flags) of a `Decision`."""
     return decision.label, decision.flagged
+
+
+def test_ranked_noise_features_ignore_which_classes_moved():
+    """`learned-ranked`'s extra block is the same whichever classes the noise moved (class columns permuted),
+    while the per-class block it shares with `learned-noisy` follows the classes; without the ranked block
+    the features are `learned-noisy`'s."""
+    from logitguard.defenses.math.learned import learned_features
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 10))
+    noisy = logits[:, None, :] + rng.normal(scale=0.3, size=(50, 4, 10))
+    perm = rng.permutation(10)
+    plain, ranked = learned_features(logits, noisy), learned_features(logits, noisy, ranked=True)
+    moved = learned_features(logits[:, perm], noisy[:, :, perm], ranked=True)
+    assert plain.shape == (50, 50) and ranked.shape == (50, 70)
+    np.testing.assert_array_equal(ranked[:, :50], plain)
+    np.testing.assert_allclose(moved[:, 50:], ranked[:, 50:], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moved[:, 30:40], ranked[:, 30:40][:, perm], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(moved[:, 30:40], ranked[:, 30:40])
+    # The largest change's mean is at least the second largest's, row by row.
+    assert (ranked[:, 50] >= ranked[:, 51]).all()

@@ -27,6 +27,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
 DETECTORS = {  # file stem: (kind, params)
     "msp": ("msp", {}), "maxlogit": ("maxlogit", {}), "energy": ("energy", {}), "nonme": ("nonme", {}),
     "learned": ("learned", {"max_iter": 30}), "learned-noisy": ("learned-noisy", {"max_iter": 30}),
+    "learned-ranked": ("learned-ranked", {"max_iter": 30}),
     "odds-pair-logistic": ("odds", {"thresholds": "pair", "correction": "logistic"}),
     "odds-argmax": ("odds", {}),
     # min_rows=400: some classes pool their moments and two fall back from logistic to argmax.

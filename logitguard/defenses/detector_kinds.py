@@ -5,5 +5,5 @@ scikit-learn): ``logitguard --help`` stays fast. Every kind names a `Detector` s
 `logitguard.defenses.detectors` refuses to import when the two disagree.
 """
 
-DETECTOR_KINDS = ("msp", "maxlogit", "energy", "nonme", "insen", "kdensity", "learned", "learned-noisy", "odds",
-                  "odds-single")
+DETECTOR_KINDS = ("msp", "maxlogit", "energy", "nonme", "insen", "kdensity", "learned", "learned-noisy",
+                  "learned-ranked", "odds", "odds-single")

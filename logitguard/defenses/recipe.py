@@ -71,7 +71,7 @@ def fit_guard_parts(
     fitted_detector = None
     if detector is not None:
         params: dict[str, Any] = {"fpr": fpr}
-        if detector in ("learned", "learned-noisy"):
+        if detector.startswith("learned"):
             params["seed"] = seed
         fitted_detector = make_detector(detector, **params).fit_table(train, attacks=attacks)
     fitted_corrector = None if corrector is None else _fit_corrector(corrector, train, attacks, seed)

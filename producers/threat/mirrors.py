@@ -141,12 +141,13 @@ class LearnedMirror(DetectorMirror):
 
     def __init__(self, detector: LearnedDetector) -> None:
         super().__init__(detector.kind, detector.threshold_, None, needs_noise=detector.noise)
+        self.ranked = detector.ranked
         self._arrays(center=detector.center_, scale=detector.scale_, w1=detector.w1_, b1=detector.b1_,
                      w2=detector.w2_, b2=detector.b2_)
 
     def forward(self, logits: Tensor, noisy: Tensor | None = None) -> Tensor:
         self._check(logits, noisy)
-        x = learned_features(logits, noisy if self.needs_noise else None)
+        x = learned_features(logits, noisy if self.needs_noise else None, ranked=self.ranked)
         if x.shape[1] != self.center.shape[0]:
             raise ProducerError(f"the logits give {x.shape[1]} features; this detector was fitted on "
                                 f"{self.center.shape[0]}")

@@ -4,9 +4,9 @@ higher for more likely adversarial rows, `flag` flags rows above a threshold cal
 to a target false-positive rate, and `save`/`load_detector` use plain arrays only.
 
 Kinds: ``msp``, ``maxlogit``, ``energy``, ``nonme`` (baselines, one logit vector), ``odds`` (noise
-queries) and ``odds-single`` (none), ``learned`` and ``learned-noisy``; and two that read another table
-column (`Detector.input_column`, passed as ``features=``): ``kdensity`` (penultimate features, K-density)
-and ``insen`` (input-sensitivity statistics). `LOGIT_KINDS` are the kinds that need logits (and noise
+queries) and ``odds-single`` (none), ``learned``, ``learned-noisy`` and ``learned-ranked``; and two that read
+another table column (`Detector.input_column`, passed as ``features=``): ``kdensity`` (penultimate features,
+K-density) and ``insen`` (input-sensitivity statistics). `LOGIT_KINDS` are the kinds that need logits (and noise
 queries) only: what a deployable guard accepts.
 """
 
@@ -21,7 +21,7 @@ from .base import Detector, load_detector
 from .baselines import EnergyDetector, MaxLogitDetector, MSPDetector, NonMEDetector
 from .insen import InsenDetector
 from .kdensity import KDensityDetector
-from .learned import LearnedDetector, NoisyLearnedDetector
+from .learned import LearnedDetector, NoisyLearnedDetector, RankedNoisyLearnedDetector
 from .odds import OddsCorrector, OddsTest, SingleShotOddsTest
 
 KINDS = DETECTOR_KINDS
@@ -46,5 +46,5 @@ def make_detector(kind: str, **params: Any) -> Detector:
 __all__ = [
     "KINDS", "LOGIT_KINDS", "Detector", "EnergyDetector", "InsenDetector", "KDensityDetector", "LearnedDetector",
     "MSPDetector", "MaxLogitDetector", "NonMEDetector", "NoisyLearnedDetector", "OddsCorrector", "OddsTest",
-    "SingleShotOddsTest", "load_detector", "make_detector",
+    "RankedNoisyLearnedDetector", "SingleShotOddsTest", "load_detector", "make_detector",
 ]

@@ -24,6 +24,7 @@ class LearnedDetector(Detector):
 
     kind = "learned"
     noise = False
+    ranked = False  # the noise changes' ranked moments as well (`learned_features(ranked=True)`)
     calibration_fraction = 0.25
     successful_attacks_only = True
 
@@ -48,11 +49,12 @@ class LearnedDetector(Detector):
         (self.w1_, self.w2_), (self.b1_, self.b2_) = mlp.coefs_, mlp.intercepts_
 
     def _fit_row_bytes(self, num_classes: int) -> int:
-        return 8 * num_classes * (5 if self.noise else 3)  # float64 features: logits, softmax, sorted (+ 2 noise)
+        # float64 features: logits, softmax, sorted (+ 2 noise moments, + 2 ranked ones)
+        return 8 * num_classes * (3 + 2 * self.noise + 2 * self.ranked)
 
     def _raw_features(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
-        """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std)."""
-        return learned_features(logits, noisy if self.noise else None)
+        """Unscaled features (N, F): logits, softmax, sorted logits (+ noise-change mean and std, + ranked)."""
+        return learned_features(logits, noisy if self.noise else None, ranked=self.ranked)
 
     def _scores(self, logits: np.ndarray, noisy: np.ndarray | None) -> np.ndarray:
         x = self._raw_features(logits, noisy)
@@ -76,3 +78,10 @@ class NoisyLearnedDetector(LearnedDetector):
     kind = "learned-noisy"
     needs_noise = True
     noise = True
+
+
+class RankedNoisyLearnedDetector(NoisyLearnedDetector):
+    """The noisy learned detector with the ranked (sorted) noise changes' moments as extra inputs."""
+
+    kind = "learned-ranked"
+    ranked = True
