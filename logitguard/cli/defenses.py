@@ -88,9 +88,11 @@ DETECTOR_OPTIONS = [
      "kdensity: the Gaussian kernel's bandwidth sigma^2 (default 1/0.26, Pang et al.'s for CE networks)."),
     ("--max-per-class", "max_per_class", int, "kdensity: clean training rows kept per class (default 1000)."),
     ("--hidden", "hidden", int, "learned, learned-noisy, learned-ranked: hidden width of the MLP (default 64)."),
-    ("--max-iter", "max_iter", int, "learned, learned-noisy, learned-ranked: most MLP training iterations (default 200)."),
+    ("--max-iter", "max_iter", int,
+     "learned, learned-noisy, learned-ranked: most MLP training iterations (default 200)."),
     ("--c", "C", float, "insen: inverse L2 strength of the logistic regression (default 1.0)."),
-    ("--seed", "seed", int, "learned, learned-noisy, learned-ranked, kdensity: seed of the MLP / the per-class sample (default 0)."),
+    ("--seed", "seed", int,
+     "learned, learned-noisy, learned-ranked, kdensity: seed of the MLP / the per-class sample (default 0)."),
 ]
 
 

@@ -3,11 +3,14 @@
 Input features, each standardised: the logits, their softmax and the logits sorted in descending order
 (a class-agnostic view of how peaked the vector is). The ``learned-noisy`` variant adds, per class, the
 mean and standard deviation over noise queries of the logit change f(x + η) − f(x). That is the odds
-test's signal, left to the network to weigh. The network is scikit-learn's `MLPClassifier`
-(one hidden ReLU layer, Adam, early stopping). It is saved as plain arrays and scored with a NumPy
-forward pass (`logitguard.defenses.math.learned`, shared with the producer's mirror), so loading never unpickles. Positives are the attacked training rows of the chosen
-attacks whose attack succeeded (the clean prediction was right and the attacked one is wrong):
-failed attacks look clean, and training on them would blur the boundary.
+test's signal, left to the network to weigh. ``learned-ranked`` adds the same two moments of each query's
+change sorted in descending order: class-agnostic inputs, for a detector meant to hold against attacks that
+move other classes than the training attacks did (issue 22). The network is scikit-learn's `MLPClassifier`
+(one hidden ReLU layer, Adam, early stopping). It is saved as plain arrays and scored with a NumPy forward
+pass (`logitguard.defenses.math.learned`, shared with the producer's mirror), so loading never unpickles.
+Positives are the attacked training rows of the chosen attacks whose attack succeeded (the clean prediction
+was right and the attacked one is wrong): failed attacks look clean, and training on them would blur the
+boundary.
 """
 
 from __future__ import annotations
