@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from logitguard import read_table
-from logitguard.defenses.pipelines import load_pipelines, manifest_provenance
+from logitguard.defenses.pipelines import load_pipelines, manifest_provenance, save_pipelines
 from logitguard.defenses.recipe import package_pipeline
 from logitguard.defenses.shipped import fit_shipped
 from logitguard.tables import holdout_mask
@@ -111,6 +111,7 @@ def test_each_refit_learns_from_the_rounds_before_it(world, fitted):
     assert len(fooled) >= 20
     old = load_pipelines(start)["ln-reject"].build().detector
     new = load_pipelines(r1.manifest)["ln-reject"].build().detector
+    assert new.kind == old.kind and new.get_params() == old.get_params()  # the same detector, refitted
     before, after = old.flag_table(fooled), new.flag_table(fooled)
     assert after.mean() > before.mean() + 0.05, (before.mean(), after.mean())
     assert new.score_table(fooled).mean() > old.score_table(fooled).mean()
@@ -171,6 +172,10 @@ def test_a_used_workdir_and_unfittable_pipelines_are_refused(world, fitted, digi
     with pytest.raises(ProducerError, match="no pipeline"):
         fit_adversarially(digits_cnn, digits_sets[0], table=table_dir, defenses=manifest, workdir=tmp_path / "w",
                           pipelines=["ln-agree"])
+    bare = save_pipelines(tmp_path / "bare.json", {"none": {}})
+    with pytest.raises(ProducerError, match="pipeline 'none' has no detector to refit"):
+        fit_adversarially(digits_cnn, digits_sets[0], table=table_dir, defenses=bare, workdir=tmp_path / "w",
+                          pipelines=["none"])
     with pytest.raises(ProducerError, match="train split"):
         fit_adversarially(digits_cnn, digits_sets[1], table=table_dir, defenses=manifest, workdir=tmp_path / "w")
 

@@ -21,7 +21,7 @@ from logitguard.defenses.gated import GatedDefense
 from logitguard.defenses.decision import ABSTAIN
 from logitguard.defenses.detectors import Detector, make_detector
 from logitguard.evaluation.evaluate import evaluate
-from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines
+from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, refit_detectors, save_pipelines
 from logitguard.defenses.svm import SVMCorrector
 from logitguard.evaluation.threat import detector_miss_table, threat_model_table
 from logitguard.report.threat_text import format_detector_misses, format_threat_models
@@ -399,6 +399,41 @@ def test_manifest_missing_and_save_errors(tmp_path):
     with pytest.raises(LogitguardError, match=re.escape("pipeline 'p': unknown on_flag policy 'drop'")):
         save_pipelines(tmp_path / "x.json", {"p": {"detector": "a.npz", "on_flag": "drop"}})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_refit_detectors_keeps_each_detectors_kind_and_parameters(defense_files, digits_train, tmp_path):
+    """A refit learns each detector afresh, of the same kind and parameters, from the attacks it is given (here
+    a learned-ranked detector first fitted on FGSM, refitted on FGSM and BIM), copies corrector-only files
+    unchanged, and writes a manifest of the same pipelines; it refuses to overwrite and to merge two files of
+    one name."""
+    folder, _, svm = defense_files
+    first = make_detector("learned-ranked", fpr=0.05, hidden=16, seed=3).fit_table(digits_train, attacks=["fgsm"])
+    start = save_pipelines(tmp_path / "start" / "defenses.json", {
+        "ranked-svm": {"detector": first.save(tmp_path / "start" / "ranked.npz"), "corrector": svm,
+                       "on_flag": "agree"},
+        "ranked-reject": {"detector": tmp_path / "start" / "ranked.npz", "on_flag": "reject"}, "none": {}})
+    specs = load_pipelines(start)
+    manifest = refit_detectors(specs, digits_train, tmp_path / "round", attacks=["fgsm", "bim"])
+    assert manifest == tmp_path / "round" / "defenses.json"
+    assert sorted(p.name for p in manifest.parent.iterdir()) == ["defenses.json", "ranked.npz", "svm.npz"]
+    refit = load_pipelines(manifest)
+    assert list(refit) == list(specs) and refit["ranked-svm"].on_flag == "agree"
+    assert (manifest.parent / "svm.npz").read_bytes() == svm.read_bytes()
+    detector = refit["ranked-reject"].build().detector
+    assert detector.kind == "learned-ranked" and detector.get_params() == first.get_params()
+    again = make_detector("learned-ranked", fpr=0.05, hidden=16, seed=3).fit_table(digits_train,
+                                                                                  attacks=["fgsm", "bim"])
+    np.testing.assert_allclose(detector.score_table(digits_train), again.score_table(digits_train), rtol=1e-9)
+    assert not np.allclose(detector.score_table(digits_train), first.score_table(digits_train))
+    with pytest.raises(LogitguardError, match="refusing to overwrite existing file"):
+        refit_detectors(specs, digits_train, tmp_path / "round", attacks=["fgsm"])
+    other = tmp_path / "other"
+    other.mkdir()
+    clash = {"a": PipelineSpec("a", detector=tmp_path / "start" / "ranked.npz", on_flag="reject"),
+             "b": PipelineSpec("b", detector=first.save(other / "ranked.npz"), on_flag="reject")}
+    with pytest.raises(LogitguardError, match="two different files are named 'ranked.npz'"):
+        refit_detectors(clash, digits_train, tmp_path / "clash", attacks=["fgsm"])
+    assert not (tmp_path / "clash").exists()
 
 
 # -- CLI and imports ------------------------------------------------------------------------------

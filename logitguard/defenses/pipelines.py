@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_output, check_format_version, refuse_overwrite
+from ..files import atomic_output, check_format_version, file_sha256, refuse_overwrite, staged_output
 from .gated import ON_FLAG, GatedDefense, check_policy
 from ..errors import LogitguardError
-from ..files import file_sha256
+from ..tables import LogitTable, require_one_split
 
 FORMAT = "logitguard.Pipelines"
 FORMAT_VERSION = 1
+MANIFEST = "defenses.json"  # a folder of defenses' manifest
 _ROLES = ("detector", "corrector")
 _KEYS = (*_ROLES, "on_flag")
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "PipelineSpec", "load_pipelines", "manifest_provenance", "save_pipelines"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "PipelineSpec", "load_pipelines", "manifest_provenance",
+           "refit_detectors", "save_pipelines"]
 
 
 @dataclass(frozen=True)
@@ -181,3 +184,48 @@ def _relative_name(path: Path, root: Path | None) -> str:
     if root is None:
         return Path(path).name
     return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
+
+
+def refit_detectors(pipelines: Mapping[str, PipelineSpec], table: LogitTable, out: str | os.PathLike, *,
+                    attacks: Sequence[str], overwrite: bool = False,
+                    provenance: Mapping[str, Any] | None = None) -> Path:
+    """Refit every detector of `pipelines` on the rows of `table` (one split: the ``train`` rows) from the
+    attacked partitions `attacks`, and write the pipelines to the folder `out` with their manifest.
+
+    Each detector keeps its kind and parameters: an unfitted copy of the saved one learns from the clean rows
+    and `attacks`, and recalibrates its threshold to its target FPR on its calibration hold-out
+    (`Detector.fit_table`). A file used as a corrector only is copied unchanged. This is how an adversarial
+    fit's rounds refit whatever detector kind they attack (`producers.threat.adversarial_fit`). Files keep
+    their names; refuses two different files of one name. Returns ``out/defenses.json``.
+    """
+    from sklearn.base import clone
+
+    from .detectors import load_detector
+
+    require_one_split(table, "refitting detectors", hint="train")
+    out = Path(out)
+    sources: dict[str, Path] = {}
+    refit: set[str] = set()
+    for spec in pipelines.values():
+        for role in _ROLES:
+            path = getattr(spec, role)
+            if path is None:
+                continue
+            name = Path(path).name
+            if sources.setdefault(name, Path(path).resolve()) != Path(path).resolve():
+                raise LogitguardError(f"two different files are named {name!r}; refitting writes them to one folder")
+            if role == "detector":
+                refit.add(name)
+    refuse_overwrite([out / name for name in (*sorted(sources), MANIFEST)], overwrite)
+    # Written beside `out` and added to it in one step: `out` never holds some new files with an old manifest.
+    with staged_output(out, overwrite=overwrite) as stage:
+        for name, source in sources.items():
+            if name in refit:
+                clone(load_detector(source)).fit_table(table, attacks=list(attacks)).save(stage / name)
+            else:
+                shutil.copyfile(source, stage / name)
+        specs = {key: {"detector": spec.detector and stage / Path(spec.detector).name,
+                       "corrector": spec.corrector and stage / Path(spec.corrector).name, "on_flag": spec.on_flag}
+                 for key, spec in pipelines.items()}
+        save_pipelines(stage / MANIFEST, specs, provenance=provenance)
+    return out / MANIFEST

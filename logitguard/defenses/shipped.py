@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import refuse_overwrite, staged_output
+from .pipelines import MANIFEST
 from ..errors import LogitguardError
 from ..tables import CLEAN, LogitTable, require_one_split
 from ..tables.threat import threat_of
@@ -45,7 +46,6 @@ PIPELINES: dict[str, dict[str, str]] = {
     "ln-reject": {"detector": FILES["learned-noisy"], "on_flag": "reject"},
     "ln-agree": {"detector": FILES["learned-noisy"], "corrector": FILES["odds"], "on_flag": "agree"},
 }
-MANIFEST = "defenses.json"
 
 
 def fit_shipped(table: LogitTable, out: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,

@@ -1,4 +1,4 @@
-"""`fit-adversarially`: fit a shipped pipeline's detector on the adaptive attacks that beat it, in rounds
+"""`fit-adversarially`: fit a pipeline's detector on the adaptive attacks that beat it, in rounds
 (`producers.threat.adversarial_fit`; docs/threat-models.md, "Adversarially fitted detectors")."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from .options import check_positive, dataset_options, device_options, main
 @device_options
 @click.option("--model", "model_spec", required=True, help="Path stem of the target model (the table's model).")
 @click.option("--defenses", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="The starting pipeline manifest (defenses.json, from `logitguard fit-pipelines`).")
+              help="The starting pipeline manifest (defenses.json, e.g. from `logitguard fit-pipelines`).")
 @click.option("--pipelines", default="ln-reject", show_default=True,
-              help="Comma-separated shipped pipelines whose detector is refitted (their files are attacked).")
+              help="Comma-separated pipelines whose detector is refitted, same kind and parameters "
+                   "(their files are attacked).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
               help="The table the defenses were fitted on; each round's train partitions "
                    "(adaptive-round<R>.PIPELINE.ATTACK.eN) join it.")

@@ -6,12 +6,13 @@ seeded selection outside the detectors' calibration hold-out, the same samples e
 partitions ``adaptive-round<r>.<pipeline>.<attack>.e<255ε>`` (threat entry: ``split``: train, ``round``: r and
 the usual target, budget, defense files and judge draws) into the table. Its attack success rate is the share
 of those samples (the ones the model gets right when clean) that the round's pipeline, in the core's NumPy
-form, answers wrongly without abstaining on some judge draw (`broken_by_partitions`). Then the shipped
-recipe (`logitguard.defenses.shipped.fit_shipped`, the library function of ``logitguard fit-pipelines``)
-refits the pipelines' files on the train split from the original attacks plus every round's partitions so
-far: the learned detectors take as positives only the rows whose attack succeeded against the model (the
-model's label wrong, its clean label right: `Detector.successful_attacks_only`), and recalibrate their
-threshold to the target FPR on the clean rows of their calibration hold-out, which no round attacks. Round
+form, answers wrongly without abstaining on some judge draw (`broken_by_partitions`). Then each pipeline's
+detector is refitted, of the same kind and with the same parameters (seed included), on the train split from
+the original attacks plus every round's partitions so far (`logitguard.defenses.pipelines.refit_detectors`;
+correctors are kept): the learned detectors take as positives only the rows whose attack succeeded against
+the model (the model's label wrong, its clean label right: `Detector.successful_attacks_only`), and
+recalibrate their threshold to the target FPR on the clean rows of their calibration hold-out, which no
+round attacks. Round
 r's manifest is ``workdir/round-<r>/defenses.json``; its ``provenance`` (`manifest_provenance`) records
 every round so far. The loop stops early when a round's success rate is not lower than the previous
 round's by more than `tolerance`.
@@ -31,8 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, save_pipelines
-from logitguard.defenses.shipped import PIPELINES, fit_shipped
+from logitguard.defenses.pipelines import PipelineSpec, load_pipelines, refit_detectors, save_pipelines
 from logitguard.errors import LogitguardError
 from logitguard.tables import CLEAN, read_table, table_columns
 from logitguard.tables.threat import DEFAULT_BUDGETS, threat_of
@@ -107,9 +107,9 @@ def fit_adversarially(
 
     `table`: the table the defenses were fitted on (its train split; round partitions are added to it).
     `fit_attacks`: the original attacks every refit learns from (default: the train split's oblivious and
-    transfer attacks, `fit_shipped`'s default). `samples`, `attacks`, `attack_params`, `budgets`,
-    `judge_draws`, `batch_size`, `device`: as `export_through`. `seed` seeds the sample selection, the
-    attacks' noise and the refits. `on_round(round)` is called after each round (printing).
+    transfer attacks, as `logitguard fit-pipelines`). `samples`, `attacks`, `attack_params`, `budgets`,
+    `judge_draws`, `batch_size`, `device`: as `export_through`. `seed` seeds the sample selection and the
+    attacks' noise (each detector's own parameters seed its refits). `on_round(round)` is called after each round (printing).
     """
     if rounds < 1:
         raise ProducerError(f"rounds must be at least 1, got {rounds}")
@@ -155,8 +155,8 @@ def fit_adversarially(
         began = time.perf_counter()
         out = workdir / f"round-{r}"
         learn = [*fit_attacks, *positives]
-        manifest = fit_shipped(read_table(table, split="train", attacks=[CLEAN, *learn]), out, seed=seed,
-                               attacks=learn, pipelines=names)
+        manifest = refit_detectors(current, read_table(table, split="train", attacks=[CLEAN, *learn]), out,
+                                   attacks=learn)
         refit = _chosen(load_pipelines(manifest), names, manifest)
         figures = _detectors(refit, heldout)
         done.append(Round(round=r, attacked=attacked, partitions=parts, success=success, samples=selected,
@@ -181,17 +181,17 @@ def fit_adversarially(
 
 
 def _chosen(specs: Mapping[str, PipelineSpec], names: Sequence[str], where: Any) -> dict[str, PipelineSpec]:
-    """The pipelines `names` of a manifest: shipped pipelines (the recipe refits them) with a detector."""
+    """The pipelines `names` of a manifest, each with a detector (what a round refits)."""
     if not names:
         raise ProducerError("name at least one pipeline to fit adversarially")
     missing = sorted(set(names) - set(specs))
     if missing:
         raise ProducerError(f"no pipeline(s) {missing} in {where}; it has {sorted(specs)}")
     for name in names:
-        if name not in PIPELINES or "detector" not in PIPELINES[name]:
-            with_detector = [n for n, p in PIPELINES.items() if "detector" in p]
-            raise ProducerError(f"pipeline {name!r}: adversarial fitting refits a shipped pipeline's detector; "
-                                f"choose from {', '.join(with_detector)}")
+        if specs[name].detector is None:
+            with_detector = [n for n, spec in specs.items() if spec.detector is not None]
+            raise ProducerError(f"pipeline {name!r} has no detector to refit; choose from "
+                                f"{', '.join(with_detector) or 'none in this manifest'}")
     return {name: specs[name] for name in names}
 
 
