@@ -187,8 +187,7 @@ def _relative_name(path: Path, root: Path | None) -> str:
 
 
 def refit_detectors(pipelines: Mapping[str, PipelineSpec], table: LogitTable, out: str | os.PathLike, *,
-                    attacks: Sequence[str], overwrite: bool = False,
-                    provenance: Mapping[str, Any] | None = None) -> Path:
+                    attacks: Sequence[str], overwrite: bool = False) -> Path:
     """Refit every detector of `pipelines` on the rows of `table` (one split: the ``train`` rows) from the
     attacked partitions `attacks`, and write the pipelines to the folder `out` with their manifest.
 
@@ -227,5 +226,5 @@ def refit_detectors(pipelines: Mapping[str, PipelineSpec], table: LogitTable, ou
         specs = {key: {"detector": spec.detector and stage / Path(spec.detector).name,
                        "corrector": spec.corrector and stage / Path(spec.corrector).name, "on_flag": spec.on_flag}
                  for key, spec in pipelines.items()}
-        save_pipelines(stage / MANIFEST, specs, provenance=provenance)
+        save_pipelines(stage / MANIFEST, specs)
     return out / MANIFEST

@@ -109,7 +109,8 @@ def fit_adversarially(
     `fit_attacks`: the original attacks every refit learns from (default: the train split's oblivious and
     transfer attacks, as `logitguard fit-pipelines`). `samples`, `attacks`, `attack_params`, `budgets`,
     `judge_draws`, `batch_size`, `device`: as `export_through`. `seed` seeds the sample selection and the
-    attacks' noise (each detector's own parameters seed its refits). `on_round(round)` is called after each round (printing).
+    attacks' noise (each detector's own parameters seed its refits). `on_round(round)` is called after each
+    round (printing).
     """
     if rounds < 1:
         raise ProducerError(f"rounds must be at least 1, got {rounds}")
