@@ -210,8 +210,8 @@ def refit_detectors(pipelines: Mapping[str, PipelineSpec], table: LogitTable, ou
             path = getattr(spec, role)
             if path is None:
                 continue
-            name = Path(path).name
-            if sources.setdefault(name, Path(path).resolve()) != Path(path).resolve():
+            name, source = Path(path).name, Path(path).resolve()
+            if sources.setdefault(name, source) != source:
                 raise LogitguardError(f"two different files are named {name!r}; refitting writes them to one folder")
             if role == "detector":
                 refit.add(name)

@@ -12,10 +12,9 @@ the original attacks plus every round's partitions so far (`logitguard.defenses.
 correctors are kept): the learned detectors take as positives only the rows whose attack succeeded against
 the model (the model's label wrong, its clean label right: `Detector.successful_attacks_only`), and
 recalibrate their threshold to the target FPR on the clean rows of their calibration hold-out, which no
-round attacks. Round
-r's manifest is ``workdir/round-<r>/defenses.json``; its ``provenance`` (`manifest_provenance`) records
-every round so far. The loop stops early when a round's success rate is not lower than the previous
-round's by more than `tolerance`.
+round attacks. Round r's manifest is ``workdir/round-<r>/defenses.json``; its ``provenance``
+(`manifest_provenance`) records every round so far. The loop stops early when a round's success rate is not
+lower than the previous round's by more than `tolerance`.
 
 What this measures is the attacker's success on the samples the detector learns from: the fitted files
 must be attacked afresh on the test split (``attack-defenses``) before any figure is claimed.
